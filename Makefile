@@ -1,0 +1,52 @@
+# Two commands do all the set-up: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+WORKERS ?= 1
+
+.PHONY: run test install install-dev dataset admin model bench bench-smoke clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+data/customers.csv: | $(VENV)/.installed
+	$(PY) generate_dataset.py --out $@
+
+dataset: data/customers.csv
+
+admin: $(VENV)/.installed
+	$(PY) create_admin.py
+
+# Trains only when no model is there yet.
+model: $(VENV)/.installed data/customers.csv
+	@if [ -f models/kmeans.pkl ] && [ -f models/scaler.pkl ]; then \
+		echo "Model found in models/: not retraining (python -m app train to retrain)."; \
+	else \
+		$(PY) -m app train --csv data/customers.csv; \
+	fi
+
+run: install dataset admin model
+	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: install-dev
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install-dev
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,118 @@
+"""Command line: `python -m app train|predict|models`.
+
+It uses the same database and model folder as the service, so a model trained here
+becomes the active version the running service switches to.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from app.config import get_settings
+from app.database import Database
+from app.errors import AppError
+from app.migrations import upgrade_database
+from app.preprocess import DataValidationError, load_training_matrix
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Customer Segmentation from the shell.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a new model version and make it active")
+    train.add_argument("--csv", type=Path, default=None, help="training CSV (default: DATA_PATH)")
+    train.add_argument("--k", type=int, default=None, help="number of segments, 2..20 (default: chosen by silhouette)")
+    train.add_argument("--random-state", type=int, default=42, help="seed for reproducible segments (default: 42)")
+
+    predict = commands.add_parser("predict", help="which segment is one customer in")
+    predict.add_argument("--sex", default="Other", help="Male, Female or Other")
+    predict.add_argument("--age", type=int, required=True)
+    predict.add_argument("--income", type=float, required=True, help="annual income in thousands")
+    predict.add_argument("--spending", type=int, required=True, help="spending score 1..100")
+    predict.add_argument("--frequency", type=int, required=True, help="purchases per year")
+
+    commands.add_parser("models", help="list model versions, newest first")
+    return parser
+
+
+async def _with_store(action):
+    from app.services.models import ModelStore
+
+    settings = get_settings()
+    database = Database(settings.database_url)
+    try:
+        await upgrade_database(database)
+        store = ModelStore(settings=settings, database=database)
+        await store.start(follow=False)
+        return await action(store, settings)
+    finally:
+        await database.dispose()
+
+
+async def _train(args, store, settings) -> int:
+    source = args.csv or settings.data_path
+    print(f"Reading {source} ...")
+    try:
+        features = await asyncio.to_thread(load_training_matrix, source)
+    except FileNotFoundError:
+        print(f"error: no such file: {source}", file=sys.stderr)
+        return 2
+    except DataValidationError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print(f"Training on {len(features):,} rows" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
+    served = await store.train(features, n_clusters=args.k, random_state=args.random_state, created_by="cli")
+    meta = served.metadata
+    print(f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, "
+          f"{meta.get('duration_seconds')} s")
+    for segment in served.segments:
+        print(f"  {segment['cluster_id']}: {segment['cluster_name']} ({segment['size']} customers, "
+              f"{segment['percentage']}%)")
+    return 0
+
+
+async def _predict(args, store, settings) -> int:
+    from app.schema import CustomerFeatures
+
+    served = store.require()
+    customer = CustomerFeatures.model_validate({
+        "sex": args.sex, "age": args.age, "annual_income": args.income, "spending_score": args.spending,
+        "purchase_frequency": args.frequency,
+    })
+    cluster, name, confidence = served.assign([customer])[0]
+    print(json.dumps({"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4),
+                      "model_version": served.version}))
+    return 0
+
+
+async def _models(args, store, settings) -> int:
+    versions, active = await store.list_versions()
+    if not versions:
+        print("No model versions yet: python -m app train")
+    for v in versions:
+        mark = "*" if v["active"] else " "
+        print(f"{mark} {v['version']}  k={v['n_clusters']}  silhouette={v['silhouette_score']}  "
+              f"n={v['n_samples']}  by={v['created_by'] or '-'}  {v['created_at']:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": _train, "predict": _predict, "models": _models}[args.command]
+    try:
+        return asyncio.run(_with_store(lambda store, settings: handler(args, store, settings)))
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # argument values that break a rule, and the like
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

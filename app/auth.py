@@ -1,0 +1,91 @@
+"""Password hashing and access tokens: pure functions, no routes, no database."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+
+from jose import JWTError, jwt
+from pwdlib import PasswordHash
+from pwdlib.hashers.bcrypt import BcryptHasher
+
+# Only this algorithm is ever accepted, whatever a token's header says.
+ALGORITHMS = ["HS256"]
+
+
+@lru_cache(maxsize=8)
+def password_hasher(rounds: int = 12) -> PasswordHash:
+    return PasswordHash((BcryptHasher(rounds=rounds),))
+
+
+@lru_cache(maxsize=8)
+def _dummy_hash(rounds: int) -> str:
+    return password_hasher(rounds).hash("not-a-real-password-used-for-timing")
+
+
+def hash_password(password: str, rounds: int = 12) -> str:
+    return password_hasher(rounds).hash(password)
+
+
+def verify_password(password: str, hashed: str | None, rounds: int = 12) -> bool:
+    """Check a password; with no hash (unknown user) spend the same time and fail."""
+    hasher = password_hasher(rounds)
+    if hashed is None:
+        hasher.verify(password, _dummy_hash(rounds))
+        return False
+    try:
+        return hasher.verify(password, hashed)
+    except Exception:  # a malformed stored hash must not turn into a 500
+        return False
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    user_id: int
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+    token_version: int
+
+
+class InvalidToken(Exception):
+    pass
+
+
+def create_access_token(
+    user_id: int, token_version: int, secret_key: str, expires_minutes: int, algorithm: str = "HS256"
+) -> tuple[str, TokenClaims]:
+    now = datetime.now(timezone.utc)
+    claims = TokenClaims(
+        user_id=user_id,
+        jti=uuid.uuid4().hex,
+        issued_at=now,
+        expires_at=now + timedelta(minutes=expires_minutes),
+        token_version=token_version,
+    )
+    payload = {
+        "sub": str(user_id),
+        "jti": claims.jti,
+        "iat": int(now.timestamp()),
+        "exp": int(claims.expires_at.timestamp()),
+        "ver": token_version,
+    }
+    return jwt.encode(payload, secret_key, algorithm=algorithm), claims
+
+
+def decode_access_token(token: str, secret_key: str) -> TokenClaims:
+    try:
+        payload = jwt.decode(
+            token, secret_key, algorithms=ALGORITHMS, options={"require_sub": True, "require_exp": True,
+                                                              "require_iat": True, "require_jti": True}
+        )
+        return TokenClaims(
+            user_id=int(payload["sub"]),
+            jti=str(payload["jti"]),
+            issued_at=datetime.fromtimestamp(int(payload["iat"]), timezone.utc),
+            expires_at=datetime.fromtimestamp(int(payload["exp"]), timezone.utc),
+            token_version=int(payload.get("ver", 0)),
+        )
+    except (JWTError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidToken(str(exc)) from None

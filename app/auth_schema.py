@@ -1,0 +1,106 @@
+"""User and token schemas: what clients send and see about people."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+from app.database import Role
+
+Username = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=3, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")
+]
+Password = Annotated[str, Field(min_length=8, max_length=128)]
+FullName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
+PrimaryKey = Annotated[int, Field(gt=0, le=2**31 - 1)]
+
+
+class UserCreate(BaseModel):
+    """Registration. `role` and `is_active` are not accepted: new users are always `user`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"email": "ana@example.com", "username": "ana", "full_name": "Ana Lima", "password": "s3cret-pass"}
+            ]
+        }
+    )
+
+    email: EmailStr
+    username: Username
+    full_name: FullName | None = None
+    password: Password
+
+
+class UserPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    email: str
+    username: str
+    full_name: str | None
+    role: Role
+    is_active: bool
+    created_at: datetime
+
+
+class UserUpdate(BaseModel):
+    """Changes to one's own account. `password` needs the right `current_password`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"full_name": "Ana M. Lima"}, {"password": "n3w-passw0rd",
+                                                                       "current_password": "s3cret-pass"}]}
+    )
+
+    username: Username | None = None
+    email: EmailStr | None = None
+    full_name: FullName | None = None
+    password: Password | None = None
+    current_password: Annotated[str, Field(max_length=128)] | None = None
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"username": "admin", "password": "admin123"}]})
+
+    username: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=320)]
+    password: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int = Field(description="Seconds until the token expires")
+    user: UserPublic
+
+
+class RoleUpdate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"role": "analyst"}]})
+
+    role: Role
+
+
+class UserList(BaseModel):
+    users: list[UserPublic]
+    total: int
+
+
+class UserWithProfileStats(UserPublic):
+    total_predictions: int
+    total_saved_profiles: int
+
+
+class AdminUserView(UserPublic):
+    total_predictions: int
+    total_profiles: int
+
+
+class AdminUserList(BaseModel):
+    users: list[AdminUserView]
+    total: int
+    total_predictions: int
+    total_profiles: int
+
+
+class Message(BaseModel):
+    message: str

@@ -1,0 +1,137 @@
+"""Create the app: lifespan (tables, the active model), routers, error handlers."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app.config import Settings, get_settings
+from app.database import Database
+from app.errors import AppError
+from app.migrations import upgrade_database
+from app.routes import admin, auth, ml, profiles, users
+from app.schema import Health
+from app.services.auth import AuthCache
+from app.services.models import ModelStore
+from app.services.predictions import HistoryWriter
+from app.services.segmentation import ElbowCache
+from app.middleware import BodySizeLimit, SecurityHeaders
+
+API_VERSION = "1.0.0"
+logger = logging.getLogger("app")
+
+
+def _error(status_code: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+def _database_unavailable(exc: Exception) -> JSONResponse | None:
+    text = str(getattr(exc, "orig", exc)).lower()
+    if "locked" in text or "busy" in text:
+        return _error(503, "The database is busy; try again shortly", {"Retry-After": "1"})
+    if "unable to open" in text or "no such table" in text or "disk i/o" in text or "readonly" in text:
+        return _error(503, "The database is unavailable", {"Retry-After": "5"})
+    if "connection" in text or "could not connect" in text:
+        return _error(503, "The database is unavailable", {"Retry-After": "5"})
+    return None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        detail = exc.message
+        problems = getattr(exc, "problems", None)
+        if problems:
+            detail = {"message": exc.message, "errors": problems}
+        return _error(exc.status_code, detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            item = {k: err[k] for k in ("type", "loc", "msg") if k in err}
+            errors.append(item)
+        return _error(422, errors)
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        response = _database_unavailable(exc)
+        if response is not None:
+            logger.warning("database unavailable: %s", exc.orig if hasattr(exc, "orig") else exc)
+            return response
+        logger.exception("database error")
+        return _error(500, "Internal server error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, OperationalError):
+            response = _database_unavailable(exc)
+            if response is not None:
+                return response
+        logger.exception("unhandled error")
+        return _error(500, "Internal server error")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        database = Database(settings.database_url)
+        await upgrade_database(database)
+        app.state.database = database
+        app.state.models = ModelStore(settings=settings, database=database)
+        await app.state.models.start()
+        app.state.elbow = ElbowCache(settings)
+        app.state.history_writer = HistoryWriter(database.sessionmaker)
+        app.state.history_writer.start()
+        try:
+            yield
+        finally:
+            await app.state.history_writer.stop()
+            await app.state.models.stop()
+            await database.dispose()
+
+    app = FastAPI(
+        title="Customer Segmentation API",
+        version=API_VERSION,
+        description=(
+            "Groups customers into segments with K-Means. Log in through **Authorize** "
+            "(username or email and password), then train, predict and manage profiles."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
+
+    # Added innermost first: CORS wraps everything, so even a 413 carries its headers.
+    app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list,
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+    )
+    install_error_handlers(app)
+
+    @app.get("/", tags=["health"], summary="Health check",
+             description="Whether the service is up and which model version it serves.")
+    async def health(request: Request) -> Health:
+        model = request.app.state.models.current
+        return Health(version=API_VERSION, model_loaded=model is not None,
+                      model_version=model.version if model is not None else None)
+
+    for module in (auth, users, profiles, admin, ml):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,108 @@
+"""Registration, login, the current user and logout."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app import auth
+from app.auth_schema import LoginRequest, Message, Token, UserCreate, UserPublic
+from app.deps import CurrentUser, PrincipalDep, SessionDep, SettingsDep
+from app.routes.responses import errors
+from app.services import auth as auth_service
+from app.services import users as user_service
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+_LOGIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": ["username", "password"],
+                    "properties": {
+                        "username": {"type": "string", "description": "Username or email"},
+                        "password": {"type": "string", "format": "password"},
+                    },
+                }
+            },
+            "application/json": {"schema": LoginRequest.model_json_schema()},
+        },
+    }
+}
+
+
+@router.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create an account",
+    description="Creates a user with role `user`. Username and email must be unique (409 otherwise).",
+    responses=errors(409, 422),
+)
+async def register(body: UserCreate, session: SessionDep, settings: SettingsDep) -> UserPublic:
+    hashed = await run_in_threadpool(auth.hash_password, body.password, settings.bcrypt_rounds)
+    user = await user_service.create(
+        session=session, email=body.email, username=body.username, full_name=body.full_name, hashed_password=hashed
+    )
+    return UserPublic.model_validate(user)
+
+
+async def _read_login(request: Request) -> LoginRequest:
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("application/json"):
+            try:
+                payload = await request.json()
+            except ValueError:
+                raise RequestValidationError(
+                    [{"type": "json_invalid", "loc": ("body",), "msg": "Body is not valid JSON", "input": None}]
+                ) from None
+            return LoginRequest.model_validate(payload)
+        form = await request.form()
+        return LoginRequest.model_validate({"username": form.get("username"), "password": form.get("password")})
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False, include_context=False)]
+        ) from None
+
+
+@router.post(
+    "/login",
+    summary="Log in",
+    description=(
+        "OAuth2 password form (what Swagger's Authorize sends) or JSON `{username, password}`. "
+        "`username` may also be the email. Repeated failures are throttled with 429 and `Retry-After`."
+    ),
+    openapi_extra=_LOGIN_BODY,
+    responses=errors(401, 403, 422, 429),
+)
+async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Token:
+    credentials = await _read_login(request)
+    user = await auth_service.login(
+        session=session,
+        settings=settings,
+        username=credentials.username,
+        password=credentials.password,
+        client_ip=request.client.host if request.client else None,
+    )
+    token, expires_in = auth_service.issue_token(user, settings)
+    return Token(access_token=token, expires_in=expires_in, user=UserPublic.model_validate(user))
+
+
+@router.get("/me", summary="The current user", responses=errors(401, 403))
+async def me(user: CurrentUser) -> UserPublic:
+    return UserPublic.model_validate(user)
+
+
+@router.post(
+    "/logout",
+    summary="Log out",
+    description="Revokes the token used for this request; it is rejected with 401 from then on.",
+    responses=errors(401, 403),
+)
+async def logout(request: Request, principal: PrincipalDep, session: SessionDep) -> Message:
+    await auth_service.revoke(session=session, cache=request.app.state.auth_cache, claims=principal.claims)
+    return Message(message="Logged out")

@@ -1,0 +1,255 @@
+"""Segmentation: train, predict (one and many), segments, elbow, charts, history, model versions."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.database import Role
+from app.deps import AnalystUser, CurrentUser, PageDep, SessionDep
+from app.errors import Forbidden, InvalidInput
+from app.preprocess import DataValidationError
+from app.routes.responses import errors
+from app.schema import (
+    BatchRequest,
+    BatchResult,
+    ClusterCharts,
+    ClusterSummary,
+    CustomerFeatures,
+    ElbowChart,
+    ElbowResult,
+    HistoryItem,
+    HistoryPage,
+    ModelList,
+    ModelVersionDetail,
+    ModelVersionPublic,
+    PredictionResult,
+    SegmentAssignment,
+    TrainResult,
+)
+from app.services import history as history_service
+from app.services import predictions as prediction_service
+from app.services import segmentation
+
+router = APIRouter(tags=["segmentation"])
+
+CSV_FILE_BODY = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {"file": {"type": "string", "format": "binary", "description": "A CSV file"}},
+        }
+    }
+}
+
+
+async def _csv_upload(request: Request) -> UploadFile | None:
+    """The `file` part of a multipart body, spooled to a temporary file; None when there is none."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return None
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except Exception as exc:  # malformed multipart body
+        raise InvalidInput(f"Could not read the multipart body: {exc}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InvalidInput("The multipart body has no `file` part",
+                           [{"loc": ["body", "file"], "msg": "a CSV file is required"}])
+    return upload
+
+
+def _data_error(exc: DataValidationError) -> InvalidInput:
+    return InvalidInput(exc.message, exc.problems)
+
+
+@router.post(
+    "/train",
+    summary="Train a new model version (analyst)",
+    description=(
+        "Trains on `data/customers.csv`, or on the CSV sent as multipart `file`. `n_clusters` absent: k is "
+        "chosen by silhouette over 2..10. The new version becomes active at once in every worker. "
+        "A bad CSV gets 422 naming columns and rows and never changes the active model."
+    ),
+    openapi_extra={"requestBody": {"required": False, "content": CSV_FILE_BODY}},
+    responses=errors(401, 403, 409, 413, 422),
+)
+async def train(
+    request: Request,
+    analyst: AnalystUser,
+    n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
+    random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+) -> TrainResult:
+    upload = await _csv_upload(request)
+    try:
+        features = await segmentation.training_matrix(request.app.state.settings, upload)
+    except DataValidationError as exc:
+        raise _data_error(exc) from None
+    store = request.app.state.models
+    try:
+        served = await store.train(features, n_clusters=n_clusters, random_state=random_state,
+                                   created_by=analyst.username)
+    except DataValidationError as exc:
+        raise _data_error(exc) from None
+    meta = served.metadata
+    return TrainResult(
+        message=f"Model trained with {meta['n_clusters']} segments",
+        n_clusters=meta["n_clusters"],
+        silhouette_score=meta.get("silhouette_score"),
+        inertia=meta["inertia"],
+        model_version=served.version,
+        n_samples=meta["n_samples"],
+        duration_seconds=meta.get("duration_seconds", 0.0),
+        cluster_sizes={str(s["cluster_id"]): s["size"] for s in served.segments},
+    )
+
+
+@router.post(
+    "/predict",
+    summary="Which segment is this customer in?",
+    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
+    responses=errors(401, 403, 409, 422),
+)
+async def predict(customer: CustomerFeatures, user: CurrentUser, request: Request) -> PredictionResult:
+    served = request.app.state.models.require()
+    cluster, name, confidence = served.assign([customer])[0]
+    data = customer.model_dump()
+    await request.app.state.history_writer.add(prediction_service.history_row(
+        user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
+        model_version=served.version,
+    ))
+    return PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
+                            model_version=served.version)
+
+
+def _wants_csv(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "text/csv" in accept and "application/json" not in accept.split(",")[0]
+
+
+@router.post(
+    "/predict/batch",
+    summary="Score many customers at once",
+    description=(
+        f"JSON `{{customers: [...]}}` (up to 10,000) or a multipart CSV `file` (up to the upload cap). Results "
+        "are in input order. With `Accept: text/csv` the answer is a CSV of the input columns plus "
+        "`cluster, cluster_name, confidence` and an `error` column for rows that break a rule."
+    ),
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}, **CSV_FILE_BODY}}},
+    responses={**errors(401, 403, 409, 413, 422),
+               200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}},
+)
+async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
+    served = request.app.state.models.require()
+    upload = await _csv_upload(request)
+    if upload is None:
+        try:
+            body = BatchRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+            ) from None
+        scored = segmentation.score_records(served, body.customers)
+    else:
+        try:
+            scored = await segmentation.score_csv(served, upload, request.app.state.settings)
+        except DataValidationError as exc:
+            raise _data_error(exc) from None
+    await prediction_service.record_batch(
+        sessionmaker=request.app.state.database.sessionmaker, user_id=user.id, model_version=served.version,
+        labels=scored.labels, n_failed=scored.n_failed,
+    )
+    if _wants_csv(request):
+        csv_bytes = await run_in_threadpool(scored.to_csv)
+        return Response(csv_bytes, media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
+    if scored.n_failed:
+        raise InvalidInput(f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row",
+                           scored.problems[:10])
+    return BatchResult(predictions=[SegmentAssignment(cluster=c, cluster_name=n, confidence=p)
+                                    for c, n, p in scored.assignments()],
+                       model_version=served.version)
+
+
+@router.get("/clusters", summary="The segments of the active model", responses=errors(401, 403, 409))
+async def clusters(request: Request, _: CurrentUser) -> ClusterSummary:
+    served = request.app.state.models.require()
+    return segmentation.cluster_summary(served)
+
+
+@router.get(
+    "/elbow",
+    summary="Inertia and silhouette for a range of k",
+    description="Computed from the training dataset (works before any training) and cached per dataset.",
+    responses=errors(401, 403, 409, 422),
+)
+async def elbow(
+    request: Request,
+    _: CurrentUser,
+    k_min: Annotated[int, Query(ge=2, le=15)] = 2,
+    k_max: Annotated[int, Query(ge=2, le=15)] = 10,
+) -> ElbowResult:
+    if k_min > k_max:
+        raise InvalidInput("k_min must not exceed k_max", [{"loc": ["query", "k_min"], "msg": "greater than k_max"}])
+    return ElbowResult(**await request.app.state.elbow.get(k_min, k_max))
+
+
+@router.get("/charts/clusters", summary="Segment charts as PNG data URIs", responses=errors(401, 403, 409))
+async def cluster_charts(request: Request, _: CurrentUser) -> ClusterCharts:
+    served = request.app.state.models.require()
+    return ClusterCharts(charts=await served.charts(), total_customers=served.metadata["total_customers"],
+                         n_clusters=served.metadata["n_clusters"])
+
+
+@router.get("/charts/elbow", summary="The elbow chart as a PNG data URI", responses=errors(401, 403, 409))
+async def elbow_chart(request: Request, _: CurrentUser) -> ElbowChart:
+    chart, optimal_k = await request.app.state.elbow.chart()
+    return ElbowChart(chart=chart, optimal_k=optimal_k)
+
+
+@router.get(
+    "/history",
+    summary="Prediction history, newest first",
+    description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
+    responses=errors(401, 403, 422),
+)
+async def history(
+    user: CurrentUser,
+    session: SessionDep,
+    page: PageDep,
+    user_id: Annotated[int | None, Query(gt=0, le=2**31 - 1)] = None,
+) -> HistoryPage:
+    target = user.id
+    if user_id is not None and user_id != user.id:
+        if user.role not in (Role.analyst.value, Role.admin.value):
+            raise Forbidden("Only analysts and admins may read another user's history")
+        target = user_id
+    rows, total = await history_service.page(session=session, user_id=target, skip=page.skip, limit=page.limit)
+    return HistoryPage(history=[HistoryItem.model_validate(r) for r in rows], total=total, skip=page.skip,
+                       limit=page.limit)
+
+
+@router.get("/models", summary="Model versions, newest first (analyst)", responses=errors(401, 403))
+async def list_models(request: Request, _: AnalystUser) -> ModelList:
+    versions, active = await request.app.state.models.list_versions()
+    return ModelList(models=[ModelVersionPublic(**v) for v in versions], active_version=active)
+
+
+@router.get("/models/{version}", summary="One model version (analyst)", responses=errors(401, 403, 404))
+async def get_model(version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser) -> ModelVersionDetail:
+    return ModelVersionDetail(**await request.app.state.models.get_version(version))
+
+
+@router.post(
+    "/models/{version}/activate",
+    summary="Make a version the active one (analyst)",
+    description="Rollback or roll forward; every worker switches within about a second.",
+    responses=errors(401, 403, 404),
+)
+async def activate_model(version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser) -> ModelVersionPublic:
+    served = await request.app.state.models.activate(version)
+    return ModelVersionPublic(**(await request.app.state.models.get_version(served.version)))

@@ -1,0 +1,146 @@
+"""Fixtures: every test gets its own database, model folder and users, and talks HTTP to the app."""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app import auth
+from app.config import Settings
+from app.database import Base, Database, Role
+from app.main import create_app
+from app.services import users as user_service
+
+TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-000"
+PASSWORD = "correct-horse-42"
+_counter = itertools.count(1)
+
+
+def postgres_url() -> str | None:
+    return os.environ.get("TEST_DATABASE_URL") or None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database: a new SQLite file, or the PostgreSQL test database emptied."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        return
+    url = postgres_url()
+    if url is None:
+        pytest.skip("PostgreSQL run: set TEST_DATABASE_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test)")
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+    await engine.dispose()
+    yield url
+
+
+def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:
+    values = dict(
+        database_url=database_url,
+        secret_key=TEST_SECRET,
+        model_dir=tmp_path / "models",
+        data_path=tmp_path / "data" / "customers.csv",
+        bcrypt_rounds=4,
+        model_sync_seconds=0.2,
+        metrics_enabled=True,
+    )
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def settings_overrides() -> dict:
+    """Tests override this to change one setting for their app."""
+    return {}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, settings_overrides: dict) -> Settings:
+    return make_settings(tmp_path, database_url, **settings_overrides)
+
+
+@pytest.fixture
+async def app(settings: Settings):
+    application = create_app(settings)
+    async with LifespanManager(application, startup_timeout=60, shutdown_timeout=30):
+        yield application
+
+
+@pytest.fixture
+async def client(app) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as http:
+        yield http
+
+
+async def create_user_direct(app, *, role: Role = Role.user, username: str | None = None,
+                             password: str = PASSWORD) -> dict:
+    """Create a user in the app's database the way create_admin.py does, and return its details."""
+    database: Database = app.state.database
+    username = username or f"{role.value}{next(_counter)}"
+    async with database.sessionmaker() as session:
+        user = await user_service.create(
+            session=session, email=f"{username}@example.com", username=username, full_name=username.title(),
+            hashed_password=auth.hash_password(password, 4), role=role,
+        )
+    return {"id": user.id, "username": username, "password": password, "email": f"{username}@example.com"}
+
+
+async def login_headers(client: httpx.AsyncClient, username: str, password: str = PASSWORD) -> dict[str, str]:
+    response = await client.post("/auth/login", data={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+def make_user(app, client):
+    """make_user(role) -> (user dict, auth headers)."""
+
+    async def factory(role: Role = Role.user, username: str | None = None, password: str = PASSWORD):
+        user = await create_user_direct(app, role=role, username=username, password=password)
+        return user, await login_headers(client, user["username"], password)
+
+    return factory
+
+
+@pytest.fixture
+async def user_headers(make_user) -> dict[str, str]:
+    return (await make_user(Role.user))[1]
+
+
+@pytest.fixture
+async def analyst_headers(make_user) -> dict[str, str]:
+    return (await make_user(Role.analyst))[1]
+
+
+@pytest.fixture
+async def admin_headers(make_user) -> dict[str, str]:
+    return (await make_user(Role.admin))[1]
+
+
+@pytest.fixture
+def dataset(settings: Settings) -> Path:
+    """A small generated customers.csv where the app looks for its default dataset."""
+    from generate_dataset import generate
+
+    settings.data_path.parent.mkdir(parents=True, exist_ok=True)
+    generate(rows=800, seed=7).to_csv(settings.data_path, index=False)
+    return settings.data_path
+
+
+@pytest.fixture
+async def trained_model(client, dataset, analyst_headers) -> dict:
+    response = await client.post("/train", params={"n_clusters": 5}, headers=analyst_headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+CUSTOMER = {"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82, "purchase_frequency": 40}
