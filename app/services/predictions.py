@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -103,10 +102,10 @@ def history_row(*, user_id: int, customer: dict[str, Any], cluster: int, cluster
 
 async def record_batch(*, sessionmaker: async_sessionmaker, user_id: int, model_version: str,
                        labels: np.ndarray, n_failed: int) -> None:
-    counts = Counter(int(c) for c in labels)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0, dtype=np.int64)
     async with sessionmaker() as session:
         session.add(BatchPrediction(
             user_id=user_id, model_version=model_version, n_rows=int(len(labels)) + n_failed, n_failed=n_failed,
-            cluster_counts={str(k): v for k, v in sorted(counts.items())},
+            cluster_counts={str(k): int(v) for k, v in enumerate(counts) if v},
         ))
         await session.commit()
