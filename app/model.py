@@ -30,7 +30,7 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from app.preprocess import FEATURES, DataValidationError
+from app.preprocess import FEATURES, DataValidationError, resolve_columns
 
 KMEANS_FILE = "kmeans.pkl"
 SCALER_FILE = "scaler.pkl"
@@ -98,7 +98,14 @@ def _min_rows(k: int) -> int:
 
 
 def _as_feature_matrix(X: Any) -> np.ndarray:
-    """Check shape and finiteness; keep float32 (large data) or use float64."""
+    """Check shape and finiteness; keep float32 (large data) or use float64.
+
+    X is an (n, 4) array in FEATURES order, or a DataFrame whose columns
+    are picked by name (dataset or snake_case headers).
+    """
+    if isinstance(X, pd.DataFrame):
+        columns = resolve_columns(X.columns, optional=())
+        X = X[[columns[name] for name in FEATURES]].to_numpy()
     try:
         arr = np.asarray(X)
         if arr.dtype != np.float32:
@@ -235,7 +242,7 @@ def _select_k(
 
 def _candidate_k(n: int, distinct: int, k_min: int, k_max: int) -> list[int]:
     if k_min < 2 or k_max < k_min:
-        raise ValueError(f"invalid k range {k_min}..{k_max}: need 2 <= k_min <= k_max")
+        raise DataValidationError(f"invalid k range {k_min}..{k_max}: need 2 <= k_min <= k_max")
     if n < MIN_ROWS:
         raise DataValidationError(f"need at least {MIN_ROWS} customers to train, got {n}")
     top = min(k_max, n // 2, distinct)
@@ -648,7 +655,7 @@ class SegmentationModel:
             "n_samples": n,
             "total_customers": n,
             "n_clusters": k,
-            "random_state": random_state,
+            "random_state": int(random_state),
             "algorithm": algorithm,
             "inertia": round(inertia, 4),
             "silhouette_score": round(silhouette, 6) if math.isfinite(silhouette) else None,

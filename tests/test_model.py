@@ -261,6 +261,15 @@ def test_elbow_report(X):
     assert small["k_range"] == list(range(2, 7))  # capped at n // 2
     with pytest.raises(DataValidationError):
         elbow(X[:5])
+    with pytest.raises(DataValidationError):
+        elbow(X, k_min=6, k_max=4)
+
+
+def test_train_accepts_a_dataframe_by_column_name(customers, model):
+    shuffled_columns = customers[["Spending_Score", "Sex", "Purchase_Frequency", "Age", "Annual_Income"]]
+    fitted = SegmentationModel.train(shuffled_columns, n_clusters=5)
+    assert fitted.cluster_names == model.cluster_names
+    np.testing.assert_array_equal(fitted.training_labels, model.training_labels)
 
 
 @pytest.mark.parametrize(
