@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     access_token_expire_minutes: int = Field(default=60, ge=1, le=60 * 24 * 30)
 
     database_url: str = DEFAULT_SQLITE_URL
+    # SQLite: how long a write waits for another connection's lock before the request gets 503.
+    db_busy_timeout_seconds: float = Field(default=15, gt=0, le=600)
     cors_origins: str = "http://localhost:5173,http://localhost:3000"
 
     model_dir: Path = Path("models")

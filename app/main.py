@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        database = Database(settings.database_url)
+        database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds)
         await upgrade_database(database)
         app.state.database = database
         app.state.models = ModelStore(settings=settings, database=database)

@@ -38,6 +38,7 @@ async def database_url(request, tmp_path: Path) -> AsyncIterator[str]:
     engine = create_async_engine(url)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
+        await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     await engine.dispose()
     yield url
 
