@@ -1,0 +1,167 @@
+"""Alembic migrations: head matches the ORM models, old create_all databases are adopted, workers race safely.
+
+Each test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL (the `database_url`
+fixture empties that database first, alembic_version included).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import insert, inspect, select, text
+
+from app.database import Base, Database, User, utcnow
+from app.migrations import alembic_config, current_revisions, head_revisions, upgrade_database
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _schema_diffs(connection) -> list:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return compare_metadata(context, Base.metadata)
+
+
+async def _inspect(database: Database):
+    async with database.engine.connect() as conn:
+        revisions = await conn.run_sync(current_revisions)
+        diffs = await conn.run_sync(_schema_diffs)
+        tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    return revisions, diffs, tables
+
+
+@pytest.fixture
+async def database(database_url):
+    db = Database(database_url, busy_timeout=5)
+    yield db
+    await db.dispose()
+
+
+async def test_empty_database_migrates_to_head_matching_the_models(database):
+    assert len(head_revisions()) == 1, "migration history has branched: merge the heads"
+    await upgrade_database(database)
+    revisions, diffs, tables = await _inspect(database)
+    assert revisions == head_revisions()
+    assert diffs == [], f"the models and the migrations disagree (add a revision): {diffs}"
+    assert set(Base.metadata.tables) <= tables
+
+
+async def test_upgrading_an_up_to_date_database_changes_nothing(database):
+    await upgrade_database(database)
+    async with database.sessionmaker() as session:
+        await session.execute(insert(User).values(
+            email="a@example.com", username="kept", hashed_password="x", role="user", is_active=True,
+            token_version=0, created_at=utcnow(), updated_at=utcnow()))
+        await session.commit()
+    await upgrade_database(database)
+    async with database.sessionmaker() as session:
+        assert (await session.execute(select(User.username))).scalars().all() == ["kept"]
+
+
+async def test_database_made_by_create_all_is_adopted_with_its_rows(database):
+    # What the service did before migrations existed: create_all and no alembic_version.
+    await database.create_tables()
+    async with database.sessionmaker() as session:
+        await session.execute(insert(User).values(
+            email="old@example.com", username="old", hashed_password="x", role="admin", is_active=True,
+            token_version=3, created_at=utcnow(), updated_at=utcnow()))
+        await session.commit()
+        await session.execute(text("DROP TABLE login_failures"))  # an older create_all lacked this table
+        await session.commit()
+
+    await upgrade_database(database)
+
+    revisions, diffs, tables = await _inspect(database)
+    assert revisions == head_revisions() and diffs == [] and "login_failures" in tables
+    async with database.sessionmaker() as session:
+        user = (await session.execute(select(User))).scalar_one()
+    assert (user.username, user.role, user.token_version) == ("old", "admin", 3)
+
+
+async def test_a_legacy_table_missing_a_column_is_refused_untouched(database):
+    async with database.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(320), "
+                                "username VARCHAR(50))"))
+    with pytest.raises(RuntimeError, match="hashed_password"):
+        await upgrade_database(database)
+    async with database.engine.connect() as conn:
+        tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+        assert await conn.run_sync(current_revisions) == set()
+    # Nothing was half-done: the migration ran in one transaction (or failed before any DDL).
+    assert "alembic_version" not in tables and "customer_profiles" not in tables
+
+
+async def test_downgrade_to_base_and_upgrade_again(database):
+    await upgrade_database(database)
+
+    def downgrade(connection) -> None:
+        command.downgrade(alembic_config(connection), "base")
+
+    async with database.engine.begin() as conn:
+        await conn.run_sync(downgrade)
+    _, _, tables = await _inspect(database)
+    assert not set(Base.metadata.tables) & tables
+    await upgrade_database(database)
+    revisions, diffs, _ = await _inspect(database)
+    assert revisions == head_revisions() and diffs == []
+
+
+WORKER = """
+import asyncio, sys, time
+from app.database import Database
+from app.migrations import upgrade_database
+
+async def main(url, start_at):
+    time.sleep(max(0.0, start_at - time.time()))
+    database = Database(url, busy_timeout=30)
+    try:
+        await upgrade_database(database)
+    finally:
+        await database.dispose()
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+@pytest.mark.slow
+async def test_workers_starting_at_once_migrate_exactly_once(database, database_url):
+    """Four processes start together on one empty database: all succeed and the schema is whole."""
+    start_at = time.time() + 2.5
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, database_url, str(start_at)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [(w.wait(timeout=120), w.stderr.read()) for w in workers]
+    for w in workers:
+        w.stdout.close()
+        w.stderr.close()
+    assert [code for code, _ in results] == [0, 0, 0, 0], [err[-2000:] for _, err in results]
+    revisions, diffs, _ = await _inspect(database)
+    assert revisions == head_revisions() and diffs == []
+    async with database.engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    assert len(rows) == 1
+
+
+@pytest.mark.slow
+def test_alembic_command_line_upgrades_and_finds_no_pending_changes(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    alembic = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini")]
+    upgraded = subprocess.run([*alembic, "upgrade", "head"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert upgraded.returncode == 0, upgraded.stderr
+    check = subprocess.run([*alembic, "check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+
+async def test_the_app_starts_on_a_migrated_database(client, app):
+    assert (await client.get("/")).status_code == 200
+    async with app.state.database.engine.connect() as conn:
+        assert await conn.run_sync(current_revisions) == head_revisions()
