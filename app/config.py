@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     def _async_driver(cls, url: str) -> str:
         return normalize_database_url(url)
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard_origin(cls, origins: str) -> str:
+        # Credentials (the Authorization header) are allowed cross-origin, so every origin must be named.
+        if "*" in origins:
+            raise ValueError('CORS_ORIGINS must name each origin (e.g. http://localhost:5173); "*" is refused')
+        return origins
+
     @model_validator(mode="after")
     def _check_secret(self) -> "Settings":
         if self.app_env == "production":

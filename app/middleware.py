@@ -94,8 +94,12 @@ SECURITY_HEADERS = [
 ]
 
 
+# Responses that carry a token or account details even when the request had no credentials.
+NO_STORE_PREFIXES = ("/auth/",)
+
+
 class SecurityHeaders:
-    """Hardening headers on every response; `no-store` on anything sent with credentials."""
+    """Hardening headers on every response; `no-store` on anything sent with credentials or carrying them."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -104,14 +108,14 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        authenticated = _header(scope, b"authorization") is not None
+        private = _header(scope, b"authorization") is not None or scope.get("path", "").startswith(NO_STORE_PREFIXES)
 
         async def add_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 present = {k.lower() for k, _ in headers}
                 headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
-                if authenticated and b"cache-control" not in present:
+                if private and b"cache-control" not in present:
                     headers.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": headers}
             await send(message)

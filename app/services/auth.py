@@ -1,11 +1,13 @@
 """Login, tokens, revocation and login throttling."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import case, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -114,9 +116,16 @@ def issue_token(user: User, settings: Settings) -> tuple[str, int]:
 
 
 # --- login throttling, kept in the database so every worker process shares it ---
+#
+# An attempt is counted before its password is checked, by one atomic upsert per key, so a
+# burst of parallel guesses cannot slip past the limit while the first ones are still hashing.
+# A successful login gives its attempt back: the account's count is cleared and the address's
+# count loses the one attempt that succeeded.
 
-def _throttle_keys(username: str, client_ip: str | None) -> list[tuple[str, str]]:
-    keys = [("user", f"user:{username.lower()[:320]}")]
+def _throttle_keys(user: User | None, login_name: str, client_ip: str | None) -> list[tuple[str, str]]:
+    # The username and the email of one account share one budget; unknown names count by name.
+    account = f"user:{user.id}" if user is not None else f"name:{login_name.lower()[:320]}"
+    keys = [("user", account)]
     if client_ip:
         keys.append(("ip", f"ip:{client_ip}"))
     return keys
@@ -126,50 +135,51 @@ def _limit(kind: str, settings: Settings) -> int:
     return settings.login_max_failures_per_user if kind == "user" else settings.login_max_failures_per_ip
 
 
-async def _check_throttle(session: AsyncSession, settings: Settings, keys: list[tuple[str, str]]) -> None:
+async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[tuple[str, str]]) -> None:
+    """Count one attempt on every key; 429 when any key is over its limit in the current window."""
     now = datetime.now(timezone.utc)
     window = timedelta(seconds=settings.login_window_seconds)
-    rows = (await session.execute(select(LoginFailure).where(LoginFailure.key.in_([k for _, k in keys])))).scalars()
-    by_key = {row.key: row for row in rows}
+    dialect_insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    expired = LoginFailure.window_start <= now - window
+    blocked_for = 0.0
     for kind, key in keys:
-        row = by_key.get(key)
-        if row is not None and row.window_start + window > now and row.failures >= _limit(kind, settings):
-            retry_after = (row.window_start + window - now).total_seconds()
-            raise TooManyRequests("Too many failed login attempts; try again later", retry_after=int(retry_after) + 1)
+        upsert = dialect_insert(LoginFailure).values(key=key, window_start=now, failures=1)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[LoginFailure.key],
+            set_={"failures": case((expired, 1), else_=LoginFailure.failures + 1),
+                  "window_start": case((expired, now), else_=LoginFailure.window_start)},
+        ).returning(LoginFailure.failures, LoginFailure.window_start)
+        failures, window_start = (await session.execute(upsert)).one()
+        if failures > _limit(kind, settings):
+            blocked_for = max(blocked_for, (window_start + window - now).total_seconds())
+    await session.commit()
+    if blocked_for > 0:
+        raise TooManyRequests("Too many failed login attempts; try again later",
+                              retry_after=math.ceil(blocked_for))
 
 
-async def _record_failure(session: AsyncSession, settings: Settings, keys: list[tuple[str, str]]) -> None:
-    now = datetime.now(timezone.utc)
-    window = timedelta(seconds=settings.login_window_seconds)
-    for _, key in keys:
-        row = await session.get(LoginFailure, key, with_for_update=True)
-        if row is None:
-            session.add(LoginFailure(key=key, window_start=now, failures=1))
-        elif row.window_start + window <= now:
-            row.window_start, row.failures = now, 1
+async def _give_back_attempt(session: AsyncSession, keys: list[tuple[str, str]]) -> None:
+    for kind, key in keys:
+        if kind == "user":
+            await session.execute(delete(LoginFailure).where(LoginFailure.key == key))
         else:
-            row.failures += 1
-    try:
-        await session.commit()
-    except IntegrityError:  # a concurrent first failure created the row; count this one on it
-        await session.rollback()
-        await _record_failure(session, settings, keys)
+            await session.execute(update(LoginFailure).where(LoginFailure.key == key, LoginFailure.failures > 0)
+                                  .values(failures=LoginFailure.failures - 1))
+    await session.commit()
 
 
 async def login(
     *, session: AsyncSession, settings: Settings, username: str, password: str, client_ip: str | None
 ) -> User:
-    keys = _throttle_keys(username, client_ip)
-    await _check_throttle(session, settings, keys)
     user = await user_service.find_by_login(session=session, login=username)
+    keys = _throttle_keys(user, username, client_ip)
+    await _count_attempt(session, settings, keys)
     ok = await run_in_threadpool(
         auth.verify_password, password, user.hashed_password if user else None, settings.bcrypt_rounds
     )
     if not ok or user is None:
-        await _record_failure(session, settings, keys)
         raise Unauthorized(INVALID_CREDENTIALS)
-    await session.execute(delete(LoginFailure).where(LoginFailure.key == keys[0][1]))
-    await session.commit()
+    await _give_back_attempt(session, keys)
     if not user.is_active:
         raise Forbidden("Inactive user")
     return user
