@@ -5,9 +5,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.database import Role
 from app.deps import AnalystUser, CurrentUser, PageDep, SessionDep
@@ -28,7 +29,6 @@ from app.schema import (
     ModelVersionDetail,
     ModelVersionPublic,
     PredictionResult,
-    SegmentAssignment,
     TrainResult,
 )
 from app.services import history as history_service
@@ -48,13 +48,17 @@ CSV_FILE_BODY = {
 
 
 async def _csv_upload(request: Request) -> UploadFile | None:
-    """The `file` part of a multipart body, spooled to a temporary file; None when there is none."""
+    """The `file` part of a multipart body, spooled to a temporary file; None when there is none.
+
+    The body streams into the file as it arrives; BodySizeLimit stops it with 413 at the cap.
+    """
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return None
     try:
         form = await request.form(max_files=1, max_fields=20)
-    except Exception as exc:  # malformed multipart body
-        raise InvalidInput(f"Could not read the multipart body: {exc}") from None
+    except (StarletteHTTPException, ValueError) as exc:  # a malformed multipart body
+        reason = getattr(exc, "detail", None) or str(exc)
+        raise InvalidInput(f"Could not read the multipart body: {reason}") from None
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise InvalidInput("The multipart body has no `file` part",
@@ -88,6 +92,9 @@ async def train(
         features = await segmentation.training_matrix(request.app.state.settings, upload)
     except DataValidationError as exc:
         raise _data_error(exc) from None
+    finally:
+        if upload is not None:
+            await upload.close()
     store = request.app.state.models
     try:
         served = await store.train(features, n_clusters=n_clusters, random_state=random_state,
@@ -145,6 +152,7 @@ def _wants_csv(request: Request) -> bool:
 )
 async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
     served = request.app.state.models.require()
+    as_csv = _wants_csv(request)
     upload = await _csv_upload(request)
     if upload is None:
         try:
@@ -153,26 +161,26 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
             ) from None
-        scored = segmentation.score_records(served, body.customers)
+        scored = await run_in_threadpool(lambda: segmentation.score_records(served, body.customers, as_csv=as_csv))
     else:
         try:
-            scored = await segmentation.score_csv(served, upload, request.app.state.settings)
+            scored = await segmentation.score_csv(served, upload, as_csv=as_csv)
         except DataValidationError as exc:
             raise _data_error(exc) from None
+        finally:
+            await upload.close()
+    if scored.n_failed and not as_csv:
+        raise InvalidInput(f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row",
+                           scored.problems)
     await prediction_service.record_batch(
         sessionmaker=request.app.state.database.sessionmaker, user_id=user.id, model_version=served.version,
         labels=scored.labels, n_failed=scored.n_failed,
     )
-    if _wants_csv(request):
-        csv_bytes = await run_in_threadpool(scored.to_csv)
-        return Response(csv_bytes, media_type="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
-    if scored.n_failed:
-        raise InvalidInput(f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row",
-                           scored.problems[:10])
-    return BatchResult(predictions=[SegmentAssignment(cluster=c, cluster_name=n, confidence=p)
-                                    for c, n, p in scored.assignments()],
-                       model_version=served.version)
+    if as_csv:
+        return StreamingResponse(scored.csv_chunks(), media_type="text/csv",
+                                 headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
+    # Serialised in one pass: a BatchResult object per row costs more than the scoring itself.
+    return StreamingResponse(scored.json_chunks(), media_type="application/json")
 
 
 @router.get("/clusters", summary="The segments of the active model", responses=errors(401, 403, 409))

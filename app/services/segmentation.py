@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
 import io
+import json
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,11 +20,31 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings
 from app.errors import Conflict
 from app.model import elbow as compute_elbow
-from app.preprocess import DataValidationError, features_matrix, load_training_matrix, read_csv_frame, score_frame
+from app.preprocess import (
+    FEATURE_RANGES,
+    FEATURES,
+    INTEGER_FEATURES,
+    SEX_COLUMN,
+    SEX_VALUES,
+    DataValidationError,
+    features_matrix,
+    load_training_matrix,
+    read_csv_frame,
+    resolve_columns,
+    score_frame,
+)
 from app.schema import ClusterSummary, SegmentStats
 from app.services.models import ServedModel, data_uri
 
 NO_DATASET = "No training dataset at {path}: run generate_dataset.py, or train on an uploaded CSV"
+
+SCORE_CHUNK_ROWS = 50_000
+"""A batch CSV is read, checked and scored this many rows at a time, so memory stays flat."""
+RESULT_COLUMNS = ("cluster", "cluster_name", "confidence", "error")
+_HEAD_BYTES = 64 * 1024
+_SPOOL_BYTES = 8 * 1024 * 1024
+_KNOWN_SEXES = [value.lower() for value in SEX_VALUES]
+MAX_LISTED_ROWS = 10
 
 
 async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.ndarray:
@@ -34,66 +58,199 @@ async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.n
     return await run_in_threadpool(load_training_matrix, path)
 
 
+class _CsvAnswer:
+    """The CSV answer of a batch, written chunk by chunk to a temporary file (memory, then disk)."""
+
+    def __init__(self, input_columns: Sequence[str], names: Sequence[str]) -> None:
+        # An input column named like a result column is replaced by the result.
+        self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
+        self.names = np.array(list(names), dtype=object)
+        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+        self._write_rows([[*self.columns, *RESULT_COLUMNS]])
+
+    def _write_rows(self, rows) -> None:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        self.file.write(text.getvalue().encode("utf-8"))
+
+    def add(self, frame: pd.DataFrame, valid: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
+            errors: Sequence[str | None]) -> None:
+        n = len(frame)
+        cluster = np.full(n, "", dtype=object)
+        cluster[valid] = labels.tolist()
+        name = np.full(n, "", dtype=object)
+        name[valid] = self.names[labels]
+        score = np.full(n, "", dtype=object)
+        score[valid] = np.round(confidence, 6).tolist()
+        inputs = [frame[c].tolist() for c in self.columns]
+        self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(),
+                             [e or "" for e in errors]))
+
+    def finish(self) -> IO[bytes]:
+        self.file.seek(0)
+        return self.file
+
+
 @dataclass
 class ScoredBatch:
-    """Predictions for a batch, in input order; rows that broke a rule carry an error instead."""
+    """Predictions for a batch, in input order; rows that broke a rule carry an error instead.
+
+    `labels` and `confidence` hold the scored rows only. `problems` lists the first failing
+    rows (`row` is the 1-based data row). `csv_answer` is the whole answer as CSV when the
+    caller asked for it: the input columns plus cluster, cluster_name, confidence, error.
+    """
 
     model: ServedModel
-    labels: np.ndarray  # for the valid rows only
+    labels: np.ndarray
     confidence: np.ndarray
-    valid: np.ndarray  # bool per input row
-    errors: list[str | None]
-    frame: pd.DataFrame | None = None  # the input rows, for CSV output
+    n_rows: int
     problems: list[dict[str, Any]] = field(default_factory=list)
+    csv_answer: IO[bytes] | None = None
 
     @property
     def n_failed(self) -> int:
-        return int((~self.valid).sum())
+        return self.n_rows - len(self.labels)
 
     def assignments(self) -> list[tuple[int, str, float]]:
         names = self.model.names
         return [(int(c), names[int(c)], float(p)) for c, p in zip(self.labels, self.confidence)]
 
-    def to_csv(self) -> bytes:
-        frame = self.frame.copy() if self.frame is not None else pd.DataFrame(index=range(len(self.valid)))
-        n = len(self.valid)
-        cluster = pd.array([pd.NA] * n, dtype="Int64")
-        cluster[self.valid] = self.labels
-        names = np.array(self.model.names, dtype=object)
-        frame["cluster"] = cluster
-        name_column = np.full(n, "", dtype=object)
-        name_column[self.valid] = names[self.labels]
-        frame["cluster_name"] = name_column
-        confidence = np.full(n, np.nan)
-        confidence[self.valid] = np.round(self.confidence, 6)
-        frame["confidence"] = confidence
-        frame["error"] = [e or "" for e in self.errors]
-        return frame.to_csv(index=False).encode("utf-8")
+    def json_chunks(self) -> Iterator[bytes]:
+        """The BatchResult document, serialised without a model object per row."""
+        prefixes = [json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1]
+                    + ',"confidence":' for i, name in enumerate(self.model.names)]
+        yield b'{"predictions":['
+        for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
+            hi = lo + SCORE_CHUNK_ROWS
+            rows = ",".join(prefixes[c] + repr(p) + "}"
+                            for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist()))
+            yield (("," if lo else "") + rows).encode("utf-8")
+        yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
+
+    def csv_chunks(self) -> Iterator[bytes]:
+        if self.csv_answer is None:
+            raise RuntimeError("this batch was scored without a CSV answer")
+        with self.csv_answer as answer:
+            while block := answer.read(1 << 20):
+                yield block
 
 
-def score_records(model: ServedModel, customers: Sequence[Any]) -> ScoredBatch:
+def score_records(model: ServedModel, customers: Sequence[Any], *, as_csv: bool) -> ScoredBatch:
+    """Score validated customers (API bodies); blocking, run it in a thread for big batches."""
     labels, confidence = model.predict_matrix(features_matrix(customers))
     n = len(customers)
-    frame = pd.DataFrame([c.model_dump() for c in customers])
-    return ScoredBatch(model=model, labels=labels, confidence=confidence, valid=np.ones(n, dtype=bool),
-                       errors=[None] * n, frame=frame)
+    answer = None
+    if as_csv:
+        frame = pd.DataFrame([c.model_dump() for c in customers])
+        answer = _CsvAnswer(list(frame.columns), model.names)
+        answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n)
+        answer = answer.finish()
+    return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=answer)
 
 
-def _score_csv_file(model: ServedModel, source) -> ScoredBatch:
-    frame = read_csv_frame(source)
-    batch = score_frame(frame)
-    if len(batch.features):
-        labels, confidence = model.predict_matrix(batch.features)
-    else:
-        labels, confidence = np.zeros(0, dtype=np.int64), np.zeros(0)
-    problems = [{"row": i + 1, "reason": e} for i, e in enumerate(batch.errors) if e]
-    return ScoredBatch(model=model, labels=labels, confidence=confidence, valid=batch.valid, errors=batch.errors,
-                       frame=frame, problems=problems)
+def _complete_lines(head: bytes) -> bytes:
+    """`head` cut after its last whole record (a newline outside quotes)."""
+    cut = len(head)
+    while True:
+        cut = head.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return head
+        if head.count(b'"', 0, cut) % 2 == 0:
+            return head[: cut + 1]
 
 
-async def score_csv(model: ServedModel, upload: UploadFile, settings: Settings) -> ScoredBatch:
+def _csv_frames(fh: IO[bytes]) -> Iterator[pd.DataFrame]:
+    """The CSV as text cells ("" when empty), SCORE_CHUNK_ROWS rows at a time.
+
+    The opening of the file goes through read_csv_frame first, so an empty, binary or
+    non-UTF-8 file and a missing column are reported in preprocess's own words.
+    """
+    head = fh.read(_HEAD_BYTES)
+    fh.seek(0)
+    opening = read_csv_frame(head if len(head) < _HEAD_BYTES else _complete_lines(head))
+    resolve_columns(opening.columns)
+    reader = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig",
+                         chunksize=SCORE_CHUNK_ROWS)
+    try:
+        with reader:
+            yield from reader
+    except UnicodeDecodeError:
+        raise DataValidationError("the file is not UTF-8 text (is it a CSV?)",
+                                  [{"row": None, "line": None, "column": None, "reason": "not UTF-8 text"}]) from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        text = str(exc).replace("Error tokenizing data. C error: ", "").strip()
+        raise DataValidationError(f"malformed CSV: {text}",
+                                  [{"row": None, "line": None, "column": None, "reason": text}]) from None
+
+
+def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(features, valid, errors) for text rows, the same verdicts as preprocess.score_frame.
+
+    Every rule is checked with whole-column operations; only the rows that fail one go through
+    score_frame, which says in words what is wrong with them. Clean rows cost no Python.
+    """
+    n = len(frame)
+    features = np.empty((n, len(FEATURES)), dtype=np.float64)
+    clean = np.ones(n, dtype=bool)
+    for j, feature in enumerate(FEATURES):
+        values = np.asarray(pd.to_numeric(frame[columns[feature]].astype(object), errors="coerce"),
+                            dtype=np.float64)
+        low, high = FEATURE_RANGES[feature]
+        with np.errstate(invalid="ignore"):
+            ok = (values >= low) & (values <= high)  # False for NaN and infinities too
+            if feature in INTEGER_FEATURES:
+                ok &= np.floor(values) == values
+        clean &= ok
+        features[:, j] = values
+    if SEX_COLUMN in columns:
+        sex = frame[columns[SEX_COLUMN]].astype(object).str.strip().str.lower()
+        clean &= (sex.isin(_KNOWN_SEXES) | (sex == "")).to_numpy(dtype=bool)
+    errors: list[str | None] = [None] * n
+    doubtful = np.flatnonzero(~clean)
+    if len(doubtful) == 0:
+        return features, clean, errors
+    checked = score_frame(frame.iloc[doubtful])
+    valid = clean.copy()
+    valid[doubtful] = checked.valid
+    features[doubtful[checked.valid]] = checked.features
+    for i, error in zip(doubtful.tolist(), checked.errors):
+        errors[i] = error
+    return features, valid, errors
+
+
+def _score_csv_file(model: ServedModel, fh: IO[bytes], *, as_csv: bool) -> ScoredBatch:
+    labels: list[np.ndarray] = []
+    confidence: list[np.ndarray] = []
+    problems: list[dict[str, Any]] = []
+    answer: _CsvAnswer | None = None
+    seen = 0
+    for frame in _csv_frames(fh):
+        columns = resolve_columns(frame.columns)
+        features, valid, errors = _check_frame(frame, columns)
+        chunk_labels, chunk_confidence = model.predict_matrix(features[valid])
+        if as_csv:
+            if answer is None:
+                answer = _CsvAnswer(list(frame.columns), model.names)
+            answer.add(frame, valid, chunk_labels, chunk_confidence, errors)
+        labels.append(chunk_labels)
+        confidence.append(chunk_confidence)
+        if len(problems) < MAX_LISTED_ROWS:
+            for i in np.flatnonzero(~valid)[: MAX_LISTED_ROWS - len(problems)].tolist():
+                problems.append({"row": seen + i + 1, "line": seen + i + 2, "reason": errors[i]})
+        seen += len(frame)
+    if seen == 0:
+        raise DataValidationError("the CSV has a header but no data rows",
+                                  [{"row": None, "line": None, "column": None, "reason": "no data rows"}])
+    return ScoredBatch(
+        model=model, labels=np.concatenate(labels), confidence=np.concatenate(confidence), n_rows=seen,
+        problems=problems, csv_answer=answer.finish() if answer is not None else None,
+    )
+
+
+async def score_csv(model: ServedModel, upload: UploadFile, *, as_csv: bool) -> ScoredBatch:
+    """Score an uploaded CSV (already spooled to a temporary file) in a worker thread."""
     upload.file.seek(0)
-    return await run_in_threadpool(_score_csv_file, model, upload.file)
+    return await run_in_threadpool(lambda: _score_csv_file(model, upload.file, as_csv=as_csv))
 
 
 def cluster_summary(model: ServedModel) -> ClusterSummary:
