@@ -37,10 +37,12 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         content_type = (_header(scope, b"content-type") or "").lower()
-        limit = self.upload_limit if content_type.startswith(UPLOAD_TYPES) else self.json_limit
+        upload = content_type.startswith(UPLOAD_TYPES)
+        limit = self.upload_limit if upload else self.json_limit
+        kind = "uploads (MAX_UPLOAD_MB)" if upload else "JSON and form bodies (MAX_JSON_BODY_MB)"
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._too_large(send, limit)
+            await self._too_large(send, limit, kind)
             return
 
         received = 0
@@ -63,7 +65,7 @@ class BodySizeLimit:
                 # Whatever the app made of the aborted read, the client is told the real reason.
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._too_large(send, limit)
+                    await self._too_large(send, limit, kind)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -73,11 +75,12 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
-                await self._too_large(send, limit)
+                await self._too_large(send, limit, kind)
 
     @staticmethod
-    async def _too_large(send: Send, limit: int) -> None:
-        body = json.dumps({"detail": f"Request body too large: the limit is {limit / 1024 / 1024:g} MB"}).encode()
+    async def _too_large(send: Send, limit: int, kind: str) -> None:
+        message = f"Request body too large: the limit for {kind} is {limit / 1024 / 1024:.3g} MB"
+        body = json.dumps({"detail": message}).encode()
         await send({
             "type": "http.response.start",
             "status": 413,

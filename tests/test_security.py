@@ -657,7 +657,6 @@ FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"x\")", "+1+cmd|' /C calc'!A0",
             "\t=1+1", "\r=1+1"]
 
 
-@pytest.mark.xfail(reason="formula neutralising waits for the streaming batch CSV writer to land", strict=False)
 async def test_api10_batch_csv_output_cannot_carry_spreadsheet_formulas(client, trained_model, user_headers):
     rows = io.StringIO()
     writer = csv.writer(rows)

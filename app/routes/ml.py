@@ -14,7 +14,7 @@ from app.database import Role
 from app.deps import AnalystUser, CurrentUser, PageDep, SessionDep
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
-from app.routes.responses import errors
+from app.routes.responses import ErrorBody, errors
 from app.schema import (
     BatchRequest,
     BatchResult,
@@ -76,10 +76,14 @@ def _data_error(exc: DataValidationError) -> InvalidInput:
     description=(
         "Trains on `data/customers.csv`, or on the CSV sent as multipart `file`. `n_clusters` absent: k is "
         "chosen by silhouette over 2..10. The new version becomes active at once in every worker. "
-        "A bad CSV gets 422 naming columns and rows and never changes the active model."
+        "A bad CSV gets 422 naming columns and rows and never changes the active model. A training that "
+        "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept."
     ),
     openapi_extra={"requestBody": {"required": False, "content": CSV_FILE_BODY}},
-    responses=errors(401, 403, 409, 413, 422),
+    responses={**errors(401, 403, 409, 413, 422), 422: {
+        "model": ErrorBody,
+        "description": "A bad CSV (`detail` names columns and rows), a field rule broken, or a training that "
+                       "ran past TRAIN_TIMEOUT_SECONDS"}},
 )
 async def train(
     request: Request,

@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
 from app.database import Database, ModelVersion, ServiceState, utcnow
-from app.errors import Conflict, NotFound, ServiceUnavailable
+from app.errors import AppError, Conflict, NotFound
 from app.model import METADATA_FILE, ModelLoadError, SegmentationModel
 from app.preprocess import DataValidationError, features_matrix
 
@@ -202,11 +202,14 @@ def _fit_in_child(conn, features: np.ndarray, n_clusters: int | None, random_sta
     conn.close()
 
 
-class TrainingTimeout(ServiceUnavailable):
+class TrainingTimeout(AppError):
+    """The request asked for more work than TRAIN_TIMEOUT_SECONDS allows: a client error, not an outage."""
+
+    status_code = 422
+
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"Training did not finish within {seconds:g} seconds and was stopped; the active model "
-                         "is unchanged. Train on fewer rows or with a fixed n_clusters, or raise "
-                         "TRAIN_TIMEOUT_SECONDS.", retry_after=60)
+        super().__init__(f"Training did not finish within {seconds:g} seconds (TRAIN_TIMEOUT_SECONDS) and was "
+                         "stopped; the active model is unchanged. Train on fewer rows or with a fixed n_clusters.")
 
 
 async def _wait_readable(fd: int) -> None:

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,15 +59,52 @@ async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.n
     return await run_in_threadpool(load_training_matrix, path)
 
 
+# A cell starting with one of these is run as a formula by spreadsheet programs (CSV injection).
+_FORMULA_START = r"[=+\-@\t\r]"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _inert(cell: Any) -> Any:
+    if not isinstance(cell, str):
+        return cell
+    if re.match(_FORMULA_START, cell) and not _is_number(cell):
+        cell = "'" + cell
+    # The writer ends lines with \n and so quotes cells holding one, but not a bare \r.
+    return cell.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _inert_column(values: pd.Series) -> list:
+    """The column's cells made safe to open in a spreadsheet (see _inert); only suspects pay for it."""
+    if not pd.api.types.is_string_dtype(values.dtype):  # numbers: nothing to run
+        return values.tolist()
+    text = values.astype(str)
+    suspects = text.str.match(_FORMULA_START) | text.str.contains("\r", regex=False)
+    if not suspects.any():
+        return values.tolist()
+    values = values.copy()
+    values.loc[suspects] = [_inert(cell) for cell in values[suspects]]
+    return values.tolist()
+
+
 class _CsvAnswer:
-    """The CSV answer of a batch, written chunk by chunk to a temporary file (memory, then disk)."""
+    """The CSV answer of a batch, written chunk by chunk to a temporary file (memory, then disk).
+
+    Input cells are echoed back; any that a spreadsheet would evaluate is made inert first.
+    """
 
     def __init__(self, input_columns: Sequence[str], names: Sequence[str]) -> None:
         # An input column named like a result column is replaced by the result.
         self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
         self.names = np.array(list(names), dtype=object)
         self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
-        self._write_rows([[*self.columns, *RESULT_COLUMNS]])
+        self._write_rows([[*(_inert(str(c)) for c in self.columns), *RESULT_COLUMNS]])
 
     def _write_rows(self, rows) -> None:
         text = io.StringIO()
@@ -82,7 +120,7 @@ class _CsvAnswer:
         name[valid] = self.names[labels]
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
-        inputs = [frame[c].tolist() for c in self.columns]
+        inputs = [_inert_column(frame[c]) for c in self.columns]
         self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(),
                              [e or "" for e in errors]))
 
