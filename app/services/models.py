@@ -134,11 +134,14 @@ def _directory_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _local_version(directory: Path) -> str | None:
+def _holds_version(directory: Path, version: str) -> bool:
+    """True when `directory` holds an intact copy of `version` (a save cut short does not count)."""
     try:
-        return json.loads((directory / METADATA_FILE).read_text("utf-8")).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
+        if json.loads((directory / METADATA_FILE).read_text("utf-8")).get("version") != version:
+            return False
+        return SegmentationModel.load(directory).version == version
+    except (OSError, ValueError, AttributeError, ModelLoadError):
+        return False
 
 
 def load_local_copy(directory: Path) -> SegmentationModel:
@@ -155,7 +158,7 @@ def load_local_copy(directory: Path) -> SegmentationModel:
 def save_local_copy(model: SegmentationModel, directory: Path) -> bool:
     """Write `model` as the local copy unless it already is; True when files were written."""
     with _directory_lock(directory):
-        if _local_version(directory) == model.version:
+        if _holds_version(directory, model.version):
             return False
         model.save(directory)
         return True
@@ -348,17 +351,20 @@ class ModelStore:
         if not model.version:
             model.version = "local-" + hashlib.sha256(blob).hexdigest()[:12]
         async with self.database.sessionmaker() as session:
-            if await session.get(ModelVersion, model.version) is None:
-                session.add(self._version_row(model, blob, created_by=None))
-            state = await session.get(ServiceState, ACTIVE_KEY)
-            if state is None:
-                session.add(ServiceState(key=ACTIVE_KEY, value=model.version))
-            elif state.value is None:
-                state.value = model.version
+            known = await session.get(ModelVersion, model.version, options=[defer(ModelVersion.artifact)])
+        # Writes only from here: SQLite takes its write lock at the first statement, never upgrades.
+        async with self.database.sessionmaker() as session:
             try:
+                if known is None:
+                    session.add(self._version_row(model, blob, created_by=None))
+                claimed = await session.execute(
+                    update(ServiceState).where(ServiceState.key == ACTIVE_KEY, ServiceState.value.is_(None))
+                    .values(value=model.version, updated_at=utcnow()))
+                if claimed.rowcount == 0:
+                    session.add(ServiceState(key=ACTIVE_KEY, value=model.version))
                 await session.commit()
                 logger.info("recorded the model files in %s as version %s", self.model_dir, model.version)
-            except IntegrityError:  # another worker did it first
+            except IntegrityError:  # another worker recorded them, or set an active version, first
                 await session.rollback()
 
     async def _follow_database(self) -> None:
@@ -447,9 +453,9 @@ class ModelStore:
                     self._unloadable[active] = time.monotonic()
                     raise
             self._unloadable.pop(active, None)
+            await self._write_local(model)
             served = ServedModel(model)
             self.current = served
-            await self._write_local(model)
             logger.info("now serving model version %s", active)
             return served
 
@@ -474,12 +480,11 @@ class ModelStore:
 
     @staticmethod
     async def _set_active(session, version: str) -> None:
-        state = await session.get(ServiceState, ACTIVE_KEY, with_for_update=True)
-        if state is None:
+        """Point the active version at `version` with writes only (no read to upgrade from)."""
+        result = await session.execute(update(ServiceState).where(ServiceState.key == ACTIVE_KEY)
+                                       .values(value=version, updated_at=utcnow()))
+        if result.rowcount == 0:
             session.add(ServiceState(key=ACTIVE_KEY, value=version))
-        else:
-            state.value = version
-            state.updated_at = utcnow()
 
     @staticmethod
     def _version_row(model: SegmentationModel, blob: bytes, *, created_by: str | None) -> ModelVersion:
@@ -499,9 +504,9 @@ class ModelStore:
     async def _record_version(self, model: SegmentationModel, blob: bytes, *, created_by: str | None) -> None:
         """Insert the version and make it active in one transaction: both happen or neither."""
         async with self.database.sessionmaker() as session:
-            session.add(self._version_row(model, blob, created_by=created_by))
-            await self._set_active(session, model.version)
             try:
+                session.add(self._version_row(model, blob, created_by=created_by))
+                await self._set_active(session, model.version)
                 await session.commit()
             except IntegrityError:
                 await session.rollback()

@@ -1,0 +1,297 @@
+"""Real processes: servers sharing one database and model folder, trainings killed mid-way, predictions
+during a long training.
+
+Each server is `uvicorn app.main:app` in a subprocess on a free port, configured through the
+environment only (its working directory is a scratch folder, so no `.env` applies). The pair shares
+DATABASE_URL and MODEL_DIR, exactly as `uvicorn --workers 2` or two instances behind a load balancer do.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from app.model import SegmentationModel
+from generate_dataset import generate
+from tests.conftest import CUSTOMER, TEST_SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
+ANALYST = ("analyst_mp", "analyst-password-1")
+USER = ("user_mp", "user-password-1")
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{home / 'shared.db'}",
+        "MODEL_DIR": str(home / "models"),
+        "DATA_PATH": str(home / "customers.csv"),
+        "SECRET_KEY": TEST_SECRET,
+        "BCRYPT_ROUNDS": "4",
+        "MODEL_SYNC_SECONDS": "1.0",  # the default: the 2-second promise must hold with it
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def run(env: dict[str, str], home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=home, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+class Server:
+    def __init__(self, home: Path, env: dict[str, str], name: str, workers: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / f"{name}.log"
+        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--no-access-log", "--log-level", "warning"]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        self.process = subprocess.Popen(command, cwd=home, env=env, stdout=self.log.open("wb"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server did not start:\n{self.log.read_text()}")
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def served_version(self) -> str | None:
+        return httpx.get(self.url + "/", timeout=5).json()["model_version"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def login(server: Server, account: tuple[str, str]) -> str:
+    response = httpx.post(server.url + "/auth/login", data={"username": account[0], "password": account[1]})
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
+
+
+def prepare(home: Path) -> dict[str, str]:
+    """Database with an analyst and a user, and a 5,000-row default dataset."""
+    env = environment(home)
+    generate(rows=5000, seed=8).to_csv(home / "customers.csv", index=False)
+    run(env, home, str(ROOT / "create_admin.py"), "--username", ANALYST[0], "--password", ANALYST[1],
+        "--role", "analyst", "--test-username", USER[0], "--test-password", USER[1])
+    return env
+
+
+def wait_for(condition, timeout: float, interval: float = 0.01) -> float:
+    """Seconds until condition() held; fails after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - started
+        assert elapsed < timeout, f"condition not met within {timeout} s"
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Iterator[tuple[Server, Server, Path]]:
+    """Two servers on one SQLite file and one model folder."""
+    home = tmp_path_factory.mktemp("pair")
+    env = prepare(home)
+    servers = [Server(home, env, "a"), Server(home, env, "b")]
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers[0], servers[1], home
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_both_servers_switch_within_two_seconds_after_a_train_or_an_activate(pair):
+    a, b, home = pair
+    with a.client(login(a, ANALYST)) as on_a, b.client(login(b, ANALYST)) as on_b:
+        first = on_a.post("/train", params={"n_clusters": 4}).json()["model_version"]
+        after_train = wait_for(lambda: b.served_version() == first, 2.0)
+        second = on_b.post("/train", params={"n_clusters": 3}).json()["model_version"]
+        after_train_on_b = wait_for(lambda: a.served_version() == second, 2.0)
+        assert on_a.post(f"/models/{first}/activate").status_code == 200
+        after_activate = wait_for(lambda: b.served_version() == first, 2.0)
+        assert on_b.get("/models").json()["active_version"] == first
+    assert SegmentationModel.load(home / "models").version == first
+    print(f"\nswitch latency: {after_train:.2f} s and {after_train_on_b:.2f} s after a train, "
+          f"{after_activate:.2f} s after an activate")
+
+
+def test_a_logout_on_one_server_is_rejected_on_the_other_within_a_second(pair):
+    a, b, _ = pair
+    token = login(a, USER)
+    with a.client(token) as on_a, b.client(token) as on_b:
+        assert on_b.get("/auth/me").status_code == 200  # b has seen (and may cache) the token
+        assert on_a.post("/auth/logout").status_code in (200, 204)
+        assert on_a.get("/auth/me").status_code == 401
+        latency = wait_for(lambda: on_b.get("/auth/me").status_code == 401, 1.0)
+    print(f"\nlogout seen by the other server after {latency:.2f} s")
+
+
+def _lease_holder(home: Path) -> str | None:
+    with sqlite3.connect(home / "shared.db", timeout=10) as db:
+        row = db.execute("SELECT value FROM service_state WHERE key = 'training_lease'").fetchone()
+    return row[0] if row else None
+
+
+def test_predictions_keep_answering_during_a_200k_row_training_and_a_second_train_is_409(pair):
+    a, b, home = pair
+    big = generate(rows=200_000, seed=13).to_csv(index=False).encode()
+    small = generate(rows=300, seed=2).to_csv(index=False).encode()
+    analyst = login(a, ANALYST)
+    user = login(a, USER)
+    results: dict[str, object] = {}
+
+    def train_big() -> None:
+        with a.client(analyst) as http:
+            results["train"] = http.post("/train", files={"file": ("big.csv", big, "text/csv")})
+
+    latencies: list[float] = []
+    failures: list[object] = []
+    trainer = threading.Thread(target=train_big)
+    with a.client(user) as on_a, b.client(user) as on_b:
+        for http in (on_a, on_b):  # warm connections
+            http.post("/predict", json=CUSTOMER)
+        trainer.start()
+        second = None
+        servers = (on_a, on_b)
+        while trainer.is_alive():
+            if second is None and _lease_holder(home):
+                with b.client(analyst) as other:  # another process, while the first one trains
+                    second = other.post("/train", files={"file": ("small.csv", small, "text/csv")})
+            started = time.perf_counter()
+            try:
+                response = servers[len(latencies) % 2].post("/predict", json=CUSTOMER)
+                if response.status_code != 200:
+                    failures.append((response.status_code, response.text))
+            except httpx.HTTPError as exc:
+                failures.append(repr(exc))
+            latencies.append(time.perf_counter() - started)
+        trainer.join()
+    assert results["train"].status_code == 200, results["train"].text
+    assert results["train"].json()["n_samples"] == 200_000
+    assert second is not None and second.status_code == 409, second and second.text
+    assert failures == []
+    latencies.sort()
+    p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
+    print(f"\n{len(latencies)} predictions during a 200k-row training "
+          f"({results['train'].json()['duration_seconds']:.2f} s fit): "
+          f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+          f"max {latencies[-1] * 1000:.1f} ms")
+    assert len(latencies) >= 5
+    assert p99 < 2.0
+
+
+def _training_child(parent: psutil.Process) -> psutil.Process | None:
+    """The process fitting the model: a child of the fork server that `parent` started."""
+    try:
+        for child in parent.children():
+            if "forkserver" in " ".join(child.cmdline()):
+                grandchildren = child.children()
+                if grandchildren:
+                    return grandchildren[0]
+    except psutil.Error:
+        pass
+    return None
+
+
+def test_a_training_killed_mid_way_leaves_the_old_model_active_after_a_restart(tmp_path):
+    env = prepare(tmp_path)
+    run(env, tmp_path, "-m", "app", "train", "--k", "4")
+    old = SegmentationModel.load(tmp_path / "models").version
+    generate(rows=1_000_000, seed=5).to_csv(tmp_path / "big.csv", index=False)
+
+    trainer = subprocess.Popen([sys.executable, "-m", "app", "train", "--csv", str(tmp_path / "big.csv")],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(trainer.pid)
+    wait_for(lambda: _training_child(parent) is not None or trainer.poll() is not None, 120, 0.005)
+    child = _training_child(parent)
+    assert child is not None, "the training finished before it could be killed"
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    # The fitting process notices its parent is gone and ends too: nothing is left running.
+    assert psutil.wait_procs([child], timeout=10)[1] == []
+    assert _lease_holder(tmp_path)  # left behind by the killed process
+
+    assert SegmentationModel.load(tmp_path / "models").version == old
+    server = Server(tmp_path, env, "restarted").wait_ready()
+    try:
+        assert server.served_version() == old
+        with server.client(login(server, ANALYST)) as http:
+            listing = http.get("/models").json()
+            assert listing["active_version"] == old and len(listing["models"]) == 1
+            # The lease of the dead process does not block the next training for its 30 s.
+            retrained = http.post("/train", params={"n_clusters": 3})
+            assert retrained.status_code == 200, retrained.text
+            assert server.served_version() == retrained.json()["model_version"]
+    finally:
+        server.stop()
+
+
+def test_uvicorn_with_two_workers_agrees_on_the_model_and_on_revoked_tokens(tmp_path):
+    env = prepare(tmp_path)
+    server = Server(tmp_path, env, "workers", workers=2).wait_ready()
+    try:
+        def each_worker(path: str, token: str | None = None) -> list[httpx.Response]:
+            # Fresh connections, in parallel, so both workers take their share of them.
+            def one(_):
+                with server.client(token) as http:
+                    return http.get(path)
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(one, range(16)))
+
+        with server.client(login(server, ANALYST)) as http:
+            first = http.post("/train", params={"n_clusters": 4}).json()["model_version"]
+            wait_for(lambda: {r.json()["model_version"] for r in each_worker("/")} == {first}, 2.0, 0.05)
+            second = http.post("/train", params={"n_clusters": 3}).json()["model_version"]
+            assert http.post(f"/models/{first}/activate").status_code == 200
+            wait_for(lambda: {r.json()["model_version"] for r in each_worker("/")} == {first}, 2.0, 0.05)
+            assert second != first
+        token = login(server, USER)
+        assert {r.status_code for r in each_worker("/auth/me", token)} == {200}
+        with server.client(token) as http:
+            assert http.post("/auth/logout").status_code in (200, 204)
+        wait_for(lambda: {r.status_code for r in each_worker("/auth/me", token)} == {401}, 1.0, 0.05)
+    finally:
+        server.stop()
