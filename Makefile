@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: run test install install-dev dataset admin model bench bench-smoke clean
+.PHONY: run test install install-dev browser dataset admin model bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev browser
+
+# Chromium for tests/test_browser.py, from apt when missing and we are root. Never fatal:
+# without it that test is skipped.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium) || echo "Chromium not installed: the browser test will be skipped."; \
+	else \
+		echo "No /usr/bin/chromium (installing it needs root and apt-get): the browser test will be skipped."; \
+	fi
 
 data/customers.csv: | $(VENV)/.installed
 	$(PY) generate_dataset.py --out $@

@@ -22,22 +22,42 @@ DEFAULT_ADMIN = ("admin", "admin123", "admin@example.com")
 DEFAULT_USER = ("testuser", "test123", "testuser@example.com")
 DEFAULT_PASSWORDS = {DEFAULT_ADMIN[1], DEFAULT_USER[1]}
 
+HELP_EPILOG = """\
+examples:
+  python create_admin.py
+      admin/admin123 (admin) and testuser/test123 (user), for development
+  python create_admin.py --username ops --password 'a-long-secret' --email ops@example.com --no-test-user
+      one admin of your own, for production
+  python create_admin.py --username ana --password 'another-secret' --role analyst --no-test-user
+      an analyst account
+
+environment (or .env):
+  DATABASE_URL   the database to write to (default: sqlite+aiosqlite:///./customer_segmentation.db)
+  BCRYPT_ROUNDS  cost factor of the password hashes (default: 12)
+  APP_ENV        with APP_ENV=production the default passwords and passwords
+                 shorter than 8 characters are refused (exit code 2)
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Create the admin account (and a plain test user) in the configured database "
-        "(DATABASE_URL or .env). Idempotent: existing accounts are reported and left unchanged."
+        description="Create the admin account (and a plain test user) in the configured database\n"
+        "(DATABASE_URL or .env), creating the tables on a fresh database. Idempotent: existing\n"
+        "accounts are reported and left unchanged (a password is never reset). Exits 0 whether\n"
+        "it created the accounts or found them, 2 when it refuses.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--username", default=DEFAULT_ADMIN[0], help="admin username (default: %(default)s)")
+    parser.add_argument("--username", default=DEFAULT_ADMIN[0], help="username of the account to create (default: %(default)s)")
     parser.add_argument("--password", default=DEFAULT_ADMIN[1],
-                        help="admin password (default: %(default)s; refused when APP_ENV=production)")
-    parser.add_argument("--email", default=None, help="admin email (default: <username>@example.com)")
-    parser.add_argument("--full-name", default="Administrator", help="admin full name (default: %(default)s)")
+                        help="its password (default: %(default)s; refused when APP_ENV=production)")
+    parser.add_argument("--email", default=None, help="its email (default: <username>@example.com)")
+    parser.add_argument("--full-name", default="Administrator", help="its full name (default: %(default)s)")
     parser.add_argument("--role", choices=[r.value for r in Role], default=Role.admin.value,
                         help="role of the account created by --username (default: %(default)s)")
-    parser.add_argument("--test-username", default=DEFAULT_USER[0], help="plain user's username (default: %(default)s)")
-    parser.add_argument("--test-password", default=DEFAULT_USER[1], help="plain user's password (default: %(default)s)")
-    parser.add_argument("--no-test-user", action="store_true", help="do not create the plain test user")
+    parser.add_argument("--test-username", default=DEFAULT_USER[0], help="username of the plain test user, role user (default: %(default)s)")
+    parser.add_argument("--test-password", default=DEFAULT_USER[1], help="its password (default: %(default)s; refused when APP_ENV=production)")
+    parser.add_argument("--no-test-user", action="store_true", help="create only the --username account, no test user")
     return parser.parse_args(argv)
 
 

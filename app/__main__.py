@@ -7,19 +7,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import logging
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from app.config import get_settings
 from app.database import Database
 from app.errors import AppError
 from app.migrations import upgrade_database
+from app.observability import configure_logging
 from app.preprocess import DataValidationError, load_training_matrix
+
+ENVIRONMENT_HELP = """\
+environment (or .env):
+  DATABASE_URL   the service's database, where model versions are recorded
+  MODEL_DIR      the local copy of the active model (default: models)
+  DATA_PATH      the default training CSV (default: data/customers.csv)
+  LOG_LEVEL, LOG_FORMAT  as for the service
+
+Progress bars are drawn on stderr when it is a terminal.
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description="Customer Segmentation from the shell.")
+    parser = argparse.ArgumentParser(prog="python -m app", description="Customer Segmentation from the shell.",
+                                     epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the service's informational log lines (default: warnings only)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a new model version and make it active")
@@ -29,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="which segment is one customer in")
     predict.add_argument("--sex", default="Other", help="Male, Female or Other")
-    predict.add_argument("--age", type=int, required=True)
+    predict.add_argument("--age", type=int, required=True, help="age in years, 18..100")
     predict.add_argument("--income", type=float, required=True, help="annual income in thousands")
     predict.add_argument("--spending", type=int, required=True, help="spending score 1..100")
     predict.add_argument("--frequency", type=int, required=True, help="purchases per year")
@@ -52,21 +70,83 @@ async def _with_store(action):
         await database.dispose()
 
 
+class _ProgressFile(io.FileIO):
+    """A file that moves a progress bar to how far into it the reader has got."""
+
+    def __init__(self, path: Path, bar: tqdm) -> None:
+        super().__init__(path, "rb")
+        self._bar = bar
+
+    def _advance(self) -> None:
+        position = self.tell()
+        if position > self._bar.n:  # the header is read twice: count each byte once
+            self._bar.update(position - self._bar.n)
+
+    def readinto(self, buffer) -> int | None:
+        count = super().readinto(buffer)
+        self._advance()
+        return count
+
+    def read(self, size: int = -1) -> bytes | None:
+        data = super().read(size)
+        self._advance()
+        return data
+
+
+def read_training_csv(path: Path, *, progress: bool | None = None):
+    """The validated feature matrix of `path`, with a bar over the bytes read (chunk by chunk)."""
+    total = path.stat().st_size
+    with tqdm(total=total, desc="Reading CSV", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=None if progress is None else not progress, file=sys.stderr) as bar:
+        with io.BufferedReader(_ProgressFile(path, bar)) as fh:
+            features = load_training_matrix(fh)
+        bar.update(total - bar.n)
+    return features
+
+
+async def _with_timer(description: str, work):
+    """Await `work` while a line shows how long it has been running.
+
+    Fitting is one opaque step, so this is a timer, not a percentage.
+    """
+    with tqdm(desc=description, bar_format="{desc}: {elapsed}", disable=None, file=sys.stderr) as timer:
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                timer.refresh()
+
+        ticker = asyncio.create_task(tick())
+        try:
+            return await work
+        finally:
+            ticker.cancel()
+
+
 async def _train(args, store, settings) -> int:
-    source = args.csv or settings.data_path
-    print(f"Reading {source} ...")
-    try:
-        features = await asyncio.to_thread(load_training_matrix, source)
-    except FileNotFoundError:
+    source = Path(args.csv or settings.data_path)
+    if not source.is_file():
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
+    print(f"Reading {source} ...")
+    try:
+        features = await asyncio.to_thread(read_training_csv, source)
+    except OSError as exc:
+        print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except DataValidationError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {source}: {exc.message}", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            where = ", ".join(str(p) for p in (problem.get("line") and f"line {problem['line']}",
+                                                  problem.get("column")) if p)
+            print(f"  {where + ': ' if where else ''}{problem['reason']}", file=sys.stderr)
         return 2
     print(f"Training on {len(features):,} rows" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
-    served = await store.train(features, n_clusters=args.k, random_state=args.random_state, created_by="cli")
+    try:
+        served = await _with_timer("Training", store.train(
+            features, n_clusters=args.k, random_state=args.random_state, created_by="cli"))
+    except DataValidationError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     meta = served.metadata
     print(f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, "
           f"{meta.get('duration_seconds')} s")
@@ -105,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"train": _train, "predict": _predict, "models": _models}[args.command]
     try:
+        configure_logging(get_settings())
+        if not args.verbose:
+            logging.getLogger("app").setLevel(max(logging.getLogger("app").level, logging.WARNING))
         return asyncio.run(_with_store(lambda store, settings: handler(args, store, settings)))
     except AppError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

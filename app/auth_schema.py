@@ -15,6 +15,9 @@ Password = Annotated[str, Field(min_length=8, max_length=128)]
 FullName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 PrimaryKey = Annotated[int, Field(gt=0, le=2**31 - 1)]
 
+USER_EXAMPLE = {"id": 7, "email": "ana@example.com", "username": "ana", "full_name": "Ana Lima", "role": "user",
+                "is_active": True, "created_at": "2025-01-31T09:30:00Z"}
+
 
 class UserCreate(BaseModel):
     """Registration. `role` and `is_active` are not accepted: new users are always `user`."""
@@ -34,7 +37,7 @@ class UserCreate(BaseModel):
 
 
 class UserPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [USER_EXAMPLE]})
 
     id: int
     email: str
@@ -68,6 +71,9 @@ class LoginRequest(BaseModel):
 
 
 class Token(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "access_token": "<JWT>", "token_type": "bearer", "expires_in": 3600, "user": USER_EXAMPLE}]})
+
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int = Field(description="Seconds until the token expires")
@@ -81,21 +87,33 @@ class RoleUpdate(BaseModel):
 
 
 class UserList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"users": [USER_EXAMPLE], "total": 1}]})
+
     users: list[UserPublic]
     total: int
 
 
 class UserWithProfileStats(UserPublic):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**USER_EXAMPLE, "total_predictions": 42, "total_saved_profiles": 3}]})
+
     total_predictions: int
     total_saved_profiles: int
 
 
 class AdminUserView(UserPublic):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}]})
+
     total_predictions: int
     total_profiles: int
 
 
 class AdminUserList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "users": [{**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}], "total": 1,
+        "total_predictions": 42, "total_profiles": 3}]})
+
     users: list[AdminUserView]
     total: int
     total_predictions: int
@@ -103,4 +121,6 @@ class AdminUserList(BaseModel):
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"message": "Logged out"}]})
+
     message: str

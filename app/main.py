@@ -12,8 +12,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.config import Settings, get_settings
 from app.database import Database
+from app.docs import install_docs
 from app.errors import AppError
 from app.migrations import upgrade_database
+from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
 from app.schema import Health
 from app.services.auth import AuthCache
@@ -79,13 +81,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds)
         await upgrade_database(database)
         app.state.database = database
-        app.state.models = ModelStore(settings=settings, database=database)
+        app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
         await app.state.models.start()
         app.state.elbow = ElbowCache(settings)
         app.state.history_writer = HistoryWriter(database.sessionmaker)
@@ -105,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "(username or email and password), then train, predict and manage profiles."
         ),
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
@@ -120,7 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )
+    install_observability(app, settings)
     install_error_handlers(app)
+    install_docs(app)
 
     @app.get("/", tags=["health"], summary="Health check",
              description="Whether the service is up and which model version it serves.")

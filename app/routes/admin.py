@@ -24,7 +24,10 @@ async def _with_activity(session, users: list[User]) -> list[AdminUserView]:
     ]
 
 
-@router.get("/users", summary="Users with their activity", responses=errors(401, 403))
+@router.get("/users", summary="Users with their activity",
+            description="Every account with its `total_predictions` and `total_profiles`, paged with `skip` and "
+                        "`limit`, plus service-wide totals.",
+            responses=errors(401, 403, 422))
 async def list_users(session: SessionDep, page: PageDep) -> AdminUserList:
     users, total = await user_service.list_users(session=session, skip=page.skip, limit=page.limit)
     totals = await user_service.totals(session=session)
@@ -36,7 +39,9 @@ async def list_users(session: SessionDep, page: PageDep) -> AdminUserList:
     )
 
 
-@router.get("/users/{user_id}", summary="One user with their activity", responses=errors(401, 403, 404))
+@router.get("/users/{user_id}", summary="One user with their activity",
+            description="One account with its prediction and profile counts; 404 when there is none.",
+            responses=errors(401, 403, 404, 422))
 async def get_user(user_id: PrimaryKey, session: SessionDep) -> AdminUserView:
     user = await user_service.get(session=session, user_id=user_id)
     return (await _with_activity(session, [user]))[0]
@@ -67,6 +72,9 @@ async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionD
     return UserPublic.model_validate(user)
 
 
-@router.get("/stats", summary="Service statistics", responses=errors(401, 403))
+@router.get("/stats", summary="Service statistics",
+            description="Users by state and role, predictions (single and batch rows) per cluster id, and the "
+                        "model being served.",
+            responses=errors(401, 403))
 async def stats(session: SessionDep, request: Request) -> AdminStats:
     return await stats_service.collect(session=session, models=request.app.state.models)

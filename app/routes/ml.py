@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -64,6 +64,13 @@ async def _csv_upload(request: Request) -> UploadFile | None:
         raise InvalidInput("The multipart body has no `file` part",
                            [{"loc": ["body", "file"], "msg": "a CSV file is required"}])
     return upload
+
+
+def _component_schema(model: type[BaseModel]) -> dict:
+    """The JSON schema of a body read by hand, its nested models referring to the OpenAPI components."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # CustomerFeatures is a component already: POST /predict takes it
+    return schema
 
 
 def _data_error(exc: DataValidationError) -> InvalidInput:
@@ -127,6 +134,7 @@ async def train(
 async def predict(customer: CustomerFeatures, user: CurrentUser, request: Request) -> PredictionResult:
     served = request.app.state.models.require()
     cluster, name, confidence = served.assign([customer])[0]
+    request.app.state.metrics.count_predictions(served.names, cluster, "single")
     data = customer.model_dump()
     await request.app.state.history_writer.add(prediction_service.history_row(
         user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
@@ -150,7 +158,7 @@ def _wants_csv(request: Request) -> bool:
         "`cluster, cluster_name, confidence` and an `error` column for rows that break a rule."
     ),
     openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}}, **CSV_FILE_BODY}}},
+        "application/json": {"schema": _component_schema(BatchRequest)}, **CSV_FILE_BODY}}},
     responses={**errors(401, 403, 409, 413, 422),
                200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}},
 )
@@ -180,6 +188,7 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
         sessionmaker=request.app.state.database.sessionmaker, user_id=user.id, model_version=served.version,
         labels=scored.labels, n_failed=scored.n_failed,
     )
+    request.app.state.metrics.count_predictions(served.names, scored.labels, "batch")
     if as_csv:
         return StreamingResponse(scored.csv_chunks(), media_type="text/csv",
                                  headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
@@ -187,7 +196,10 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
     return StreamingResponse(scored.json_chunks(), media_type="application/json")
 
 
-@router.get("/clusters", summary="The segments of the active model", responses=errors(401, 403, 409))
+@router.get("/clusters", summary="The segments of the active model",
+            description="Size, share and average features of every segment, with its name and a description in "
+                        "words. 409 while no model is trained.",
+            responses=errors(401, 403, 409))
 async def clusters(request: Request, _: CurrentUser) -> ClusterSummary:
     served = request.app.state.models.require()
     return segmentation.cluster_summary(served)
@@ -210,14 +222,20 @@ async def elbow(
     return ElbowResult(**await request.app.state.elbow.get(k_min, k_max))
 
 
-@router.get("/charts/clusters", summary="Segment charts as PNG data URIs", responses=errors(401, 403, 409))
+@router.get("/charts/clusters", summary="Segment charts as PNG data URIs",
+            description="A pie of segment shares, a bar chart of average features and a size chart, each a "
+                        "`data:image/png;base64,...` URI ready for an `<img src>`. 409 while no model is trained.",
+            responses=errors(401, 403, 409))
 async def cluster_charts(request: Request, _: CurrentUser) -> ClusterCharts:
     served = request.app.state.models.require()
     return ClusterCharts(charts=await served.charts(), total_customers=served.metadata["total_customers"],
                          n_clusters=served.metadata["n_clusters"])
 
 
-@router.get("/charts/elbow", summary="The elbow chart as a PNG data URI", responses=errors(401, 403, 409))
+@router.get("/charts/elbow", summary="The elbow chart as a PNG data URI",
+            description="Inertia and silhouette against k over the training dataset, as a "
+                        "`data:image/png;base64,...` URI. 409 when there is no dataset.",
+            responses=errors(401, 403, 409))
 async def elbow_chart(request: Request, _: CurrentUser) -> ElbowChart:
     chart, optimal_k = await request.app.state.elbow.chart()
     return ElbowChart(chart=chart, optimal_k=optimal_k)
@@ -245,13 +263,17 @@ async def history(
                        limit=page.limit)
 
 
-@router.get("/models", summary="Model versions, newest first (analyst)", responses=errors(401, 403))
+@router.get("/models", summary="Model versions, newest first (analyst)",
+            description="Every trained version with its quality figures; `active` marks the one being served.",
+            responses=errors(401, 403))
 async def list_models(request: Request, _: AnalystUser) -> ModelList:
     versions, active = await request.app.state.models.list_versions()
     return ModelList(models=[ModelVersionPublic(**v) for v in versions], active_version=active)
 
 
-@router.get("/models/{version}", summary="One model version (analyst)", responses=errors(401, 403, 404))
+@router.get("/models/{version}", summary="One model version (analyst)",
+            description="A version's segments, how k was chosen, its features and library versions.",
+            responses=errors(401, 403, 404, 422))
 async def get_model(version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser) -> ModelVersionDetail:
     return ModelVersionDetail(**await request.app.state.models.get_version(version))
 

@@ -35,13 +35,18 @@ async def create_profile(body: ProfileCreate, user: CurrentUser, session: Sessio
     return _public(request, [profile])[0]
 
 
-@router.get("/", summary="My saved profiles, newest first", responses=errors(401, 403, 422))
+@router.get("/", summary="My saved profiles, newest first",
+            description="The caller's own profiles as a JSON list, paged with `skip` and `limit`, each with its "
+                        "segment under the active model.",
+            responses=errors(401, 403, 422))
 async def list_profiles(user: CurrentUser, session: SessionDep, page: PageDep, request: Request) -> list[ProfilePublic]:
     profiles = await profile_service.list_own(session=session, user_id=user.id, skip=page.skip, limit=page.limit)
     return _public(request, profiles)
 
 
-@router.get("/{profile_id}", summary="One of my profiles", responses=errors(401, 403, 404))
+@router.get("/{profile_id}", summary="One of my profiles",
+            description="Owner only: another user's profile is 404, never 403.",
+            responses=errors(401, 403, 404, 422))
 async def get_profile(profile_id: PrimaryKey, user: CurrentUser, session: SessionDep, request: Request) -> ProfilePublic:
     profile = await profile_service.get_own(session=session, user_id=user.id, profile_id=profile_id)
     return _public(request, [profile])[0]
@@ -62,7 +67,9 @@ async def update_profile(
     return _public(request, [profile])[0]
 
 
-@router.delete("/{profile_id}", summary="Delete one of my profiles", responses=errors(401, 403, 404))
+@router.delete("/{profile_id}", summary="Delete one of my profiles",
+               description="Owner only: another user's profile is 404, never 403.",
+               responses=errors(401, 403, 404, 422))
 async def delete_profile(profile_id: PrimaryKey, user: CurrentUser, session: SessionDep) -> Message:
     await profile_service.delete_own(session=session, user_id=user.id, profile_id=profile_id)
     return Message(message="Profile deleted")

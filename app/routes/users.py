@@ -18,7 +18,9 @@ router = APIRouter(prefix="/users", tags=["users"])
 admin_only = [Depends(require_role(Role.admin))]
 
 
-@router.get("/me/profile", summary="My account with activity counts", responses=errors(401, 403))
+@router.get("/me/profile", summary="My account with activity counts",
+            description="The caller's account plus `total_predictions` and `total_saved_profiles`.",
+            responses=errors(401, 403))
 async def my_profile(user: CurrentUser, session: SessionDep) -> UserWithProfileStats:
     predictions = await history_service.count_for_user(session=session, user_id=user.id)
     profiles = await profile_service.count_own(session=session, user_id=user.id)
@@ -78,13 +80,16 @@ async def delete_me(user: CurrentUser, session: SessionDep, request: Request) ->
     return Message(message="Account deleted")
 
 
-@router.get("/", summary="List users (admin)", dependencies=admin_only, responses=errors(401, 403))
+@router.get("/", summary="List users (admin)", dependencies=admin_only,
+            description="Every account, oldest first, paged with `skip` and `limit`; `total` counts them all.",
+            responses=errors(401, 403, 422))
 async def list_users(session: SessionDep, page: PageDep) -> UserList:
     users, total = await user_service.list_users(session=session, skip=page.skip, limit=page.limit)
     return UserList(users=[UserPublic.model_validate(u) for u in users], total=total)
 
 
-@router.get("/{user_id}", summary="One user (admin)", dependencies=admin_only, responses=errors(401, 403, 404))
+@router.get("/{user_id}", summary="One user (admin)", dependencies=admin_only,
+            description="One account by id; 404 when there is none.", responses=errors(401, 403, 404, 422))
 async def get_user(user_id: PrimaryKey, session: SessionDep) -> UserPublic:
     return UserPublic.model_validate(await user_service.get(session=session, user_id=user_id))
 

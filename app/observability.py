@@ -1,0 +1,340 @@
+"""Logs and metrics: the logging set-up, one log line per request, Prometheus at /metrics.
+
+Each app has its own `CollectorRegistry` (on `app.state.metrics`), so many apps can live
+in one process (the tests make one per test). With several worker processes each
+process keeps and reports its own numbers: a scrape of /metrics reaches one of them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+
+access_logger = logging.getLogger("app.requests")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+METRICS_PATH = "/metrics"
+UNMATCHED_ROUTE = "unmatched"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+# The request being served by the current task (also seen by threads it starts).
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+# --- logging -------------------------------------------------------------------------------
+
+_HANDLER_NAME = "app.observability"
+# Defence in depth: whatever a message carries, a JWT or a bcrypt hash never reaches the log.
+_SECRET_PATTERNS = (
+    (re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+"), "[redacted-token]"),
+    (re.compile(r"\$2[abxy]?\$\d{2}\$[./A-Za-z0-9]{20,}"), "[redacted-hash]"),
+    (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"), r"\1[redacted]"),
+)
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RequestContextFilter(logging.Filter):
+    """Stamps every record with the id of the request it was logged in (None outside requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """`2025-01-31 12:00:00,123 INFO app.requests POST /predict 200 4.1ms request_id=... user_id=3`"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        suffix = []
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            suffix.append(f"request_id={request_id}")
+        user_id = (getattr(record, "fields", None) or {}).get("user_id")
+        if user_id is not None:
+            suffix.append(f"user_id={user_id}")
+        if suffix:
+            first, newline, rest = line.partition("\n")
+            line = f"{first} {' '.join(suffix)}{newline}{rest}"
+        return redact(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return redact(json.dumps(entry, default=str))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time, so a replaced stream is followed."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(settings: Settings) -> None:
+    """The one place logging is set up: a stderr handler on the root logger, text or JSON.
+
+    Safe to call again (each app does): it replaces its own handler instead of adding one.
+    The `app.*` loggers log at LOG_LEVEL; other libraries keep to warnings and above.
+    """
+    level = logging.getLevelName(settings.log_level.strip().upper())
+    if not isinstance(level, int):
+        raise ValueError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {settings.log_level!r}")
+
+    handler = _StderrHandler()
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.addFilter(RequestContextFilter())
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > max(level, logging.WARNING):
+        root.setLevel(max(level, logging.WARNING))
+    logging.getLogger("app").setLevel(level)
+
+    # Under uvicorn its own start-up and error lines use the same format. Its access log
+    # repeats our request line without the request id: run uvicorn with --no-access-log.
+    server = logging.getLogger("uvicorn")
+    if server.handlers:
+        server.handlers = [handler]
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TRAINING_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LOGIN_FAILURE_REASONS = {401: "invalid_credentials", 403: "inactive", 429: "throttled"}
+
+
+class _ActiveModelCollector(Collector):
+    """The served model version, read from the model store at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self._app = weakref.ref(app)
+
+    def collect(self) -> Iterable[Metric]:
+        app = self._app()
+        store = getattr(app.state, "models", None) if app is not None else None
+        served = getattr(store, "current", None)
+        yield GaugeMetricFamily("segmentation_model_loaded", "1 when a trained model is being served",
+                                value=0 if served is None else 1)
+        info = InfoMetricFamily("segmentation_model", "The model version being served",
+                                labels=["version", "n_clusters"])
+        if served is not None:
+            info.add_metric([str(served.version), str(served.metadata.get("n_clusters", ""))], {})
+        yield info
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of their own. No-ops when disabled."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests", "HTTP requests by method, route template and status",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds", "Time to serve an HTTP request, by method, route template and status",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.predictions = Counter(
+            "segmentation_predictions", "Customers assigned to a segment, by segment and kind (single or batch)",
+            ["cluster", "cluster_name", "kind"], registry=self.registry,
+        )
+        self.training_runs = Counter(
+            "segmentation_training_runs", "Training runs in this process by outcome (success, failed, timeout)",
+            ["outcome"], registry=self.registry,
+        )
+        self.training_duration = Histogram(
+            "segmentation_training_duration_seconds", "Time to train a model version (successful runs)",
+            buckets=TRAINING_BUCKETS, registry=self.registry,
+        )
+        self.login_failures = Counter(
+            "auth_login_failures", "Failed logins by reason (invalid_credentials, inactive, throttled)",
+            ["reason"], registry=self.registry,
+        )
+
+    def watch_models(self, app: FastAPI) -> None:
+        self.registry.register(_ActiveModelCollector(app))
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+        if route == "/auth/login" and method == "POST" and status in LOGIN_FAILURE_REASONS:
+            self.login_failures.labels(LOGIN_FAILURE_REASONS[status]).inc()
+
+    def count_predictions(self, names: Sequence[str], labels: Any, kind: str) -> None:
+        """Count assignments: `labels` is one cluster id or an array of them, `names` the model's names."""
+        if not self.enabled:
+            return
+        counts = np.bincount(np.atleast_1d(np.asarray(labels, dtype=np.int64)), minlength=len(names))
+        for cluster, count in enumerate(counts):
+            if count:
+                name = names[cluster] if cluster < len(names) else ""
+                self.predictions.labels(str(cluster), name, kind).inc(int(count))
+
+    def training_finished(self, outcome: str, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.training_runs.labels(outcome).inc()
+        if outcome == "success":
+            self.training_duration.observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --- the request middleware ----------------------------------------------------------------
+
+def sane_request_id(value: str | None) -> str | None:
+    if value is not None and _SANE_REQUEST_ID.fullmatch(value):
+        return value
+    return None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def route_template(scope: Scope, outer_root_path: str) -> str:
+    """The path template that matched (`/profiles/{profile_id}`), never the raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    if scope.get("endpoint") is not None:
+        # A mounted app (the docs assets): its prefix is what the mount added to root_path.
+        prefix = scope.get("root_path", "")[len(outer_root_path):]
+        if prefix:
+            return prefix + "/{path}"
+    return UNMATCHED_ROUTE
+
+
+class RequestObservability:
+    """Pure ASGI: request id in and out, one log line and the metrics of every HTTP request."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = sane_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
+        context = request_id_var.set(request_id)
+        outer_root_path = scope.get("root_path", "")
+        # request.state writes into this dict: after the app ran it carries the caller's user_id.
+        state = scope.setdefault("state", {})
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            method = scope.get("method", "")
+            route = route_template(scope, outer_root_path)
+            self.metrics.observe_request(method, route, status, elapsed)
+            user_id = state.get("user_id") if isinstance(state, dict) else None
+            duration_ms = round(elapsed * 1000, 1)
+            # Scrapes come every few seconds; they stay out of the INFO log.
+            level = logging.DEBUG if route == METRICS_PATH else logging.INFO
+            access_logger.log(
+                level, "%s %s %s %.1fms", method, route, status, duration_ms,
+                extra={"request_id": request_id, "fields": {
+                    "method": method, "route": route, "path": scope.get("path", ""), "status": status,
+                    "duration_ms": duration_ms, "user_id": user_id,
+                }},
+            )
+            request_id_var.reset(context)
+
+
+def install_observability(app: FastAPI, settings: Settings) -> None:
+    """Add the request middleware and, unless METRICS_ENABLED=false, the /metrics endpoint.
+
+    Call it after the other middleware so it wraps them: their responses (a 413, a CORS
+    preflight) are logged and carry the request id too.
+    """
+    metrics = Metrics(enabled=settings.metrics_enabled)
+    app.state.metrics = metrics
+    app.add_middleware(RequestObservability, metrics=metrics)
+    if not settings.metrics_enabled:
+        return
+    metrics.watch_models(app)
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def prometheus_metrics(_: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

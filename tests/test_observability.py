@@ -1,0 +1,182 @@
+"""Request logs, request ids and Prometheus metrics, as an operator sees them."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from app.observability import JsonFormatter, TextFormatter, configure_logging, redact, sane_request_id
+from tests.conftest import CUSTOMER
+
+NEW_PASSWORD = "another-horse-77"
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus exposition."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+@pytest.fixture
+def settings_overrides() -> dict:
+    return {"log_format": "json", "log_level": "DEBUG"}
+
+
+async def test_logs_never_carry_passwords_tokens_or_hashes(client, trained_model, capsys, caplog):
+    caplog.set_level(logging.DEBUG, logger="app")
+    password = "first-secret-pass-1"
+    registered = await client.post("/auth/register", json={
+        "email": "logcheck@example.com", "username": "logcheck", "password": password})
+    assert registered.status_code == 201
+    login = await client.post("/auth/login", data={"username": "logcheck", "password": password})
+    token = login.json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
+    changed = await client.put("/users/me", json={"password": NEW_PASSWORD, "current_password": password},
+                               headers=headers)
+    assert changed.status_code == 200
+    assert (await client.get("/auth/me", headers=headers)).status_code == 401  # the old token is over
+    wrong = await client.post("/auth/login", json={"username": "logcheck", "password": password})
+    assert wrong.status_code == 401
+    relogin = await client.post("/auth/login", json={"username": "logcheck", "password": NEW_PASSWORD})
+    new_token = relogin.json()["access_token"]
+    assert (await client.post("/auth/logout", headers={"Authorization": f"Bearer {new_token}"})).status_code == 200
+
+    output = capsys.readouterr().err
+    records = "\n".join(
+        f"{r.getMessage()} {r.args!r} {getattr(r, 'fields', '')} {r.exc_text or ''}" for r in caplog.records
+    )
+    routes = {line.get("route") for line in _json_lines(output)}
+    assert {"/auth/login", "/predict", "/users/me", "/auth/logout"} <= routes, "the requests were not logged"
+    for text in (output, caplog.text, records):
+        for secret in (password, NEW_PASSWORD, token, new_token, "$2b$"):
+            assert secret not in text
+
+
+async def test_one_json_line_per_request_with_id_user_route_status_latency(client, make_user, capsys):
+    user, headers = await make_user()
+    capsys.readouterr()
+    response = await client.get("/profiles/424242", headers={**headers, "X-Request-ID": "trace-me.42"})
+    assert response.status_code == 404
+    lines = [line for line in _json_lines(capsys.readouterr().err) if line.get("logger") == "app.requests"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "trace-me.42"
+    assert line["user_id"] == user["id"]
+    assert line["method"] == "GET" and line["route"] == "/profiles/{profile_id}" and line["status"] == 404
+    assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0
+    assert line["level"] == "INFO" and line["time"]
+
+
+async def test_training_log_goes_through_the_same_formatter_with_the_request_id(
+        client, dataset, analyst_headers, capsys):
+    capsys.readouterr()
+    response = await client.post("/train", params={"n_clusters": 3}, headers={**analyst_headers,
+                                                                                "X-Request-ID": "train-1"})
+    assert response.status_code == 200
+    lines = _json_lines(capsys.readouterr().err)
+    trained = [line for line in lines if line["logger"] == "app.models" and "trained model" in line["message"]]
+    assert trained and trained[0]["request_id"] == "train-1"
+
+
+@pytest.mark.parametrize("settings_overrides", [{"log_format": "text"}])
+async def test_text_log_line_is_readable(client, make_user, caplog):
+    user, headers = await make_user()
+    caplog.set_level(logging.INFO, logger="app")
+    await client.get("/auth/me", headers={**headers, "X-Request-ID": "abc-1"})
+    record = next(r for r in caplog.records if r.name == "app.requests" and r.fields["route"] == "/auth/me")
+    line = TextFormatter().format(record)
+    assert "GET /auth/me 200" in line and "request_id=abc-1" in line and f"user_id={user['id']}" in line
+
+
+async def test_request_id_is_echoed_when_sane_and_generated_otherwise(client):
+    echoed = await client.get("/", headers={"X-Request-ID": "Abc.def_1-2"})
+    assert echoed.headers["x-request-id"] == "Abc.def_1-2"
+    for bad in ("has space", "x" * 129, "semi;colon", "ü-nicode", ""):
+        response = await client.get("/", headers={"X-Request-ID": bad.encode("utf-8")})
+        generated = response.headers["x-request-id"]
+        assert generated != bad and sane_request_id(generated) == generated
+    first, second = (await client.get("/")).headers["x-request-id"], (await client.get("/")).headers["x-request-id"]
+    assert first != second
+    # Errors carry it too, and browsers may read it.
+    response = await client.get("/auth/me", headers={"X-Request-ID": "on-401", "Origin": "http://localhost:5173"})
+    assert response.status_code == 401 and response.headers["x-request-id"] == "on-401"
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    assert (await client.get("/no/such/page", headers={"X-Request-ID": "on-404"})).headers["x-request-id"] == "on-404"
+
+
+async def test_metrics_after_predictions_training_and_a_login_failure(client, trained_model, make_user):
+    _, headers = await make_user()
+    predicted = (await client.post("/predict", json=CUSTOMER, headers=headers)).json()
+    batch = await client.post("/predict/batch", json={"customers": [CUSTOMER, CUSTOMER]}, headers=headers)
+    assert batch.status_code == 200
+    assert (await client.post("/auth/login", data={"username": "nobody", "password": "wrong-pass"})).status_code == 401
+    await client.get(f"/profiles/{987654}", headers=headers)
+
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = _samples(response.text)
+    segment = (("cluster", str(predicted["cluster"])), ("cluster_name", predicted["cluster_name"]))
+    assert samples[("segmentation_predictions_total", (*segment, ("kind", "single")))] == 1
+    assert samples[("segmentation_predictions_total", (*segment, ("kind", "batch")))] == 2
+    assert samples[("auth_login_failures_total", (("reason", "invalid_credentials"),))] == 1
+    assert samples[("segmentation_training_runs_total", (("outcome", "success"),))] == 1
+    assert samples[("segmentation_training_duration_seconds_count", ())] == 1
+    assert samples[("segmentation_model_loaded", ())] == 1
+    info = [labels for (name, labels) in samples if name == "segmentation_model_info"]
+    assert info and dict(info[0])["version"] == trained_model["model_version"]
+    assert samples[("http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 1
+    # Route templates, never raw paths: ids do not become label values.
+    assert ("http_requests_total", (("method", "GET"), ("route", "/profiles/{profile_id}"), ("status", "404"))) \
+        in samples
+    assert "987654" not in response.text
+    assert samples[("http_request_duration_seconds_count",
+                    (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 1
+
+
+async def test_each_app_has_its_own_registry(client, app):
+    from app.main import create_app
+
+    other = create_app(app.state.settings)
+    assert other.state.metrics.registry is not app.state.metrics.registry
+
+
+@pytest.mark.parametrize("settings_overrides", [{"metrics_enabled": False}])
+async def test_metrics_can_be_turned_off(client):
+    assert (await client.get("/metrics")).status_code == 404
+    assert (await client.get("/", headers={"X-Request-ID": "still-here"})).headers["x-request-id"] == "still-here"
+
+
+def test_configure_logging_installs_one_handler(tmp_path):
+    settings = Settings(_env_file=None, secret_key="x" * 40, log_format="json", log_level="warning")
+    configure_logging(settings)
+    configure_logging(settings)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if h.get_name() == "app.observability"]
+    assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
+    assert logging.getLogger("app").level == logging.WARNING
+    with pytest.raises(ValueError):
+        configure_logging(Settings(_env_file=None, secret_key="x" * 40, log_level="chatty"))
+    configure_logging(Settings(_env_file=None, secret_key="x" * 40))
+
+
+def test_redaction_is_a_safety_net_for_tokens_and_hashes():
+    text = ("Authorization: Bearer abc.def.ghi-jkl token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nat-ure "
+            "hash $2b$12$abcdefghijklmnopqrstuuVWXyz0123456789ABCDEFGHIJKLMNOPQ")
+    clean = redact(text)
+    assert "eyJ" not in clean and "$2b$" not in clean and "abc.def.ghi-jkl" not in clean
