@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Text,
     event,
 )
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -175,7 +177,38 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(int(busy_timeout * 1000)))
+            self._guard_sqlite_file()
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def _guard_sqlite_file(self) -> None:
+        """Once the database file exists, its removal is an outage (503), never a silent new database.
+
+        Left alone, SQLite keeps serving the deleted file through the open connections and creates
+        an empty file on the next connect.
+        """
+        name = self.engine.url.database
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return
+        path = Path(name).resolve()
+        opened = False
+        sync_engine = self.engine.sync_engine
+
+        @event.listens_for(sync_engine, "do_connect")
+        def refuse_a_removed_file(dialect, _record, _cargs, _cparams) -> None:
+            if opened and not path.exists():
+                raise dialect.loaded_dbapi.OperationalError("unable to open database file: it was removed")
+
+        @event.listens_for(sync_engine, "connect")
+        def remember_the_file(_dbapi_connection, _record) -> None:
+            nonlocal opened
+            opened = True
+
+        @event.listens_for(sync_engine, "checkout")
+        def notice_removal(_dbapi_connection, _record, _proxy) -> None:
+            if not path.exists():
+                error = DisconnectionError("the database file was removed")
+                error.invalidate_pool = True
+                raise error
 
     async def create_tables(self) -> None:
         async with self.engine.begin() as conn:

@@ -22,7 +22,7 @@ from app.services.auth import AuthCache
 from app.services.models import ModelStore
 from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
-from app.middleware import BodySizeLimit, SecurityHeaders
+from app.middleware import BodySizeLimit, SecurityHeaders, hardening_headers
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -70,13 +70,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "Internal server error")
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, OperationalError):
-            response = _database_unavailable(exc)
-            if response is not None:
-                return response
-        logger.exception("unhandled error")
-        return _error(500, "Internal server error")
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        response = _database_unavailable(exc) if isinstance(exc, OperationalError) else None
+        if response is None:
+            logger.exception("unhandled error")
+            response = _error(500, "Internal server error")
+        # Starlette sends this from its outermost middleware, past ours: add what they would have.
+        response.headers.update(hardening_headers(request.scope))
+        origin = request.headers.get("origin")
+        if origin and origin in request.app.state.settings.cors_origin_list:
+            response.headers.update({"Access-Control-Allow-Origin": origin,
+                                     "Access-Control-Allow-Credentials": "true", "Vary": "Origin"})
+        return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

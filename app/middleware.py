@@ -101,6 +101,18 @@ SECURITY_HEADERS = [
 NO_STORE_PREFIXES = ("/auth/",)
 
 
+def _is_private(scope: Scope) -> bool:
+    return _header(scope, b"authorization") is not None or scope.get("path", "").startswith(NO_STORE_PREFIXES)
+
+
+def hardening_headers(scope: Scope) -> dict[str, str]:
+    """The headers SecurityHeaders adds, for a response sent from outside it (the server-error handler)."""
+    headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
+    if _is_private(scope):
+        headers["cache-control"] = "no-store"
+    return headers
+
+
 class SecurityHeaders:
     """Hardening headers on every response; `no-store` on anything sent with credentials or carrying them."""
 
@@ -111,7 +123,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        private = _header(scope, b"authorization") is not None or scope.get("path", "").startswith(NO_STORE_PREFIXES)
+        private = _is_private(scope)
 
         async def add_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

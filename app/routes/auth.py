@@ -56,7 +56,7 @@ async def _read_login(request: Request) -> LoginRequest:
         if content_type.startswith("application/json"):
             try:
                 payload = await request.json()
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
                 raise RequestValidationError(
                     [{"type": "json_invalid", "loc": ("body",), "msg": "Body is not valid JSON", "input": None}]
                 ) from None
