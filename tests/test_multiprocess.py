@@ -240,7 +240,7 @@ def test_a_training_killed_mid_way_leaves_the_old_model_active_after_a_restart(t
     env = prepare(tmp_path)
     run(env, tmp_path, "-m", "app", "train", "--k", "4")
     old = SegmentationModel.load(tmp_path / "models").version
-    generate(rows=1_000_000, seed=5).to_csv(tmp_path / "big.csv", index=False)
+    generate(rows=300_000, seed=5).to_csv(tmp_path / "big.csv", index=False)
 
     trainer = subprocess.Popen([sys.executable, "-m", "app", "train", "--csv", str(tmp_path / "big.csv")],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -163,8 +163,8 @@ def _wants_csv(request: Request) -> bool:
                200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}},
 )
 async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
-    served = request.app.state.models.require()
     as_csv = _wants_csv(request)
+    # The body is read first, so an over-cap upload is a 413 whatever else is wrong.
     upload = await _csv_upload(request)
     if upload is None:
         try:
@@ -173,9 +173,11 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
             ) from None
+        served = request.app.state.models.require()
         scored = await run_in_threadpool(lambda: segmentation.score_records(served, body.customers, as_csv=as_csv))
     else:
         try:
+            served = request.app.state.models.require()
             scored = await segmentation.score_csv(served, upload, as_csv=as_csv)
         except DataValidationError as exc:
             raise _data_error(exc) from None
