@@ -290,6 +290,9 @@ class RequestObservability:
         outer_root_path = scope.get("root_path", "")
         # request.state writes into this dict: after the app ran it carries the caller's user_id.
         state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            # For handlers that answer outside this middleware (Starlette's 500 handler).
+            state["request_id"] = request_id
         status = 500
         started = time.perf_counter()
 
@@ -301,8 +304,12 @@ class RequestObservability:
                 headers[REQUEST_ID_HEADER] = request_id
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            failed = True
+            raise
         finally:
             elapsed = time.perf_counter() - started
             method = scope.get("method", "")
@@ -319,7 +326,10 @@ class RequestObservability:
                     "duration_ms": duration_ms, "user_id": user_id,
                 }},
             )
-            request_id_var.reset(context)
+            # After an unhandled error the id stays set: Starlette's 500 handler runs next in
+            # this task, and the traceback it logs should carry the id too.
+            if not failed:
+                request_id_var.reset(context)
 
 
 def install_observability(app: FastAPI, settings: Settings) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import logging
 
+import httpx
 import pytest
+from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
@@ -180,3 +182,24 @@ def test_redaction_is_a_safety_net_for_tokens_and_hashes():
             "hash $2b$12$abcdefghijklmnopqrstuuVWXyz0123456789ABCDEFGHIJKLMNOPQ")
     clean = redact(text)
     assert "eyJ" not in clean and "$2b$" not in clean and "abc.def.ghi-jkl" not in clean
+
+
+async def test_unhandled_errors_are_logged_with_their_request_id(app, capsys):
+    @app.get("/test-only/request-id")
+    async def request_id(request: Request) -> dict:
+        return {"request_id": request.state.request_id}
+
+    @app.get("/test-only/boom")
+    async def boom() -> dict:
+        raise RuntimeError("boom")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        seen = await http.get("/test-only/request-id", headers={"X-Request-ID": "handler-sees-it"})
+        assert seen.json() == {"request_id": "handler-sees-it"}
+        capsys.readouterr()
+        failed = await http.get("/test-only/boom", headers={"X-Request-ID": "boom-1"})
+    assert failed.status_code == 500 and "boom" not in failed.text
+    lines = [line for line in _json_lines(capsys.readouterr().err) if line.get("request_id") == "boom-1"]
+    assert any(line["logger"] == "app.requests" and line["status"] == 500 for line in lines)
+    assert any("Traceback" in line.get("exception", "") for line in lines), "the traceback lost its request id"
