@@ -25,7 +25,7 @@ from app.main import create_app
 from app.model import SegmentationModel
 from app.preprocess import load_training_matrix
 from app.services import segmentation
-from app.services.models import TRAINING_KEY, ModelStore
+from app.services.models import HOST_ID, TRAINING_KEY, ModelStore
 from generate_dataset import generate
 from tests.conftest import CUSTOMER
 
@@ -209,6 +209,20 @@ async def test_model_files_from_before_the_database_are_adopted_once(settings):
     assert versions[0]["created_by"] is None and versions[0]["n_samples"] == 500
 
 
+async def test_a_version_whose_artifact_cannot_be_loaded_is_never_activated(app, client, trained_model,
+                                                                           analyst_headers, user_headers):
+    first = trained_model["model_version"]
+    second = (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).json()["model_version"]
+    async with app.state.database.sessionmaker() as session:
+        await session.execute(update(ModelVersion).where(ModelVersion.version == first)
+                              .values(artifact=b"not a model"))
+        await session.commit()
+    response = await client.post(f"/models/{first}/activate", headers=analyst_headers)
+    assert response.status_code == 409 and "cannot be loaded" in response.json()["detail"]
+    assert (await client.get("/models", headers=analyst_headers)).json()["active_version"] == second
+    assert (await client.post("/predict", json=CUSTOMER, headers=user_headers)).json()["model_version"] == second
+
+
 def _training_children() -> list[psutil.Process]:
     """Training processes: children of this process's fork server."""
     found = []
@@ -248,11 +262,12 @@ async def _set_lease(database, value: str | None, age_seconds: float = 0) -> Non
 
 async def test_the_training_lease_is_respected_unless_its_holder_is_gone(app, client, dataset, analyst_headers):
     database = app.state.database
-    host = socket.gethostname()
+    host = HOST_ID
     finished = subprocess.Popen(["true"])
     finished.wait()
     cases = [
         (f"{host}:{os.getppid()}:live", 0, 409),  # a live process on this host
+        (f"{socket.gethostname()}/other-namespace:{finished.pid}:container", 0, 409),  # a neighbour container
         ("elsewhere:4242:remote", 0, 409),  # another host, renewed just now
         ("elsewhere:4242:remote", 3600, 200),  # another host, silent for an hour
         (f"{host}:{finished.pid}:killed", 0, 200),  # a process on this host that no longer exists

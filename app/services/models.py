@@ -25,12 +25,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
@@ -74,6 +75,14 @@ class ServedModel:
         self.names: tuple[str, ...] = model.cluster_names
         self._charts: dict[str, str] | None = None
         self._charts_lock = asyncio.Lock()
+        self._responses: dict[str, bytes] = {}
+
+    def response_json(self, name: str, build: Callable[[], BaseModel]) -> bytes:
+        """A response body that only depends on this version, serialized on first use."""
+        body = self._responses.get(name)
+        if body is None:
+            body = self._responses[name] = build().model_dump_json().encode()
+        return body
 
     def predict_matrix(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.model.predict(features)
@@ -263,11 +272,21 @@ async def fit_in_subprocess(
 
 # --- the training lease ----------------------------------------------------------------------
 
-_HOST = socket.gethostname()[:100]
+def _host_identity() -> str:
+    """This host as lease holders are told apart: the hostname and, on Linux, the PID namespace,
+    so two containers that happen to share a hostname never judge each other's process ids."""
+    try:
+        namespace = f"/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        namespace = ""
+    return (socket.gethostname()[:80] + namespace).replace(":", "_")
+
+
+HOST_ID = _host_identity()
 
 
 def _lease_value(token: str) -> str:
-    return f"{_HOST}:{os.getpid()}:{token}"
+    return f"{HOST_ID}:{os.getpid()}:{token}"
 
 
 def _holder_is_dead(value: str | None) -> bool:
@@ -275,7 +294,7 @@ def _holder_is_dead(value: str | None) -> bool:
     if not value:
         return False
     parts = value.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+    if len(parts) != 3 or parts[0] != HOST_ID or not parts[1].isdigit():
         return False
     pid = int(parts[1])
     if pid == os.getpid():
