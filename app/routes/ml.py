@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -201,16 +201,18 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
 @router.get("/clusters", summary="The segments of the active model",
             description="Size, share and average features of every segment, with its name and a description in "
                         "words. 409 while no model is trained.",
-            responses=errors(401, 403, 409))
-async def clusters(request: Request, _: CurrentUser) -> ClusterSummary:
+            response_model=ClusterSummary, responses=errors(401, 403, 409))
+async def clusters(request: Request, _: CurrentUser) -> Response:
     served = request.app.state.models.require()
-    return segmentation.cluster_summary(served)
+    # Serialized once per model version: the answer only changes with the version.
+    return Response(segmentation.cluster_summary_json(served), media_type="application/json")
 
 
 @router.get(
     "/elbow",
     summary="Inertia and silhouette for a range of k",
     description="Computed from the training dataset (works before any training) and cached per dataset.",
+    response_model=ElbowResult,
     responses=errors(401, 403, 409, 422),
 )
 async def elbow(
@@ -218,10 +220,10 @@ async def elbow(
     _: CurrentUser,
     k_min: Annotated[int, Query(ge=2, le=15)] = 2,
     k_max: Annotated[int, Query(ge=2, le=15)] = 10,
-) -> ElbowResult:
+) -> Response:
     if k_min > k_max:
         raise InvalidInput("k_min must not exceed k_max", [{"loc": ["query", "k_min"], "msg": "greater than k_max"}])
-    return ElbowResult(**await request.app.state.elbow.get(k_min, k_max))
+    return Response(await request.app.state.elbow.get_json(k_min, k_max), media_type="application/json")
 
 
 @router.get("/charts/clusters", summary="Segment charts as PNG data URIs",

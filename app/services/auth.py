@@ -1,12 +1,13 @@
 """Login, tokens, revocation and login throttling."""
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,17 +31,35 @@ class Principal:
 
 
 class AuthCache:
-    """A short-lived per-process view of users and revoked tokens.
+    """A short-lived per-process view of tokens, users and revoked tokens.
 
     Changes made by this process are applied to it at once; changes made by another
     worker process are seen when an entry expires, at most `ttl` seconds later.
+    Decoded claims are kept per token string (verifying a signature costs more than the
+    rest of a small request); expiry is still checked on every use.
     """
 
     def __init__(self, ttl: float, max_entries: int = 20_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, User | None, bool]] = {}
-        self._revoked_here: set[str] = set()
+        self._claims: dict[str, tuple[float, auth.TokenClaims]] = {}
+        self._loading: dict[str, tuple[int, asyncio.Future]] = {}
+        # Bumped by every local change: a lookup that started before it must not be cached.
+        self._generation = 0
+
+    def claims(self, token: str, secret_key: str) -> auth.TokenClaims:
+        """The verified claims of a token; raises auth.InvalidToken (expired included)."""
+        entry = self._claims.get(token)
+        if entry is None:
+            claims = auth.decode_access_token(token, secret_key)
+            if len(self._claims) >= self.max_entries:
+                self._claims.clear()
+            entry = self._claims[token] = (claims.expires_at.timestamp(), claims)
+        if entry[0] < time.time():
+            del self._claims[token]
+            raise auth.InvalidToken("Signature has expired.")
+        return entry[1]
 
     def get(self, jti: str) -> tuple[User | None, bool] | None:
         if self.ttl <= 0:
@@ -50,19 +69,65 @@ class AuthCache:
             return None
         return entry[1], entry[2]
 
-    def put(self, jti: str, user: User | None, revoked: bool) -> None:
-        if self.ttl <= 0:
+    def put(self, jti: str, user: User | None, revoked: bool, generation: int | None = None) -> None:
+        if self.ttl <= 0 or (generation is not None and generation != self._generation):
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._entries[jti] = (time.monotonic(), user, revoked)
 
+    async def lookup(self, jti: str, load) -> tuple[User | None, bool]:
+        """The cached (user, revoked) of a token, else `await load()`, shared by all who ask meanwhile."""
+        cached = self.get(jti)
+        if cached is not None:
+            return cached
+        generation = self._generation
+        pending = self._loading.get(jti)
+        # A lookup that began before a local change (logout, role change) is not good enough.
+        if pending is not None and pending[0] == generation:
+            try:
+                return await asyncio.shield(pending[1])
+            except asyncio.CancelledError:
+                if not pending[1].cancelled():
+                    raise  # this request was cancelled, not the shared lookup
+            generation = self._generation
+        future = asyncio.get_running_loop().create_future()
+        self._loading[jti] = (generation, future)
+        try:
+            user, revoked = await load()
+        except asyncio.CancelledError:
+            future.cancel()  # whoever waits on it looks up for themselves
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # mark it retrieved: with no one waiting asyncio would complain
+            raise
+        else:
+            future.set_result((user, revoked))
+            self.put(jti, user, revoked, generation)
+            return user, revoked
+        finally:
+            if self._loading.get(jti, (None, None))[1] is future:
+                del self._loading[jti]
+
     def revoke(self, jti: str) -> None:
+        self._generation += 1
         self._entries[jti] = (time.monotonic(), None, True)
 
     def forget_user(self, user_id: int) -> None:
+        self._generation += 1
         for jti in [j for j, (_, u, _) in self._entries.items() if u is not None and u.id == user_id]:
             del self._entries[jti]
+
+
+async def _load_token_state(sessionmaker: async_sessionmaker, claims: auth.TokenClaims) -> tuple[User | None, bool]:
+    """The token's user and whether the token is revoked, in one query."""
+    revoked = exists().where(RevokedToken.jti == claims.jti)
+    async with sessionmaker() as session:
+        row = (await session.execute(select(User, revoked).where(User.id == claims.user_id))).first()
+    if row is None:
+        return None, False
+    return row[0], bool(row[1])
 
 
 async def authenticate_token(
@@ -71,21 +136,11 @@ async def authenticate_token(
     if not token:
         raise Unauthorized("Not authenticated")
     try:
-        claims = auth.decode_access_token(token, settings.secret_key)
+        claims = cache.claims(token, settings.secret_key)
     except auth.InvalidToken:
         raise Unauthorized("Could not validate credentials") from None
 
-    cached = cache.get(claims.jti)
-    if cached is None:
-        async with sessionmaker() as session:
-            user = await session.get(User, claims.user_id)
-            revoked = (
-                await session.execute(select(RevokedToken.jti).where(RevokedToken.jti == claims.jti))
-            ).first() is not None
-        cache.put(claims.jti, user, revoked)
-    else:
-        user, revoked = cached
-
+    user, revoked = await cache.lookup(claims.jti, lambda: _load_token_state(sessionmaker, claims))
     if revoked or user is None or user.id != claims.user_id:
         raise Unauthorized("Token has been revoked" if revoked else "Could not validate credentials")
     if claims.token_version != (user.token_version or 0):

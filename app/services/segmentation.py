@@ -6,8 +6,10 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +36,11 @@ from app.preprocess import (
     resolve_columns,
     score_frame,
 )
-from app.schema import ClusterSummary, SegmentStats
+from app.schema import ClusterSummary, ElbowResult, SegmentStats
 from app.services.models import ServedModel, data_uri
 
+# How long the dataset file is taken as unchanged before it is looked at again.
+DATASET_CHECK_SECONDS = 1.0
 NO_DATASET = "No training dataset at {path}: run generate_dataset.py, or train on an uploaded CSV"
 
 SCORE_CHUNK_ROWS = 50_000
@@ -310,6 +314,11 @@ def cluster_summary(model: ServedModel) -> ClusterSummary:
     )
 
 
+def cluster_summary_json(model: ServedModel) -> bytes:
+    """GET /clusters as JSON, built once per model version."""
+    return model.response_json("clusters", lambda: cluster_summary(model))
+
+
 def _file_fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -326,25 +335,43 @@ class ElbowCache:
         self._results: dict[tuple[str, int, int], dict[str, Any]] = {}
         self._charts: dict[tuple[str, int, int], str] = {}
         self._locks: dict[tuple[str, int, int], asyncio.Lock] = {}
+        self._json: dict[tuple[str, int, int], bytes] = {}
         self._stat: tuple[float, int] | None = None
         self._fingerprint: str | None = None
+        self._checked_at = -math.inf
 
     async def _dataset_fingerprint(self) -> str:
+        # The file is looked at no more than once a second, not on every request.
+        if self._fingerprint is not None and time.monotonic() - self._checked_at < DATASET_CHECK_SECONDS:
+            return self._fingerprint
         path = Path(self.settings.data_path)
         try:
             stat = path.stat()
         except OSError:
+            self._fingerprint = None
             raise Conflict(NO_DATASET.format(path=path)) from None
         key = (stat.st_mtime, stat.st_size)
         if self._stat != key or self._fingerprint is None:
             self._fingerprint = await run_in_threadpool(_file_fingerprint, path)
             self._stat = key
+        self._checked_at = time.monotonic()
         return self._fingerprint
 
     async def get(self, k_min: int = 2, k_max: int = 10) -> dict[str, Any]:
+        return await self._result((await self._dataset_fingerprint(), k_min, k_max))
+
+    async def get_json(self, k_min: int = 2, k_max: int = 10) -> bytes:
+        """GET /elbow as JSON, serialized once per dataset and k range."""
         key = (await self._dataset_fingerprint(), k_min, k_max)
+        body = self._json.get(key)
+        if body is None:
+            body = self._json[key] = ElbowResult(**await self._result(key)).model_dump_json().encode()
+        return body
+
+    async def _result(self, key: tuple[str, int, int]) -> dict[str, Any]:
         if key in self._results:
             return self._results[key]
+        _, k_min, k_max = key
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key not in self._results:
