@@ -1,0 +1,670 @@
+"""Benchmark the service against a bare FastAPI app served the same way.
+
+    .venv/bin/python bench/run.py            # the full run behind `make bench` (about five minutes)
+    .venv/bin/python bench/run.py --quick    # a smoke run of a few seconds per row, part of `make test`
+
+Both apps run as one uvicorn worker with uvloop, httptools and no access log. wrk drives
+each endpoint with 64 connections, in rounds that alternate between the bare app and the
+service, and every figure is reported as a ratio to the bare app measured in the same
+round, so a noisy machine moves both sides alike. The service gets a temporary SQLite
+database (or --database-url), a model trained on a generated dataset and its own users.
+
+Without wrk (and no way to install it) a small asyncio load generator stands in; it is
+far slower than wrk, so its ratios say little. Use it for smoke runs only.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT))
+
+PYTHON = sys.executable
+ADMIN = ("benchadmin", "bench-admin-pass-1")
+USER = ("benchuser", "bench-user-pass-1")
+READER = ("benchreader", "bench-reader-pass-1")
+HISTORY_ROWS = 200
+CUSTOMER = {"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82, "purchase_frequency": 40}
+
+
+@dataclass
+class Mode:
+    name: str
+    rounds: int
+    duration: float
+    warmup: float
+    login_seconds: float
+    dataset_rows: int
+    train_rows: tuple[int, int, int]
+    batch_rows: int
+
+
+FULL = Mode("full", rounds=5, duration=5, warmup=2, login_seconds=12, dataset_rows=5000,
+            train_rows=(5000, 100_000, 1_000_000), batch_rows=100_000)
+QUICK = Mode("quick", rounds=1, duration=1, warmup=0.5, login_seconds=3, dataset_rows=2000,
+             train_rows=(2000, 5000, 20_000), batch_rows=5000)
+
+
+# --------------------------------------------------------------------------------------------
+# load generators
+
+
+@dataclass
+class LoadResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    status_errors: int = 0
+    socket_errors: int = 0
+
+
+@dataclass
+class Target:
+    """What one load run sends: a wrk script and what the Python fallback needs to do the same."""
+
+    url: str
+    script: str
+    token: str | None = None
+    method: str = "GET"
+    form: dict[str, str] | None = None
+    predict: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def ensure_wrk() -> str | None:
+    """The wrk binary; installs Debian's package when missing and we may. None when there is no way."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.environ.get("BENCH_NO_INSTALL") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return None
+    print("wrk not found: installing it with apt-get ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"  {' '.join(command)} failed: {exc}")
+            return None
+        if done.returncode != 0:
+            print(f"  {' '.join(command)} failed: {done.stderr.strip()[-300:]}")
+            return None
+    return shutil.which("wrk")
+
+
+def run_wrk(wrk: str, target: Target, *, connections: int, threads: int, seconds: float,
+            timeout: float = 10) -> LoadResult:
+    env = {**os.environ, "BENCH_DIR": str(BENCH), **target.env}
+    if target.token:
+        env["BENCH_TOKEN"] = target.token
+    command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout:g}s",
+               "-s", str(BENCH / target.script), target.url]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + timeout + 60)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
+    data = json.loads(match.group(1))
+    return LoadResult(rps=data["rps"], p50_ms=data["p50_ms"], p99_ms=data["p99_ms"], requests=data["requests"],
+                      status_errors=data["status_errors"], socket_errors=data["socket_errors"])
+
+
+def _request_bytes(target: Target, host: str, path: str) -> bytes:
+    headers = [f"Host: {host}"]
+    if target.token:
+        headers.append(f"Authorization: Bearer {target.token}")
+    body = b""
+    if target.predict:
+        customer = {"sex": random.choice(["Male", "Female", "Other"]), "age": random.randint(18, 80),
+                    "annual_income": random.randint(150, 2000) / 10, "spending_score": random.randint(1, 100),
+                    "purchase_frequency": random.randint(0, 120)}
+        body = json.dumps(customer).encode()
+        headers.append("Content-Type: application/json")
+    elif target.form is not None:
+        from urllib.parse import urlencode
+
+        body = urlencode(target.form).encode()
+        headers.append("Content-Type: application/x-www-form-urlencoded")
+    if body or target.method != "GET":
+        headers.append(f"Content-Length: {len(body)}")
+    head = f"{target.method} {path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n"
+    return head.encode() + body
+
+
+async def _python_load(target: Target, connections: int, seconds: float) -> LoadResult:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(target.url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    latencies: list[float] = []
+    errors = [0, 0]
+    deadline = time.perf_counter() + seconds
+
+    async def connection() -> None:
+        try:
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        except OSError:
+            errors[1] += 1
+            return
+        try:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                writer.write(_request_bytes(target, parts.netloc, path))
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = int(re.search(rb"content-length:\s*(\d+)", head, re.IGNORECASE).group(1))
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - started)
+                if status >= 400:
+                    errors[0] += 1
+        except (OSError, asyncio.IncompleteReadError, AttributeError, ValueError):
+            errors[1] += 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    ordered = sorted(latencies) or [0.0]
+    return LoadResult(rps=len(latencies) / elapsed, p50_ms=ordered[len(ordered) // 2] * 1000,
+                      p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+                      requests=len(latencies), status_errors=errors[0], socket_errors=errors[1])
+
+
+class LoadGenerator:
+    def __init__(self, wrk: str | None) -> None:
+        self.wrk = wrk
+
+    @property
+    def name(self) -> str:
+        if self.wrk is None:
+            return "Python asyncio fallback (client-bound: ratios not meaningful)"
+        version = subprocess.run([self.wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+        return " ".join(version.split()[:2])
+
+    def run(self, target: Target, *, connections: int, seconds: float, threads: int = 2,
+            timeout: float = 10) -> LoadResult:
+        if self.wrk is not None:
+            return run_wrk(self.wrk, target, connections=connections, threads=threads, seconds=seconds,
+                           timeout=timeout)
+        return asyncio.run(_python_load(target, connections, seconds))
+
+    def run_together(self, first: tuple[Target, dict], second: tuple[Target, dict]) -> tuple[LoadResult, LoadResult]:
+        """Two loads at the same time (wrk as two processes, the fallback as one event loop)."""
+        if self.wrk is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                a = pool.submit(self.run, first[0], **first[1])
+                b = pool.submit(self.run, second[0], **second[1])
+                return a.result(), b.result()
+
+        async def both():
+            return await asyncio.gather(
+                _python_load(first[0], first[1]["connections"], first[1]["seconds"]),
+                _python_load(second[0], second[1]["connections"], second[1]["seconds"]))
+
+        a, b = asyncio.run(both())
+        return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# the two servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def uvicorn_flags() -> list[str]:
+    flags = ["--workers", "1", "--no-access-log", "--log-level", "warning"]
+    for module, flag in (("uvloop", ["--loop", "uvloop"]), ("httptools", ["--http", "httptools"])):
+        try:
+            __import__(module)
+            flags += flag
+        except ImportError:
+            print(f"note: {module} is not installed; uvicorn uses its default instead")
+    return flags
+
+
+class Server:
+    def __init__(self, name: str, app: str, *, env: dict[str, str], app_dir: Path, log: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [PYTHON, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
+                   "--port", str(self.port), *uvicorn_flags()]
+        self._log_file = open(log, "wb")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def peak_rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+def service_env(workdir: Path, database_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "MODEL_", "DATA_"))}
+    env.update(
+        APP_ENV="development",
+        SECRET_KEY=secrets.token_urlsafe(48),
+        DATABASE_URL=database_url or f"sqlite+aiosqlite:///{workdir / 'bench.db'}",
+        MODEL_DIR=str(workdir / "models"),
+        DATA_PATH=str(workdir / "data" / "customers.csv"),
+        LOG_LEVEL="WARNING",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+def prepare_service(env: dict[str, str], workdir: Path, mode: Mode) -> None:
+    from generate_dataset import generate
+
+    data = Path(env["DATA_PATH"])
+    data.parent.mkdir(parents=True, exist_ok=True)
+    generate(rows=mode.dataset_rows, seed=42).to_csv(data, index=False)
+    if env["DATABASE_URL"].startswith("postgresql"):
+        reset_postgres(env["DATABASE_URL"])
+    for (name, password), role in ((ADMIN, "admin"), (READER, "user")):
+        subprocess.run([PYTHON, "create_admin.py", "--username", name, "--password", password, "--role", role,
+                        "--test-username", USER[0], "--test-password", USER[1]],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+def reset_postgres(url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from app.database import Base
+
+    async def drop() -> None:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+            await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        await engine.dispose()
+
+    asyncio.run(drop())
+
+
+def login(base: str, username: str, password: str) -> str:
+    import httpx
+
+    response = httpx.post(base + "/auth/login", data={"username": username, "password": password}, timeout=60)
+    response.raise_for_status()
+    return response.json()["access_token"]
+
+
+def set_up_service(service: Server) -> dict[str, str]:
+    """Train the model, seed the reader's history and warm the caches; returns tokens."""
+    import httpx
+
+    tokens = {name: login(service.url, name, password) for name, password in (ADMIN, USER, READER)}
+    with httpx.Client(base_url=service.url, timeout=300) as http:
+        trained = http.post("/train", headers={"Authorization": f"Bearer {tokens[ADMIN[0]]}"})
+        trained.raise_for_status()
+        reader = {"Authorization": f"Bearer {tokens[READER[0]]}"}
+        for _ in range(HISTORY_ROWS):
+            http.post("/predict", json=CUSTOMER, headers=reader).raise_for_status()
+        for path in ("/clusters", "/elbow", "/history?limit=50"):
+            http.get(path, headers=reader).raise_for_status()
+    return tokens
+
+
+def history_total(base: str, token: str) -> int:
+    import httpx
+
+    response = httpx.get(base + "/history?limit=1", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    response.raise_for_status()
+    return response.json()["total"]
+
+
+# --------------------------------------------------------------------------------------------
+# training and batch figures
+
+
+def _train_child(rows: int, n_clusters: int | None, csv: Path) -> None:
+    """Runs in its own process: load the CSV the way POST /train does, train, report time and peak RSS."""
+    from app.model import SegmentationModel
+    from app.preprocess import load_training_matrix
+
+    started = time.perf_counter()
+    features = load_training_matrix(csv)
+    loaded = time.perf_counter()
+    model = SegmentationModel.train(features, n_clusters=n_clusters, random_state=42)
+    trained = time.perf_counter()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("TRAIN_RESULT " + json.dumps({"rows": rows, "load_seconds": loaded - started,
+                                        "train_seconds": trained - loaded, "peak_rss_mb": peak_mb,
+                                        "n_clusters": model.n_clusters}))
+
+
+def measure_training(rows: int, n_clusters: int | None, workdir: Path) -> dict:
+    from generate_dataset import generate
+
+    script = BENCH / "bench_train.py"
+    if script.exists():
+        command = [PYTHON, str(script), "--rows", str(rows), "--json"]
+        if n_clusters is not None:
+            command += ["--k", str(n_clusters)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        match = re.search(r"^(\{.*\})$", done.stdout, re.MULTILINE)
+        if done.returncode == 0 and match:
+            data = json.loads(match.group(1))
+            if "train_seconds" in data and "peak_rss_mb" in data:
+                return data
+        print(f"note: bench/bench_train.py did not give a result ({done.returncode}); measuring here")
+    csv = workdir / f"train-{rows}.csv"
+    generate(rows=rows, seed=7).to_csv(csv, index=False)
+    done = subprocess.run([PYTHON, __file__, "--train-child", str(rows), str(n_clusters or 0), str(csv)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    csv.unlink(missing_ok=True)
+    match = re.search(r"^TRAIN_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"training run failed: {done.stderr[-1000:]}")
+    return json.loads(match.group(1))
+
+
+def measure_batch(service: Server, token: str, rows: int, workdir: Path) -> dict:
+    """Seconds for one multipart CSV of `rows` customers through POST /predict/batch, CSV back."""
+    import httpx
+
+    from generate_dataset import generate
+
+    script = BENCH / "bench_batch.py"
+    if script.exists():
+        done = subprocess.run([PYTHON, str(script), "--url", service.url, "--token", token, "--rows", str(rows),
+                               "--json"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        match = re.search(r"^(\{.*\})$", done.stdout, re.MULTILINE)
+        if done.returncode == 0 and match:
+            data = json.loads(match.group(1))
+            if "seconds" in data:
+                return data
+        print(f"note: bench/bench_batch.py did not give a result ({done.returncode}); measuring here")
+    csv = generate(rows=rows, seed=11).to_csv(index=False).encode()
+    timings = []
+    with httpx.Client(base_url=service.url, timeout=300,
+                      headers={"Authorization": f"Bearer {token}", "Accept": "text/csv"}) as http:
+        for _ in range(3):
+            started = time.perf_counter()
+            response = http.post("/predict/batch", files={"file": ("customers.csv", csv, "text/csv")})
+            timings.append(time.perf_counter() - started)
+            response.raise_for_status()
+            if response.text.count("\n") < rows:
+                raise RuntimeError("the batch answer has fewer rows than were sent")
+    return {"rows": rows, "seconds": statistics.median(timings), "megabytes": len(csv) / 1e6}
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+ENDPOINTS = [  # (row label, path, script, token owner)
+    ("GET /", "/", "get.lua", None),
+    ("POST /predict", "/predict", "predict.lua", USER[0]),
+    ("GET /clusters", "/clusters", "get.lua", READER[0]),
+    ("GET /elbow", "/elbow", "get.lua", READER[0]),
+    ("GET /history?limit=50", "/history?limit=50", "get.lua", READER[0]),
+]
+BARE_LABEL = "bare FastAPI GET /"
+LOGIN_LABEL = "POST /auth/login (16 at once)"
+PROBE_LABEL = "GET / while 16 logins hash"
+
+
+@dataclass
+class Report:
+    rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    logins: LoadResult | None = None
+    probe: LoadResult | None = None
+    probe_ratio: float = 0.0
+    batch: dict | None = None
+    training: list[tuple[int, int | None, dict]] = field(default_factory=list)
+    committed: int = 0
+    answered: int = 0
+    service_rss_mb: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def measure_endpoints(load: LoadGenerator, bare: Server, service: Server, tokens: dict[str, str], args,
+                      mode: Mode, report: Report) -> None:
+    """Rounds of: the bare app, then each endpoint (in a rotating order); ratios within a round."""
+    endpoints = [e for e in ENDPOINTS if not args.only or args.only in e[0]]
+    bare_target = Target(bare.url + "/", "get.lua")
+    targets = {label: Target(service.url + path, script, token=tokens.get(owner) if owner else None,
+                             predict=script == "predict.lua")
+               for label, path, script, owner in endpoints}
+    run = dict(connections=args.connections, threads=args.threads)
+    if mode.warmup:
+        for target in (bare_target, *targets.values()):
+            load.run(target, seconds=mode.warmup, **run)
+    time.sleep(0.5)  # let the warm-up's last predictions commit before counting
+    history_before = history_total(service.url, tokens[USER[0]])
+
+    results: dict[str, list[LoadResult]] = {BARE_LABEL: [], **{label: [] for label in targets}}
+    ratios: dict[str, list[float]] = {label: [] for label in targets}
+    labels = list(targets)
+    for round_no in range(args.rounds):
+        base = load.run(bare_target, seconds=args.duration, **run)
+        results[BARE_LABEL].append(base)
+        shift = round_no % max(1, len(labels))
+        for label in labels[shift:] + labels[:shift]:
+            result = load.run(targets[label], seconds=args.duration, **run)
+            results[label].append(result)
+            ratios[label].append(result.rps / base.rps if base.rps else 0.0)
+            if result.status_errors or result.socket_errors:
+                report.failures.append(f"{label}: {result.status_errors} error statuses, "
+                                       f"{result.socket_errors} socket errors in round {round_no + 1}")
+            if label == "POST /predict":
+                report.answered += result.requests - result.status_errors
+    report.committed = history_total(service.url, tokens[USER[0]]) - history_before
+    for label, runs in results.items():
+        report.rows[label] = {
+            "rps": median([r.rps for r in runs]), "p50": median([r.p50_ms for r in runs]),
+            "p99": median([r.p99_ms for r in runs]),
+            "ratio": 1.0 if label == BARE_LABEL else median(ratios[label]),
+        }
+
+
+def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, report: Report) -> None:
+    """16 logins at a time hash with bcrypt while a health probe measures what everybody else waits."""
+    login_target = Target(service.url + "/auth/login", "login.lua", method="POST",
+                          form={"username": USER[0], "password": USER[1]},
+                          env={"BENCH_USERNAME": USER[0], "BENCH_PASSWORD": USER[1]})
+    probe_target = Target(service.url + "/", "get.lua")
+    report.logins, report.probe = load.run_together(
+        (login_target, dict(connections=16, seconds=mode.login_seconds, threads=1, timeout=60)),
+        (probe_target, dict(connections=args.connections, seconds=mode.login_seconds, threads=1)),
+    )
+    if report.logins.status_errors or report.logins.socket_errors:
+        report.failures.append(f"logins: {report.logins.status_errors} error statuses, "
+                               f"{report.logins.socket_errors} socket errors")
+    bare_rps = report.rows.get(BARE_LABEL, {}).get("rps")
+    report.probe_ratio = report.probe.rps / bare_rps if bare_rps else 0.0
+
+
+def print_report(report: Report, args, mode: Mode) -> None:
+    print()
+    print(f"{'row':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
+    for label, row in report.rows.items():
+        print(f"{label:<34}{row['rps']:>10,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>8.2f}")
+    if report.logins is not None:
+        print(f"{LOGIN_LABEL:<34}{report.logins.rps:>10.1f}{report.logins.p50_ms:>9.0f}"
+              f"{report.logins.p99_ms:>9.0f}")
+        print(f"{PROBE_LABEL:<34}{report.probe.rps:>10,.0f}{report.probe.p50_ms:>9.1f}{report.probe.p99_ms:>9.1f}"
+              f"{report.probe_ratio:>8.2f}")
+    if report.batch is not None:
+        label = f"batch {report.batch['rows']:,}-row CSV over HTTP"
+        print(f"{label:<34}{report.batch['seconds']:>9.2f} s")
+    for rows, k, result in report.training:
+        label = f"train {rows:,} rows ({'auto k' if k is None else f'k={k}'})"
+        print(f"{label:<34}{result['train_seconds']:>9.2f} s   peak RSS {result['peak_rss_mb']:,.0f} MB"
+              f"   (k={result.get('n_clusters', '?')})")
+    if "POST /predict" in report.rows:
+        short = "" if report.committed >= report.answered else "   <-- FEWER THAN ANSWERED"
+        print(f"history rows committed during POST /predict: {report.committed:,} "
+              f"for {report.answered:,} answered requests{short}")
+    if report.service_rss_mb is not None:
+        print(f"service peak RSS during the HTTP rows: {report.service_rss_mb:,.0f} MB")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+    checks = []
+    rows = report.rows
+
+    def ratio_check(label: str, least: float) -> None:
+        if label in rows:
+            checks.append((f"{label} ratio >= {least:.2f}", rows[label]["ratio"] >= least,
+                           f"{rows[label]['ratio']:.2f}"))
+
+    ratio_check("POST /predict", 0.30)
+    if "POST /predict" in rows:
+        checks.append(("POST /predict p99 <= 30 ms", rows["POST /predict"]["p99"] <= 30,
+                       f"{rows['POST /predict']['p99']:.1f} ms"))
+    ratio_check("GET /clusters", 0.60)
+    ratio_check("GET /elbow", 0.60)
+    ratio_check("GET /history?limit=50", 0.25)
+    if report.probe is not None:
+        checks.append(("GET / p99 < 50 ms while 16 logins hash", report.probe.p99_ms < 50,
+                       f"{report.probe.p99_ms:.1f} ms"))
+    if report.batch is not None:
+        checks.append((f"{report.batch['rows']:,}-row CSV batch < 2 s", report.batch["seconds"] < 2,
+                       f"{report.batch['seconds']:.2f} s"))
+    if report.training:
+        rows_, _, result = report.training[-1]
+        checks.append((f"{rows_:,}-row training < 30 s", result["train_seconds"] < 30,
+                       f"{result['train_seconds']:.2f} s"))
+        checks.append((f"{rows_:,}-row training peak RSS < 1.5 GB", result["peak_rss_mb"] < 1536,
+                       f"{result['peak_rss_mb']:,.0f} MB"))
+    if "POST /predict" in rows:
+        checks.append(("every /predict answer has its history row", report.committed >= report.answered,
+                       f"{report.committed:,}"))
+    print()
+    print("targets" + (" (quick mode: smaller sizes, one short round; not the real verdict)" if args.quick else ""))
+    for name, met, value in checks:
+        print(f"  {name:<44}{value:>12}   {'met' if met else 'MISSED'}")
+    for failure in report.failures:
+        print(f"error: {failure}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (part of make test)")
+    parser.add_argument("--rounds", type=int, help="rounds alternating bare app and service")
+    parser.add_argument("--duration", type=float, help="seconds per endpoint per round")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--database-url", help="benchmark on this database instead of a temporary SQLite file "
+                        "(PostgreSQL: its tables are dropped first)")
+    parser.add_argument("--python-load", action="store_true", help="use the asyncio load generator, not wrk")
+    parser.add_argument("--only", help="measure only the endpoint rows whose label contains this text")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the training rows")
+    parser.add_argument("--skip-extras", action="store_true", help="leave out the login, batch and training rows")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="the service's LOG_LEVEL (INFO writes one log line per request)")
+    parser.add_argument("--train-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.train_child:
+        rows, k, csv = args.train_child
+        _train_child(int(rows), int(k) or None, Path(csv))
+        return 0
+
+    mode = QUICK if args.quick else FULL
+    args.rounds = args.rounds or mode.rounds
+    args.duration = args.duration or mode.duration
+    load = LoadGenerator(None if args.python_load else ensure_wrk())
+
+    workdir = Path(tempfile.mkdtemp(prefix="segbench-"))
+    env = service_env(workdir, args.database_url)
+    env["LOG_LEVEL"] = args.log_level
+    database = "PostgreSQL" if env["DATABASE_URL"].startswith("postgresql") else "SQLite (WAL, synchronous=NORMAL)"
+    print(f"Customer Segmentation API benchmark: {mode.name} mode, {load.name}, {args.connections} connections, "
+          f"{args.rounds} round(s) x {args.duration:g} s per endpoint")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cpus: {os.cpu_count()}; "
+          f"database: {database}; service LOG_LEVEL={args.log_level}")
+    print(f"servers: one uvicorn worker each, flags: {' '.join(uvicorn_flags())}", flush=True)
+
+    report = Report()
+    servers: list[Server] = []
+    try:
+        prepare_service(env, workdir, mode)
+        service = Server("service", "app.main:app", env=env, app_dir=ROOT, log=workdir / "service.log")
+        servers.append(service)
+        bare = Server("bare app", "bare_app:app", env=dict(os.environ), app_dir=BENCH, log=workdir / "bare.log")
+        servers.append(bare)
+        service.wait_ready()
+        bare.wait_ready()
+        tokens = set_up_service(service)
+        measure_endpoints(load, bare, service, tokens, args, mode, report)
+        if not args.skip_extras:
+            measure_logins(load, service, args, mode, report)
+            report.batch = measure_batch(service, tokens[USER[0]], mode.batch_rows, workdir)
+        report.service_rss_mb = service.peak_rss_mb()
+        for server in servers:
+            server.stop()
+        servers.clear()
+        if not (args.skip_train or args.skip_extras):
+            for rows in mode.train_rows:
+                k = None if rows == mode.train_rows[0] else 5
+                report.training.append((rows, k, measure_training(rows, k, workdir)))
+    finally:
+        for server in servers:
+            server.stop()
+    print_report(report, args, mode)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
