@@ -12,7 +12,6 @@ client sees them (upload, parsing, validation, scoring, answer).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import statistics
