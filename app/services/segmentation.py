@@ -162,10 +162,6 @@ class ScoredBatch:
     def n_failed(self) -> int:
         return self.n_rows - len(self.labels)
 
-    def assignments(self) -> list[tuple[int, str, float]]:
-        names = self.model.names
-        return [(int(c), names[int(c)], float(p)) for c, p in zip(self.labels, self.confidence)]
-
     def json_chunks(self) -> Iterator[bytes]:
         """The BatchResult document, serialised without a model object per row."""
         prefixes = [json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1]
