@@ -1,6 +1,8 @@
 """Password hashing and access tokens: pure functions, no routes, no database."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -12,6 +14,8 @@ from pwdlib.hashers.bcrypt import BcryptHasher
 
 # Only this algorithm is ever accepted, whatever a token's header says.
 ALGORITHMS = ["HS256"]
+# bcrypt reads at most this many bytes of a password.
+BCRYPT_MAX_BYTES = 72
 
 
 @lru_cache(maxsize=8)
@@ -24,13 +28,31 @@ def _dummy_hash(rounds: int) -> str:
     return password_hasher(rounds).hash("not-a-real-password-used-for-timing")
 
 
+def _bcrypt_input(password: str) -> str:
+    """What bcrypt is given: the password itself, or a digest of it when bcrypt could not read it all.
+
+    Passwords may be 128 characters (up to 512 UTF-8 bytes); bcrypt refuses more than 72 bytes.
+    A longer one is replaced by its base64 SHA-256 (44 bytes), so every character still counts.
+    Lone surrogates (valid in JSON, not encodable as UTF-8) take the same path.
+    """
+    try:
+        raw = password.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = b"\xff" + password.encode("utf-8", "surrogatepass")  # never equal to a valid UTF-8 encoding
+    else:
+        if len(raw) <= BCRYPT_MAX_BYTES:
+            return password
+    return base64.b64encode(hashlib.sha256(raw).digest()).decode("ascii")
+
+
 def hash_password(password: str, rounds: int = 12) -> str:
-    return password_hasher(rounds).hash(password)
+    return password_hasher(rounds).hash(_bcrypt_input(password))
 
 
 def verify_password(password: str, hashed: str | None, rounds: int = 12) -> bool:
     """Check a password; with no hash (unknown user) spend the same time and fail."""
     hasher = password_hasher(rounds)
+    password = _bcrypt_input(password)
     if hashed is None:
         hasher.verify(password, _dummy_hash(rounds))
         return False

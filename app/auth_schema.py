@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
 from app.database import Role
+from app.schema import omittable
 
 Username = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=3, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -56,10 +57,11 @@ class UserUpdate(BaseModel):
                                                                        "current_password": "s3cret-pass"}]}
     )
 
-    username: Username | None = None
-    email: EmailStr | None = None
+    # Each may be left out; only `full_name` may be null (to clear it).
+    username: Username = Field(None, json_schema_extra=omittable)
+    email: EmailStr = Field(None, json_schema_extra=omittable)
     full_name: FullName | None = None
-    password: Password | None = None
+    password: Password = Field(None, json_schema_extra=omittable)
     current_password: Annotated[str, Field(max_length=128)] | None = None
 
 

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from app.config import Settings, get_settings
 from app.database import Database
@@ -44,7 +46,28 @@ def _database_unavailable(exc: Exception) -> JSONResponse | None:
     return None
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method served at this path (a 405 from one route would name only its own)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    methods.discard("HEAD")  # implied by GET, not documented apart
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # Only a body Starlette or FastAPI could not read (undecodable JSON, a multipart without a
+            # boundary) ends up here: the same answer as any other malformed body, 422 naming the body.
+            return _error(422, [{"type": "body_unreadable", "loc": ["body"], "msg": str(exc.detail)}])
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return _error(exc.status_code, exc.detail, headers)
+
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
         detail = exc.message

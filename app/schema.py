@@ -20,22 +20,35 @@ def _canonical_sex(value: Any) -> Any:
     return value
 
 
+def _whole_number(value: Any) -> Any:
+    # JSON has one number type and JSON Schema counts 79.0 as an integer; 79.5, "79" and true stay errors.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def omittable(schema: dict[str, Any]) -> None:
+    """For a field that may be left out but never sent as null: no `default: null` in its schema."""
+    schema.pop("default", None)
+
+
 def _bounds(feature: str) -> dict[str, float]:
     low, high = FEATURE_RANGES[feature]
     return {"ge": low, "le": high}
 
 
 Sex = Annotated[Literal["Male", "Female", "Other"], BeforeValidator(_canonical_sex)]
-Age = Annotated[int, Field(strict=True, description="Years", **_bounds("age"))]
+WholeNumber = BeforeValidator(_whole_number)
+Age = Annotated[int, Field(strict=True, description="Years", **_bounds("age")), WholeNumber]
 AnnualIncome = Annotated[
     float,
     Field(strict=True, allow_inf_nan=False, description="Thousands per year (65.5 = 65,500)",
           **_bounds("annual_income")),
 ]
 SpendingScore = Annotated[int, Field(strict=True, description="Spending behaviour score",
-                                     **_bounds("spending_score"))]
+                                     **_bounds("spending_score")), WholeNumber]
 PurchaseFrequency = Annotated[int, Field(strict=True, description="Purchases per year",
-                                         **_bounds("purchase_frequency"))]
+                                         **_bounds("purchase_frequency")), WholeNumber]
 ProfileName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Notes = Annotated[str, StringConstraints(max_length=2000)]
 
@@ -83,12 +96,13 @@ class ProfileUpdate(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"spending_score": 64, "notes": "Moved away"}]})
 
-    name: ProfileName | None = None
-    sex: Sex | None = None
-    age: Age | None = None
-    annual_income: AnnualIncome | None = None
-    spending_score: SpendingScore | None = None
-    purchase_frequency: PurchaseFrequency | None = None
+    # Each may be left out; only `notes` may be null (to clear it).
+    name: ProfileName = Field(None, json_schema_extra=omittable)
+    sex: Sex = Field(None, json_schema_extra=omittable)
+    age: Age = Field(None, json_schema_extra=omittable)
+    annual_income: AnnualIncome = Field(None, json_schema_extra=omittable)
+    spending_score: SpendingScore = Field(None, json_schema_extra=omittable)
+    purchase_frequency: PurchaseFrequency = Field(None, json_schema_extra=omittable)
     notes: Notes | None = None
 
 

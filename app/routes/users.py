@@ -88,14 +88,15 @@ async def list_users(session: SessionDep, page: PageDep) -> UserList:
     return UserList(users=[UserPublic.model_validate(u) for u in users], total=total)
 
 
-@router.get("/{user_id}", summary="One user (admin)", dependencies=admin_only,
+# `:int` keeps /users/me out of these routes: GET /users/me is a 405, not a malformed user id.
+@router.get("/{user_id:int}", summary="One user (admin)", dependencies=admin_only,
             description="One account by id; 404 when there is none.", responses=errors(401, 403, 404, 422))
 async def get_user(user_id: PrimaryKey, session: SessionDep) -> UserPublic:
     return UserPublic.model_validate(await user_service.get(session=session, user_id=user_id))
 
 
 @router.put(
-    "/{user_id}/role",
+    "/{user_id:int}/role",
     summary="Change a user's role (admin)",
     description="Admins cannot change their own role; the last active admin cannot be demoted.",
     responses=errors(401, 403, 404, 409, 422),
@@ -109,7 +110,7 @@ async def set_role(
 
 
 @router.delete(
-    "/{user_id}",
+    "/{user_id:int}",
     summary="Delete a user (admin)",
     description="Deletes the user with their profiles and history. Admins cannot delete themselves.",
     responses=errors(401, 403, 404, 409),
