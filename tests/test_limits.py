@@ -67,6 +67,14 @@ async def test_a_json_batch_holds_at_most_10000_customers(client, trained_model,
     assert empty.status_code == 422
 
 
+@pytest.mark.parametrize("settings_overrides", [{"max_batch_rows": 5}], ids=["batch-5"])
+async def test_a_json_batch_holds_at_most_max_batch_rows(client, trained_model, user_headers):
+    over = await client.post("/predict/batch", json={"customers": [CUSTOMER] * 6}, headers=user_headers)
+    assert over.status_code == 422 and "MAX_BATCH_ROWS" in over.text and "customers" in over.text
+    assert (await client.post("/predict/batch", json={"customers": [CUSTOMER] * 5},
+                              headers=user_headers)).status_code == 200
+
+
 # --- body sizes -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("settings_overrides", [SMALL_BODIES], ids=["small-bodies"])

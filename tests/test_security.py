@@ -188,6 +188,19 @@ async def test_api2_login_failures_do_not_reveal_which_accounts_exist(client, ma
     assert len({r.text for r in responses}) == 1
 
 
+@pytest.mark.parametrize("password", ["p" * 128, "é" * 100, "long-" * 20 + "tail"])
+async def test_api2_long_passwords_count_in_full(client, password):
+    """bcrypt reads 72 bytes; a 128-character password must neither crash nor be cut short."""
+    body = {"email": "long@example.com", "username": "longpass", "password": password}
+    assert (await client.post("/auth/register", json=body)).status_code == 201
+    assert (await client.post("/auth/login", data={"username": "longpass", "password": password})).status_code == 200
+    changed_at_the_end = password[:-1] + ("x" if password[-1] != "x" else "y")
+    wrong = await client.post("/auth/login", data={"username": "longpass", "password": changed_at_the_end})
+    assert wrong.status_code == 401
+    unknown = await client.post("/auth/login", data={"username": "nobody-here", "password": password})
+    assert unknown.status_code == 401
+
+
 THROTTLE = {"login_max_failures_per_user": 3, "login_max_failures_per_ip": 50, "login_window_seconds": 60}
 
 

@@ -173,6 +173,10 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
             raise RequestValidationError(
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
             ) from None
+        limit = request.app.state.settings.max_batch_rows
+        if len(body.customers) > limit:
+            raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)",
+                               [{"loc": ["body", "customers"], "msg": f"more than {limit} items"}])
         served = request.app.state.models.require()
         scored = await run_in_threadpool(lambda: segmentation.score_records(served, body.customers, as_csv=as_csv))
     else:
