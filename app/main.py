@@ -25,7 +25,7 @@ from app.services.auth import AuthCache
 from app.services.models import ModelStore
 from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
-from app.middleware import BodySizeLimit, SecurityHeaders, hardening_headers
+from app.middleware import BodySizeLimit, SecurityHeaders, document_body_limit, hardening_headers
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first: CORS wraps everything, so even a 413 carries its headers.
     app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes)
+    document_body_limit(app)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(
         CORSMiddleware,

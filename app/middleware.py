@@ -90,6 +90,29 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+TOO_LARGE_RESPONSE = {
+    "description": "Request body too large: over MAX_JSON_BODY_MB, or MAX_UPLOAD_MB for uploads",
+    "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}},
+}
+
+
+def document_body_limit(app) -> None:
+    """Declare the 413 BodySizeLimit can send on every operation that takes a body."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for path_item in schema.get("paths", {}).values():
+                for operation in path_item.values():
+                    if isinstance(operation, dict) and "requestBody" in operation:
+                        operation.setdefault("responses", {}).setdefault("413", TOO_LARGE_RESPONSE)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),

@@ -168,6 +168,14 @@ async def test_a_training_over_the_time_limit_is_a_4xx_that_says_so(client, data
     assert again.status_code == response.status_code
 
 
+async def test_every_operation_with_a_body_documents_its_413(client):
+    spec = (await client.get("/openapi.json")).json()
+    with_body = [(m, p) for p, ops in spec["paths"].items() for m, op in ops.items() if "requestBody" in op]
+    assert len(with_body) >= 10
+    for method, path in with_body:
+        assert "413" in spec["paths"][path][method]["responses"], (method, path)
+
+
 async def test_the_training_time_limit_is_documented(client):
     spec = (await client.get("/openapi.json")).json()
     train = spec["paths"]["/train"]["post"]
