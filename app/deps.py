@@ -19,7 +19,9 @@ from app.services.auth import Principal
 MAX_PAGE_SIZE = 200
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are `async def` even when they never await: FastAPI runs a plain `def`
+# dependency in the thread pool, a hop that costs more than a small request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -69,7 +71,7 @@ class Page:
     limit: int
 
 
-def page_params(
+async def page_params(
     skip: Annotated[int, Query(ge=0, le=2**31 - 1, description="Rows to skip")] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"Rows to return, at most {MAX_PAGE_SIZE}")] = 50,
 ) -> Page:

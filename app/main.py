@@ -22,6 +22,7 @@ from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
 from app.schema import Health
 from app.services.auth import AuthCache
+from app.services.history import HistoryReader
 from app.services.models import ModelStore
 from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
@@ -138,11 +139,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.elbow = ElbowCache(settings)
         app.state.history_writer = HistoryWriter(database.sessionmaker)
         app.state.history_writer.start()
+        app.state.history_reader = HistoryReader(database)
         _freeze_startup_objects()
         try:
             yield
         finally:
             await app.state.history_writer.stop()
+            app.state.history_reader.close()
             await app.state.models.stop()
             await database.dispose()
 

@@ -74,6 +74,7 @@ class LoadResult:
     requests: int
     status_errors: int = 0
     socket_errors: int = 0
+    cpu_us: float = 0.0  # server CPU time per answered request
 
 
 @dataclass
@@ -272,6 +273,14 @@ class Server:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (all its threads)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float | None:
         try:
@@ -493,15 +502,22 @@ def measure_endpoints(load: LoadGenerator, bare: Server, service: Server, tokens
     time.sleep(0.5)  # let the warm-up's last predictions commit before counting
     history_before = history_total(service.url, tokens[USER[0]])
 
+    def measured(server: Server, target: Target) -> LoadResult:
+        cpu_before = server.cpu_seconds()
+        result = load.run(target, seconds=args.duration, **run)
+        if result.requests:
+            result.cpu_us = (server.cpu_seconds() - cpu_before) / result.requests * 1e6
+        return result
+
     results: dict[str, list[LoadResult]] = {BARE_LABEL: [], **{label: [] for label in targets}}
     ratios: dict[str, list[float]] = {label: [] for label in targets}
     labels = list(targets)
     for round_no in range(args.rounds):
-        base = load.run(bare_target, seconds=args.duration, **run)
+        base = measured(bare, bare_target)
         results[BARE_LABEL].append(base)
         shift = round_no % max(1, len(labels))
         for label in labels[shift:] + labels[:shift]:
-            result = load.run(targets[label], seconds=args.duration, **run)
+            result = measured(service, targets[label])
             results[label].append(result)
             ratios[label].append(result.rps / base.rps if base.rps else 0.0)
             if result.status_errors or result.socket_errors:
@@ -513,7 +529,7 @@ def measure_endpoints(load: LoadGenerator, bare: Server, service: Server, tokens
     for label, runs in results.items():
         report.rows[label] = {
             "rps": median([r.rps for r in runs]), "p50": median([r.p50_ms for r in runs]),
-            "p99": median([r.p99_ms for r in runs]),
+            "p99": median([r.p99_ms for r in runs]), "cpu_us": median([r.cpu_us for r in runs]),
             "ratio": 1.0 if label == BARE_LABEL else median(ratios[label]),
         }
 
@@ -537,9 +553,10 @@ def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, repor
 
 def print_report(report: Report, args, mode: Mode) -> None:
     print()
-    print(f"{'row':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
+    print(f"{'row':<34}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'CPU us/req':>12}")
     for label, row in report.rows.items():
-        print(f"{label:<34}{row['rps']:>10,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>8.2f}")
+        print(f"{label:<34}{row['rps']:>10,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>8.2f}"
+              f"{row['cpu_us']:>12,.0f}")
     if report.logins is not None:
         print(f"{LOGIN_LABEL:<34}{report.logins.rps:>10.1f}{report.logins.p50_ms:>9.0f}"
               f"{report.logins.p99_ms:>9.0f}")

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.database import Role
-from app.deps import AnalystUser, CurrentUser, PageDep, SessionDep
+from app.deps import AnalystUser, CurrentUser, PageDep
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
 from app.routes.responses import ErrorBody, errors
@@ -23,7 +23,6 @@ from app.schema import (
     CustomerFeatures,
     ElbowChart,
     ElbowResult,
-    HistoryItem,
     HistoryPage,
     ModelList,
     ModelVersionDetail,
@@ -31,7 +30,6 @@ from app.schema import (
     PredictionResult,
     TrainResult,
 )
-from app.services import history as history_service
 from app.services import predictions as prediction_service
 from app.services import segmentation
 
@@ -253,22 +251,22 @@ async def elbow_chart(request: Request, _: CurrentUser) -> ElbowChart:
     "/history",
     summary="Prediction history, newest first",
     description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
+    response_model=HistoryPage,
     responses=errors(401, 403, 422),
 )
 async def history(
+    request: Request,
     user: CurrentUser,
-    session: SessionDep,
     page: PageDep,
     user_id: Annotated[int | None, Query(gt=0, le=2**31 - 1)] = None,
-) -> HistoryPage:
+) -> Response:
     target = user.id
     if user_id is not None and user_id != user.id:
         if user.role not in (Role.analyst.value, Role.admin.value):
             raise Forbidden("Only analysts and admins may read another user's history")
         target = user_id
-    rows, total = await history_service.page(session=session, user_id=target, skip=page.skip, limit=page.limit)
-    return HistoryPage(history=[HistoryItem.model_validate(r) for r in rows], total=total, skip=page.skip,
-                       limit=page.limit)
+    body = await request.app.state.history_reader.page(user_id=target, skip=page.skip, limit=page.limit)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/models", summary="Model versions, newest first (analyst)",

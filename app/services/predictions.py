@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.database import BatchPrediction, PredictionHistory, utcnow
@@ -54,7 +53,8 @@ class HistoryWriter:
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         async with self.sessionmaker() as session:
-            await session.execute(insert(PredictionHistory), rows)
+            # A Core insert: the ORM's bulk path costs about twice as much per row.
+            await session.execute(PredictionHistory.__table__.insert(), rows)
             await session.commit()
 
     async def _run(self) -> None:

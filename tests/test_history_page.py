@@ -1,0 +1,76 @@
+"""GET /history is written straight from the rows: it must say exactly what HistoryPage would."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from app.database import PredictionHistory, Role
+from app.schema import HistoryItem, HistoryPage
+from app.services.history import page_json
+from tests.conftest import CUSTOMER
+
+
+def _pydantic(rows: list[dict], total: int, skip: int, limit: int) -> dict:
+    page = HistoryPage(history=[HistoryItem(**r) for r in rows], total=total, skip=skip, limit=limit)
+    return json.loads(page.model_dump_json())
+
+
+def test_page_json_matches_the_schema_serialization():
+    customer = {"sex": "Female", "age": 29, "annual_income": 85.5, "spending_score": 82, "purchase_frequency": 40}
+    rows = [
+        dict(id=7, customer_data=customer, cluster=3, cluster_name='Young, "big" spenders – ünïcode',
+             confidence=0.12345678901234568, model_version=None,
+             created_at=datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=timezone.utc)),
+        dict(id=6, customer_data=customer, cluster=0, cluster_name="Thrifty", confidence=1e-07,
+             model_version="20260101-000000-abcdef", created_at=datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=timezone.utc)),
+    ]
+    as_stored = [  # what SQLite hands back: JSON text and "YYYY-MM-DD HH:MM:SS.ffffff"
+        (r["id"], json.dumps(r["customer_data"]), r["cluster"], r["cluster_name"], r["confidence"],
+         r["model_version"], r["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")) for r in rows
+    ]
+    as_postgres = [  # what the engine hands back: aware datetimes
+        (r["id"], json.dumps(r["customer_data"]), r["cluster"], r["cluster_name"], r["confidence"],
+         r["model_version"], r["created_at"]) for r in rows
+    ]
+    expected = _pydantic(rows, total=9, skip=2, limit=2)
+    assert json.loads(page_json(as_stored, total=9, skip=2, limit=2)) == expected
+    assert json.loads(page_json(as_postgres, total=9, skip=2, limit=2)) == expected
+    assert json.loads(page_json([], total=0, skip=0, limit=50)) == _pydantic([], 0, 0, 50)
+
+
+async def test_history_answer_equals_the_rows_and_includes_every_answered_prediction(
+        app, client, make_user, trained_model):
+    user, headers = await make_user(Role.user)
+    for age in range(20, 32):
+        response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)
+        assert response.status_code == 200
+        # A 200 means the row is committed: the next read has it.
+        latest = (await client.get("/history", params={"limit": 1}, headers=headers)).json()
+        assert latest["total"] == age - 19
+        assert latest["history"][0]["customer_data"]["age"] == age
+        assert latest["history"][0]["confidence"] == response.json()["confidence"]
+
+    async with app.state.database.sessionmaker() as session:
+        rows = (await session.execute(
+            select(PredictionHistory).where(PredictionHistory.user_id == user["id"])
+            .order_by(PredictionHistory.created_at.desc(), PredictionHistory.id.desc())
+        )).scalars().all()
+    for skip, limit in ((0, 50), (3, 4), (11, 5), (40, 10)):
+        response = await client.get("/history", params={"skip": skip, "limit": limit}, headers=headers)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        expected = HistoryPage(history=[HistoryItem.model_validate(r) for r in rows[skip:skip + limit]],
+                               total=len(rows), skip=skip, limit=limit)
+        assert response.json() == json.loads(expected.model_dump_json())
+
+
+async def test_analyst_reads_another_users_history(client, make_user, trained_model):
+    user, user_headers = await make_user(Role.user)
+    _, analyst_headers = await make_user(Role.analyst)
+    await client.post("/predict", json=CUSTOMER, headers=user_headers)
+    response = await client.get("/history", params={"user_id": user["id"]}, headers=analyst_headers)
+    assert response.status_code == 200
+    assert response.json()["total"] == 1
+    assert (await client.get("/history", headers=analyst_headers)).json()["total"] == 0
