@@ -178,6 +178,8 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(int(busy_timeout * 1000)))
             self._guard_sqlite_file()
+        else:
+            event.listen(self.engine.sync_engine, "do_connect", _report_unreachable_server)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def _guard_sqlite_file(self) -> None:
@@ -220,6 +222,18 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _report_unreachable_server(dialect, _record, cargs, cparams):
+    """Connect; a refused or unreachable server becomes a DBAPI OperationalError like any other outage.
+
+    The driver raises plain OSError (ConnectionRefusedError, TimeoutError, DNS errors) for these,
+    which SQLAlchemy passes through unwrapped and which would otherwise end as a 500.
+    """
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except OSError as exc:
+        raise dialect.loaded_dbapi.OperationalError(f"could not connect to the database server: {exc}") from exc
 
 
 def _sqlite_pragmas(busy_timeout_ms: int):

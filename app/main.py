@@ -47,6 +47,15 @@ def _database_unavailable(exc: Exception) -> JSONResponse | None:
     return None
 
 
+def _unstorable_value(exc: DBAPIError) -> JSONResponse | None:
+    """PostgreSQL's data exceptions (SQLSTATE class 22, e.g. a NUL character in text) come from the request."""
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+    if sqlstate.startswith("22"):
+        return _error(422, [{"type": "value_not_storable", "loc": ["body"],
+                             "msg": "A value cannot be stored (text may not contain NUL characters)"}])
+    return None
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method served at this path (a 405 from one route would name only its own)."""
     methods: set[str] = set()
@@ -90,6 +99,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _database_unavailable(exc)
         if response is not None:
             logger.warning("database unavailable: %s", exc.orig if hasattr(exc, "orig") else exc)
+            return response
+        response = _unstorable_value(exc)
+        if response is not None:
             return response
         logger.exception("database error")
         return _error(500, "Internal server error")

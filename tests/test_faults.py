@@ -242,6 +242,21 @@ async def test_an_unexpected_error_is_a_bare_500_without_internals(app, user_hea
     assert response.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
+async def test_nul_characters_in_text_are_never_a_server_error(client, make_user):
+    """SQLite stores them; PostgreSQL cannot, and says so with a 422 rather than a 500."""
+    user, headers = await make_user(Role.analyst)
+    probes = [
+        await client.post("/profiles/", json={"name": "a\x00b", **CUSTOMER}, headers=headers),
+        await client.put("/users/me", json={"full_name": "nul\x00name"}, headers=headers),
+        await client.post("/auth/login", data={"username": "nul\x00user", "password": "whatever-pass"}),
+        await client.post("/auth/login", json={"username": user["username"], "password": "a\x00b"}),
+        await client.get("/models/v%001", headers=headers),
+    ]
+    for response in probes:
+        assert response.status_code < 500, (response.request.url, response.text)
+        assert_clean(response)
+
+
 # --- hostile bodies on every operation ------------------------------------------------------
 
 HOSTILE_BODIES = [

@@ -23,10 +23,10 @@ from schemathesis.checks import positive_data_acceptance
 
 from app import auth
 from app.config import Settings
-from app.database import Database, Role, User
+from app.database import Base, Database, Role, User
 from app.main import create_app
 from app.migrations import upgrade_database
-from tests.conftest import make_settings
+from tests.conftest import make_settings, postgres_url
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,16 @@ PASSWORD_HASH = auth.hash_password("fuzz-password-1", 4)
 
 EXAMPLES: Counter[tuple[str, str]] = Counter()
 STATUSES: Counter[tuple[str, int]] = Counter()
-SUCCESSES: set[tuple[str, str]] = set()
+SUCCESSES: set[tuple[str, str, str]] = set()  # (backend, role, operation) that answered 2xx
 
 
 async def _seed(settings: Settings) -> None:
     database = Database(settings.database_url)
     try:
+        if not database.is_sqlite:  # the PostgreSQL test database is shared by runs: start it empty
+            async with database.engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         await upgrade_database(database)
         async with database.sessionmaker() as session:
             roles = itertools.cycle([Role.user, Role.analyst, Role.admin])
@@ -57,6 +61,10 @@ async def _seed(settings: Settings) -> None:
                 session.add(User(id=uid, email=f"{name}@example.com", username=name, full_name=name,
                                  hashed_password=PASSWORD_HASH, role=role.value, is_active=True, token_version=0))
             await session.commit()
+        if not database.is_sqlite:  # ids were given by hand: move the sequence past them
+            async with database.engine.begin() as conn:
+                await conn.exec_driver_sql(
+                    "SELECT setval(pg_get_serial_sequence('users', 'id'), (SELECT max(id) FROM users))")
     finally:
         await database.dispose()
 
@@ -65,13 +73,19 @@ def _token(settings: Settings, user_id: int) -> str:
     return auth.create_access_token(user_id, 0, settings.secret_key, 60)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def fuzz_env(tmp_path_factory, request):
     from generate_dataset import generate
     from schemathesis.python import asgi
 
     root: Path = tmp_path_factory.mktemp("fuzz")
-    settings = make_settings(root, f"sqlite+aiosqlite:///{root / 'fuzz.db'}",
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{root / 'fuzz.db'}"
+    else:
+        url = postgres_url()
+        if url is None:
+            pytest.skip("PostgreSQL run: set TEST_DATABASE_URL")
+    settings = make_settings(root, url,
                              login_max_failures_per_user=10**6, login_max_failures_per_ip=10**6,
                              db_busy_timeout_seconds=30)
     settings.data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,24 +98,26 @@ def fuzz_env(tmp_path_factory, request):
         trained = client.post("/train", params={"n_clusters": 4},
                               headers={"Authorization": f"Bearer {_token(settings, ACTING[Role.admin])}"})
         assert trained.status_code == 200, trained.text
-    env = {"app": app, "settings": settings, "disposable": iter(DISPOSABLE)}
+    env = {"app": app, "settings": settings, "disposable": iter(DISPOSABLE), "backend": request.param}
     yield env
     asgi.shutdown_lifespans()
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
-        _report(reporter, capture)
+        _report(reporter, capture, request.param)
+    EXAMPLES.clear()
+    STATUSES.clear()
 
 
-def _report(reporter, capture) -> None:
+def _report(reporter, capture, backend: str) -> None:
     """Operation and example counts in the pytest output, past output capturing."""
     with capture.global_and_fixture_disabled():
         reporter.write_line("")
         for role in ("user", "admin"):
             ops = {op for r, op in EXAMPLES if r == role}
             total = sum(n for (r, _), n in EXAMPLES.items() if r == role)
-            reporter.write_line(f"schemathesis as {role}: {len(ops)} operations, {total} examples")
-        reporter.write_line("schemathesis statuses: " + ", ".join(
+            reporter.write_line(f"schemathesis on {backend} as {role}: {len(ops)} operations, {total} examples")
+        reporter.write_line(f"schemathesis on {backend}, statuses: " + ", ".join(
             f"{role} {code}: {n}" for (role, code), n in sorted(STATUSES.items())))
 
 
@@ -153,7 +169,7 @@ def _run(case, role: Role, env) -> None:
     EXAMPLES[(role.value, case.operation.label)] += 1
     STATUSES[(role.value, response.status_code)] += 1
     if response.status_code < 300:
-        SUCCESSES.add((role.value, case.operation.label))
+        SUCCESSES.add((env["backend"], role.value, case.operation.label))
     assert "Traceback" not in response.text
 
 
@@ -172,11 +188,14 @@ def test_fuzz_as_admin(case, fuzz_env):
 
 
 def test_the_fuzzing_reached_the_trained_model():
-    """Runs after the two above: the generated requests got through to the model, not only to 4xx."""
-    if not EXAMPLES:
+    """Runs after the tests above: generated requests got through to the model, not only to 4xx."""
+    backends = {backend for backend, _, _ in SUCCESSES}
+    if not backends:
         pytest.skip("the fuzz tests did not run in this session")
-    for label in ("POST /predict", "POST /predict/batch", "GET /clusters", "GET /charts/clusters", "GET /history",
-                  "POST /profiles/", "GET /elbow"):
-        assert ("user", label) in SUCCESSES and ("admin", label) in SUCCESSES, label
-    for label in ("GET /admin/stats", "GET /models", "GET /admin/users"):
-        assert ("admin", label) in SUCCESSES, label
+    for backend in backends:
+        for label in ("POST /predict", "POST /predict/batch", "GET /clusters", "GET /charts/clusters",
+                      "GET /history", "POST /profiles/", "GET /elbow"):
+            for role in ("user", "admin"):
+                assert (backend, role, label) in SUCCESSES, (backend, role, label)
+        for label in ("GET /admin/stats", "GET /models", "GET /admin/users"):
+            assert (backend, "admin", label) in SUCCESSES, (backend, label)

@@ -87,7 +87,7 @@ async def test_api1_history_of_another_user_is_refused_to_plain_users(client, ma
     assert response.status_code == 403
 
 
-async def test_api1_ids_that_are_not_ids_are_422_not_500(client, user_headers):
+async def test_api1_ids_that_are_not_ids_are_rejected_not_500(client, user_headers):
     for bad in ("0", "-1", "abc", "1e3", "99999999999999999999", "1;DROP TABLE users", "%00"):
         response = await client.get(f"/profiles/{bad}", headers=user_headers)
         assert response.status_code in (404, 422), (bad, response.status_code)
