@@ -1,16 +1,24 @@
 """Password hashing and access tokens: pure functions, no routes, no database."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import os
+import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import Any, TypeVar
 
 from jose import JWTError, jwt
 from pwdlib import PasswordHash
 from pwdlib.hashers.bcrypt import BcryptHasher
+
+T = TypeVar("T")
 
 # Only this algorithm is ever accepted, whatever a token's header says.
 ALGORITHMS = ["HS256"]
@@ -60,6 +68,32 @@ def verify_password(password: str, hashed: str | None, rounds: int = 12) -> bool
         return hasher.verify(password, hashed)
     except Exception:  # a malformed stored hash must not turn into a 500
         return False
+
+
+# --- where hashing runs --------------------------------------------------------------------
+
+# Niceness of the hashing threads: bcrypt at 12 rounds is ~0.2 s of CPU per login, and at the
+# default priority a burst of logins starves the event loop that serves everything else.
+HASHING_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    try:  # on Linux this applies to the calling thread alone
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
+@lru_cache(maxsize=1)
+def _hashing_pool() -> ThreadPoolExecutor:
+    # One thread per core: more would only queue in the scheduler instead of here.
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="password-hashing",
+                              initializer=_lower_priority)
+
+
+async def in_hashing_thread(func: Callable[..., T], *args: Any) -> T:
+    """Run a hash or verify on a low-priority thread: logins wait for the CPU, other requests do not."""
+    return await asyncio.get_running_loop().run_in_executor(_hashing_pool(), func, *args)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from app import auth
 from app.auth_schema import LoginRequest, Message, Token, UserCreate, UserPublic
@@ -43,7 +42,7 @@ _LOGIN_BODY = {
     responses=errors(409, 422),
 )
 async def register(body: UserCreate, session: SessionDep, settings: SettingsDep) -> UserPublic:
-    hashed = await run_in_threadpool(auth.hash_password, body.password, settings.bcrypt_rounds)
+    hashed = await auth.in_hashing_thread(auth.hash_password, body.password, settings.bcrypt_rounds)
     user = await user_service.create(
         session=session, email=body.email, username=body.username, full_name=body.full_name, hashed_password=hashed
     )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from app import auth
 from app.auth_schema import Message, PrimaryKey, RoleUpdate, UserList, UserPublic, UserUpdate, UserWithProfileStats
@@ -51,10 +50,10 @@ async def update_me(
             raise InvalidInput("current_password is required to change the password",
                                [{"loc": ["body", "current_password"], "msg": "required with password"}])
         current = await user_service.get(session=session, user_id=user.id)
-        if not await run_in_threadpool(auth.verify_password, body.current_password, current.hashed_password,
-                                       settings.bcrypt_rounds):
+        if not await auth.in_hashing_thread(auth.verify_password, body.current_password, current.hashed_password,
+                                            settings.bcrypt_rounds):
             raise Unauthorized("Current password is incorrect")
-        hashed = await run_in_threadpool(auth.hash_password, body.password, settings.bcrypt_rounds)
+        hashed = await auth.in_hashing_thread(auth.hash_password, body.password, settings.bcrypt_rounds)
     updated = await user_service.update_profile(
         session=session,
         user_id=user.id,

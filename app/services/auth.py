@@ -11,7 +11,6 @@ from sqlalchemy import case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from app import auth
 from app.config import Settings
@@ -229,7 +228,7 @@ async def login(
     user = await user_service.find_by_login(session=session, login=username)
     keys = _throttle_keys(user, username, client_ip)
     await _count_attempt(session, settings, keys)
-    ok = await run_in_threadpool(
+    ok = await auth.in_hashing_thread(
         auth.verify_password, password, user.hashed_password if user else None, settings.bcrypt_rounds
     )
     if not ok or user is None:
