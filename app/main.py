@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
         await app.state.models.start()
         app.state.elbow = ElbowCache(settings)
-        app.state.history_writer = HistoryWriter(database.sessionmaker)
+        app.state.history_writer = HistoryWriter(database, busy_timeout=settings.db_busy_timeout_seconds)
         app.state.history_writer.start()
         app.state.history_reader = HistoryReader(database)
         _freeze_startup_objects()
