@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
 
 from sqlalchemy import select
 
@@ -74,3 +77,21 @@ async def test_analyst_reads_another_users_history(client, make_user, trained_mo
     assert response.status_code == 200
     assert response.json()["total"] == 1
     assert (await client.get("/history", headers=analyst_headers)).json()["total"] == 0
+
+
+async def test_with_the_database_file_removed_predictions_and_history_are_503(client, make_user, trained_model,
+                                                                              settings):
+    if not settings.is_sqlite:
+        pytest.skip("a database file is SQLite's")
+    _, headers = await make_user(Role.user)
+    assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
+    assert (await client.get("/history", headers=headers)).status_code == 200
+    path = Path(settings.database_url.split("///", 1)[1])
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    # Neither may answer from (or write into) the removed file; the token check is still cached.
+    predicted = await client.post("/predict", json=CUSTOMER, headers=headers)
+    assert predicted.status_code == 503, predicted.text
+    history = await client.get("/history", headers=headers)
+    assert history.status_code == 503, history.text
+    assert not path.exists()

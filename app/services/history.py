@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -35,8 +34,6 @@ _PAGE = (
     .limit(bindparam("limit"))
     .offset(bindparam("skip"))
 )
-# How often the SQLite reader checks that its file is still the database's file.
-FILE_CHECK_SECONDS = 1.0
 # A reader never waits for a writer under WAL; should it ever be told to wait, it gives up this soon.
 READ_BUSY_TIMEOUT_MS = 200
 
@@ -94,7 +91,6 @@ class HistoryReader:
                 self._page_sql = compiled.string
         self._connection: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None
-        self._checked_at = 0.0
 
     async def page(self, *, user_id: int, skip: int, limit: int) -> bytes:
         params = {"user_id": user_id, "skip": skip, "limit": limit}
@@ -119,11 +115,7 @@ class HistoryReader:
     def _sqlite_connection(self) -> sqlite3.Connection | None:
         if self._path is None:
             return None
-        now = time.monotonic()
-        if self._connection is not None and now - self._checked_at < FILE_CHECK_SECONDS:
-            return self._connection
-        # Looked at once a second: the file removed or replaced means this connection is stale.
-        self._checked_at = now
+        # A stat per read (a microsecond): the file removed or replaced means this connection is stale.
         try:
             stat = os.stat(self._path)
         except OSError:
