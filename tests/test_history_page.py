@@ -43,8 +43,11 @@ def test_page_json_matches_the_schema_serialization():
     assert json.loads(page_json([], total=0, skip=0, limit=50)) == _pydantic([], 0, 0, 50)
 
 
+@pytest.mark.parametrize("through", ["default", "engine"])
 async def test_history_answer_equals_the_rows_and_includes_every_answered_prediction(
-        app, client, make_user, trained_model):
+        app, client, make_user, trained_model, through):
+    if through == "engine":  # what SQLite falls back to, and what PostgreSQL always uses
+        app.state.history_reader._path = None
     user, headers = await make_user(Role.user)
     for age in range(20, 32):
         response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)

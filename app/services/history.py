@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, func, select
+from sqlalchemy import Text, bindparam, cast, func, select, true
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,11 +18,11 @@ from app.database import Database, PredictionHistory
 logger = logging.getLogger("app.history")
 
 _COUNT = select(func.count(PredictionHistory.id)).where(PredictionHistory.user_id == bindparam("user_id"))
-_PAGE = (
+_ROWS = (
     select(
         PredictionHistory.id,
         # The stored JSON text goes into the answer as it is: parsing it only to write it again is most of the work.
-        cast(PredictionHistory.customer_data, Text),
+        cast(PredictionHistory.customer_data, Text).label("customer_data"),
         PredictionHistory.cluster,
         PredictionHistory.cluster_name,
         PredictionHistory.confidence,
@@ -33,6 +33,15 @@ _PAGE = (
     .order_by(PredictionHistory.created_at.desc(), PredictionHistory.id.desc())
     .limit(bindparam("limit"))
     .offset(bindparam("skip"))
+)
+# Over the network, the total and the page in one statement (one round trip, no transaction
+# needed for them to agree); a page past the end is one row of NULLs after the total.
+_total = _COUNT.subquery("total")
+_page = _ROWS.subquery("page")
+_TOTAL_AND_ROWS = (
+    select(*_total.c, *_page.c)
+    .select_from(_total.outerjoin(_page, true()))
+    .order_by(_page.c.created_at.desc(), _page.c.id.desc())
 )
 # A reader never waits for a writer under WAL; should it ever be told to wait, it gives up this soon.
 READ_BUSY_TIMEOUT_MS = 200
@@ -51,7 +60,7 @@ def _timestamp(value: datetime | str) -> str:
 
 
 def page_json(rows: Sequence[Sequence[Any]], *, total: int, skip: int, limit: int) -> bytes:
-    """A HistoryPage as JSON, written straight from the rows of _PAGE."""
+    """A HistoryPage as JSON, written straight from the page's rows (id, customer_data, ..., created_at)."""
     quoted: dict[str | None, str] = {}  # names and versions repeat from row to row
 
     def text(value: str | None) -> str:
@@ -71,24 +80,25 @@ def page_json(rows: Sequence[Sequence[Any]], *, total: int, skip: int, limit: in
 class HistoryReader:
     """Pages of a user's history, as the JSON of a HistoryPage.
 
-    With SQLite the two short indexed reads run right on the event loop through a private
-    read-only connection: under WAL a reader never waits for a writer, and both reads take
-    less time than one trip to aiosqlite's thread and back. Each page is read in one
-    transaction, and every commit made before the read (a prediction answered with 200)
-    is in it. PostgreSQL, or any trouble with the private connection, uses the engine.
+    The total and the page come from one snapshot, so they agree, and every commit made
+    before it (a prediction answered with 200) is in it. With SQLite the two short reads run
+    right on the event loop through a private read-only connection: under WAL a reader never
+    waits for a writer, and both reads take less time than one trip to aiosqlite's thread
+    and back. PostgreSQL, or any trouble with the private connection, uses the engine.
     """
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        # A single statement needs no transaction around it: no BEGIN and ROLLBACK round trips.
+        self._engine = database.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._path: str | None = None
         if database.is_sqlite:
             name = database.engine.url.database
             if name and name != ":memory:" and not name.startswith("file:"):
                 self._path = os.path.abspath(name)
-                compiled = _COUNT.compile(dialect=sqlite_dialect.dialect(paramstyle="named"))
-                self._count_sql = compiled.string
-                compiled = _PAGE.compile(dialect=sqlite_dialect.dialect(paramstyle="named"))
-                self._page_sql = compiled.string
+                dialect = sqlite_dialect.dialect(paramstyle="named")
+                self._count_sql = _COUNT.compile(dialect=dialect).string
+                self._rows_sql = _ROWS.compile(dialect=dialect).string
         self._connection: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None
 
@@ -97,20 +107,21 @@ class HistoryReader:
         connection = self._sqlite_connection()
         if connection is not None:
             try:
-                connection.execute("BEGIN")
+                connection.execute("BEGIN")  # the total and the rows from one snapshot
                 try:
                     total = connection.execute(self._count_sql, params).fetchone()[0]
-                    rows = connection.execute(self._page_sql, params).fetchall()
+                    rows = connection.execute(self._rows_sql, params).fetchall()
                 finally:
                     connection.execute("COMMIT")
-                return page_json(rows, total=total, skip=skip, limit=limit)
             except sqlite3.Error as exc:
                 logger.warning("history read on the private SQLite connection failed (%s); using the engine", exc)
                 self.close()
-        async with self.database.engine.connect() as conn:
-            total = (await conn.execute(_COUNT, params)).scalar_one()
-            rows = (await conn.execute(_PAGE, params)).all()
-        return page_json(rows, total=total, skip=skip, limit=limit)
+            else:
+                return page_json(rows, total=total, skip=skip, limit=limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(_TOTAL_AND_ROWS, params)).all()
+        total = rows[0][0] if rows else 0
+        return page_json([row[1:] for row in rows if row[1] is not None], total=total, skip=skip, limit=limit)
 
     def _sqlite_connection(self) -> sqlite3.Connection | None:
         if self._path is None:
