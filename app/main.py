@@ -189,9 +189,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )
-    install_observability(app, settings)
-    install_error_handlers(app)
-    install_docs(app)
 
     @app.get("/", tags=["health"], summary="Health check",
              description="Whether the service is up and which model version it serves.")
@@ -200,10 +197,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Health(version=API_VERSION, model_loaded=model is not None,
                       model_version=model.version if model is not None else None)
 
-    # FastAPI tries routes one by one, at a real cost per route: the segmentation routes carry
-    # the traffic (predict, clusters, history), so they come first.
+    # FastAPI tries routes one by one, at a real cost per route: the API comes before the docs
+    # and /metrics, and the segmentation routes, which carry the traffic, come first.
     for module in (ml, auth, users, profiles, admin):
         app.include_router(module.router)
+
+    install_observability(app, settings)
+    install_error_handlers(app)
+    install_docs(app)
     return app
 
 
