@@ -483,10 +483,14 @@ ENDPOINTS = [  # (row label, path, script, token owner)
     ("GET /elbow", "/elbow", "get.lua", READER[0]),
     ("GET /history?limit=50", "/history?limit=50", "get.lua", READER[0]),
 ]
-# The same service with one thing changed, to show what it costs: (row label, path, env, dropped middleware).
+# The same service with one thing changed, to show what it costs:
+# (row label, path, script, token owner, env, middleware left out).
+ALL_MIDDLEWARE = "RequestObservability,SecurityHeaders,BodySizeLimit,CORSMiddleware"
 VARIANTS = [
-    ("GET /clusters, request log at INFO", "/clusters", {"LOG_LEVEL": "INFO"}, ""),
-    ("GET /clusters, no request middleware", "/clusters", {}, "RequestObservability"),
+    ("GET /clusters, request log at INFO", "/clusters", "get.lua", READER[0], {"LOG_LEVEL": "INFO"}, ""),
+    ("GET /clusters, no request middleware", "/clusters", "get.lua", READER[0], {}, "RequestObservability"),
+    ("GET /clusters, no middleware at all", "/clusters", "get.lua", READER[0], {}, ALL_MIDDLEWARE),
+    ("POST /predict, no request middleware", "/predict", "predict.lua", ADMIN[0], {}, "RequestObservability"),
 ]
 BARE_LABEL = "bare FastAPI GET /"
 LOGIN_LABEL = "POST /auth/login, 16 at once"
@@ -688,13 +692,15 @@ def main(argv: list[str] | None = None) -> int:
                                               method="POST" if script == "predict.lua" else "GET",
                                               predict=script == "predict.lua"))
         if not args.no_variants:
-            for number, (label, path, overrides, dropped) in enumerate(VARIANTS):
+            for number, (label, path, script, owner, overrides, dropped) in enumerate(VARIANTS):
                 variant_env = {**env, **overrides, "BENCH_DROP_MIDDLEWARE": dropped}
                 variant = Server(label, "variant_app:app", env=variant_env, app_dir=BENCH,
                                  log=workdir / f"variant{number}.log")
                 servers.append(variant)
                 variant.wait_ready()
-                targets[label] = (variant, Target(variant.url + path, "get.lua", token=tokens[READER[0]]))
+                targets[label] = (variant, Target(variant.url + path, script, token=tokens[owner],
+                                                  method="POST" if script == "predict.lua" else "GET",
+                                                  predict=script == "predict.lua"))
         if args.only:
             targets = {label: target for label, target in targets.items() if args.only in label}
         measure_endpoints(load, bare, targets, lambda: history_total(service.url, tokens[USER[0]]), args, mode,
