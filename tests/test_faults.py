@@ -130,11 +130,15 @@ async def test_a_valid_model_directory_is_served_and_training_replaces_a_broken_
 # --- a locked SQLite database ---------------------------------------------------------------
 
 def _sqlite_path(settings: Settings) -> Path:
-    if not settings.is_sqlite:
-        pytest.skip("file locking and removal are SQLite faults")
+    assert settings.is_sqlite
     return Path(settings.database_url.split("///", 1)[1])
 
 
+# File locking and removal are faults of an SQLite file: these run on SQLite alone.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@sqlite_only
 @pytest.mark.parametrize("settings_overrides", [{"db_busy_timeout_seconds": 0.2}], ids=["busy-0.2s"])
 async def test_a_database_locked_by_another_process_gives_503_with_retry_after(client, make_user, settings):
     user, headers = await make_user(Role.user)
@@ -161,6 +165,7 @@ async def test_a_database_locked_by_another_process_gives_503_with_retry_after(c
     assert created.status_code == 201
 
 
+@sqlite_only
 @pytest.mark.parametrize("settings_overrides", [{"db_busy_timeout_seconds": 5}], ids=["busy-5s"])
 async def test_a_lock_released_within_the_busy_timeout_only_delays_the_request(client, user_headers, settings):
     import asyncio
@@ -180,6 +185,7 @@ async def test_a_lock_released_within_the_busy_timeout_only_delays_the_request(c
 
 # --- a database that went away --------------------------------------------------------------
 
+@sqlite_only
 async def test_the_database_file_removed_while_running_gives_a_clear_503(client, make_user, settings):
     path = _sqlite_path(settings)
     _, headers = await make_user(Role.user)
