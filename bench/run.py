@@ -490,7 +490,8 @@ VARIANTS = [
     ("GET /clusters, request log at INFO", "/clusters", "get.lua", READER[0], {"LOG_LEVEL": "INFO"}, ""),
     ("GET /clusters, no request middleware", "/clusters", "get.lua", READER[0], {}, "RequestObservability"),
     ("GET /clusters, no middleware at all", "/clusters", "get.lua", READER[0], {}, ALL_MIDDLEWARE),
-    ("POST /predict, no request middleware", "/predict", "predict.lua", ADMIN[0], {}, "RequestObservability"),
+    ("POST /predict, no middleware at all", "/predict", "predict.lua", ADMIN[0], {}, ALL_MIDDLEWARE),
+    ("GET /history?limit=50, no middleware at all", "/history?limit=50", "get.lua", READER[0], {}, ALL_MIDDLEWARE),
 ]
 BARE_LABEL = "bare FastAPI GET /"
 LOGIN_LABEL = "POST /auth/login, 16 at once"
