@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from sqlalchemy import create_engine, event
+from sqlalchemy import URL, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -144,7 +144,7 @@ class _SQLiteBatchWriter:
 
     def __init__(self, path: str, busy_timeout: float) -> None:
         self.path = path
-        self.engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": busy_timeout})
+        self.engine = create_engine(URL.create("sqlite", database=path), connect_args={"timeout": busy_timeout})
         event.listen(self.engine, "connect", sqlite_pragmas(int(busy_timeout * 1000)))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
         self._file: tuple[int, int] | None = None
