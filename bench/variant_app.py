@@ -1,6 +1,6 @@
 """The service with named middleware left out, to measure what each one costs.
 
-    BENCH_DROP_MIDDLEWARE=RequestObservability uvicorn variant_app:app --app-dir bench
+    BENCH_DROP_MIDDLEWARE=ServiceMiddleware uvicorn variant_app:app --app-dir bench
 
 Only for bench/run.py: the service itself always runs with all of its middleware.
 """
