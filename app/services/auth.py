@@ -44,8 +44,37 @@ class AuthCache:
         self._entries: dict[str, tuple[float, User | None, bool]] = {}
         self._claims: dict[str, tuple[float, auth.TokenClaims]] = {}
         self._loading: dict[str, tuple[int, asyncio.Future]] = {}
+        # Tokens whose whole check passed: token -> (checked at, user, jti, expires at).
+        self._passed: dict[str, tuple[float, User, str, float]] = {}
         # Bumped by every local change: a lookup that started before it must not be cached.
         self._generation = 0
+
+    def passed(self, token: str) -> User | None:
+        """The caller, when this token passed the whole check less than `ttl` seconds ago.
+
+        None means: check it in full. Only a token that passed gets here, so a failing one
+        always takes the full path and gets its precise answer.
+        """
+        entry = self._passed.get(token)
+        if entry is None:
+            return None
+        checked_at, user, _, expires_at = entry
+        if time.monotonic() - checked_at > self.ttl or time.time() >= expires_at:
+            del self._passed[token]
+            return None
+        return user
+
+    def remember_passed(self, token: str, principal: Principal, generation: int) -> None:
+        if self.ttl <= 0 or generation != self._generation:
+            return  # a local change (logout, role change) came in while this check ran
+        if len(self._passed) >= self.max_entries:
+            self._passed.clear()
+        self._passed[token] = (time.monotonic(), principal.user, principal.claims.jti,
+                               principal.claims.expires_at.timestamp())
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     def claims(self, token: str, secret_key: str) -> auth.TokenClaims:
         """The verified claims of a token; raises auth.InvalidToken (expired included)."""
@@ -112,11 +141,15 @@ class AuthCache:
     def revoke(self, jti: str) -> None:
         self._generation += 1
         self._entries[jti] = (time.monotonic(), None, True)
+        for token in [t for t, entry in self._passed.items() if entry[2] == jti]:
+            del self._passed[token]
 
     def forget_user(self, user_id: int) -> None:
         self._generation += 1
         for jti in [j for j, (_, u, _) in self._entries.items() if u is not None and u.id == user_id]:
             del self._entries[jti]
+        for token in [t for t, entry in self._passed.items() if entry[1].id == user_id]:
+            del self._passed[token]
 
 
 async def _load_token_state(sessionmaker: async_sessionmaker, claims: auth.TokenClaims) -> tuple[User | None, bool]:
