@@ -13,10 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.config import Settings
 from app.database import Role, User
 from app.errors import Forbidden
+from app.schema import MAX_PAGE_SIZE
 from app.services import auth as auth_service
 from app.services.auth import AuthCache, Principal
-
-MAX_PAGE_SIZE = 200
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs a plain `def`

@@ -185,6 +185,25 @@ class ClusterSummary(BaseModel):
     clusters: list[SegmentStats]
 
 
+MAX_PAGE_SIZE = 200
+
+
+class HistoryQuery(BaseModel):
+    """The query of GET /history: whose history, and which page of it."""
+
+    user_id: int | None = Field(None, gt=0, le=2**31 - 1,
+                                description="Another user's history (analysts and admins); absent: your own")
+    skip: int = Field(0, ge=0, le=2**31 - 1, description="Rows to skip")
+    limit: int = Field(50, ge=1, le=MAX_PAGE_SIZE, description=f"Rows to return, at most {MAX_PAGE_SIZE}")
+
+
+class ElbowRange(BaseModel):
+    """The query of GET /elbow: the range of k to report on."""
+
+    k_min: int = Field(2, ge=2, le=15)
+    k_max: int = Field(10, ge=2, le=15)
+
+
 class ElbowResult(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "optimal_k": 5, "k_range": [2, 3, 4, 5, 6], "inertias": [1790.2, 1385.9, 1003.1, 697.4, 612.8],

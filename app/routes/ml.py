@@ -1,7 +1,7 @@
 """Segmentation: train, predict (one and many), segments, elbow, charts, history, model versions."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.database import Role
-from app.deps import AnalystUser, CurrentUser, PageDep
+from app.deps import AnalystUser, CurrentUser
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
 from app.routes.responses import ErrorBody, errors
@@ -22,8 +22,10 @@ from app.schema import (
     ClusterSummary,
     CustomerFeatures,
     ElbowChart,
+    ElbowRange,
     ElbowResult,
     HistoryPage,
+    HistoryQuery,
     ModelList,
     ModelVersionDetail,
     ModelVersionPublic,
@@ -36,6 +38,7 @@ from app.services import segmentation
 # Routes are matched in the order they are declared here, at a cost for every route tried:
 # the four that carry the traffic come first.
 router = APIRouter(tags=["segmentation"])
+QueryModel = TypeVar("QueryModel", bound=BaseModel)
 
 CSV_FILE_BODY = {
     "multipart/form-data": {
@@ -71,6 +74,34 @@ def _component_schema(model: type[BaseModel]) -> dict:
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     schema.pop("$defs", None)  # CustomerFeatures is a component already: POST /predict takes it
     return schema
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict]:
+    """The OpenAPI parameters of a query read by hand, as FastAPI writes them for declared ones."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": field}
+        if "description" in field:
+            parameter["description"] = field["description"]
+        parameters.append(parameter)
+    return parameters
+
+
+def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
+    """The query string validated by `model`; a 422 like FastAPI's for declared parameters.
+
+    Declared query parameters cost about 10 µs a request in FastAPI's dependency solver, a
+    sixth of a small request; one Pydantic validation of the already parsed query does it
+    in about 2 µs, with the same rules, messages and locations.
+    """
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+        ) from None
 
 
 def _data_error(exc: DataValidationError) -> InvalidInput:
@@ -112,16 +143,13 @@ async def clusters(request: Request, _: CurrentUser) -> Response:
     description="Computed from the training dataset (works before any training) and cached per dataset.",
     response_model=ElbowResult,
     responses=errors(401, 403, 409, 422),
+    openapi_extra={"parameters": _query_parameters(ElbowRange)},
 )
-async def elbow(
-    request: Request,
-    _: CurrentUser,
-    k_min: Annotated[int, Query(ge=2, le=15)] = 2,
-    k_max: Annotated[int, Query(ge=2, le=15)] = 10,
-) -> Response:
-    if k_min > k_max:
+async def elbow(request: Request, _: CurrentUser) -> Response:
+    k = _read_query(ElbowRange, request)
+    if k.k_min > k.k_max:
         raise InvalidInput("k_min must not exceed k_max", [{"loc": ["query", "k_min"], "msg": "greater than k_max"}])
-    return Response(await request.app.state.elbow.get_json(k_min, k_max), media_type="application/json")
+    return Response(await request.app.state.elbow.get_json(k.k_min, k.k_max), media_type="application/json")
 
 
 @router.get(
@@ -130,19 +158,16 @@ async def elbow(
     description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
     response_model=HistoryPage,
     responses=errors(401, 403, 422),
+    openapi_extra={"parameters": _query_parameters(HistoryQuery)},
 )
-async def history(
-    request: Request,
-    user: CurrentUser,
-    page: PageDep,
-    user_id: Annotated[int | None, Query(gt=0, le=2**31 - 1)] = None,
-) -> Response:
+async def history(request: Request, user: CurrentUser) -> Response:
+    query = _read_query(HistoryQuery, request)
     target = user.id
-    if user_id is not None and user_id != user.id:
+    if query.user_id is not None and query.user_id != user.id:
         if user.role not in (Role.analyst.value, Role.admin.value):
             raise Forbidden("Only analysts and admins may read another user's history")
-        target = user_id
-    body = await request.app.state.history_reader.page(user_id=target, skip=page.skip, limit=page.limit)
+        target = query.user_id
+    body = await request.app.state.history_reader.page(user_id=target, skip=query.skip, limit=query.limit)
     return Response(body, media_type="application/json")
 
 

@@ -51,8 +51,7 @@ def _timestamp(value: datetime | str) -> str:
     """ISO 8601 in UTC as Pydantic writes it (`Z`, no fraction when it is zero)."""
     if isinstance(value, str):
         if len(value) == 26 and value[10] == " " and value[19] == ".":  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
-            end = 19 if value.endswith(".000000") else 26
-            return f"{value[:10]}T{value[11:end]}Z"
+            return f"{value[:10]}T{value[11:19] if value.endswith('.000000') else value[11:]}Z"
         value = datetime.fromisoformat(value)
     if value.tzinfo is not None:
         value = value.astimezone(timezone.utc).replace(tzinfo=None)
@@ -60,21 +59,28 @@ def _timestamp(value: datetime | str) -> str:
 
 
 def page_json(rows: Sequence[Sequence[Any]], *, total: int, skip: int, limit: int) -> bytes:
-    """A HistoryPage as JSON, written straight from the page's rows (id, customer_data, ..., created_at)."""
+    """A HistoryPage as JSON, written straight from the page's rows (id, customer_data, ..., created_at).
+
+    The page is most of what GET /history costs: one f-string a row, the stored customer JSON
+    copied as it is, names and versions quoted once a page, SQLite's timestamps reshaped by
+    slicing. tests/test_history_page.py holds it equal to HistoryPage's own serialization.
+    """
     quoted: dict[str | None, str] = {}  # names and versions repeat from row to row
-
-    def text(value: str | None) -> str:
-        result = quoted.get(value)
-        if result is None:
-            result = quoted[value] = json.dumps(value)
-        return result
-
-    items = ",".join(
-        f'{{"id":{row_id},"customer_data":{customer},"cluster":{cluster},"cluster_name":{text(name)},'
-        f'"confidence":{float(confidence)!r},"model_version":{text(version)},"created_at":"{_timestamp(created)}"}}'
-        for row_id, customer, cluster, name, confidence, version, created in rows
-    )
-    return f'{{"history":[{items}],"total":{total},"skip":{skip},"limit":{limit}}}'.encode()
+    items = []
+    for row_id, customer, cluster, name, confidence, version, created in rows:
+        name_json = quoted.get(name)
+        if name_json is None:
+            name_json = quoted[name] = json.dumps(name)
+        version_json = quoted.get(version)
+        if version_json is None:
+            version_json = quoted[version] = json.dumps(version)
+        if isinstance(created, str) and len(created) == 26:  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
+            stamp = created[:10] + "T" + created[11:19] if created.endswith(".000000") else created.replace(" ", "T")
+        else:
+            stamp = _timestamp(created)[:-1]
+        items.append(f'{{"id":{row_id},"customer_data":{customer},"cluster":{cluster},"cluster_name":{name_json},'
+                     f'"confidence":{confidence!r},"model_version":{version_json},"created_at":"{stamp}Z"}}')
+    return f'{{"history":[{",".join(items)}],"total":{total},"skip":{skip},"limit":{limit}}}'.encode()
 
 
 class HistoryReader:
