@@ -191,6 +191,8 @@ MAX_PAGE_SIZE = 200
 class HistoryQuery(BaseModel):
     """The query of GET /history: whose history, and which page of it."""
 
+    model_config = ConfigDict(frozen=True)
+
     user_id: int | None = Field(None, gt=0, le=2**31 - 1,
                                 description="Another user's history (analysts and admins); absent: your own")
     skip: int = Field(0, ge=0, le=2**31 - 1, description="Rows to skip")
@@ -199,6 +201,8 @@ class HistoryQuery(BaseModel):
 
 class ElbowRange(BaseModel):
     """The query of GET /elbow: the range of k to report on."""
+
+    model_config = ConfigDict(frozen=True)
 
     k_min: int = Field(2, ge=2, le=15)
     k_max: int = Field(10, ge=2, le=15)

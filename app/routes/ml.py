@@ -89,13 +89,22 @@ def _query_parameters(model: type[BaseModel]) -> list[dict]:
     return parameters
 
 
+_QUERY_DEFAULTS: dict[type[BaseModel], BaseModel] = {}
+
+
 def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
     """The query string validated by `model`; a 422 like FastAPI's for declared parameters.
 
     Declared query parameters cost about 10 µs a request in FastAPI's dependency solver, a
     sixth of a small request; one Pydantic validation of the already parsed query does it
-    in about 2 µs, with the same rules, messages and locations.
+    in about 2 µs, with the same rules, messages and locations. An empty query is the
+    model's defaults, validated once.
     """
+    if not request.scope.get("query_string"):
+        defaults = _QUERY_DEFAULTS.get(model)
+        if defaults is None:
+            defaults = _QUERY_DEFAULTS[model] = model()
+        return defaults  # type: ignore[return-value]
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
