@@ -48,16 +48,18 @@ class BearerAuth(OAuth2PasswordBearer):
         token = await super().__call__(request)
         # A token that passed the whole check moments ago (within AUTH_CACHE_SECONDS) is
         # let through at once: this runs on every request and is most of a small one.
-        user = cache.passed(token) if token and not self.principal else None
-        if user is None:
+        passed = cache.passed(token) if token and not self.principal else None
+        if passed is None:
             generation = cache.generation
             principal = await auth_service.authenticate_token(
                 sessionmaker=state.database.sessionmaker, settings=state.settings, cache=cache, token=token,
             )
             cache.remember_passed(token, principal, generation)
-            user = principal.user
-        request.state.user_id = user.id
-        if self.allowed and user.role not in self.allowed:
+            user, user_id, role = principal.user, principal.user.id, principal.user.role
+        else:
+            user, user_id, role = passed
+        request.state.user_id = user_id  # for the request's log line
+        if self.allowed and role not in self.allowed:
             raise Forbidden("Not enough permissions")
         return principal if self.principal else user
 

@@ -132,9 +132,11 @@ class ServiceMiddleware:
         scope["service.request_facts"] = facts
         status = 500
         extra = [(b"x-request-id", request_id.encode())]
-        if not facts.origin:
-            extra.append(_VARY_ORIGIN)  # as CORSMiddleware would: the answer depends on Origin
         private = facts.private
+        if not facts.origin and not private:
+            # As CORSMiddleware would: a cache must keep answers to other origins apart.
+            # Private answers are never stored, so they need no Vary.
+            extra.append(_VARY_ORIGIN)
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -142,12 +144,14 @@ class ServiceMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", ()))
                 present = {key.lower() for key, _ in headers}
-                headers.extend(extra)
-                if not present.issuperset(_SECURITY_NAMES):
-                    headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
+                headers += extra
+                if _SECURITY_NAMES.isdisjoint(present):
+                    headers += SECURITY_HEADERS
+                else:
+                    headers += [h for h in SECURITY_HEADERS if h[0] not in present]
                 if private and b"cache-control" not in present:
                     headers.append(_NO_STORE)
-                message = {**message, "headers": headers}
+                message["headers"] = headers
             await send(message)
 
         if facts.has_body:

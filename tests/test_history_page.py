@@ -98,3 +98,26 @@ async def test_with_the_database_file_removed_predictions_and_history_are_503(cl
     history = await client.get("/history", headers=headers)
     assert history.status_code == 503, history.text
     assert not path.exists()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_predictions_are_stored_exactly_as_a_core_insert_stores_them(app, client, make_user, trained_model):
+    """The SQLite history writer binds the rows itself: the stored bytes must not differ."""
+    import sqlite3
+
+    user, headers = await make_user(Role.user)
+    assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
+    async with app.state.database.sessionmaker() as session:
+        written = (await session.execute(
+            select(PredictionHistory).where(PredictionHistory.user_id == user["id"]))).scalar_one()
+        await session.execute(PredictionHistory.__table__.insert(), [{
+            column: getattr(written, column) for column in
+            ("user_id", "customer_data", "cluster", "cluster_name", "confidence", "model_version", "created_at")}])
+        await session.commit()
+    with sqlite3.connect(app.state.database.engine.url.database) as raw:
+        stored = raw.execute(
+            "SELECT user_id, customer_data, typeof(customer_data), cluster, cluster_name, confidence, "
+            "typeof(confidence), model_version, created_at, typeof(created_at) "
+            "FROM prediction_history WHERE user_id = ? ORDER BY id", (user["id"],)).fetchall()
+    assert len(stored) == 2 and stored[0] == stored[1]
+    assert len(stored[0][8]) == 26  # "YYYY-MM-DD HH:MM:SS.ffffff", what the history page reads

@@ -44,13 +44,14 @@ class AuthCache:
         self._entries: dict[str, tuple[float, User | None, bool]] = {}
         self._claims: dict[str, tuple[float, auth.TokenClaims]] = {}
         self._loading: dict[str, tuple[int, asyncio.Future]] = {}
-        # Tokens whose whole check passed: token -> (checked at, user, jti, expires at).
-        self._passed: dict[str, tuple[float, User, str, float]] = {}
+        # Tokens whose whole check passed: token -> (checked at, user, jti, expires at, user id, role).
+        self._passed: dict[str, tuple[float, User, str, float, int, str]] = {}
         # Bumped by every local change: a lookup that started before it must not be cached.
         self._generation = 0
 
-    def passed(self, token: str) -> User | None:
-        """The caller, when this token passed the whole check less than `ttl` seconds ago.
+    def passed(self, token: str) -> tuple[User, int, str] | None:
+        """(user, user id, role) of the caller when this token passed the whole check less
+        than `ttl` seconds ago.
 
         None means: check it in full. Only a token that passed gets here, so a failing one
         always takes the full path and gets its precise answer.
@@ -58,19 +59,20 @@ class AuthCache:
         entry = self._passed.get(token)
         if entry is None:
             return None
-        checked_at, user, _, expires_at = entry
+        checked_at, user, _, expires_at, user_id, role = entry
         if time.monotonic() - checked_at > self.ttl or time.time() >= expires_at:
             del self._passed[token]
             return None
-        return user
+        return user, user_id, role
 
     def remember_passed(self, token: str, principal: Principal, generation: int) -> None:
         if self.ttl <= 0 or generation != self._generation:
             return  # a local change (logout, role change) came in while this check ran
         if len(self._passed) >= self.max_entries:
             self._passed.clear()
-        self._passed[token] = (time.monotonic(), principal.user, principal.claims.jti,
-                               principal.claims.expires_at.timestamp())
+        user = principal.user
+        self._passed[token] = (time.monotonic(), user, principal.claims.jti, principal.claims.expires_at.timestamp(),
+                               user.id, user.role)
 
     @property
     def generation(self) -> int:
@@ -148,7 +150,7 @@ class AuthCache:
         self._generation += 1
         for jti in [j for j, (_, u, _) in self._entries.items() if u is not None and u.id == user_id]:
             del self._entries[jti]
-        for token in [t for t, entry in self._passed.items() if entry[1].id == user_id]:
+        for token in [t for t, entry in self._passed.items() if entry[4] == user_id]:
             del self._passed[token]
 
 
