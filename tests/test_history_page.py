@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.database import PredictionHistory, Role
 from app.schema import HistoryItem, HistoryPage
@@ -43,11 +43,13 @@ def test_page_json_matches_the_schema_serialization():
     assert json.loads(page_json([], total=0, skip=0, limit=50)) == _pydantic([], 0, 0, 50)
 
 
-@pytest.mark.parametrize("through", ["default", "engine"])
+@pytest.mark.parametrize("through", ["default", "engine", "few rows kept"])
 async def test_history_answer_equals_the_rows_and_includes_every_answered_prediction(
         app, client, make_user, trained_model, through):
     if through == "engine":  # what SQLite falls back to, and what PostgreSQL always uses
         app.state.history_reader._path = None
+    if through == "few rows kept":  # the kept rows' JSON is dropped again and again
+        app.state.history_reader.MAX_KEPT_ITEMS = 3
     user, headers = await make_user(Role.user)
     for age in range(20, 32):
         response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)
@@ -121,3 +123,22 @@ async def test_predictions_are_stored_exactly_as_a_core_insert_stores_them(app, 
             "FROM prediction_history WHERE user_id = ? ORDER BY id", (user["id"],)).fetchall()
     assert len(stored) == 2 and stored[0] == stored[1]
     assert len(stored[0][8]) == 26  # "YYYY-MM-DD HH:MM:SS.ffffff", what the history page reads
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_kept_row_is_never_sent_for_a_new_row_that_got_its_id(app, client, make_user, trained_model):
+    user, headers = await make_user(Role.user)
+    for age in (30, 31):
+        assert (await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)).status_code == 200
+    newest = (await client.get("/history", headers=headers)).json()["history"][0]  # both rows kept now
+    assert newest["customer_data"]["age"] == 31
+    async with app.state.database.sessionmaker() as session:
+        await session.execute(delete(PredictionHistory).where(PredictionHistory.id == newest["id"]))
+        await session.commit()
+    assert (await client.get("/history", headers=headers)).json()["total"] == 1  # gone at once
+    # SQLite gives the next row the largest id plus one: the deleted row's id again.
+    assert (await client.post("/predict", json={**CUSTOMER, "age": 45}, headers=headers)).status_code == 200
+    page = (await client.get("/history", headers=headers)).json()
+    assert page["total"] == 2 and page["history"][0]["id"] == newest["id"]
+    assert page["history"][0]["customer_data"]["age"] == 45
+    assert page["history"][0]["created_at"] != newest["created_at"]
