@@ -36,7 +36,7 @@ from app.services import predictions as prediction_service
 from app.services import segmentation
 
 # Routes are matched in the order they are declared here, at a cost for every route tried:
-# the four that carry the traffic come first.
+# the four that carry the traffic come first, the cheapest reads before /predict.
 router = APIRouter(tags=["segmentation"])
 QueryModel = TypeVar("QueryModel", bound=BaseModel)
 
@@ -117,25 +117,6 @@ def _data_error(exc: DataValidationError) -> InvalidInput:
     return InvalidInput(exc.message, exc.problems)
 
 
-@router.post(
-    "/predict",
-    summary="Which segment is this customer in?",
-    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
-    responses=errors(401, 403, 409, 422),
-)
-async def predict(customer: CustomerFeatures, user: CurrentUser, request: Request) -> PredictionResult:
-    served = request.app.state.models.require()
-    cluster, name, confidence = served.assign([customer])[0]
-    request.app.state.metrics.count_predictions(served.names, cluster, "single")
-    data = customer.model_dump()
-    await request.app.state.history_writer.add(prediction_service.history_row(
-        user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
-        model_version=served.version,
-    ))
-    return PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
-                            model_version=served.version)
-
-
 @router.get("/clusters", summary="The segments of the active model",
             description="Size, share and average features of every segment, with its name and a description in "
                         "words. 409 while no model is trained.",
@@ -158,7 +139,9 @@ async def elbow(request: Request, _: CurrentUser) -> Response:
     k = _read_query(ElbowRange, request)
     if k.k_min > k.k_max:
         raise InvalidInput("k_min must not exceed k_max", [{"loc": ["query", "k_min"], "msg": "greater than k_max"}])
-    return Response(await request.app.state.elbow.get_json(k.k_min, k.k_max), media_type="application/json")
+    elbow_cache = request.app.state.elbow
+    body = elbow_cache.ready_json(k.k_min, k.k_max) or await elbow_cache.get_json(k.k_min, k.k_max)
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -178,6 +161,25 @@ async def history(request: Request, user: CurrentUser) -> Response:
         target = query.user_id
     body = await request.app.state.history_reader.page(user_id=target, skip=query.skip, limit=query.limit)
     return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/predict",
+    summary="Which segment is this customer in?",
+    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
+    responses=errors(401, 403, 409, 422),
+)
+async def predict(customer: CustomerFeatures, user: CurrentUser, request: Request) -> PredictionResult:
+    served = request.app.state.models.require()
+    cluster, name, confidence = served.assign([customer])[0]
+    request.app.state.metrics.count_predictions(served.names, cluster, "single")
+    data = customer.model_dump()
+    await request.app.state.history_writer.add(prediction_service.history_row(
+        user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
+        model_version=served.version,
+    ))
+    return PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
+                            model_version=served.version)
 
 
 @router.post(

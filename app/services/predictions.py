@@ -134,17 +134,20 @@ async def record_batch(*, sessionmaker: async_sessionmaker, user_id: int, model_
 
 
 class _SQLiteBatchWriter:
-    """Inserts and commits a batch of history rows in one call on a thread of its own, over one
-    plain sqlite3 connection to the same file.
+    """Inserts a batch of history rows in one statement on a thread of its own, over one plain
+    sqlite3 connection to the same file.
 
     Rows are stored exactly as the async engine stores them: the statement is compiled from
     the table and each column goes through its SQLite bind processor (JSON text, UTC
-    timestamps). The connection is SQLAlchemy-free because a batch is usually a handful of
-    rows, and the engine's checkout, transaction and parameter handling cost about 70 µs a
-    batch and 10 µs a row, all of it holding the GIL the event loop needs. Errors come out as
-    SQLAlchemy's exception classes, so the API maps them as it maps the engine's. Like the
-    async engine (see Database), a database file removed from under it is an outage reported
-    to the caller, never a silent write into the removed file.
+    timestamps). The work is shaped around the GIL, which the busy event loop holds nearly
+    all the time and gives up only every few milliseconds: every time the writer lets go of
+    it (a system call, each SQLite step) it may wait that long to get it back. So the batch is
+    one multi-row INSERT in autocommit mode (one statement is one transaction: one step, no
+    BEGIN or COMMIT), the file is looked at on the event loop before the hand-over, and no
+    SQLAlchemy engine sits in between (its checkout and transaction handling cost about 70 µs
+    a batch). Errors come out as SQLAlchemy's exception classes, so the API maps them as it
+    maps the engine's. Like the async engine (see Database), a database file removed from
+    under it is an outage reported to the caller, never a silent write into the removed file.
     """
 
     def __init__(self, path: str, busy_timeout: float) -> None:
@@ -155,46 +158,44 @@ class _SQLiteBatchWriter:
         columns = [column for column in table.columns if column.name != "id"]
         self._names = [column.name for column in columns]
         self._processors = [column.type.dialect_impl(dialect).bind_processor(dialect) for column in columns]
-        self._sql = str(table.insert().compile(dialect=dialect, column_keys=self._names))
+        single = str(table.insert().compile(dialect=dialect, column_keys=self._names))
+        self._head, _, self._values = single.partition(" VALUES ")  # "INSERT INTO ... (...)", "(?, ...)"
+        self._statements: dict[int, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
         self._connection: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None
 
     async def insert(self, rows: list[dict[str, Any]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._insert, rows)
-
-    def _connect(self) -> sqlite3.Connection:
         try:
             stat = os.stat(self.path)
         except OSError:
-            self._disconnect()
-            raise OperationalError(self._sql, None,
+            raise OperationalError(self._statement(len(rows)), None,
                                    sqlite3.OperationalError("unable to open database file: it was removed")) from None
-        if self._connection is None or self._file != (stat.st_dev, stat.st_ino):
-            self._disconnect()  # a new file at the path: stop writing into the old one
-            connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                         check_same_thread=False)
-            sqlite_pragmas(int(self.busy_timeout * 1000))(connection, None)
-            self._connection, self._file = connection, (stat.st_dev, stat.st_ino)
-        return self._connection
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._insert, rows, (stat.st_dev, stat.st_ino))
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _statement(self, count: int) -> str:
+        statement = self._statements.get(count)
+        if statement is None:
+            statement = self._statements[count] = f"{self._head} VALUES {', '.join([self._values] * count)}"
+        return statement
+
+    def _insert(self, rows: list[dict[str, Any]], file: tuple[int, int]) -> None:
         pairs = list(zip(self._names, self._processors))
-        params = [tuple(row[name] if process is None else process(row[name]) for name, process in pairs)
-                  for row in rows]
+        params = [row[name] if process is None else process(row[name]) for row in rows for name, process in pairs]
+        statement = self._statement(len(rows))
         try:
-            connection = self._connect()
-            connection.execute("BEGIN")
-            try:
-                connection.executemany(self._sql, params)
-                connection.execute("COMMIT")
-            finally:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
+            if self._connection is None or self._file != file:
+                self._disconnect()  # a new file at the path: stop writing into the old one
+                connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                             check_same_thread=False)
+                sqlite_pragmas(int(self.busy_timeout * 1000))(connection, None)
+                self._connection, self._file = connection, file
+            self._connection.execute(statement, params)
         except sqlite3.Error as exc:
             if not isinstance(exc, sqlite3.IntegrityError):
                 self._disconnect()  # whatever went wrong, the next batch starts on a fresh connection
-            raise DBAPIError.instance(self._sql, None, exc, sqlite3.Error) from exc
+            raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
     def _disconnect(self) -> None:
         if self._connection is not None:

@@ -356,6 +356,12 @@ class ElbowCache:
     async def get(self, k_min: int = 2, k_max: int = 10) -> dict[str, Any]:
         return await self._result((await self._dataset_fingerprint(), k_min, k_max))
 
+    def ready_json(self, k_min: int = 2, k_max: int = 10) -> bytes | None:
+        """The answer of `get_json` when it is at hand without waiting for anything, else None."""
+        if self._fingerprint is None or time.monotonic() - self._checked_at >= DATASET_CHECK_SECONDS:
+            return None
+        return self._json.get((self._fingerprint, k_min, k_max))
+
     async def get_json(self, k_min: int = 2, k_max: int = 10) -> bytes:
         """GET /elbow as JSON, serialized once per dataset and k range."""
         key = (await self._dataset_fingerprint(), k_min, k_max)
