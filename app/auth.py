@@ -86,8 +86,9 @@ def _lower_priority() -> None:
 
 @lru_cache(maxsize=1)
 def _hashing_pool() -> ThreadPoolExecutor:
-    # One thread per core: more would only queue in the scheduler instead of here.
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="password-hashing",
+    # One thread per core but one: more would only queue in the scheduler instead of here, and
+    # one core is left to the event loop however many logins come at once.
+    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="password-hashing",
                               initializer=_lower_priority)
 
 
