@@ -1,12 +1,12 @@
 """Benchmark the service against a bare FastAPI app served the same way.
 
-    .venv/bin/python bench/run.py            # the full run behind `make bench` (about five minutes)
+    .venv/bin/python bench/run.py            # the full run behind `make bench` (about nine minutes)
     .venv/bin/python bench/run.py --quick    # a smoke run of a few seconds per row, part of `make test`
 
 Both apps run as one uvicorn worker with uvloop, httptools and no access log. wrk drives
 each endpoint with 64 connections, in rounds that alternate between the bare app and the
-service, and every figure is reported as a ratio to the bare app measured in the same
-round, so a noisy machine moves both sides alike. The service gets a temporary SQLite
+service: every row is measured right after the bare app and reported as a ratio to that
+measurement, so a noisy machine moves both sides alike. The service gets a temporary SQLite
 database (or --database-url), a model trained on a generated dataset and its own users.
 
 Without wrk (and no way to install it) a small asyncio load generator stands in; it is
@@ -515,7 +515,11 @@ def median(values: list[float]) -> float:
 
 def measure_endpoints(load: LoadGenerator, bare: Server, targets: dict[str, tuple[Server, Target]],
                       history_total_now, args, mode: Mode, report: Report) -> None:
-    """Rounds of: the bare app, then each row (in a rotating order); ratios within a round."""
+    """Rounds over the rows (in a rotating order), each row measured right after the bare app.
+
+    A row's ratio is its req/s over the bare app's in the measurement just before it: a
+    shared machine that slows down for a while slows both sides of a pair alike.
+    """
     bare_target = Target(bare.url + "/", "get.lua")
     run = dict(connections=args.connections, threads=args.threads)
     if mode.warmup:
@@ -535,10 +539,10 @@ def measure_endpoints(load: LoadGenerator, bare: Server, targets: dict[str, tupl
     ratios: dict[str, list[float]] = {label: [] for label in targets}
     labels = list(targets)
     for round_no in range(args.rounds):
-        base = measured(bare, bare_target)
-        results[BARE_LABEL].append(base)
         shift = round_no % max(1, len(labels))
         for label in labels[shift:] + labels[:shift]:
+            base = measured(bare, bare_target)
+            results[BARE_LABEL].append(base)
             server, target = targets[label]
             result = measured(server, target)
             results[label].append(result)
