@@ -68,10 +68,15 @@ class AuthCache:
     def remember_passed(self, token: str, principal: Principal, generation: int) -> None:
         if self.ttl <= 0 or generation != self._generation:
             return  # a local change (logout, role change) came in while this check ran
+        loaded = self._entries.get(principal.claims.jti)
+        if loaded is None:
+            return
         if len(self._passed) >= self.max_entries:
             self._passed.clear()
         user = principal.user
-        self._passed[token] = (time.monotonic(), user, principal.claims.jti, principal.claims.expires_at.timestamp(),
+        # It lasts as long as the user and revocation state it was checked against, no longer:
+        # another worker's change is seen within `ttl` of when that state was read.
+        self._passed[token] = (loaded[0], user, principal.claims.jti, principal.claims.expires_at.timestamp(),
                                user.id, user.role)
 
     @property
