@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -137,13 +136,6 @@ def _freeze_startup_objects() -> None:
         _frozen = True
 
 
-# The history writer and the password hashers are threads beside the event loop. Whenever
-# one of them wants the GIL back (after each SQLite step or system call) it waits until the
-# loop lets go, by default up to 5 ms; every prediction in the batch being written waits with
-# it. 1 ms keeps that wait short; when no thread is waiting, the setting costs nothing.
-GIL_SWITCH_INTERVAL_SECONDS = 0.001
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -160,7 +152,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.history_writer.start()
         app.state.history_reader = HistoryReader(database)
         _freeze_startup_objects()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         try:
             yield
         finally:
