@@ -707,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
             targets = {label: target for label, target in targets.items() if args.only in label}
         measure_endpoints(load, bare, targets, lambda: history_total(service.url, tokens[USER[0]]), args, mode,
                           report)
+        # The login and batch rows measure the service alone: the other servers stop first.
+        for server in [s for s in servers if s is not service]:
+            server.stop()
+            servers.remove(server)
         if not args.skip_extras:
             measure_logins(load, service, args, mode, report)
             report.batch = measure_batch(service, tokens[USER[0]], mode.batch_rows, mode.batch_rounds)
