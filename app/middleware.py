@@ -45,16 +45,10 @@ CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Accept", "X-Request-ID"]
 CORS_EXPOSE_HEADERS = ["X-Request-ID", "Retry-After"]
 
 
-def _is_private(scope: Scope) -> bool:
-    if scope.get("path", "").startswith(NO_STORE_PREFIXES):
-        return True
-    return any(key == b"authorization" for key, _ in scope.get("headers", []))
-
-
 def hardening_headers(scope: Scope) -> dict[str, str]:
     """The headers ServiceMiddleware adds, for a response sent from outside it (the server-error handler)."""
     headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
-    if _is_private(scope):
+    if _RequestFacts(scope).private:
         headers["cache-control"] = "no-store"
     return headers
 

@@ -31,7 +31,6 @@ from app.config import Settings
 
 access_logger = logging.getLogger("app.requests")
 
-REQUEST_ID_HEADER = "X-Request-ID"
 METRICS_PATH = "/metrics"
 UNMATCHED_ROUTE = "unmatched"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -263,7 +262,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# --- the request middleware ----------------------------------------------------------------
+# --- request ids and route names, for app.middleware.ServiceMiddleware ----------------------
 
 class _RequestIds:
     """Request ids: 16 random hex digits per process, then a counter (32 hex digits in all).

@@ -336,9 +336,12 @@ class ElbowCache:
         self._fingerprint: str | None = None
         self._checked_at = -math.inf
 
+    def _fingerprint_is_fresh(self) -> bool:
+        return self._fingerprint is not None and time.monotonic() - self._checked_at < DATASET_CHECK_SECONDS
+
     async def _dataset_fingerprint(self) -> str:
         # The file is looked at no more than once a second, not on every request.
-        if self._fingerprint is not None and time.monotonic() - self._checked_at < DATASET_CHECK_SECONDS:
+        if self._fingerprint_is_fresh():
             return self._fingerprint
         path = Path(self.settings.data_path)
         try:
@@ -358,7 +361,7 @@ class ElbowCache:
 
     def ready_json(self, k_min: int = 2, k_max: int = 10) -> bytes | None:
         """The answer of `get_json` when it is at hand without waiting for anything, else None."""
-        if self._fingerprint is None or time.monotonic() - self._checked_at >= DATASET_CHECK_SECONDS:
+        if not self._fingerprint_is_fresh():
             return None
         return self._json.get((self._fingerprint, k_min, k_max))
 
