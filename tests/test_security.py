@@ -11,15 +11,19 @@ import base64
 import csv
 import io
 import json
+import os
+import threading
 import time
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from jose import jwt
+from sqlalchemy import select
 
+from app.auth import _hashing_pool
 from app.config import Settings
-from app.database import Role
+from app.database import LoginFailure, Role
 from app.main import create_app
 from tests.conftest import CUSTOMER, PASSWORD, TEST_SECRET, login_headers
 
@@ -297,6 +301,44 @@ async def test_api2_a_burst_of_parallel_guesses_is_still_throttled(client, make_
     assert set(codes) <= {401, 429} and codes.count(429) >= 1, codes
     assert (await client.post("/auth/login", data={"username": user["username"],
                                                    "password": PASSWORD})).status_code == 429
+
+
+@pytest.mark.parametrize("settings_overrides", [{"login_max_failures_per_user": 100, "login_max_failures_per_ip": 2,
+                                                 "login_window_seconds": 60}], ids=["ip-limit-2"])
+async def test_api2_refused_attempts_do_not_keep_an_address_blocked(client, app, make_user):
+    """Logins still hashing hold the address's budget; the 429s they cause are no guesses and count for nothing.
+
+    Counted, every retry while refused would keep the address blocked for the whole window
+    after the logins in flight succeed, as an office behind one address would see at 9 a.m.
+    """
+    first, _ = await make_user(Role.user)
+    second, _ = await make_user(Role.user)
+    third, _ = await make_user(Role.user)
+    hashing_busy = threading.Event()
+    hashing_pool = _hashing_pool()
+    blockers = [hashing_pool.submit(hashing_busy.wait, 30) for _ in range(os.cpu_count() or 1)]
+    try:
+        in_flight = [asyncio.create_task(client.post("/auth/login", data={"username": user["username"],
+                                                                          "password": PASSWORD}))
+                     for user in (first, second)]
+        async with app.state.database.sessionmaker() as session:
+            for _ in range(500):  # until both have been counted and wait for the hashing threads
+                counted = (await session.execute(select(LoginFailure.failures).where(
+                    LoginFailure.key == "ip:127.0.0.1"))).scalar_one_or_none()
+                if counted == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert counted == 2
+        for _ in range(3):
+            refused = await client.post("/auth/login", data={"username": third["username"], "password": PASSWORD})
+            assert refused.status_code == 429
+    finally:
+        hashing_busy.set()
+        for blocker in blockers:
+            blocker.result(timeout=30)
+    assert [(await task).status_code for task in in_flight] == [200, 200]
+    assert (await client.post("/auth/login", data={"username": third["username"],
+                                                   "password": PASSWORD})).status_code == 200
 
 
 # =====================================================================================

@@ -215,6 +215,7 @@ def issue_token(user: User, settings: Settings) -> tuple[str, int]:
 # burst of parallel guesses cannot slip past the limit while the first ones are still hashing.
 # A successful login gives its attempt back: the account's count is cleared and the address's
 # count loses the one attempt that succeeded.
+# An attempt refused with 429 is not counted at all: no password was checked.
 
 def _throttle_keys(user: User | None, login_name: str, client_ip: str | None) -> list[tuple[str, str]]:
     # The username and the email of one account share one budget; unknown names count by name.
@@ -246,10 +247,14 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
         failures, window_start = (await session.execute(upsert)).one()
         if failures > _limit(kind, settings):
             blocked_for = max(blocked_for, (window_start + window - now).total_seconds())
-    await session.commit()
     if blocked_for > 0:
+        # A refused attempt checks no password, so it is no guess: it does not count. Counted,
+        # a client retrying while throttled (or a burst of correct logins from one address
+        # still hashing) would keep the address blocked long after the window that caused it.
+        await session.rollback()
         raise TooManyRequests("Too many failed login attempts; try again later",
                               retry_after=math.ceil(blocked_for))
+    await session.commit()
 
 
 async def _give_back_attempt(session: AsyncSession, keys: list[tuple[str, str]]) -> None:
