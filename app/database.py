@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +104,86 @@ class PredictionHistory(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class HistoryCount(Base):
+    """How many history rows a user has: a history page's total without counting the rows.
+
+    Kept by triggers on prediction_history (`history_count_triggers`), in the transaction
+    of each insert and delete, whichever code path or process makes it.
+    """
+
+    __tablename__ = "history_counts"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True,
+                                         autoincrement=False)
+    total: Mapped[int] = mapped_column(Integer)
+
+
+# SQLite runs a trigger per row; PostgreSQL once per statement over its transition table, so
+# a batch of 500 rows touches each user's count once (in user order: two batches that hold
+# the same users take their row locks in the same order and cannot deadlock).
+_HISTORY_COUNT_TRIGGERS = {
+    "sqlite": [
+        """CREATE TRIGGER prediction_history_count_insert AFTER INSERT ON prediction_history
+        BEGIN
+            INSERT INTO history_counts (user_id, total) VALUES (NEW.user_id, 1)
+            ON CONFLICT (user_id) DO UPDATE SET total = total + 1;
+        END""",
+        """CREATE TRIGGER prediction_history_count_delete AFTER DELETE ON prediction_history
+        BEGIN
+            UPDATE history_counts SET total = total - 1 WHERE user_id = OLD.user_id;
+        END""",
+    ],
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION prediction_history_count_insert() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO history_counts AS kept (user_id, total)
+            SELECT user_id, count(*) FROM inserted_rows GROUP BY user_id ORDER BY user_id
+            ON CONFLICT (user_id) DO UPDATE SET total = kept.total + EXCLUDED.total;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER prediction_history_count_insert AFTER INSERT ON prediction_history
+        REFERENCING NEW TABLE AS inserted_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION prediction_history_count_insert()""",
+        """CREATE OR REPLACE FUNCTION prediction_history_count_delete() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE history_counts AS kept SET total = kept.total - gone.n
+            FROM (SELECT user_id, count(*) AS n FROM deleted_rows GROUP BY user_id ORDER BY user_id) AS gone
+            WHERE kept.user_id = gone.user_id;
+            RETURN NULL;
+        END $$""",
+        """CREATE TRIGGER prediction_history_count_delete AFTER DELETE ON prediction_history
+        REFERENCING OLD TABLE AS deleted_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION prediction_history_count_delete()""",
+    ],
+}
+_HISTORY_COUNT_TRIGGER_NAMES = ("prediction_history_count_insert", "prediction_history_count_delete")
+
+
+def history_count_triggers(dialect: str) -> list[str]:
+    """Statements that (re)create the triggers keeping history_counts; dropping old ones first."""
+    if dialect == "postgresql":
+        drops = [f"DROP TRIGGER IF EXISTS {name} ON prediction_history" for name in _HISTORY_COUNT_TRIGGER_NAMES]
+    else:
+        drops = [f"DROP TRIGGER IF EXISTS {name}" for name in _HISTORY_COUNT_TRIGGER_NAMES]
+    return drops + _HISTORY_COUNT_TRIGGERS[dialect]
+
+
+RECOUNT_HISTORY = [
+    "DELETE FROM history_counts",
+    "INSERT INTO history_counts (user_id, total) "
+    "SELECT user_id, count(*) FROM prediction_history GROUP BY user_id",
+]
+
+
+@event.listens_for(Base.metadata, "after_create")
+def _create_history_count_triggers(_metadata, connection, **_kw) -> None:
+    # The migrations create them too (revision 0002); this covers `metadata.create_all`.
+    for statement in history_count_triggers(connection.dialect.name):
+        connection.exec_driver_sql(statement)
+
+
 class BatchPrediction(Base):
     """One batch scoring request: counted in statistics, not listed as history."""
 
@@ -162,13 +243,40 @@ class ServiceState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+# A pooled server connection used within this many seconds is handed out as it is; one idle
+# for longer is pinged first, and replaced if the server closed it meanwhile (a restart, an
+# idle timeout). SQLAlchemy's `pool_pre_ping` pings on every checkout: with asyncpg that is
+# BEGIN, a query and ROLLBACK, three round trips before each request's first statement.
+PING_IDLE_SECONDS = 1.0
+
+
+def _ping_idle_connections(sync_engine) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def opened(_dbapi_connection, record) -> None:
+        record.info["used_at"] = time.monotonic()
+
+    @event.listens_for(sync_engine, "checkin")
+    def returned(_dbapi_connection, record) -> None:
+        record.info["used_at"] = time.monotonic()
+
+    @event.listens_for(sync_engine, "checkout")
+    def ping_if_idle(dbapi_connection, record, _proxy) -> None:
+        if time.monotonic() - record.info.get("used_at", 0.0) <= PING_IDLE_SECONDS:
+            return
+        try:
+            sync_engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool opens a new connection instead
+            raise DisconnectionError(f"a pooled connection was closed while idle: {exc}") from exc
+        record.info["used_at"] = time.monotonic()
+
+
 class Database:
     """One engine and one session factory for the process."""
 
     def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
+        kwargs: dict = {"echo": echo}
         if self.is_sqlite:
             # How long a statement waits for another connection's write lock before "database is locked".
             kwargs["connect_args"] = {"timeout": busy_timeout}
@@ -180,6 +288,7 @@ class Database:
             self._guard_sqlite_file()
         else:
             event.listen(self.engine.sync_engine, "do_connect", _report_unreachable_server)
+            _ping_idle_connections(self.engine.sync_engine)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def _guard_sqlite_file(self) -> None:

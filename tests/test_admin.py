@@ -1,6 +1,8 @@
 """Admin routes: users with activity, self-protection, last-admin guard, statistics."""
 from __future__ import annotations
 
+import asyncio
+
 from app.database import Role
 from tests.conftest import CUSTOMER, PASSWORD
 
@@ -74,3 +76,29 @@ async def test_stats_count_users_roles_and_predictions(client, make_user, admin_
     assert stats["total_predictions"] == 3
     assert sum(stats["predictions_by_cluster"].values()) == 3
     assert stats["model"]["version"] == trained_model["model_version"]
+
+
+async def test_history_counts_follow_predictions_and_deleted_accounts(client, make_user, admin_headers,
+                                                                       trained_model):
+    """Totals in history pages and the admin list stay exact as rows come and accounts go."""
+    kept, kept_headers = await make_user(Role.user)
+    leaving, leaving_headers = await make_user(Role.user)
+    for headers, n in ((kept_headers, 4), (leaving_headers, 3)):
+        answers = await asyncio.gather(*(client.post("/predict", json=CUSTOMER, headers=headers) for _ in range(n)))
+        assert [a.status_code for a in answers] == [200] * n
+    assert (await client.get("/history?limit=1", headers=kept_headers)).json()["total"] == 4
+    listing = (await client.get("/admin/users", headers=admin_headers)).json()
+    assert listing["total_predictions"] == 7
+    assert {u["id"]: u["total_predictions"] for u in listing["users"]}[leaving["id"]] == 3
+
+    assert (await client.delete(f"/admin/users/{leaving['id']}", headers=admin_headers)).status_code in (200, 204)
+    listing = (await client.get("/admin/users", headers=admin_headers)).json()
+    assert listing["total_predictions"] == 4
+    assert {u["id"]: u["total_predictions"] for u in listing["users"]}[kept["id"]] == 4
+    # A new account starts from nothing, even where the database reuses the deleted one's id.
+    newcomer, newcomer_headers = await make_user(Role.user)
+    assert (await client.get("/history", headers=newcomer_headers)).json()["total"] == 0
+    assert (await client.post("/predict", json=CUSTOMER, headers=newcomer_headers)).status_code == 200
+    page = (await client.get("/history", headers=newcomer_headers)).json()
+    assert page["total"] == 1 and len(page["history"]) == 1
+    assert (await client.get(f"/admin/users/{newcomer['id']}", headers=admin_headers)).json()["total_predictions"] == 1

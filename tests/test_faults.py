@@ -6,6 +6,7 @@ traceback or a server path.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -298,3 +299,33 @@ async def test_no_hostile_body_on_any_operation_yields_a_server_error(client, ap
                 assert_clean(response)
                 seen += 1
     assert seen >= 100
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+# The model follower would meet a closed connection first and have the pool renewed.
+@pytest.mark.parametrize("settings_overrides", [{"model_sync_seconds": 3600}], ids=["no-follower"])
+async def test_pooled_connections_the_server_closed_while_idle_are_replaced(client, make_user, trained_model,
+                                                                           database_url):
+    """A PostgreSQL restart or idle timeout closes pooled connections: the next requests still succeed."""
+    import asyncpg
+
+    from app.database import PING_IDLE_SECONDS
+
+    _, headers = await make_user(Role.user)
+    assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
+    assert (await client.get("/history", headers=headers)).status_code == 200
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        closed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()
+    assert closed >= 1
+    await asyncio.sleep(PING_IDLE_SECONDS + 0.2)
+    for _ in range(3):  # reads first: nothing retries them
+        page = await client.get("/history", headers=headers)
+        assert page.status_code == 200, page.text
+        predicted = await client.post("/predict", json=CUSTOMER, headers=headers)
+        assert predicted.status_code == 200, predicted.text
+    assert (await client.get("/history", headers=headers)).json()["total"] == 4

@@ -15,9 +15,9 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, inspect, select, text
+from sqlalchemy import delete, insert, inspect, select, text
 
-from app.database import Base, Database, User, utcnow
+from app.database import Base, Database, HistoryCount, PredictionHistory, User, utcnow
 from app.migrations import alembic_config, current_revisions, head_revisions, upgrade_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +82,36 @@ async def test_database_made_by_create_all_is_adopted_with_its_rows(database):
     async with database.sessionmaker() as session:
         user = (await session.execute(select(User))).scalar_one()
     assert (user.username, user.role, user.token_version) == ("old", "admin", 3)
+
+
+async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(database):
+    """A database from before the per-user counts gets them from its rows; triggers keep them after."""
+    def to_first_revision(connection) -> None:
+        command.upgrade(alembic_config(connection), "0001")
+
+    async with database.engine.begin() as conn:
+        await conn.run_sync(to_first_revision)
+        ids = []
+        for name in ("many", "few", "none"):
+            ids.append((await conn.execute(insert(User).values(
+                email=f"{name}@example.com", username=name, hashed_password="x", role="user", is_active=True,
+                token_version=0, created_at=utcnow(), updated_at=utcnow()).returning(User.id))).scalar_one())
+        rows = [{"user_id": user_id, "customer_data": {}, "cluster": 0, "cluster_name": "c", "confidence": 1.0,
+                 "model_version": "v", "created_at": utcnow()} for user_id, n in zip(ids, (5, 2)) for _ in range(n)]
+        await conn.execute(insert(PredictionHistory), rows)
+
+    await upgrade_database(database)
+
+    async def counts() -> dict[int, int]:
+        async with database.engine.connect() as conn:
+            return dict((await conn.execute(select(HistoryCount.user_id, HistoryCount.total))).all())
+
+    assert await counts() == {ids[0]: 5, ids[1]: 2}
+    async with database.engine.begin() as conn:
+        await conn.execute(insert(PredictionHistory), [{**rows[0], "user_id": ids[2]}] * 3)
+        await conn.execute(delete(PredictionHistory).where(PredictionHistory.id.in_(
+            select(PredictionHistory.id).where(PredictionHistory.user_id == ids[0]).limit(2).scalar_subquery())))
+    assert await counts() == {ids[0]: 3, ids[1]: 2, ids[2]: 3}
 
 
 async def test_a_legacy_table_missing_a_column_is_refused_untouched(database):

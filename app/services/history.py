@@ -9,15 +9,18 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Text, bindparam, cast, func, select, true
+from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, true
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database import Database, PredictionHistory
+from app.database import Database, HistoryCount, PredictionHistory
 
 logger = logging.getLogger("app.history")
 
-_COUNT = select(func.count(PredictionHistory.id)).where(PredictionHistory.user_id == bindparam("user_id"))
+# The total is the user's count, kept by triggers in the same transactions as the rows: as
+# cheap at a million rows as at ten, and as current as the rows it is read with.
+_COUNT = select(HistoryCount.total).where(HistoryCount.user_id == bindparam("user_id"))
 _ROWS = (
     select(
         PredictionHistory.id,
@@ -42,17 +45,20 @@ _KEYS = (
     .limit(bindparam("limit"))
     .offset(bindparam("skip"))
 )
-# Rows by id, the ids given as one JSON array (one statement whatever their number).
+# Rows by id, the ids given as one array (one statement whatever their number): a JSON
+# array for SQLite, a PostgreSQL array for PostgreSQL.
 _ITEM_IDS = func.json_each(bindparam("ids")).table_valued("value")
 _ITEMS = select(*_ROWS.selected_columns).where(PredictionHistory.id.in_(select(_ITEM_IDS.c.value)))
-# Over the network, the total and the page in one statement (one round trip, no transaction
-# needed for them to agree); a page past the end is one row of NULLs after the total.
-_total = _COUNT.subquery("total")
-_page = _ROWS.subquery("page")
-_TOTAL_AND_ROWS = (
-    select(*_total.c, *_page.c)
-    .select_from(_total.outerjoin(_page, true()))
-    .order_by(_page.c.created_at.desc(), _page.c.id.desc())
+_ITEMS_PG = select(*_ROWS.selected_columns).where(
+    PredictionHistory.id == any_(bindparam("ids", type_=postgresql.ARRAY(Integer))))
+# Over the network, the total and the page's keys in one statement (one round trip, no
+# transaction needed for them to agree); a page past the end is one row of NULLs after the total.
+_total = select(func.coalesce(_COUNT.scalar_subquery(), 0).label("total")).subquery("total")
+_page_keys = _KEYS.subquery("page")
+_TOTAL_AND_KEYS = (
+    select(*_total.c, *_page_keys.c)
+    .select_from(_total.outerjoin(_page_keys, true()))
+    .order_by(_page_keys.c.created_at.desc(), _page_keys.c.id.desc())
 )
 # A reader never waits for a writer under WAL; should it ever be told to wait, it gives up this soon.
 READ_BUSY_TIMEOUT_MS = 200
@@ -97,7 +103,8 @@ def _page(items: Iterable[str], *, total: int, skip: int, limit: int) -> bytes:
 def page_json(rows: Sequence[Sequence[Any]], *, total: int, skip: int, limit: int) -> bytes:
     """A HistoryPage as JSON, written straight from the page's rows (id, customer_data, ..., created_at).
 
-    tests/test_history_page.py holds it equal to HistoryPage's own serialization.
+    What HistoryReader sends, from kept rows or fresh ones; tests/test_history_page.py holds it
+    equal to HistoryPage's own serialization.
     """
     quoted: dict[str | None, str] = {}
     return _page([item_json(row, quoted) for row in rows], total=total, skip=skip, limit=limit)
@@ -106,18 +113,18 @@ def page_json(rows: Sequence[Sequence[Any]], *, total: int, skip: int, limit: in
 class HistoryReader:
     """Pages of a user's history, as the JSON of a HistoryPage.
 
-    The total and the page come from one snapshot, so they agree, and every commit made
-    before it (a prediction answered with 200) is in it. With SQLite the short reads run
+    The total and the page's keys come from one snapshot, so they agree, and every commit
+    made before it (a prediction answered with 200) is in it. With SQLite the short reads run
     right on the event loop through a private read-only connection: under WAL a reader never
     waits for a writer, and the reads take less time than one trip to aiosqlite's thread
     and back. PostgreSQL, or any trouble with the private connection, uses the engine.
 
-    History rows never change once written, so with SQLite each row's JSON is kept, keyed by
-    id and timestamp (SQLite may give a deleted row's id to a new row; never with the same
+    History rows never change once written, so each row's JSON is kept, keyed by id and
+    timestamp (SQLite may give a deleted row's id to a new row; never with the same
     microsecond). A page is then its keys, read from the index alone, and only the rows not
     kept yet are read and written out: a page of kept rows costs a fifth of a fresh one.
     Only rows the index lists for this user and page are ever sent, so a deleted row drops
-    out at once.
+    out at once (one deleted between the keys and the rows is left out of the page).
     """
 
     MAX_KEPT_ITEMS = 20_000  # about 10 MB
@@ -126,6 +133,7 @@ class HistoryReader:
         self.database = database
         # A single statement needs no transaction around it: no BEGIN and ROLLBACK round trips.
         self._engine = database.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine_items = _ITEMS_PG if database.engine.dialect.name == "postgresql" else _ITEMS
         self._path: str | None = None
         if database.is_sqlite:
             name = database.engine.url.database
@@ -147,7 +155,8 @@ class HistoryReader:
             try:
                 connection.execute("BEGIN")  # the total and the rows from one snapshot
                 try:
-                    total = connection.execute(self._count_sql, params).fetchone()[0]
+                    counted = connection.execute(self._count_sql, params).fetchone()
+                    total = counted[0] if counted is not None else 0
                     keys = connection.execute(self._keys_sql, params).fetchall()
                     self._keep_missing(connection, keys)
                 finally:
@@ -159,22 +168,39 @@ class HistoryReader:
                 items = self._items
                 return _page([items[key] for key in keys], total=total, skip=skip, limit=limit)
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(_TOTAL_AND_ROWS, params)).all()
-        total = rows[0][0] if rows else 0
-        return page_json([row[1:] for row in rows if row[1] is not None], total=total, skip=skip, limit=limit)
+            rows = (await conn.execute(_TOTAL_AND_KEYS, params)).all()
+            total = rows[0][0] if rows else 0
+            keys = [(row[1], row[2]) for row in rows if row[1] is not None]
+            missing = self._missing(keys)
+            page = {key: self._items[key] for key in keys if key in self._items}
+            if missing:
+                ids = missing if self._engine_items is _ITEMS_PG else json.dumps(missing)
+                page.update(self._keep(await conn.execute(self._engine_items, {"ids": ids})))
+        # Other pages may have been read meanwhile (and the kept rows cleared): this page's
+        # rows are the ones just gathered.
+        return _page([page[key] for key in keys if key in page], total=total, skip=skip, limit=limit)
 
-    def _keep_missing(self, connection: sqlite3.Connection, keys: list[tuple[int, str]]) -> None:
-        """Read and write out the rows of `keys` that are not kept yet."""
+    def _missing(self, keys: list[tuple[int, Any]]) -> list[int]:
+        """Ids of the rows of `keys` that are not kept yet (all of them when the store is full)."""
         items = self._items
         missing = [row_id for row_id, created in keys if (row_id, created) not in items]
-        if not missing:
-            return
-        if len(items) + len(missing) > self.MAX_KEPT_ITEMS:
+        if missing and len(items) + len(missing) > self.MAX_KEPT_ITEMS:
             items.clear()
             self._quoted.clear()
             missing = [row_id for row_id, _ in keys]
-        for row in connection.execute(self._items_sql, {"ids": json.dumps(missing)}):
-            items[(row[0], row[6])] = item_json(row, self._quoted)
+        return missing
+
+    def _keep(self, rows: Iterable[Sequence[Any]]) -> dict[tuple[int, Any], str]:
+        """Write out and keep each row's JSON; returns what was kept."""
+        kept = {(row[0], row[6]): item_json(row, self._quoted) for row in rows}
+        self._items.update(kept)
+        return kept
+
+    def _keep_missing(self, connection: sqlite3.Connection, keys: list[tuple[int, str]]) -> None:
+        """Read and write out the rows of `keys` that are not kept yet."""
+        missing = self._missing(keys)
+        if missing:
+            self._keep(connection.execute(self._items_sql, {"ids": json.dumps(missing)}))
 
     def _sqlite_connection(self) -> sqlite3.Connection | None:
         if self._path is None:

@@ -5,7 +5,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database import CustomerProfile, PredictionHistory, Role, User
+from app.database import CustomerProfile, HistoryCount, PredictionHistory, Role, User
 from app.errors import Conflict, Forbidden, NotFound
 
 
@@ -160,8 +160,7 @@ async def activity_counts(*, session: AsyncSession, user_ids: list[int]) -> dict
         return {}
     predictions = dict(
         (await session.execute(
-            select(PredictionHistory.user_id, func.count(PredictionHistory.id))
-            .where(PredictionHistory.user_id.in_(user_ids)).group_by(PredictionHistory.user_id)
+            select(HistoryCount.user_id, HistoryCount.total).where(HistoryCount.user_id.in_(user_ids))
         )).all()
     )
     profiles = dict(
@@ -178,7 +177,7 @@ async def totals(*, session: AsyncSession) -> dict[str, object]:
     by_role = dict((await session.execute(select(User.role, func.count(User.id)).group_by(User.role))).all())
     active = (await session.execute(select(func.count(User.id)).where(User.is_active.is_(True)))).scalar_one()
     total_users = sum(by_role.values())
-    total_predictions = (await session.execute(select(func.count(PredictionHistory.id)))).scalar_one()
+    total_predictions = (await session.execute(select(func.coalesce(func.sum(HistoryCount.total), 0)))).scalar_one()
     total_profiles = (await session.execute(select(func.count(CustomerProfile.id)))).scalar_one()
     return {
         "total_users": total_users,
