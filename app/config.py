@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_SQLITE_URL
     # SQLite: how long a write waits for another connection's lock before the request gets 503.
     db_busy_timeout_seconds: float = Field(default=15, gt=0, le=600)
+    # PostgreSQL: connections each worker keeps open (and up to half as many more for bursts).
+    db_pool_size: int = Field(default=20, ge=1, le=500)
     cors_origins: str = "http://localhost:5173,http://localhost:3000"
 
     model_dir: Path = Path("models")

@@ -273,7 +273,7 @@ def _ping_idle_connections(sync_engine) -> None:
 class Database:
     """One engine and one session factory for the process."""
 
-    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0, pool_size: int = 20) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict = {"echo": echo}
@@ -281,7 +281,9 @@ class Database:
             # How long a statement waits for another connection's write lock before "database is locked".
             kwargs["connect_args"] = {"timeout": busy_timeout}
         else:
-            kwargs.update(pool_size=10, max_overflow=20)
+            # Connections past the pool's size are closed when given back: under steady load above
+            # it, every request would open one (a TLS attempt, a login) and close it again.
+            kwargs.update(pool_size=pool_size, max_overflow=max(1, pool_size // 2))
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(int(busy_timeout * 1000)))

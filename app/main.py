@@ -142,7 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds)
+        database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds,
+                            pool_size=settings.db_pool_size)
         await upgrade_database(database)
         app.state.database = database
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
