@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     db_busy_timeout_seconds: float = Field(default=15, gt=0, le=600)
     # PostgreSQL: connections each worker keeps open (and up to half as many more for bursts).
     db_pool_size: int = Field(default=20, ge=1, le=500)
+    # PostgreSQL: how long a request waits for a free pooled connection before it gets 503.
+    db_pool_timeout_seconds: float = Field(default=30, gt=0, le=600)
     cors_origins: str = "http://localhost:5173,http://localhost:3000"
 
     model_dir: Path = Path("models")

@@ -273,7 +273,8 @@ def _ping_idle_connections(sync_engine) -> None:
 class Database:
     """One engine and one session factory for the process."""
 
-    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0, pool_size: int = 20,
+                 pool_timeout: float = 30.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict = {"echo": echo}
@@ -283,7 +284,7 @@ class Database:
         else:
             # Connections past the pool's size are closed when given back: under steady load above
             # it, every request would open one (a TLS attempt, a login) and close it again.
-            kwargs.update(pool_size=pool_size, max_overflow=max(1, pool_size // 2))
+            kwargs.update(pool_size=pool_size, max_overflow=max(1, pool_size // 2), pool_timeout=pool_timeout)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(int(busy_timeout * 1000)))

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -37,7 +38,7 @@ def _error(status_code: int, detail, headers: dict[str, str] | None = None) -> J
 
 def _database_unavailable(exc: Exception) -> JSONResponse | None:
     text = str(getattr(exc, "orig", exc)).lower()
-    if "locked" in text or "busy" in text:
+    if isinstance(exc, PoolTimeout) or "locked" in text or "busy" in text:  # PoolTimeout: every connection in use
         return _error(503, "The database is busy; try again shortly", {"Retry-After": "1"})
     if "unable to open" in text or "no such table" in text or "disk i/o" in text or "readonly" in text:
         return _error(503, "The database is unavailable", {"Retry-After": "5"})
@@ -105,6 +106,11 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.exception("database error")
         return _error(500, "Internal server error")
 
+    @app.exception_handler(PoolTimeout)
+    async def no_free_connection(_: Request, exc: PoolTimeout) -> JSONResponse:
+        logger.warning("database pool exhausted: %s", exc)
+        return _database_unavailable(exc)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         response = _database_unavailable(exc) if isinstance(exc, OperationalError) else None
@@ -143,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds,
-                            pool_size=settings.db_pool_size)
+                            pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout_seconds)
         await upgrade_database(database)
         app.state.database = database
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)

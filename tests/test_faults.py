@@ -329,3 +329,18 @@ async def test_pooled_connections_the_server_closed_while_idle_are_replaced(clie
         predicted = await client.post("/predict", json=CUSTOMER, headers=headers)
         assert predicted.status_code == 200, predicted.text
     assert (await client.get("/history", headers=headers)).json()["total"] == 4
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 1, "db_pool_timeout_seconds": 0.5}], ids=["pool-1"])
+async def test_every_pooled_connection_in_use_is_503_busy_then_served(app, client, make_user, trained_model):
+    _, headers = await make_user(Role.user)
+    engine = app.state.database.engine
+    async with engine.connect() as first, engine.connect() as second:  # the pool and its one extra
+        await first.exec_driver_sql("SELECT 1")
+        await second.exec_driver_sql("SELECT 1")
+        busy = await client.get("/history", headers=headers)
+        assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1, busy.text
+        assert "busy" in busy.json()["detail"].lower()
+        assert_clean(busy)
+    assert (await client.get("/history", headers=headers)).status_code == 200
