@@ -161,13 +161,22 @@ _HISTORY_COUNT_TRIGGERS = {
 _HISTORY_COUNT_TRIGGER_NAMES = ("prediction_history_count_insert", "prediction_history_count_delete")
 
 
+def drop_history_count_triggers(dialect: str, *, functions: bool = False) -> list[str]:
+    """Statements that drop the triggers keeping history_counts (and on PostgreSQL, their functions)."""
+    drops = []
+    for name in _HISTORY_COUNT_TRIGGER_NAMES:
+        if dialect == "postgresql":
+            drops.append(f"DROP TRIGGER IF EXISTS {name} ON prediction_history")
+            if functions:
+                drops.append(f"DROP FUNCTION IF EXISTS {name}()")
+        else:
+            drops.append(f"DROP TRIGGER IF EXISTS {name}")
+    return drops
+
+
 def history_count_triggers(dialect: str) -> list[str]:
     """Statements that (re)create the triggers keeping history_counts; dropping old ones first."""
-    if dialect == "postgresql":
-        drops = [f"DROP TRIGGER IF EXISTS {name} ON prediction_history" for name in _HISTORY_COUNT_TRIGGER_NAMES]
-    else:
-        drops = [f"DROP TRIGGER IF EXISTS {name}" for name in _HISTORY_COUNT_TRIGGER_NAMES]
-    return drops + _HISTORY_COUNT_TRIGGERS[dialect]
+    return drop_history_count_triggers(dialect) + _HISTORY_COUNT_TRIGGERS[dialect]
 
 
 RECOUNT_HISTORY = [
@@ -282,8 +291,8 @@ class Database:
             # How long a statement waits for another connection's write lock before "database is locked".
             kwargs["connect_args"] = {"timeout": busy_timeout}
         else:
-            # Connections past the pool's size are closed when given back: under steady load above
-            # it, every request would open one (a TLS attempt, a login) and close it again.
+            # `pool_size` connections stay open; a burst may open half as many more, each closed
+            # again when it is given back.
             kwargs.update(pool_size=pool_size, max_overflow=max(1, pool_size // 2), pool_timeout=pool_timeout)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:

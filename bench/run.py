@@ -554,11 +554,9 @@ def measure_endpoints(load: LoadGenerator, bare: Server, targets: dict[str, tupl
                 report.answered += result.requests - result.status_errors
     report.committed = history_total_now() - history_before
     for label, runs in results.items():
-        report.rows[label] = {
-            "rps": median([r.rps for r in runs]), "p50": median([r.p50_ms for r in runs]),
-            "p99": median([r.p99_ms for r in runs]), "cpu_us": median([r.cpu_us for r in runs]),
-            "ratio": 1.0 if label == BARE_LABEL else median(ratios[label]),
-        }
+        row = median_result(runs)
+        report.rows[label] = {"rps": row.rps, "p50": row.p50_ms, "p99": row.p99_ms, "cpu_us": row.cpu_us,
+                              "ratio": 1.0 if label == BARE_LABEL else median(ratios[label])}
 
 
 def median_result(results: list[LoadResult]) -> LoadResult:
@@ -566,7 +564,8 @@ def median_result(results: list[LoadResult]) -> LoadResult:
     return LoadResult(rps=median([r.rps for r in results]), p50_ms=median([r.p50_ms for r in results]),
                       p99_ms=median([r.p99_ms for r in results]), requests=sum(r.requests for r in results),
                       status_errors=sum(r.status_errors for r in results),
-                      socket_errors=sum(r.socket_errors for r in results))
+                      socket_errors=sum(r.socket_errors for r in results),
+                      cpu_us=median([r.cpu_us for r in results]))
 
 
 def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, report: Report) -> None:

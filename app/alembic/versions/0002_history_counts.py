@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.database import RECOUNT_HISTORY, history_count_triggers
+from app.database import RECOUNT_HISTORY, drop_history_count_triggers, history_count_triggers
 
 revision = "0002"
 down_revision = "0001"
@@ -37,10 +37,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    suffix = " ON prediction_history" if bind.dialect.name == "postgresql" else ""
-    for name in ("prediction_history_count_insert", "prediction_history_count_delete"):
-        op.execute(f"DROP TRIGGER IF EXISTS {name}{suffix}")
-        if bind.dialect.name == "postgresql":
-            op.execute(f"DROP FUNCTION IF EXISTS {name}()")
+    for statement in drop_history_count_triggers(op.get_bind().dialect.name, functions=True):
+        op.execute(statement)
     op.drop_table("history_counts")
