@@ -49,11 +49,12 @@ model: $(VENV)/.installed data/customers.csv
 		$(PY) -m app train --csv data/customers.csv; \
 	fi
 
-# uvloop and httptools come with uvicorn[standard]. The app logs every request itself, with its
-# request id; uvicorn's access log would repeat those lines and cost about 30% of the throughput.
+# uvloop and httptools come with uvicorn[standard]; app.serving is uvloop accepting a burst of new
+# connections at once. The app logs every request itself, with its request id; uvicorn's access
+# log would repeat those lines and cost about 30% of the throughput.
 run: install dataset admin model
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) \
-		--loop uvloop --http httptools --no-access-log
+		--loop app.serving:new_event_loop --http httptools --no-access-log
 
 test: install-dev
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

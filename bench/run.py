@@ -3,7 +3,8 @@
     .venv/bin/python bench/run.py            # the full run behind `make bench` (about nine minutes)
     .venv/bin/python bench/run.py --quick    # a smoke run of a few seconds per row, part of `make test`
 
-Both apps run as one uvicorn worker with uvloop, httptools and no access log. wrk drives
+Both apps run as one uvicorn worker on the service's event loop (app.serving: uvloop accepting
+a burst of new connections at once), with httptools and no access log. wrk drives
 each endpoint with 64 connections, in rounds that alternate between the bare app and the
 service: every row is measured right after the bare app and reported as a ratio to that
 measurement, so a noisy machine moves both sides alike. The service gets a temporary SQLite
@@ -244,7 +245,8 @@ def free_port() -> int:
 
 def uvicorn_flags() -> list[str]:
     flags = ["--workers", "1", "--no-access-log", "--log-level", "warning"]
-    for module, flag in (("uvloop", ["--loop", "uvloop"]), ("httptools", ["--http", "httptools"])):
+    # The loop `make run` serves on, for the bare app too: both accept new connections alike.
+    for module, flag in (("uvloop", ["--loop", "app.serving:new_event_loop"]), ("httptools", ["--http", "httptools"])):
         try:
             __import__(module)
             flags += flag

@@ -1,8 +1,9 @@
 """Real processes: servers sharing one database and model folder, trainings killed mid-way, predictions
 during a long training.
 
-Each server is `uvicorn app.main:app` in a subprocess on a free port, configured through the
-environment only (its working directory is a scratch folder, so no `.env` applies). The pair shares
+Each server is `uvicorn app.main:app` on the event loop `make run` uses, in a subprocess on a free
+port, configured through the environment only (its working directory is a scratch folder, so no
+`.env` applies). The pair shares
 DATABASE_URL and MODEL_DIR, exactly as `uvicorn --workers 2` or two instances behind a load balancer do.
 """
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"{name}.log"
         command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--no-access-log", "--log-level", "warning"]
+                   "--loop", "app.serving:new_event_loop", "--no-access-log", "--log-level", "warning"]
         if workers > 1:
             command += ["--workers", str(workers)]
         self.process = subprocess.Popen(command, cwd=home, env=env, stdout=self.log.open("wb"),
@@ -293,5 +294,47 @@ def test_uvicorn_with_two_workers_agrees_on_the_model_and_on_revoked_tokens(tmp_
         with server.client(token) as http:
             assert http.post("/auth/logout").status_code in (200, 204)
         wait_for(lambda: {r.status_code for r in each_worker("/auth/me", token)} == {401}, 1.0, 0.05)
+    finally:
+        server.stop()
+
+
+def test_a_burst_of_new_connections_is_answered_and_every_connection_closes(tmp_path):
+    """100 clients connect at once, each with its own connection, while others keep the worker busy;
+    all get their answer, the worker holds no descriptor for them afterwards, and SIGTERM ends it cleanly.
+    """
+    env = prepare(tmp_path)
+    server = Server(tmp_path, env, "burst").wait_ready()
+    try:
+        worker = psutil.Process(server.process.pid)
+        token = login(server, USER)
+        with server.client(token) as http:
+            http.get("/history")  # the first request's one-time work is done before the count
+        descriptors_before = worker.num_fds()
+        stop = threading.Event()
+
+        def keep_busy() -> int:
+            answered = 0
+            with server.client(token) as http:
+                while not stop.is_set():
+                    assert http.get("/history").status_code == 200
+                    answered += 1
+            return answered
+
+        def fresh_connection(_) -> int:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                return http.get("/").status_code
+
+        with ThreadPoolExecutor(4) as busy:
+            loads = [busy.submit(keep_busy) for _ in range(4)]
+            with ThreadPoolExecutor(100) as burst:
+                statuses = list(burst.map(fresh_connection, range(100)))
+            stop.set()
+            assert all(load.result() > 0 for load in loads)
+        assert statuses == [200] * 100
+        wait_for(lambda: worker.num_fds() <= descriptors_before, 5.0, 0.05)
+        os.killpg(server.process.pid, signal.SIGTERM)
+        # uvicorn shuts down, then ends with the signal it caught
+        assert server.process.wait(timeout=20) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.log.read_text() and "ERROR" not in server.log.read_text()
     finally:
         server.stop()

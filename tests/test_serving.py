@@ -1,0 +1,135 @@
+"""The event loop `make run` serves on (app.serving): uvloop that accepts a burst of connections at once.
+
+Here the loop is driven directly, to count its passes; tests/test_multiprocess.py serves the
+whole app on it through uvicorn, as `make run` does.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from app import serving
+
+pytest.importorskip("uvloop", reason="uvloop is not installed on this platform: app.serving is asyncio's loop")
+
+
+class Recorder(asyncio.Protocol):
+    made: list[int] = []
+    passes = 0
+
+    def connection_made(self, transport):
+        Recorder.made.append(Recorder.passes)
+        transport.write(b"hello")
+
+    def data_received(self, data):
+        pass
+
+
+def count_passes(loop: asyncio.AbstractEventLoop) -> None:
+    Recorder.passes += 1
+    loop.call_soon(count_passes, loop)
+
+
+def connect_while_busy(port: int, clients: int, opened: list[socket.socket], ready: threading.Event) -> None:
+    for _ in range(clients):
+        opened.append(socket.create_connection(("127.0.0.1", port)))  # the kernel completes the handshake
+    ready.set()
+
+
+def test_connections_that_arrive_while_the_loop_is_busy_are_accepted_in_one_pass():
+    """60 clients connect while a pass of the loop is busy; all are served within a few passes.
+
+    uvloop's own server (libuv 1.45 and later) accepts one connection per pass, so the last of
+    them would wait 60 passes: on a loaded worker, 60 times the time it takes to answer every
+    request that is ready.
+    """
+    clients = 60
+    loop = serving.new_event_loop()
+    opened: list[socket.socket] = []
+    Recorder.made, Recorder.passes = [], 0
+    try:
+        server = loop.run_until_complete(loop.create_server(Recorder, "127.0.0.1", 0, backlog=128))
+        port = server.sockets[0].getsockname()[1]
+        ready = threading.Event()
+        client_thread = threading.Thread(target=connect_while_busy, args=(port, clients, opened, ready))
+
+        def busy_pass() -> None:  # one long pass: the clients connect during it
+            client_thread.start()
+            assert ready.wait(10)
+            loop.call_soon(count_passes, loop)
+
+        loop.call_soon(busy_pass)
+        deadline = time.monotonic() + 10
+
+        async def until_all_made() -> None:
+            while len(Recorder.made) < clients and time.monotonic() < deadline:
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(until_all_made())
+        assert len(Recorder.made) == clients
+        assert max(Recorder.made) <= 5, Recorder.made
+        for client in opened:  # and every one of them is a working connection
+            client.settimeout(5)
+            assert client.recv(5) == b"hello"
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        for client in opened:
+            client.close()
+        loop.close()
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_then_serves_the_waiting_client(monkeypatch):
+    """EMFILE on accept: the error is logged, accepting resumes after ACCEPT_RETRY_SECONDS, nobody is dropped."""
+    monkeypatch.setattr(serving, "ACCEPT_RETRY_SECONDS", 0.2)
+    loop = serving.new_event_loop()
+    Recorder.made, Recorder.passes = [], 0
+    failures = []
+    real_accept = socket.socket.accept
+
+    def accept_out_of_descriptors(self):
+        if not failures:
+            failures.append(time.monotonic())
+            raise OSError(24, "Too many open files")
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept_out_of_descriptors)
+    client = None
+    try:
+        server = loop.run_until_complete(loop.create_server(Recorder, "127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+
+        async def until_made() -> None:
+            deadline = time.monotonic() + 10
+            while not Recorder.made and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        loop.run_until_complete(until_made())
+        assert Recorder.made and failures
+        assert time.monotonic() - failures[0] >= 0.2
+        client.settimeout(5)
+        assert client.recv(5) == b"hello"
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+    finally:
+        if client is not None:
+            client.close()
+        loop.close()
+
+
+def test_tls_and_unstarted_servers_keep_uvloops_own_server():
+    loop = serving.new_event_loop()
+    try:
+        server = loop.run_until_complete(loop.create_server(Recorder, "127.0.0.1", 0, start_serving=False))
+        assert not isinstance(server, serving.BurstAcceptServer) and not server.is_serving()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+    finally:
+        loop.close()
