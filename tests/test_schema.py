@@ -1,6 +1,8 @@
 """Customer feature rules: every broken rule is a 422 naming the field, on every route that takes them."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import CUSTOMER
@@ -63,3 +65,17 @@ async def test_body_that_is_not_an_object_is_422(client, user_headers):
         response = await client.post("/predict", content=body,
                                      headers={**user_headers, "Content-Type": "application/json"})
         assert response.status_code == 422
+
+
+@pytest.mark.parametrize("path,body", [("/predict", CUSTOMER), ("/predict/batch", {"customers": [CUSTOMER]})])
+async def test_a_json_body_must_be_sent_as_json(client, trained_model, user_headers, path, body):
+    """As for every declared body: JSON with a JSON Content-Type (or none) is read; any other type is a 422."""
+    raw = json.dumps(body)
+    for content_type in ("application/json", "application/json; charset=utf-8", None):
+        headers = {**user_headers, **({"Content-Type": content_type} if content_type else {})}
+        assert (await client.post(path, content=raw, headers=headers)).status_code == 200, content_type
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+        refused = await client.post(path, content=raw, headers={**user_headers, "Content-Type": content_type})
+        assert refused.status_code == 422, content_type
+        assert refused.json()["detail"][0]["loc"] == ["body"]
+        assert "application/json" in refused.json()["detail"][0]["msg"]

@@ -113,6 +113,31 @@ def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
         ) from None
 
 
+BodyModel = TypeVar("BodyModel", bound=BaseModel)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+async def _read_json_body(model: type[BodyModel], request: Request) -> BodyModel:
+    """The JSON body parsed and validated by `model` in one step; a 422 like FastAPI's for declared bodies.
+
+    As FastAPI does, a body is read as JSON when its Content-Type says JSON or is missing.
+    """
+    content_type = request.headers.get("content-type")
+    if content_type and not _is_json(content_type):
+        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "input": None,
+                                       "msg": "The body must be a JSON object sent as application/json"}])
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+        ) from None
+
+
 def _data_error(exc: DataValidationError) -> InvalidInput:
     return InvalidInput(exc.message, exc.problems)
 
@@ -167,9 +192,15 @@ async def history(request: Request, user: CurrentUser) -> Response:
     "/predict",
     summary="Which segment is this customer in?",
     description="Assigns one customer to a segment of the active model and records it in the caller's history.",
+    response_model=PredictionResult,
     responses=errors(401, 403, 409, 422),
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/CustomerFeatures"}}}}},
 )
-async def predict(customer: CustomerFeatures, user: CurrentUser, request: Request) -> PredictionResult:
+async def predict(request: Request, user: CurrentUser) -> Response:
+    # The body is read and validated in one Pydantic step, and the answer serialized in one:
+    # FastAPI's declared body and response model cost about a tenth of this request.
+    customer = await _read_json_body(CustomerFeatures, request)
     served = request.app.state.models.require()
     cluster, name, confidence = served.assign([customer])[0]
     request.app.state.metrics.count_predictions(served.names, cluster, "single")
@@ -178,8 +209,9 @@ async def predict(customer: CustomerFeatures, user: CurrentUser, request: Reques
         user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
         model_version=served.version,
     ))
-    return PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
-                            model_version=served.version)
+    answer = PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
+                              model_version=served.version)
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -253,12 +285,7 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
     # The body is read first, so an over-cap upload is a 413 whatever else is wrong.
     upload = await _csv_upload(request)
     if upload is None:
-        try:
-            body = BatchRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
-            ) from None
+        body = await _read_json_body(BatchRequest, request)
         limit = request.app.state.settings.max_batch_rows
         if len(body.customers) > limit:
             raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)",
