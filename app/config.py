@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(default=0.5, ge=0, le=1.0)
 
     metrics_enabled: bool = True
+    # When set, GET /metrics answers only requests with `Authorization: Bearer <metrics_token>`.
+    metrics_token: str = ""
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
 

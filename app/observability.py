@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from starlette.types import Scope
 
 from app.config import Settings
+from app.errors import Unauthorized
 
 access_logger = logging.getLogger("app.requests")
 
@@ -318,8 +319,14 @@ def install_observability(app: FastAPI, settings: Settings) -> Metrics:
         return metrics
     metrics.watch_models(app)
 
+    token = settings.metrics_token.encode()
+
     @app.get(METRICS_PATH, include_in_schema=False)
-    async def prometheus_metrics(_: Request) -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if token:
+            scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(credentials.strip().encode(), token):
+                raise Unauthorized("GET /metrics needs the metrics token (METRICS_TOKEN) as a bearer token")
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics

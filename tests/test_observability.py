@@ -158,6 +158,18 @@ async def test_each_app_has_its_own_registry(client, app):
     assert other.state.metrics.registry is not app.state.metrics.registry
 
 
+@pytest.mark.parametrize("settings_overrides", [{"metrics_token": "scrape-token-1234"}])
+async def test_metrics_token_lets_only_the_scraper_read_the_metrics(client, user_headers):
+    """With METRICS_TOKEN set, /metrics answers only that bearer token; a user's token is not it."""
+    for headers in ({}, user_headers, {"Authorization": "Bearer scrape-token-123"},
+                    {"Authorization": "Basic scrape-token-1234"}):
+        refused = await client.get("/metrics", headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "METRICS_TOKEN" in refused.json()["detail"] and "http_requests_total" not in refused.text
+    scraped = await client.get("/metrics", headers={"Authorization": "Bearer scrape-token-1234"})
+    assert scraped.status_code == 200 and "http_requests_total" in scraped.text
+
+
 @pytest.mark.parametrize("settings_overrides", [{"metrics_enabled": False}])
 async def test_metrics_can_be_turned_off(client):
     assert (await client.get("/metrics")).status_code == 404
