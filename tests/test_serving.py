@@ -124,11 +124,19 @@ def test_running_out_of_file_descriptors_pauses_accepting_then_serves_the_waitin
         loop.close()
 
 
-def test_tls_and_unstarted_servers_keep_uvloops_own_server():
+def test_a_server_created_without_serving_is_uvloops_own_and_not_listening():
     loop = serving.new_event_loop()
     try:
         server = loop.run_until_complete(loop.create_server(Recorder, "127.0.0.1", 0, start_serving=False))
         assert not isinstance(server, serving.BurstAcceptServer) and not server.is_serving()
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        loop.run_until_complete(server.start_serving())
+        Recorder.made = []
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+            loop.run_until_complete(asyncio.sleep(0.1))
+            assert len(Recorder.made) == 1 and client.recv(5) == b"hello"
         server.close()
         loop.run_until_complete(server.wait_closed())
     finally:
