@@ -344,3 +344,32 @@ async def test_every_pooled_connection_in_use_is_503_busy_then_served(app, clien
         assert "busy" in busy.json()["detail"].lower()
         assert_clean(busy)
     assert (await client.get("/history", headers=headers)).status_code == 200
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 2, "db_pool_timeout_seconds": 0.5}], ids=["pool-2"])
+async def test_history_pages_beyond_the_pool_take_turns_and_a_long_wait_is_503_busy(app, client, make_user,
+                                                                                   trained_model):
+    """Pages read through the pool wait their turn; one kept waiting DB_POOL_TIMEOUT_SECONDS gets 503, as
+    a request waiting for the pool itself does, and the page in front is answered once it can be."""
+    _, headers = await make_user(Role.user)
+    for _ in range(3):
+        assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
+    pages = await asyncio.gather(*(client.get("/history", headers=headers) for _ in range(12)))
+    assert [page.json()["total"] for page in pages] == [3] * 12
+
+    engine = app.state.database.engine
+    async with engine.connect() as locker:
+        await locker.exec_driver_sql("LOCK TABLE history_counts IN ACCESS EXCLUSIVE MODE")
+        held = asyncio.create_task(client.get("/history", headers=headers))  # takes the turn, waits on the lock
+        for _ in range(500):
+            if (await locker.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar() >= 1:
+                break
+            await asyncio.sleep(0.01)
+        busy = await asyncio.wait_for(client.get("/history", headers=headers), 10)
+        assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1, busy.text
+        assert "busy" in busy.json()["detail"].lower()
+        assert_clean(busy)
+        await locker.rollback()
+    assert (await held).json()["total"] == 3
+    assert (await client.get("/history", headers=headers)).json()["total"] == 3
