@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from app import auth
 from app.auth_schema import LoginRequest, Message, Token, UserCreate, UserPublic
 from app.deps import CurrentUser, PrincipalDep, SessionDep, SettingsDep
-from app.routes.responses import errors
+from app.routes.responses import errors, validation_error
 from app.services import auth as auth_service
 from app.services import users as user_service
 
@@ -63,9 +63,7 @@ async def _read_login(request: Request) -> LoginRequest:
         form = await request.form()
         return LoginRequest.model_validate({"username": form.get("username"), "password": form.get("password")})
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False, include_context=False)]
-        ) from None
+        raise validation_error(exc, "body") from None
 
 
 @router.post(

@@ -14,7 +14,7 @@ from app.database import Role
 from app.deps import AnalystUser, CurrentUser
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
-from app.routes.responses import ErrorBody, errors
+from app.routes.responses import ErrorBody, errors, validation_error
 from app.schema import (
     BatchRequest,
     BatchResult,
@@ -108,9 +108,7 @@ def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
     try:
         return model.model_validate(dict(request.query_params))
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
-        ) from None
+        raise validation_error(exc, "query") from None
 
 
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
@@ -133,9 +131,7 @@ async def _read_json_body(model: type[BodyModel], request: Request) -> BodyModel
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
-        ) from None
+        raise validation_error(exc, "body") from None
 
 
 def _data_error(exc: DataValidationError) -> InvalidInput:

@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -179,36 +180,38 @@ class HistoryReader:
             else:
                 items = self._items
                 return _page([items[key] for key in keys], total=total, skip=skip, limit=limit)
-        await self._take_slot()
-        try:
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(_TOTAL_AND_KEYS, params)).all()
-                total = rows[0][0] if rows else 0
-                keys = [(row[1], row[2]) for row in rows if row[1] is not None]
-                missing = self._missing(keys)
-                page = {key: self._items[key] for key in keys if key in self._items}
-                if missing:
-                    ids = missing if self._engine_items is _ITEMS_PG else json.dumps(missing)
-                    page.update(self._keep(await conn.execute(self._engine_items, {"ids": ids})))
-        finally:
-            if self._slots is not None:
-                self._slots.release()
+        async with self._turn(), self._engine.connect() as conn:
+            rows = (await conn.execute(_TOTAL_AND_KEYS, params)).all()
+            total = rows[0][0] if rows else 0
+            keys = [(row[1], row[2]) for row in rows if row[1] is not None]
+            missing = self._missing(keys)
+            page = {key: self._items[key] for key in keys if key in self._items}
+            if missing:
+                ids = missing if self._engine_items is _ITEMS_PG else json.dumps(missing)
+                page.update(self._keep(await conn.execute(self._engine_items, {"ids": ids})))
         # Other pages may have been read meanwhile (and the kept rows cleared): this page's
         # rows are the ones just gathered.
         return _page([page[key] for key in keys if key in page], total=total, skip=skip, limit=limit)
 
-    async def _take_slot(self) -> None:
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
         """A place among the pages read through the pool; as the pool does, 503 after DB_POOL_TIMEOUT_SECONDS."""
-        if self._slots is None:
+        slots = self._slots
+        if slots is None:
+            yield
             return
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: taken at once, no suspension
-            return
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._slot_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(f"no history read slot free within {self._slot_timeout:g} s") from None
+        else:
+            await slots.acquire()  # free: taken at once, no suspension
         try:
-            async with asyncio.timeout(self._slot_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout(f"no history read slot free within {self._slot_timeout:g} s") from None
+            yield
+        finally:
+            slots.release()
 
     def _missing(self, keys: list[tuple[int, Any]]) -> list[int]:
         """Ids of the rows of `keys` that are not kept yet (all of them when the store is full)."""
