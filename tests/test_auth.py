@@ -89,6 +89,15 @@ async def test_login_with_form_and_json_and_email(client):
     assert me.status_code == 200 and me.json()["username"] == "ana"
 
 
+async def test_login_reads_json_whatever_the_media_type_is_spelled(client):
+    await client.post("/auth/register", json=NEW_USER)
+    body = b'{"username": "ana", "password": "s3cret-pass"}'
+    for content_type in ("Application/JSON; charset=utf-8", "application/vnd.api+json"):
+        response = await client.post("/auth/login", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 200, (content_type, response.text)
+        assert response.json()["user"]["username"] == "ana"
+
+
 async def test_wrong_password_and_unknown_user_get_the_same_401(client):
     await client.post("/auth/register", json=NEW_USER)
     wrong = await client.post("/auth/login", data={"username": "ana", "password": "wrong-pass"})

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from app import auth
 from app.auth_schema import LoginRequest, Message, Token, UserCreate, UserPublic
 from app.deps import CurrentUser, PrincipalDep, SessionDep, SettingsDep
-from app.routes.responses import errors, validation_error
+from app.routes.responses import errors, is_json, validation_error
 from app.services import auth as auth_service
 from app.services import users as user_service
 
@@ -50,9 +50,8 @@ async def register(body: UserCreate, session: SessionDep, settings: SettingsDep)
 
 
 async def _read_login(request: Request) -> LoginRequest:
-    content_type = request.headers.get("content-type", "")
     try:
-        if content_type.startswith("application/json"):
+        if is_json(request.headers.get("content-type", "")):
             try:
                 payload = await request.json()
             except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes

@@ -14,7 +14,7 @@ from app.database import Role
 from app.deps import AnalystUser, CurrentUser
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
-from app.routes.responses import ErrorBody, errors, validation_error
+from app.routes.responses import ErrorBody, errors, is_json, validation_error
 from app.schema import (
     BatchRequest,
     BatchResult,
@@ -114,18 +114,13 @@ def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
-def _is_json(content_type: str) -> bool:
-    media_type = content_type.partition(";")[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
-
-
 async def _read_json_body(model: type[BodyModel], request: Request) -> BodyModel:
     """The JSON body parsed and validated by `model` in one step; a 422 like FastAPI's for declared bodies.
 
     As FastAPI does, a body is read as JSON when its Content-Type says JSON or is missing.
     """
     content_type = request.headers.get("content-type")
-    if content_type and not _is_json(content_type):
+    if content_type and not is_json(content_type):
         raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "input": None,
                                        "msg": "The body must be a JSON object sent as application/json"}])
     try:

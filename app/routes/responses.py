@@ -33,3 +33,9 @@ def validation_error(exc: ValidationError, where: str) -> RequestValidationError
     return RequestValidationError(
         [{**e, "loc": (where, *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
     )
+
+
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type says JSON (`application/json` or `application/...+json`, any case), as FastAPI reads it."""
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
