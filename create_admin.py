@@ -6,6 +6,7 @@
 Creates the database tables on a fresh database. Exits 0 whether it created the
 accounts or found them. With APP_ENV=production it refuses the default passwords.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--username", default=DEFAULT_ADMIN[0], help="username of the account to create (default: %(default)s)")
-    parser.add_argument("--password", default=DEFAULT_ADMIN[1],
-                        help="its password (default: %(default)s; refused when APP_ENV=production)")
+    parser.add_argument(
+        "--username", default=DEFAULT_ADMIN[0], help="username of the account to create (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--password",
+        default=DEFAULT_ADMIN[1],
+        help="its password (default: %(default)s; refused when APP_ENV=production)",
+    )
     parser.add_argument("--email", default=None, help="its email (default: <username>@example.com)")
     parser.add_argument("--full-name", default="Administrator", help="its full name (default: %(default)s)")
-    parser.add_argument("--role", choices=[r.value for r in Role], default=Role.admin.value,
-                        help="role of the account created by --username (default: %(default)s)")
-    parser.add_argument("--test-username", default=DEFAULT_USER[0], help="username of the plain test user, role user (default: %(default)s)")
-    parser.add_argument("--test-password", default=DEFAULT_USER[1], help="its password (default: %(default)s; refused when APP_ENV=production)")
+    parser.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        default=Role.admin.value,
+        help="role of the account created by --username (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-username",
+        default=DEFAULT_USER[0],
+        help="username of the plain test user, role user (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-password",
+        default=DEFAULT_USER[1],
+        help="its password (default: %(default)s; refused when APP_ENV=production)",
+    )
     parser.add_argument("--no-test-user", action="store_true", help="create only the --username account, no test user")
     return parser.parse_args(argv)
 
 
-async def ensure_user(database: Database, *, username: str, password: str, email: str, full_name: str,
-                      role: Role, rounds: int) -> None:
+async def ensure_user(
+    database: Database, *, username: str, password: str, email: str, full_name: str, role: Role, rounds: int
+) -> None:
     async with database.sessionmaker() as session:
         existing = await user_service.find_by_login(session=session, login=username)
         if existing is not None:
@@ -70,8 +89,9 @@ async def ensure_user(database: Database, *, username: str, password: str, email
             return
         hashed = auth.hash_password(password, rounds)
         try:
-            await user_service.create(session=session, email=email, username=username, full_name=full_name,
-                                      hashed_password=hashed, role=role)
+            await user_service.create(
+                session=session, email=email, username=username, full_name=full_name, hashed_password=hashed, role=role
+            )
         except Conflict as exc:
             print(f"User '{username}' not created: {exc.message}.")
             return
@@ -81,16 +101,21 @@ async def ensure_user(database: Database, *, username: str, password: str, email
 async def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = get_settings()
-    accounts = [(args.username, args.password, args.email or f"{args.username}@example.com", args.full_name,
-                 Role(args.role))]
+    accounts = [
+        (args.username, args.password, args.email or f"{args.username}@example.com", args.full_name, Role(args.role))
+    ]
     if not args.no_test_user:
-        accounts.append((args.test_username, args.test_password, f"{args.test_username}@example.com",
-                         "Test User", Role.user))
+        accounts.append(
+            (args.test_username, args.test_password, f"{args.test_username}@example.com", "Test User", Role.user)
+        )
     if settings.app_env == "production":
         weak = [name for name, password, *_ in accounts if password in DEFAULT_PASSWORDS or len(password) < 8]
         if weak:
-            print(f"Refusing default or short passwords in production for: {', '.join(weak)}. "
-                  "Pass --password (and --test-password, or --no-test-user).", file=sys.stderr)
+            print(
+                f"Refusing default or short passwords in production for: {', '.join(weak)}. "
+                "Pass --password (and --test-password, or --no-test-user).",
+                file=sys.stderr,
+            )
             return 2
     database = Database(settings.database_url)
     try:
@@ -98,8 +123,15 @@ async def main(argv: list[str] | None = None) -> int:
 
         await upgrade_database(database)
         for username, password, email, full_name, role in accounts:
-            await ensure_user(database, username=username, password=password, email=email, full_name=full_name,
-                              role=role, rounds=settings.bcrypt_rounds)
+            await ensure_user(
+                database,
+                username=username,
+                password=password,
+                email=email,
+                full_name=full_name,
+                role=role,
+                rounds=settings.bcrypt_rounds,
+            )
     finally:
         await database.dispose()
     return 0

@@ -14,6 +14,7 @@ Usage:
     python generate_dataset.py --rows 1000000 --out /tmp/big.csv
     python generate_dataset.py --with-labels        # adds the latent Segment column
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=5000, help="number of customers (default 5000)")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output CSV (default {DEFAULT_OUT})")
-    parser.add_argument(
-        "--with-labels", action="store_true", help="add a Segment column with the latent customer type"
-    )
+    parser.add_argument("--with-labels", action="store_true", help="add a Segment column with the latent customer type")
     args = parser.parse_args(argv)
     if args.rows < 1:
         parser.error("--rows must be at least 1")

@@ -3,6 +3,7 @@
 It uses the same database and model folder as the service, so a model trained here
 becomes the active version the running service switches to.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,18 @@ Progress bars are drawn on stderr when it is a terminal.
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description="Customer Segmentation from the shell.",
-                                     epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show the service's informational log lines (default: warnings only)")
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Customer Segmentation from the shell.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the service's informational log lines (default: warnings only)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a new model version and make it active")
@@ -96,8 +105,15 @@ class _ProgressFile(io.FileIO):
 def read_training_csv(path: Path, *, progress: bool | None = None):
     """The validated feature matrix of `path`, with a bar over the bytes read (chunk by chunk)."""
     total = path.stat().st_size
-    with tqdm(total=total, desc="Reading CSV", unit="B", unit_scale=True, unit_divisor=1024,
-              disable=None if progress is None else not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=total,
+        desc="Reading CSV",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if progress is None else not progress,
+        file=sys.stderr,
+    ) as bar:
         with io.BufferedReader(_ProgressFile(path, bar)) as fh:
             features = load_training_matrix(fh)
         bar.update(total - bar.n)
@@ -110,6 +126,7 @@ async def _with_timer(description: str, work):
     Fitting is one opaque step, so this is a timer, not a percentage.
     """
     with tqdm(desc=description, bar_format="{desc}: {elapsed}", disable=None, file=sys.stderr) as timer:
+
         async def tick() -> None:
             while True:
                 await asyncio.sleep(0.5)
@@ -136,23 +153,29 @@ async def _train(args, store, settings) -> int:
     except DataValidationError as exc:
         print(f"error: {source}: {exc.message}", file=sys.stderr)
         for problem in exc.problems:
-            where = ", ".join(str(p) for p in (problem.get("line") and f"line {problem['line']}",
-                                                  problem.get("column")) if p)
+            where = ", ".join(
+                str(p) for p in (problem.get("line") and f"line {problem['line']}", problem.get("column")) if p
+            )
             print(f"  {where + ': ' if where else ''}{problem['reason']}", file=sys.stderr)
         return 2
     print(f"Training on {len(features):,} rows" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
     try:
-        served = await _with_timer("Training", store.train(
-            features, n_clusters=args.k, random_state=args.random_state, created_by="cli"))
+        served = await _with_timer(
+            "Training", store.train(features, n_clusters=args.k, random_state=args.random_state, created_by="cli")
+        )
     except DataValidationError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     meta = served.metadata
-    print(f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, "
-          f"{meta.get('duration_seconds')} s")
+    print(
+        f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, "
+        f"{meta.get('duration_seconds')} s"
+    )
     for segment in served.segments:
-        print(f"  {segment['cluster_id']}: {segment['cluster_name']} ({segment['size']} customers, "
-              f"{segment['percentage']}%)")
+        print(
+            f"  {segment['cluster_id']}: {segment['cluster_name']} ({segment['size']} customers, "
+            f"{segment['percentage']}%)"
+        )
     return 0
 
 
@@ -160,13 +183,26 @@ async def _predict(args, store, settings) -> int:
     from app.schema import CustomerFeatures
 
     served = store.require()
-    customer = CustomerFeatures.model_validate({
-        "sex": args.sex, "age": args.age, "annual_income": args.income, "spending_score": args.spending,
-        "purchase_frequency": args.frequency,
-    })
+    customer = CustomerFeatures.model_validate(
+        {
+            "sex": args.sex,
+            "age": args.age,
+            "annual_income": args.income,
+            "spending_score": args.spending,
+            "purchase_frequency": args.frequency,
+        }
+    )
     cluster, name, confidence = served.assign([customer])[0]
-    print(json.dumps({"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4),
-                      "model_version": served.version}))
+    print(
+        json.dumps(
+            {
+                "cluster": cluster,
+                "cluster_name": name,
+                "confidence": round(confidence, 4),
+                "model_version": served.version,
+            }
+        )
+    )
     return 0
 
 
@@ -176,8 +212,10 @@ async def _models(args, store, settings) -> int:
         print("No model versions yet: python -m app train")
     for v in versions:
         mark = "*" if v["active"] else " "
-        print(f"{mark} {v['version']}  k={v['n_clusters']}  silhouette={v['silhouette_score']}  "
-              f"n={v['n_samples']}  by={v['created_by'] or '-'}  {v['created_at']:%Y-%m-%d %H:%M}")
+        print(
+            f"{mark} {v['version']}  k={v['n_clusters']}  silhouette={v['silhouette_score']}  "
+            f"n={v['n_samples']}  by={v['created_by'] or '-'}  {v['created_at']:%Y-%m-%d %H:%M}"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Password hashing and access tokens: pure functions, no routes, no database."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -88,8 +89,11 @@ def _lower_priority() -> None:
 def _hashing_pool() -> ThreadPoolExecutor:
     # One thread per core but one: more would only queue in the scheduler instead of here, and
     # one core is left to the event loop however many logins come at once.
-    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="password-hashing",
-                              initializer=_lower_priority)
+    return ThreadPoolExecutor(
+        max_workers=max(1, (os.cpu_count() or 1) - 1),
+        thread_name_prefix="password-hashing",
+        initializer=_lower_priority,
+    )
 
 
 async def in_hashing_thread(func: Callable[..., T], *args: Any) -> T:
@@ -113,7 +117,7 @@ class InvalidToken(Exception):
 def create_access_token(
     user_id: int, token_version: int, secret_key: str, expires_minutes: int, algorithm: str = "HS256"
 ) -> tuple[str, TokenClaims]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     claims = TokenClaims(
         user_id=user_id,
         jti=uuid.uuid4().hex,
@@ -134,14 +138,16 @@ def create_access_token(
 def decode_access_token(token: str, secret_key: str) -> TokenClaims:
     try:
         payload = jwt.decode(
-            token, secret_key, algorithms=ALGORITHMS, options={"require_sub": True, "require_exp": True,
-                                                              "require_iat": True, "require_jti": True}
+            token,
+            secret_key,
+            algorithms=ALGORITHMS,
+            options={"require_sub": True, "require_exp": True, "require_iat": True, "require_jti": True},
         )
         return TokenClaims(
             user_id=int(payload["sub"]),
             jti=str(payload["jti"]),
-            issued_at=datetime.fromtimestamp(int(payload["iat"]), timezone.utc),
-            expires_at=datetime.fromtimestamp(int(payload["exp"]), timezone.utc),
+            issued_at=datetime.fromtimestamp(int(payload["iat"]), UTC),
+            expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
             token_version=int(payload.get("ver", 0)),
         )
     except (JWTError, KeyError, TypeError, ValueError, OverflowError) as exc:

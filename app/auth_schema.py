@@ -1,4 +1,5 @@
 """User and token schemas: what clients send and see about people."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -16,8 +17,15 @@ Password = Annotated[str, Field(min_length=8, max_length=128)]
 FullName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 PrimaryKey = Annotated[int, Field(gt=0, le=2**31 - 1)]
 
-USER_EXAMPLE = {"id": 7, "email": "ana@example.com", "username": "ana", "full_name": "Ana Lima", "role": "user",
-                "is_active": True, "created_at": "2025-01-31T09:30:00Z"}
+USER_EXAMPLE = {
+    "id": 7,
+    "email": "ana@example.com",
+    "username": "ana",
+    "full_name": "Ana Lima",
+    "role": "user",
+    "is_active": True,
+    "created_at": "2025-01-31T09:30:00Z",
+}
 
 
 class UserCreate(BaseModel):
@@ -53,8 +61,9 @@ class UserUpdate(BaseModel):
     """Changes to one's own account. `password` needs the right `current_password`."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"full_name": "Ana M. Lima"}, {"password": "n3w-passw0rd",
-                                                                       "current_password": "s3cret-pass"}]}
+        json_schema_extra={
+            "examples": [{"full_name": "Ana M. Lima"}, {"password": "n3w-passw0rd", "current_password": "s3cret-pass"}]
+        }
     )
 
     # Each may be left out; only `full_name` may be null (to clear it).
@@ -73,8 +82,11 @@ class LoginRequest(BaseModel):
 
 
 class Token(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "access_token": "<JWT>", "token_type": "bearer", "expires_in": 3600, "user": USER_EXAMPLE}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"access_token": "<JWT>", "token_type": "bearer", "expires_in": 3600, "user": USER_EXAMPLE}]
+        }
+    )
 
     access_token: str
     token_type: Literal["bearer"] = "bearer"
@@ -96,25 +108,36 @@ class UserList(BaseModel):
 
 
 class UserWithProfileStats(UserPublic):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**USER_EXAMPLE, "total_predictions": 42, "total_saved_profiles": 3}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**USER_EXAMPLE, "total_predictions": 42, "total_saved_profiles": 3}]}
+    )
 
     total_predictions: int
     total_saved_profiles: int
 
 
 class AdminUserView(UserPublic):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}]}
+    )
 
     total_predictions: int
     total_profiles: int
 
 
 class AdminUserList(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "users": [{**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}], "total": 1,
-        "total_predictions": 42, "total_profiles": 3}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "users": [{**USER_EXAMPLE, "total_predictions": 42, "total_profiles": 3}],
+                    "total": 1,
+                    "total_predictions": 42,
+                    "total_profiles": 3,
+                }
+            ]
+        }
+    )
 
     users: list[AdminUserView]
     total: int

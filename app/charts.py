@@ -4,6 +4,7 @@ Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas,
 never through pyplot, so there is no global figure state and the functions
 can run concurrently in worker threads.
 """
+
 from __future__ import annotations
 
 import base64
@@ -137,8 +138,9 @@ def _size_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
     sizes = [int(s["size"]) for s in segments]
     bars = ax.barh(labels, sizes, color=colors, edgecolor="black", linewidth=0.4)
     ax.invert_yaxis()
-    ax.bar_label(bars, labels=[f"{n:,} ({s['percentage']:.1f}%)" for n, s in zip(sizes, segments)],
-                 padding=4, fontsize=9)
+    ax.bar_label(
+        bars, labels=[f"{n:,} ({s['percentage']:.1f}%)" for n, s in zip(sizes, segments)], padding=4, fontsize=9
+    )
     ax.set_xlabel("customers")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
     ax.margins(x=0.2)

@@ -1,4 +1,5 @@
 """Service settings: one object, read from the environment and `.env`."""
+
 from __future__ import annotations
 
 import logging
@@ -79,7 +80,7 @@ class Settings(BaseSettings):
         return origins
 
     @model_validator(mode="after")
-    def _check_secret(self) -> "Settings":
+    def _check_secret(self) -> Settings:
         if self.app_env == "production":
             if not self.secret_key or self.secret_key == EXAMPLE_SECRET_KEY:
                 raise ValueError("SECRET_KEY must be set to your own value when APP_ENV=production")
@@ -111,13 +112,13 @@ class Settings(BaseSettings):
 def normalize_database_url(url: str) -> str:
     """Accept the sync spellings users know and pick the async driver."""
     if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     if url.startswith("postgres://"):
-        return "postgresql+asyncpg://" + url[len("postgres://"):]
+        return "postgresql+asyncpg://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
-        return "postgresql+asyncpg://" + url[len("postgresql://"):]
+        return "postgresql+asyncpg://" + url[len("postgresql://") :]
     if url.startswith("postgresql+psycopg2://"):
-        return "postgresql+asyncpg://" + url[len("postgresql+psycopg2://"):]
+        return "postgresql+asyncpg://" + url[len("postgresql+psycopg2://") :]
     return url
 
 

@@ -1,10 +1,11 @@
 """Engine, session factory and the ORM tables."""
+
 from __future__ import annotations
 
 import enum
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
@@ -28,7 +29,7 @@ from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -39,12 +40,12 @@ class UTCDateTime(TypeDecorator):
 
     def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc) if value is not None else None
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
@@ -113,8 +114,9 @@ class HistoryCount(Base):
 
     __tablename__ = "history_counts"
 
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True,
-                                         autoincrement=False)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
     total: Mapped[int] = mapped_column(Integer)
 
 
@@ -181,8 +183,7 @@ def history_count_triggers(dialect: str) -> list[str]:
 
 RECOUNT_HISTORY = [
     "DELETE FROM history_counts",
-    "INSERT INTO history_counts (user_id, total) "
-    "SELECT user_id, count(*) FROM prediction_history GROUP BY user_id",
+    "INSERT INTO history_counts (user_id, total) SELECT user_id, count(*) FROM prediction_history GROUP BY user_id",
 ]
 
 
@@ -282,8 +283,15 @@ def _ping_idle_connections(sync_engine) -> None:
 class Database:
     """One engine and one session factory for the process."""
 
-    def __init__(self, url: str, *, echo: bool = False, busy_timeout: float = 15.0, pool_size: int = 20,
-                 pool_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        busy_timeout: float = 15.0,
+        pool_size: int = 20,
+        pool_timeout: float = 30.0,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict = {"echo": echo}

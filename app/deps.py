@@ -1,9 +1,10 @@
 """Typed dependencies shared by the routes: session, caller, role gates, paging."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -52,7 +53,10 @@ class BearerAuth(OAuth2PasswordBearer):
         if passed is None:
             generation = cache.generation
             principal = await auth_service.authenticate_token(
-                sessionmaker=state.database.sessionmaker, settings=state.settings, cache=cache, token=token,
+                sessionmaker=state.database.sessionmaker,
+                settings=state.settings,
+                cache=cache,
+                token=token,
             )
             cache.remember_passed(token, principal, generation)
             user, user_id, role = principal.user, principal.user.id, principal.user.role
@@ -68,7 +72,7 @@ get_principal = BearerAuth(principal=True)
 get_current_user = BearerAuth()
 
 
-@lru_cache(maxsize=None)
+@cache
 def require_role(*roles: Role) -> BearerAuth:
     """A gate for these roles; the same object for the same roles, so FastAPI checks once per request."""
     return BearerAuth(*roles)

@@ -1,4 +1,5 @@
 """Domain errors raised by services; one handler renders them as JSON."""
+
 from __future__ import annotations
 
 

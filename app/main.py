@@ -1,4 +1,5 @@
 """Create the app: lifespan (tables, the active model), routers, error handlers."""
+
 from __future__ import annotations
 
 import gc
@@ -17,6 +18,7 @@ from app.config import Settings, get_settings
 from app.database import Database
 from app.docs import install_docs
 from app.errors import AppError
+from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
@@ -26,7 +28,6 @@ from app.services.history import HistoryReader
 from app.services.models import ModelStore
 from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
-from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -51,8 +52,16 @@ def _unstorable_value(exc: DBAPIError) -> JSONResponse | None:
     """PostgreSQL's data exceptions (SQLSTATE class 22, e.g. a NUL character in text) come from the request."""
     sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
     if sqlstate.startswith("22"):
-        return _error(422, [{"type": "value_not_storable", "loc": ["body"],
-                             "msg": "A value cannot be stored (text may not contain NUL characters)"}])
+        return _error(
+            422,
+            [
+                {
+                    "type": "value_not_storable",
+                    "loc": ["body"],
+                    "msg": "A value cannot be stored (text may not contain NUL characters)",
+                }
+            ],
+        )
     return None
 
 
@@ -121,8 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(hardening_headers(request.scope))
         origin = request.headers.get("origin")
         if origin and origin in request.app.state.settings.cors_origin_list:
-            response.headers.update({"Access-Control-Allow-Origin": origin,
-                                     "Access-Control-Allow-Credentials": "true", "Vary": "Origin"})
+            response.headers.update(
+                {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true", "Vary": "Origin"}
+            )
         return response
 
 
@@ -148,8 +158,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        database = Database(settings.database_url, busy_timeout=settings.db_busy_timeout_seconds,
-                            pool_size=settings.db_pool_size, pool_timeout=settings.db_pool_timeout_seconds)
+        database = Database(
+            settings.database_url,
+            busy_timeout=settings.db_busy_timeout_seconds,
+            pool_size=settings.db_pool_size,
+            pool_timeout=settings.db_pool_timeout_seconds,
+        )
         await upgrade_database(database)
         app.state.database = database
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
@@ -192,19 +206,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # prefix, tags, responses and dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
 
-    @app.get("/", tags=["health"], summary="Health check",
-             description="Whether the service is up and which model version it serves.")
+    @app.get(
+        "/",
+        tags=["health"],
+        summary="Health check",
+        description="Whether the service is up and which model version it serves.",
+    )
     async def health(request: Request) -> Health:
         model = request.app.state.models.current
-        return Health(version=API_VERSION, model_loaded=model is not None,
-                      model_version=model.version if model is not None else None)
+        return Health(
+            version=API_VERSION,
+            model_loaded=model is not None,
+            model_version=model.version if model is not None else None,
+        )
 
     for module in (auth, users, profiles, admin):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, cors_origins=settings.cors_origin_list,
-                       upload_limit=settings.max_upload_bytes, json_limit=settings.max_json_body_bytes)
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=metrics,
+        cors_origins=settings.cors_origin_list,
+        upload_limit=settings.max_upload_bytes,
+        json_limit=settings.max_json_body_bytes,
+    )
     document_body_limit(app)
     install_error_handlers(app)
     install_docs(app)

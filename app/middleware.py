@@ -8,6 +8,7 @@ are read in one pass, `send` is wrapped once and the response headers are extend
 CORS stays Starlette's `CORSMiddleware`, called only for requests that carry an `Origin`
 (the only ones it acts on); the others get the `Vary: Origin` it would have added.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,14 +97,20 @@ class ServiceMiddleware:
     response to a request with credentials and on everything under /auth/.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, cors_origins: list[str],
-                 upload_limit: int, json_limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, cors_origins: list[str], upload_limit: int, json_limit: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.upload_limit = upload_limit
         self.json_limit = json_limit
-        cors = {"allow_origins": cors_origins, "allow_credentials": True, "allow_methods": CORS_ALLOW_METHODS,
-                "allow_headers": CORS_ALLOW_HEADERS, "expose_headers": CORS_EXPOSE_HEADERS}
+        cors = {
+            "allow_origins": cors_origins,
+            "allow_credentials": True,
+            "allow_methods": CORS_ALLOW_METHODS,
+            "allow_headers": CORS_ALLOW_HEADERS,
+            "expose_headers": CORS_EXPOSE_HEADERS,
+        }
         self._cors_app = CORSMiddleware(app, **cors)
         self._cors_capped = CORSMiddleware(self._capped, **cors)
 
@@ -170,11 +177,23 @@ class ServiceMiddleware:
                 duration_ms = round(elapsed * 1000, 1)
                 user_id = state.get("user_id") if isinstance(state, dict) else None
                 access_logger.log(
-                    level, "%s %s %s %.1fms", method, route, status, duration_ms,
-                    extra={"request_id": request_id, "fields": {
-                        "method": method, "route": route, "path": scope.get("path", ""), "status": status,
-                        "duration_ms": duration_ms, "user_id": user_id,
-                    }},
+                    level,
+                    "%s %s %s %.1fms",
+                    method,
+                    route,
+                    status,
+                    duration_ms,
+                    extra={
+                        "request_id": request_id,
+                        "fields": {
+                            "method": method,
+                            "route": route,
+                            "path": scope.get("path", ""),
+                            "status": status,
+                            "duration_ms": duration_ms,
+                            "user_id": user_id,
+                        },
+                    },
                 )
             # After an unhandled error the id stays set: Starlette's 500 handler runs next in
             # this task, and the traceback it logs should carry the id too.
@@ -226,19 +245,27 @@ class ServiceMiddleware:
     async def _too_large(send: Send, limit: int, kind: str) -> None:
         message = f"Request body too large: the limit for {kind} is {limit / 1024 / 1024:.3g} MB"
         body = json.dumps({"detail": message}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close")],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 TOO_LARGE_RESPONSE = {
     "description": "Request body too large: over MAX_JSON_BODY_MB, or MAX_UPLOAD_MB for uploads",
-    "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}},
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+        }
+    },
 }
 
 

@@ -7,6 +7,7 @@ process re-reads the revision once it holds the lock, so only the first one migr
 A database made by the old `create_all` (tables, no `alembic_version`) is adopted by the
 first revision: its tables and rows are kept and only what is missing is added.
 """
+
 from __future__ import annotations
 
 import logging

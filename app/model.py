@@ -6,6 +6,7 @@ is never mutated by prediction, so one instance can serve concurrent calls.
 
 Features are :data:`app.preprocess.FEATURES`, standard-scaled, in that order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ MINIBATCH_MIN_ROWS = 200_000
 N_INIT = 3
 _PREDICT_CHUNK_ROWS = 65_536
 
-_INCOME, _SPENDING, _FREQUENCY, _AGE = (FEATURES.index(name) for name in (
-    "annual_income", "spending_score", "purchase_frequency", "age"))
+_INCOME, _SPENDING, _FREQUENCY, _AGE = (
+    FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")
+)
 _NOTABLE_Z = 0.5  # a centroid this many standard deviations off the mean is "high"/"low"
 _AGE_Z = 0.75
 
@@ -253,9 +255,7 @@ def _candidate_k(n: int, distinct: int, k_min: int, k_max: int) -> list[int]:
     return list(range(k_min, top + 1))
 
 
-def elbow(
-    X: Any, *, k_min: int = 2, k_max: int = 10, random_state: int = 42
-) -> dict[str, Any]:
+def elbow(X: Any, *, k_min: int = 2, k_max: int = 10, random_state: int = 42) -> dict[str, Any]:
     """Inertia and sampled silhouette for k = k_min..k_max on standard-scaled X.
 
     Returns ``{"optimal_k", "k_range", "inertias", "silhouette_scores",
@@ -454,8 +454,13 @@ class SegmentationModel:
         mean = np.asarray(self.scaler.mean_, dtype=np.float64)
         scale = np.asarray(self.scaler.scale_, dtype=np.float64)
         centers = np.asarray(self.kmeans.cluster_centers_, dtype=np.float64)
-        if mean.shape != (len(FEATURES),) or scale.shape != mean.shape or centers.ndim != 2 \
-                or centers.shape[1] != len(FEATURES) or centers.shape[0] < 2:
+        if (
+            mean.shape != (len(FEATURES),)
+            or scale.shape != mean.shape
+            or centers.ndim != 2
+            or centers.shape[1] != len(FEATURES)
+            or centers.shape[0] < 2
+        ):
             raise ModelLoadError("scaler and K-Means do not fit the four customer features")
         inv_scale = 1.0 / scale
         folded = centers + mean * inv_scale
@@ -520,9 +525,7 @@ class SegmentationModel:
             if k < 2:
                 raise DataValidationError(f"n_clusters must be at least 2, got {k}")
             if n < _min_rows(k):
-                raise DataValidationError(
-                    f"need at least {_min_rows(k)} customers to form {k} segments, got {n}"
-                )
+                raise DataValidationError(f"need at least {_min_rows(k)} customers to form {k} segments, got {n}")
             if distinct < k and (n == len(sample) or _distinct_rows(arr) < k):
                 raise DataValidationError(f"the data has fewer than {k} distinct customers; cannot form {k} segments")
             selection = {"method": "fixed", "requested_k": k}
@@ -614,24 +617,27 @@ class SegmentationModel:
             )
 
         n = len(X)
-        sums = np.stack([np.bincount(labels, weights=X[:, j].astype(np.float64), minlength=k)
-                         for j in range(len(FEATURES))], axis=1)
+        sums = np.stack(
+            [np.bincount(labels, weights=X[:, j].astype(np.float64), minlength=k) for j in range(len(FEATURES))], axis=1
+        )
         means = sums / sizes[:, None]
         names = segment_names(z, centers)
         segments = []
         for i in range(k):
             pct = 100.0 * sizes[i] / n
-            segments.append({
-                "cluster_id": i,
-                "cluster_name": names[i],
-                "size": int(sizes[i]),
-                "percentage": round(float(pct), 2),
-                "avg_age": round(float(means[i, _AGE]), 2),
-                "avg_income": round(float(means[i, _INCOME]), 2),
-                "avg_spending_score": round(float(means[i, _SPENDING]), 2),
-                "avg_purchase_frequency": round(float(means[i, _FREQUENCY]), 2),
-                "description": _describe(means[i], z[i], pct),
-            })
+            segments.append(
+                {
+                    "cluster_id": i,
+                    "cluster_name": names[i],
+                    "size": int(sizes[i]),
+                    "percentage": round(float(pct), 2),
+                    "avg_age": round(float(means[i, _AGE]), 2),
+                    "avg_income": round(float(means[i, _INCOME]), 2),
+                    "avg_spending_score": round(float(means[i, _SPENDING]), 2),
+                    "avg_purchase_frequency": round(float(means[i, _FREQUENCY]), 2),
+                    "description": _describe(means[i], z[i], pct),
+                }
+            )
 
         # Silhouette of the final labelling on a sample (the selection sample's
         # silhouette rows when available, so the numbers line up).
@@ -646,7 +652,7 @@ class SegmentationModel:
 
         inertia = float(kmeans.inertia_)
         fingerprint = hashlib.sha256(np.ascontiguousarray(X, dtype=np.float32).tobytes()).hexdigest()
-        trained_at = datetime.now(timezone.utc)
+        trained_at = datetime.now(UTC)
         metadata: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "version": f"{trained_at:%Y%m%dT%H%M%S}Z-{fingerprint[:8]}-k{k}",
@@ -664,8 +670,7 @@ class SegmentationModel:
             "k_selection": selection,
             "segments": segments,
             "centroids": [
-                {feature: round(float(centers[i, j]), 4) for j, feature in enumerate(FEATURES)}
-                for i in range(k)
+                {feature: round(float(centers[i, j]), 4) for j, feature in enumerate(FEATURES)} for i in range(k)
             ],
             "library_versions": {
                 "python": platform.python_version(),
@@ -804,8 +809,11 @@ class SegmentationModel:
         metadata_bytes = json.dumps(metadata, indent=2, sort_keys=False).encode("utf-8")
         staged: list[tuple[str, str]] = []
         try:
-            for name, payload in ((KMEANS_FILE, kmeans_bytes), (SCALER_FILE, scaler_bytes),
-                                  (METADATA_FILE, metadata_bytes)):
+            for name, payload in (
+                (KMEANS_FILE, kmeans_bytes),
+                (SCALER_FILE, scaler_bytes),
+                (METADATA_FILE, metadata_bytes),
+            ):
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target)
                 staged.append((tmp, name))
                 with os.fdopen(fd, "wb") as fh:
@@ -847,9 +855,7 @@ class SegmentationModel:
             for name in (KMEANS_FILE, SCALER_FILE):
                 expected = artifacts.get(name)
                 if expected and hashlib.sha256(blobs[name]).hexdigest() != expected:
-                    raise ModelLoadError(
-                        f"{name} does not match {METADATA_FILE} (interrupted save or mixed versions)"
-                    )
+                    raise ModelLoadError(f"{name} does not match {METADATA_FILE} (interrupted save or mixed versions)")
         kmeans = _undump(blobs[KMEANS_FILE], KMEANS_FILE)
         scaler = _undump(blobs[SCALER_FILE], SCALER_FILE)
         return cls._from_parts(kmeans, scaler, metadata)
@@ -858,8 +864,7 @@ class SegmentationModel:
         """The whole model (both estimators and metadata) as one blob."""
         buffer = io.BytesIO()
         joblib.dump(
-            {"format_version": FORMAT_VERSION, "kmeans": self.kmeans, "scaler": self.scaler,
-             "metadata": self.metadata},
+            {"format_version": FORMAT_VERSION, "kmeans": self.kmeans, "scaler": self.scaler, "metadata": self.metadata},
             buffer,
             compress=3,
         )

@@ -4,6 +4,7 @@ Each app has its own `CollectorRegistry` (on `app.state.metrics`), so many apps 
 in one process (the tests make one per test). With several worker processes each
 process keeps and reports its own numbers: a scrape of /metrics reaches one of them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,7 +17,7 @@ import sys
 import weakref
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -172,10 +173,12 @@ class _ActiveModelCollector(Collector):
         app = self._app()
         store = getattr(app.state, "models", None) if app is not None else None
         served = getattr(store, "current", None)
-        yield GaugeMetricFamily("segmentation_model_loaded", "1 when a trained model is being served",
-                                value=0 if served is None else 1)
-        info = InfoMetricFamily("segmentation_model", "The model version being served",
-                                labels=["version", "n_clusters"])
+        yield GaugeMetricFamily(
+            "segmentation_model_loaded", "1 when a trained model is being served", value=0 if served is None else 1
+        )
+        info = InfoMetricFamily(
+            "segmentation_model", "The model version being served", labels=["version", "n_clusters"]
+        )
         if served is not None:
             info.add_metric([str(served.version), str(served.metadata.get("n_clusters", ""))], {})
         yield info
@@ -188,28 +191,41 @@ class Metrics:
         self.enabled = enabled
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "http_requests", "HTTP requests by method, route template and status",
-            ["method", "route", "status"], registry=self.registry,
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "http_request_duration_seconds", "Time to serve an HTTP request, by method, route template and status",
-            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "http_request_duration_seconds",
+            "Time to serve an HTTP request, by method, route template and status",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.predictions = Counter(
-            "segmentation_predictions", "Customers assigned to a segment, by segment and kind (single or batch)",
-            ["cluster", "cluster_name", "kind"], registry=self.registry,
+            "segmentation_predictions",
+            "Customers assigned to a segment, by segment and kind (single or batch)",
+            ["cluster", "cluster_name", "kind"],
+            registry=self.registry,
         )
         self.training_runs = Counter(
-            "segmentation_training_runs", "Training runs in this process by outcome (success, failed, timeout)",
-            ["outcome"], registry=self.registry,
+            "segmentation_training_runs",
+            "Training runs in this process by outcome (success, failed, timeout)",
+            ["outcome"],
+            registry=self.registry,
         )
         self.training_duration = Histogram(
-            "segmentation_training_duration_seconds", "Time to train a model version (successful runs)",
-            buckets=TRAINING_BUCKETS, registry=self.registry,
+            "segmentation_training_duration_seconds",
+            "Time to train a model version (successful runs)",
+            buckets=TRAINING_BUCKETS,
+            registry=self.registry,
         )
         self.login_failures = Counter(
-            "auth_login_failures", "Failed logins by reason (invalid_credentials, inactive, throttled)",
-            ["reason"], registry=self.registry,
+            "auth_login_failures",
+            "Failed logins by reason (invalid_credentials, inactive, throttled)",
+            ["reason"],
+            registry=self.registry,
         )
 
         # Labelled children, looked up once: `labels()` takes a lock and builds a key every time.
@@ -265,6 +281,7 @@ class Metrics:
 
 # --- request ids and route names, for app.middleware.ServiceMiddleware ----------------------
 
+
 class _RequestIds:
     """Request ids: 16 random hex digits per process, then a counter (32 hex digits in all).
 
@@ -302,7 +319,7 @@ def route_template(scope: Scope, outer_root_path: str) -> str:
         return path
     if scope.get("endpoint") is not None:
         # A mounted app (the docs assets): its prefix is what the mount added to root_path.
-        prefix = scope.get("root_path", "")[len(outer_root_path):]
+        prefix = scope.get("root_path", "")[len(outer_root_path) :]
         if prefix:
             return prefix + "/{path}"
     return UNMATCHED_ROUTE

@@ -12,6 +12,7 @@ the same row as a spreadsheet shows it, i.e. counting the header as line 1
 (``line == row + 1``). Completely blank lines are skipped by the CSV reader
 and not counted.
 """
+
 from __future__ import annotations
 
 import io
@@ -149,7 +150,9 @@ def _check_column(series: pd.Series, feature: str) -> tuple[np.ndarray, np.ndarr
         codes = np.where(np.isnan(values), _EMPTY, _OK).astype(np.int8)
     else:
         text = series.astype(object)
-        is_blank = text.isna().to_numpy() | text.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
+        is_blank = text.isna().to_numpy() | text.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(
+            dtype=bool
+        )
         is_bool = text.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
         numeric = pd.to_numeric(text.where(~is_bool, None), errors="coerce")
         values = np.asarray(numeric, dtype=np.float64)
@@ -361,9 +364,7 @@ def read_csv_frame(source: CsvSource, *, max_rows: int | None = None) -> pd.Data
         with _OpenedSource(source) as fh:
             _sniff(fh)
             nrows = None if max_rows is None else max_rows + 1
-            frame = pd.read_csv(
-                fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", nrows=nrows
-            )
+            frame = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", nrows=nrows)
     except (DataValidationError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - contract: only DataValidationError escapes

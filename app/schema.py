@@ -1,4 +1,5 @@
 """Customer, profile and segmentation schemas."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -42,30 +43,44 @@ WholeNumber = BeforeValidator(_whole_number)
 Age = Annotated[int, Field(strict=True, description="Years", **_bounds("age")), WholeNumber]
 AnnualIncome = Annotated[
     float,
-    Field(strict=True, allow_inf_nan=False, description="Thousands per year (65.5 = 65,500)",
-          **_bounds("annual_income")),
+    Field(
+        strict=True, allow_inf_nan=False, description="Thousands per year (65.5 = 65,500)", **_bounds("annual_income")
+    ),
 ]
-SpendingScore = Annotated[int, Field(strict=True, description="Spending behaviour score",
-                                     **_bounds("spending_score")), WholeNumber]
-PurchaseFrequency = Annotated[int, Field(strict=True, description="Purchases per year",
-                                         **_bounds("purchase_frequency")), WholeNumber]
+SpendingScore = Annotated[
+    int, Field(strict=True, description="Spending behaviour score", **_bounds("spending_score")), WholeNumber
+]
+PurchaseFrequency = Annotated[
+    int, Field(strict=True, description="Purchases per year", **_bounds("purchase_frequency")), WholeNumber
+]
 ProfileName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Notes = Annotated[str, StringConstraints(max_length=2000)]
 
-CUSTOMER_EXAMPLE = {"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82,
-                    "purchase_frequency": 40}
+CUSTOMER_EXAMPLE = {"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82, "purchase_frequency": 40}
 
 
 VERSION_EXAMPLE = "20250131-093000-a1b2c3"
 SEGMENT_EXAMPLE = {
-    "cluster_id": 4, "cluster_name": "High income, high spending", "size": 119, "percentage": 14.88,
-    "avg_age": 37.2, "avg_income": 118.4, "avg_spending_score": 80.1, "avg_purchase_frequency": 41.3,
+    "cluster_id": 4,
+    "cluster_name": "High income, high spending",
+    "size": 119,
+    "percentage": 14.88,
+    "avg_age": 37.2,
+    "avg_income": 118.4,
+    "avg_spending_score": 80.1,
+    "avg_purchase_frequency": 41.3,
     "description": "14.9% of customers: aged 37 on average, earning 118.4k a year (well above average), with a "
-                   "spending score of 80 (well above average) and 41 purchases a year (above average).",
+    "spending score of 80 (well above average) and 41 purchases a year (above average).",
 }
 MODEL_VERSION_EXAMPLE = {
-    "version": VERSION_EXAMPLE, "created_at": "2025-01-31T09:30:00Z", "created_by": "analyst1", "n_clusters": 5,
-    "silhouette_score": 0.4475, "inertia": 1203.7, "n_samples": 5000, "active": True,
+    "version": VERSION_EXAMPLE,
+    "created_at": "2025-01-31T09:30:00Z",
+    "created_by": "analyst1",
+    "n_clusters": 5,
+    "silhouette_score": 0.4475,
+    "inertia": 1203.7,
+    "n_samples": 5000,
+    "active": True,
     "data_fingerprint": "ae01150e5fef70479eccf03f0e188a3538c4dfab9a2cd5a558240f5eee7a5cc2",
 }
 PNG_EXAMPLE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA..."
@@ -83,8 +98,9 @@ class CustomerFeatures(BaseModel):
 
 class ProfileCreate(CustomerFeatures):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"name": "Jane at the downtown store", **CUSTOMER_EXAMPLE,
-                                         "notes": "Prefers email offers"}]}
+        json_schema_extra={
+            "examples": [{"name": "Jane at the downtown store", **CUSTOMER_EXAMPLE, "notes": "Prefers email offers"}]
+        }
     )
 
     name: ProfileName
@@ -107,10 +123,24 @@ class ProfileUpdate(BaseModel):
 
 
 class ProfilePublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [{
-        "id": 12, "user_id": 7, "name": "Jane at the downtown store", **CUSTOMER_EXAMPLE,
-        "notes": "Prefers email offers", "created_at": "2025-01-31T09:30:00Z", "updated_at": "2025-01-31T09:30:00Z",
-        "cluster": 0, "cluster_name": "Young, high spending, frequent buyers"}]})
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 12,
+                    "user_id": 7,
+                    "name": "Jane at the downtown store",
+                    **CUSTOMER_EXAMPLE,
+                    "notes": "Prefers email offers",
+                    "created_at": "2025-01-31T09:30:00Z",
+                    "updated_at": "2025-01-31T09:30:00Z",
+                    "cluster": 0,
+                    "cluster_name": "Young, high spending, frequent buyers",
+                }
+            ]
+        },
+    )
 
     id: int
     user_id: int
@@ -128,8 +158,11 @@ class ProfilePublic(BaseModel):
 
 
 class SegmentAssignment(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62}]
+        }
+    )
 
     cluster: int
     cluster_name: str
@@ -137,9 +170,19 @@ class SegmentAssignment(BaseModel):
 
 
 class PredictionResult(SegmentAssignment):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62,
-        "customer_data": CUSTOMER_EXAMPLE, "model_version": VERSION_EXAMPLE}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "cluster": 4,
+                    "cluster_name": "High income, high spending",
+                    "confidence": 0.62,
+                    "customer_data": CUSTOMER_EXAMPLE,
+                    "model_version": VERSION_EXAMPLE,
+                }
+            ]
+        }
+    )
 
     customer_data: CustomerFeatures
     model_version: str
@@ -152,10 +195,19 @@ class BatchRequest(BaseModel):
 
 
 class BatchResult(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "predictions": [{"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62},
-                        {"cluster": 1, "cluster_name": "Senior, low income, low spending", "confidence": 0.81}],
-        "model_version": VERSION_EXAMPLE}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "predictions": [
+                        {"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62},
+                        {"cluster": 1, "cluster_name": "Senior, low income, low spending", "confidence": 0.81},
+                    ],
+                    "model_version": VERSION_EXAMPLE,
+                }
+            ]
+        }
+    )
 
     predictions: list[SegmentAssignment]
     model_version: str
@@ -176,8 +228,18 @@ class SegmentStats(BaseModel):
 
 
 class ClusterSummary(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "total_customers": 800, "n_clusters": 5, "model_version": VERSION_EXAMPLE, "clusters": [SEGMENT_EXAMPLE]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                    "model_version": VERSION_EXAMPLE,
+                    "clusters": [SEGMENT_EXAMPLE],
+                }
+            ]
+        }
+    )
 
     total_customers: int
     n_clusters: int
@@ -193,8 +255,9 @@ class HistoryQuery(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    user_id: int | None = Field(None, gt=0, le=2**31 - 1,
-                                description="Another user's history (analysts and admins); absent: your own")
+    user_id: int | None = Field(
+        None, gt=0, le=2**31 - 1, description="Another user's history (analysts and admins); absent: your own"
+    )
     skip: int = Field(0, ge=0, le=2**31 - 1, description="Rows to skip")
     limit: int = Field(50, ge=1, le=MAX_PAGE_SIZE, description=f"Rows to return, at most {MAX_PAGE_SIZE}")
 
@@ -209,9 +272,19 @@ class ElbowRange(BaseModel):
 
 
 class ElbowResult(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "optimal_k": 5, "k_range": [2, 3, 4, 5, 6], "inertias": [1790.2, 1385.9, 1003.1, 697.4, 612.8],
-        "silhouette_scores": [0.371, 0.342, 0.395, 0.448, 0.43], "method": "silhouette"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "optimal_k": 5,
+                    "k_range": [2, 3, 4, 5, 6],
+                    "inertias": [1790.2, 1385.9, 1003.1, 697.4, 612.8],
+                    "silhouette_scores": [0.371, 0.342, 0.395, 0.448, 0.43],
+                    "method": "silhouette",
+                }
+            ]
+        }
+    )
 
     optimal_k: int
     k_range: list[int]
@@ -221,9 +294,17 @@ class ElbowResult(BaseModel):
 
 
 class ClusterCharts(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "charts": {"pie_chart": PNG_EXAMPLE, "bar_chart": PNG_EXAMPLE, "size_chart": PNG_EXAMPLE},
-        "total_customers": 800, "n_clusters": 5}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "charts": {"pie_chart": PNG_EXAMPLE, "bar_chart": PNG_EXAMPLE, "size_chart": PNG_EXAMPLE},
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                }
+            ]
+        }
+    )
 
     charts: dict[str, str] = Field(description="pie_chart, bar_chart and size_chart as data:image/png;base64 URIs")
     total_customers: int
@@ -238,10 +319,22 @@ class ElbowChart(BaseModel):
 
 
 class TrainResult(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "message": "Model trained with 5 segments", "n_clusters": 5, "silhouette_score": 0.4475, "inertia": 1203.7,
-        "model_version": VERSION_EXAMPLE, "n_samples": 5000, "duration_seconds": 0.42,
-        "cluster_sizes": {"0": 850, "1": 1000, "2": 1500, "3": 850, "4": 800}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "message": "Model trained with 5 segments",
+                    "n_clusters": 5,
+                    "silhouette_score": 0.4475,
+                    "inertia": 1203.7,
+                    "model_version": VERSION_EXAMPLE,
+                    "n_samples": 5000,
+                    "duration_seconds": 0.42,
+                    "cluster_sizes": {"0": 850, "1": 1000, "2": 1500, "3": 850, "4": 800},
+                }
+            ]
+        }
+    )
 
     message: str
     n_clusters: int
@@ -253,9 +346,15 @@ class TrainResult(BaseModel):
     cluster_sizes: dict[str, int]
 
 
-HISTORY_EXAMPLE = {"id": 31, "customer_data": CUSTOMER_EXAMPLE, "cluster": 4,
-                   "cluster_name": "High income, high spending", "confidence": 0.62, "model_version": VERSION_EXAMPLE,
-                   "created_at": "2025-01-31T09:30:00Z"}
+HISTORY_EXAMPLE = {
+    "id": 31,
+    "customer_data": CUSTOMER_EXAMPLE,
+    "cluster": 4,
+    "cluster_name": "High income, high spending",
+    "confidence": 0.62,
+    "model_version": VERSION_EXAMPLE,
+    "created_at": "2025-01-31T09:30:00Z",
+}
 
 
 class HistoryItem(BaseModel):
@@ -271,8 +370,9 @@ class HistoryItem(BaseModel):
 
 
 class HistoryPage(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"history": [HISTORY_EXAMPLE], "total": 1, "skip": 0, "limit": 50}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"history": [HISTORY_EXAMPLE], "total": 1, "skip": 0, "limit": 50}]}
+    )
 
     history: list[HistoryItem]
     total: int
@@ -295,11 +395,20 @@ class ModelVersionPublic(BaseModel):
 
 
 class ModelVersionDetail(ModelVersionPublic):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        **MODEL_VERSION_EXAMPLE, "clusters": [SEGMENT_EXAMPLE],
-        "k_selection": {"method": "silhouette", "k_range": [2, 3, 4, 5, 6], "optimal_k": 5},
-        "features": ["age", "annual_income", "spending_score", "purchase_frequency"],
-        "trained_at": "2025-01-31T09:30:00+00:00", "library_versions": {"scikit-learn": "1.5.2", "numpy": "2.1.3"}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **MODEL_VERSION_EXAMPLE,
+                    "clusters": [SEGMENT_EXAMPLE],
+                    "k_selection": {"method": "silhouette", "k_range": [2, 3, 4, 5, 6], "optimal_k": 5},
+                    "features": ["age", "annual_income", "spending_score", "purchase_frequency"],
+                    "trained_at": "2025-01-31T09:30:00+00:00",
+                    "library_versions": {"scikit-learn": "1.5.2", "numpy": "2.1.3"},
+                }
+            ]
+        }
+    )
 
     clusters: list[SegmentStats] = []
     k_selection: dict[str, Any] | None = None
@@ -309,21 +418,38 @@ class ModelVersionDetail(ModelVersionPublic):
 
 
 class ModelList(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"models": [MODEL_VERSION_EXAMPLE], "active_version": VERSION_EXAMPLE}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"models": [MODEL_VERSION_EXAMPLE], "active_version": VERSION_EXAMPLE}]}
+    )
 
     models: list[ModelVersionPublic]
     active_version: str | None
 
 
 class AdminStats(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "total_users": 12, "active_users": 11, "inactive_users": 1, "total_predictions": 340, "total_profiles": 25,
-        "users_by_role": {"user": 9, "analyst": 2, "admin": 1},
-        "predictions_by_cluster": {"1": 220, "4": 120},
-        "model": {"version": VERSION_EXAMPLE, "n_clusters": 5, "silhouette_score": 0.4475, "n_samples": 5000,
-                  "trained_at": "2025-01-31T09:30:00+00:00",
-                  "cluster_names": {"1": "Senior, low income, low spending", "4": "High income, high spending"}}}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "total_users": 12,
+                    "active_users": 11,
+                    "inactive_users": 1,
+                    "total_predictions": 340,
+                    "total_profiles": 25,
+                    "users_by_role": {"user": 9, "analyst": 2, "admin": 1},
+                    "predictions_by_cluster": {"1": 220, "4": 120},
+                    "model": {
+                        "version": VERSION_EXAMPLE,
+                        "n_clusters": 5,
+                        "silhouette_score": 0.4475,
+                        "n_samples": 5000,
+                        "trained_at": "2025-01-31T09:30:00+00:00",
+                        "cluster_names": {"1": "Senior, low income, low spending", "4": "High income, high spending"},
+                    },
+                }
+            ]
+        }
+    )
 
     total_users: int
     active_users: int
@@ -336,9 +462,19 @@ class AdminStats(BaseModel):
 
 
 class Health(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "status": "healthy", "message": "Customer Segmentation API is running", "version": "1.0.0",
-        "model_loaded": True, "model_version": VERSION_EXAMPLE}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "healthy",
+                    "message": "Customer Segmentation API is running",
+                    "version": "1.0.0",
+                    "model_loaded": True,
+                    "model_version": VERSION_EXAMPLE,
+                }
+            ]
+        }
+    )
 
     status: Literal["healthy"] = "healthy"
     message: str = "Customer Segmentation API is running"

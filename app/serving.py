@@ -13,6 +13,7 @@ TLS servers (uvicorn's --ssl-*) and Unix sockets keep uvloop's own accept.
 
 Without uvloop (it is not built for Windows) this is asyncio's default loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,13 @@ class BurstAcceptServer:
     addresses, options and `close()` are uvloop's; only the accepting is done here.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, server: asyncio.Server,
-                 protocol_factory: Callable[[], asyncio.BaseProtocol], backlog: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        server: asyncio.Server,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        backlog: int,
+    ) -> None:
         self._loop = loop
         self._server = server
         self._protocol_factory = protocol_factory
@@ -121,11 +127,14 @@ except ImportError:  # pragma: no cover - uvloop is not built for Windows
 
 
 if uvloop is not None:
+
     class ServiceLoop(uvloop.Loop):
-        async def create_server(self, protocol_factory, host=None, port=None, *, ssl=None, backlog=100,
-                                start_serving=True, **kwargs):
-            server = await super().create_server(protocol_factory, host, port, ssl=ssl, backlog=backlog,
-                                                 start_serving=False, **kwargs)
+        async def create_server(
+            self, protocol_factory, host=None, port=None, *, ssl=None, backlog=100, start_serving=True, **kwargs
+        ):
+            server = await super().create_server(
+                protocol_factory, host, port, ssl=ssl, backlog=backlog, start_serving=False, **kwargs
+            )
             if ssl is not None or not start_serving:
                 if start_serving:
                     await server.start_serving()

@@ -9,6 +9,7 @@ client sees them (upload, parsing, validation, scoring, answer).
     python bench/bench_batch.py                   # 100,000 rows, 3 rounds
     python bench/bench_batch.py --rows 250000 --rounds 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,23 @@ def server_env(workdir: Path) -> dict[str, str]:
 def start_server(workdir: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
     log = open(workdir / "uvicorn.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
-        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -73,8 +88,9 @@ def start_server(workdir: Path, port: int, env: dict[str, str]) -> subprocess.Po
 
 def timed_batch(http: httpx.Client, csv_bytes: bytes, accept: str) -> tuple[float, httpx.Response]:
     started = time.perf_counter()
-    response = http.post("/predict/batch", files={"file": ("customers.csv", csv_bytes, "text/csv")},
-                         headers={"Accept": accept})
+    response = http.post(
+        "/predict/batch", files={"file": ("customers.csv", csv_bytes, "text/csv")}, headers={"Accept": accept}
+    )
     return time.perf_counter() - started, response
 
 
@@ -92,9 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         generate(rows=5000, seed=1).to_csv(workdir / "customers.csv", index=False)
         csv_bytes = generate(rows=args.rows, seed=2).to_csv(index=False).encode()
         subprocess.run(
-            [sys.executable, str(ROOT / "create_admin.py"), "--username", USERNAME, "--password", PASSWORD,
-             "--role", "analyst", "--no-test-user"],
-            cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(ROOT / "create_admin.py"),
+                "--username",
+                USERNAME,
+                "--password",
+                PASSWORD,
+                "--role",
+                "analyst",
+                "--no-test-user",
+            ],
+            cwd=workdir,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
         port = free_port()
         server = start_server(workdir, port, env)
@@ -104,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                 http.headers["Authorization"] = f"Bearer {token['access_token']}"
                 trained = http.post("/train", params={"n_clusters": 5})
                 trained.raise_for_status()
-                print(f"trained {trained.json()['model_version']}; scoring {args.rows:,} rows "
-                      f"({len(csv_bytes) / 1e6:.1f} MB CSV), {args.rounds} rounds each")
+                print(
+                    f"trained {trained.json()['model_version']}; scoring {args.rows:,} rows "
+                    f"({len(csv_bytes) / 1e6:.1f} MB CSV), {args.rounds} rounds each"
+                )
                 results: dict[str, list[float]] = {}
                 for label, accept in (("csv", "text/csv"), ("json", "application/json")):
                     timed_batch(http, csv_bytes, accept)  # warm-up
@@ -120,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         assert len(response.json()["predictions"]) == args.rows
                     results[label] = seconds
-                    print(f"{label:>4} out: best {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s "
-                          f"({', '.join(f'{s:.3f}' for s in seconds)})")
+                    print(
+                        f"{label:>4} out: best {min(seconds):.3f} s, median {statistics.median(seconds):.3f} s "
+                        f"({', '.join(f'{s:.3f}' for s in seconds)})"
+                    )
         finally:
             server.terminate()
             try:

@@ -8,6 +8,7 @@ another subprocess and is not part of the measurement.
     python bench/bench_train.py --quick               # 5k and 100k only
     python bench/bench_train.py --rows 5000,250000 --k 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,16 @@ def run_worker(csv_path: Path, n_clusters: int | None, random_state: int) -> dic
 def run_size(rows: int, workdir: Path, n_clusters: int | None, random_state: int) -> dict:
     csv_path = workdir / f"customers_{rows}.csv"
     subprocess.run(
-        [sys.executable, str(ROOT / "generate_dataset.py"), "--rows", str(rows), "--seed", str(random_state),
-         "--out", str(csv_path)],
+        [
+            sys.executable,
+            str(ROOT / "generate_dataset.py"),
+            "--rows",
+            str(rows),
+            "--seed",
+            str(random_state),
+            "--out",
+            str(csv_path),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -98,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = args.rows or (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     sizes = [int(part.replace("_", "")) for part in spec.split(",") if part.strip()]
-    header = f"{'rows':>10} {'k':>3} {'method':>10} {'parse s':>8} {'train s':>8} {'total s':>8} " \
-             f"{'peak RSS MB':>12} {'silhouette':>10}  algorithm"
+    header = (
+        f"{'rows':>10} {'k':>3} {'method':>10} {'parse s':>8} {'train s':>8} {'total s':>8} "
+        f"{'peak RSS MB':>12} {'silhouette':>10}  algorithm"
+    )
     print(header)
     print("-" * len(header))
     results = []

@@ -13,6 +13,7 @@ database (or --database-url), a model trained on a generated dataset and its own
 Without wrk (and no way to install it) a small asyncio load generator stands in; it is
 far slower than wrk, so its ratios say little. Use it for smoke runs only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,10 +62,28 @@ class Mode:
     batch_rounds: int
 
 
-FULL = Mode("full", rounds=5, duration=5, warmup=2, login_seconds=6, dataset_rows=5000,
-            train_rows=(5000, 100_000, 1_000_000), batch_rows=100_000, batch_rounds=3)
-QUICK = Mode("quick", rounds=1, duration=1, warmup=0.5, login_seconds=3, dataset_rows=2000,
-             train_rows=(2000, 5000, 20_000), batch_rows=5000, batch_rounds=1)
+FULL = Mode(
+    "full",
+    rounds=5,
+    duration=5,
+    warmup=2,
+    login_seconds=6,
+    dataset_rows=5000,
+    train_rows=(5000, 100_000, 1_000_000),
+    batch_rows=100_000,
+    batch_rounds=3,
+)
+QUICK = Mode(
+    "quick",
+    rounds=1,
+    duration=1,
+    warmup=0.5,
+    login_seconds=3,
+    dataset_rows=2000,
+    train_rows=(2000, 5000, 20_000),
+    batch_rows=5000,
+    batch_rounds=1,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,20 +135,35 @@ def ensure_wrk() -> str | None:
     return shutil.which("wrk")
 
 
-def run_wrk(wrk: str, target: Target, *, connections: int, threads: int, seconds: float,
-            timeout: float = 10) -> LoadResult:
+def run_wrk(
+    wrk: str, target: Target, *, connections: int, threads: int, seconds: float, timeout: float = 10
+) -> LoadResult:
     env = {**os.environ, "BENCH_DIR": str(BENCH), **target.env}
     if target.token:
         env["BENCH_TOKEN"] = target.token
-    command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout:g}s",
-               "-s", str(BENCH / target.script), target.url]
+    command = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={timeout:g}s",
+        "-s",
+        str(BENCH / target.script),
+        target.url,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + timeout + 60)
     match = re.search(r"^WRK_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
     data = json.loads(match.group(1))
-    return LoadResult(rps=data["rps"], p50_ms=data["p50_ms"], p99_ms=data["p99_ms"], requests=data["requests"],
-                      status_errors=data["status_errors"], socket_errors=data["socket_errors"])
+    return LoadResult(
+        rps=data["rps"],
+        p50_ms=data["p50_ms"],
+        p99_ms=data["p99_ms"],
+        requests=data["requests"],
+        status_errors=data["status_errors"],
+        socket_errors=data["socket_errors"],
+    )
 
 
 def _request_bytes(target: Target, host: str, path: str, number: int) -> bytes:
@@ -138,9 +172,13 @@ def _request_bytes(target: Target, host: str, path: str, number: int) -> bytes:
         headers.append(f"Authorization: Bearer {target.token}")
     body = b""
     if target.predict:
-        customer = {"sex": random.choice(["Male", "Female", "Other"]), "age": random.randint(18, 80),
-                    "annual_income": random.randint(150, 2000) / 10, "spending_score": random.randint(1, 100),
-                    "purchase_frequency": random.randint(0, 120)}
+        customer = {
+            "sex": random.choice(["Male", "Female", "Other"]),
+            "age": random.randint(18, 80),
+            "annual_income": random.randint(150, 2000) / 10,
+            "spending_score": random.randint(1, 100),
+            "purchase_frequency": random.randint(0, 120),
+        }
         body = json.dumps(customer).encode()
         headers.append("Content-Type: application/json")
     elif target.forms:
@@ -191,9 +229,14 @@ async def _python_load(target: Target, connections: int, seconds: float) -> Load
     await asyncio.gather(*(connection() for _ in range(connections)))
     elapsed = time.perf_counter() - started
     ordered = sorted(latencies) or [0.0]
-    return LoadResult(rps=len(latencies) / elapsed, p50_ms=ordered[len(ordered) // 2] * 1000,
-                      p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-                      requests=len(latencies), status_errors=errors[0], socket_errors=errors[1])
+    return LoadResult(
+        rps=len(latencies) / elapsed,
+        p50_ms=ordered[len(ordered) // 2] * 1000,
+        p99_ms=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        requests=len(latencies),
+        status_errors=errors[0],
+        socket_errors=errors[1],
+    )
 
 
 class LoadGenerator:
@@ -207,11 +250,11 @@ class LoadGenerator:
         version = subprocess.run([self.wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
         return " ".join(version.split()[:2])
 
-    def run(self, target: Target, *, connections: int, seconds: float, threads: int = 1,
-            timeout: float = 10) -> LoadResult:
+    def run(
+        self, target: Target, *, connections: int, seconds: float, threads: int = 1, timeout: float = 10
+    ) -> LoadResult:
         if self.wrk is not None:
-            return run_wrk(self.wrk, target, connections=connections, threads=threads, seconds=seconds,
-                           timeout=timeout)
+            return run_wrk(self.wrk, target, connections=connections, threads=threads, seconds=seconds, timeout=timeout)
         return asyncio.run(_python_load(target, connections, seconds))
 
     def run_together(self, first: tuple[Target, dict], second: tuple[Target, dict]) -> tuple[LoadResult, LoadResult]:
@@ -227,7 +270,8 @@ class LoadGenerator:
         async def both():
             return await asyncio.gather(
                 _python_load(first[0], first[1]["connections"], first[1]["seconds"]),
-                _python_load(second[0], second[1]["connections"], second[1]["seconds"]))
+                _python_load(second[0], second[1]["connections"], second[1]["seconds"]),
+            )
 
         a, b = asyncio.run(both())
         return a, b
@@ -261,11 +305,23 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [PYTHON, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
-                   "--port", str(self.port), *uvicorn_flags()]
+        command = [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            app,
+            "--app-dir",
+            str(app_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *uvicorn_flags(),
+        ]
         self._log_file = open(log, "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 90) -> None:
         import httpx
@@ -333,9 +389,26 @@ def prepare_service(env: dict[str, str], workdir: Path, mode: Mode) -> None:
     if env["DATABASE_URL"].startswith("postgresql"):
         reset_postgres(env["DATABASE_URL"])
     for (name, password), role in ((ADMIN, "admin"), (READER, "user")):
-        subprocess.run([PYTHON, "create_admin.py", "--username", name, "--password", password, "--role", role,
-                        "--test-username", USER[0], "--test-password", USER[1]],
-                       cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                PYTHON,
+                "create_admin.py",
+                "--username",
+                name,
+                "--password",
+                password,
+                "--role",
+                role,
+                "--test-username",
+                USER[0],
+                "--test-password",
+                USER[1],
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
 
 
 def reset_postgres(url: str) -> None:
@@ -376,8 +449,9 @@ def set_up_service(service: Server) -> dict[str, str]:
             http.get(path, headers=reader).raise_for_status()
         # Accounts for the login row: one login in flight per account stays clear of the throttle.
         for name in LOGIN_USERS:
-            http.post("/auth/register", json={"email": f"{name}@example.com", "username": name,
-                                              "password": LOGIN_PASSWORD}).raise_for_status()
+            http.post(
+                "/auth/register", json={"email": f"{name}@example.com", "username": name, "password": LOGIN_PASSWORD}
+            ).raise_for_status()
     return tokens
 
 
@@ -404,9 +478,18 @@ def _train_child(rows: int, n_clusters: int | None, csv: Path) -> None:
     model = SegmentationModel.train(features, n_clusters=n_clusters, random_state=42)
     trained = time.perf_counter()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("TRAIN_RESULT " + json.dumps({"rows": rows, "load_seconds": loaded - started,
-                                        "train_seconds": trained - loaded, "peak_rss_mb": peak_mb,
-                                        "n_clusters": model.n_clusters}))
+    print(
+        "TRAIN_RESULT "
+        + json.dumps(
+            {
+                "rows": rows,
+                "load_seconds": loaded - started,
+                "train_seconds": trained - loaded,
+                "peak_rss_mb": peak_mb,
+                "n_clusters": model.n_clusters,
+            }
+        )
+    )
 
 
 def measure_training(sizes: tuple[int, ...], workdir: Path) -> list[tuple[int, dict]]:
@@ -417,8 +500,13 @@ def measure_training(sizes: tuple[int, ...], workdir: Path) -> list[tuple[int, d
     script = BENCH / "bench_train.py"
     if script.exists():
         out = workdir / "train.json"
-        done = subprocess.run([PYTHON, str(script), "--rows", ",".join(map(str, sizes)), "--json", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            [PYTHON, str(script), "--rows", ",".join(map(str, sizes)), "--json", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if done.returncode == 0 and out.exists():
             results = json.loads(out.read_text())
             if all("total_seconds" in r and "peak_rss_mb" in r for r in results):
@@ -430,8 +518,13 @@ def measure_training(sizes: tuple[int, ...], workdir: Path) -> list[tuple[int, d
     for rows in sizes:
         csv = workdir / f"train-{rows}.csv"
         generate(rows=rows, seed=7).to_csv(csv, index=False)
-        done = subprocess.run([PYTHON, __file__, "--train-child", str(rows), "0", str(csv)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [PYTHON, __file__, "--train-child", str(rows), "0", str(csv)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         csv.unlink(missing_ok=True)
         match = re.search(r"^TRAIN_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
         if match is None:
@@ -449,8 +542,13 @@ def measure_batch(service: Server, token: str, rows: int, rounds: int) -> dict:
     """
     script = BENCH / "bench_batch.py"
     if script.exists():
-        done = subprocess.run([PYTHON, str(script), "--rows", str(rows), "--rounds", str(rounds)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            [PYTHON, str(script), "--rows", str(rows), "--rounds", str(rounds)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         medians = dict(re.findall(r"^\s*(csv|json) out: .*median ([0-9.]+) s", done.stdout, re.MULTILINE))
         if len(medians) == 2:
             return {"rows": rows, "csv": float(medians["csv"]), "json": float(medians["json"])}
@@ -466,8 +564,9 @@ def measure_batch(service: Server, token: str, rows: int, rounds: int) -> dict:
             timings = []
             for _ in range(rounds):
                 started = time.perf_counter()
-                response = http.post("/predict/batch", files={"file": ("customers.csv", csv, "text/csv")},
-                                     headers={"Accept": accept})
+                response = http.post(
+                    "/predict/batch", files={"file": ("customers.csv", csv, "text/csv")}, headers={"Accept": accept}
+                )
                 timings.append(time.perf_counter() - started)
                 response.raise_for_status()
             result[kind] = statistics.median(timings)
@@ -515,8 +614,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def measure_endpoints(load: LoadGenerator, bare: Server, targets: dict[str, tuple[Server, Target]],
-                      history_total_now, args, mode: Mode, report: Report) -> None:
+def measure_endpoints(
+    load: LoadGenerator,
+    bare: Server,
+    targets: dict[str, tuple[Server, Target]],
+    history_total_now,
+    args,
+    mode: Mode,
+    report: Report,
+) -> None:
     """Rounds over the rows (in a rotating order), each row measured right after the bare app.
 
     A row's ratio is its req/s over the bare app's in the measurement just before it: a
@@ -550,24 +656,35 @@ def measure_endpoints(load: LoadGenerator, bare: Server, targets: dict[str, tupl
             results[label].append(result)
             ratios[label].append(result.rps / base.rps if base.rps else 0.0)
             if result.status_errors or result.socket_errors:
-                report.failures.append(f"{label}: {result.status_errors} error statuses, "
-                                       f"{result.socket_errors} socket errors in round {round_no + 1}")
+                report.failures.append(
+                    f"{label}: {result.status_errors} error statuses, "
+                    f"{result.socket_errors} socket errors in round {round_no + 1}"
+                )
             if label == "POST /predict":
                 report.answered += result.requests - result.status_errors
     report.committed = history_total_now() - history_before
     for label, runs in results.items():
         row = median_result(runs)
-        report.rows[label] = {"rps": row.rps, "p50": row.p50_ms, "p99": row.p99_ms, "cpu_us": row.cpu_us,
-                              "ratio": 1.0 if label == BARE_LABEL else median(ratios[label])}
+        report.rows[label] = {
+            "rps": row.rps,
+            "p50": row.p50_ms,
+            "p99": row.p99_ms,
+            "cpu_us": row.cpu_us,
+            "ratio": 1.0 if label == BARE_LABEL else median(ratios[label]),
+        }
 
 
 def median_result(results: list[LoadResult]) -> LoadResult:
     """Each figure's median over several runs of one row; counts are summed."""
-    return LoadResult(rps=median([r.rps for r in results]), p50_ms=median([r.p50_ms for r in results]),
-                      p99_ms=median([r.p99_ms for r in results]), requests=sum(r.requests for r in results),
-                      status_errors=sum(r.status_errors for r in results),
-                      socket_errors=sum(r.socket_errors for r in results),
-                      cpu_us=median([r.cpu_us for r in results]))
+    return LoadResult(
+        rps=median([r.rps for r in results]),
+        p50_ms=median([r.p50_ms for r in results]),
+        p99_ms=median([r.p99_ms for r in results]),
+        requests=sum(r.requests for r in results),
+        status_errors=sum(r.status_errors for r in results),
+        socket_errors=sum(r.socket_errors for r in results),
+        cpu_us=median([r.cpu_us for r in results]),
+    )
 
 
 def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, report: Report) -> None:
@@ -575,9 +692,13 @@ def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, repor
 
     As many rounds as the other rows, each figure the median over them.
     """
-    login_target = Target(service.url + "/auth/login", "login.lua", method="POST",
-                          forms=[{"username": name, "password": LOGIN_PASSWORD} for name in LOGIN_USERS],
-                          env={"BENCH_USERNAMES": ",".join(LOGIN_USERS), "BENCH_PASSWORD": LOGIN_PASSWORD})
+    login_target = Target(
+        service.url + "/auth/login",
+        "login.lua",
+        method="POST",
+        forms=[{"username": name, "password": LOGIN_PASSWORD} for name in LOGIN_USERS],
+        env={"BENCH_USERNAMES": ",".join(LOGIN_USERS), "BENCH_PASSWORD": LOGIN_PASSWORD},
+    )
     probe_target = Target(service.url + "/", "get.lua")
     logins, probes = [], []
     for _ in range(args.rounds):
@@ -592,8 +713,9 @@ def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, repor
         login(service.url, LOGIN_USERS[0], LOGIN_PASSWORD)
     report.logins, report.probe = median_result(logins), median_result(probes)
     if report.logins.status_errors or report.logins.socket_errors:
-        report.failures.append(f"logins: {report.logins.status_errors} error statuses, "
-                               f"{report.logins.socket_errors} socket errors")
+        report.failures.append(
+            f"logins: {report.logins.status_errors} error statuses, {report.logins.socket_errors} socket errors"
+        )
     bare_rps = report.rows.get(BARE_LABEL, {}).get("rps")
     report.probe_ratio = report.probe.rps / bare_rps if bare_rps else 0.0
 
@@ -602,24 +724,29 @@ def print_report(report: Report, args) -> None:
     print()
     print(f"{'row':<40}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'CPU us/req':>12}")
     for label, row in report.rows.items():
-        print(f"{label:<40}{row['rps']:>9,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>8.2f}"
-              f"{row['cpu_us']:>12,.0f}")
+        print(
+            f"{label:<40}{row['rps']:>9,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>8.2f}"
+            f"{row['cpu_us']:>12,.0f}"
+        )
     if report.logins is not None:
         print(f"{LOGIN_LABEL:<40}{report.logins.rps:>9.1f}{report.logins.p50_ms:>9.0f}{report.logins.p99_ms:>9.0f}")
-        print(f"{PROBE_LABEL:<40}{report.probe.rps:>9,.0f}{report.probe.p50_ms:>9.1f}{report.probe.p99_ms:>9.1f}"
-              f"{report.probe_ratio:>8.2f}")
+        print(
+            f"{PROBE_LABEL:<40}{report.probe.rps:>9,.0f}{report.probe.p50_ms:>9.1f}{report.probe.p99_ms:>9.1f}"
+            f"{report.probe_ratio:>8.2f}"
+        )
     if report.batch is not None:
         for kind in ("csv", "json"):
             label = f"batch {report.batch['rows']:,}-row CSV, {kind.upper()} back"
             print(f"{label:<40}{report.batch[kind]:>8.2f} s")
     for rows, result in report.training:
         label = f"train {rows:,} rows (auto k={result.get('n_clusters', '?')})"
-        print(f"{label:<40}{result['total_seconds']:>8.2f} s  peak RSS {result['peak_rss_mb']:,.0f} MB"
-              f"  (parse + fit)")
+        print(f"{label:<40}{result['total_seconds']:>8.2f} s  peak RSS {result['peak_rss_mb']:,.0f} MB  (parse + fit)")
     if "POST /predict" in report.rows:
         short = "" if report.committed >= report.answered else "   <-- FEWER THAN ANSWERED"
-        print(f"history rows committed during POST /predict: {report.committed:,} "
-              f"for {report.answered:,} answered requests{short}")
+        print(
+            f"history rows committed during POST /predict: {report.committed:,} "
+            f"for {report.answered:,} answered requests{short}"
+        )
     if report.service_rss_mb is not None:
         print(f"service peak RSS during the HTTP rows: {report.service_rss_mb:,.0f} MB")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -629,31 +756,41 @@ def print_report(report: Report, args) -> None:
 
     def ratio_check(label: str, least: float) -> None:
         if label in rows:
-            checks.append((f"{label} ratio >= {least:.2f}", rows[label]["ratio"] >= least,
-                           f"{rows[label]['ratio']:.2f}"))
+            checks.append(
+                (f"{label} ratio >= {least:.2f}", rows[label]["ratio"] >= least, f"{rows[label]['ratio']:.2f}")
+            )
 
     ratio_check("POST /predict", 0.30)
     if "POST /predict" in rows:
-        checks.append(("POST /predict p99 <= 30 ms", rows["POST /predict"]["p99"] <= 30,
-                       f"{rows['POST /predict']['p99']:.1f} ms"))
+        checks.append(
+            ("POST /predict p99 <= 30 ms", rows["POST /predict"]["p99"] <= 30, f"{rows['POST /predict']['p99']:.1f} ms")
+        )
     ratio_check("GET /clusters", 0.60)
     ratio_check("GET /elbow", 0.60)
     ratio_check("GET /history?limit=50", 0.25)
     if report.probe is not None:
-        checks.append(("GET / p99 < 50 ms while 16 logins hash", report.probe.p99_ms < 50,
-                       f"{report.probe.p99_ms:.1f} ms"))
+        checks.append(
+            ("GET / p99 < 50 ms while 16 logins hash", report.probe.p99_ms < 50, f"{report.probe.p99_ms:.1f} ms")
+        )
     if report.batch is not None:
         worst = max(report.batch["csv"], report.batch["json"])
         checks.append((f"{report.batch['rows']:,}-row CSV batch < 2 s", worst < 2, f"{worst:.2f} s"))
     if report.training:
         rows_, result = report.training[-1]
-        checks.append((f"{rows_:,}-row training < 30 s", result["total_seconds"] < 30,
-                       f"{result['total_seconds']:.2f} s"))
-        checks.append((f"{rows_:,}-row training peak RSS < 1.5 GB", result["peak_rss_mb"] < 1536,
-                       f"{result['peak_rss_mb']:,.0f} MB"))
+        checks.append(
+            (f"{rows_:,}-row training < 30 s", result["total_seconds"] < 30, f"{result['total_seconds']:.2f} s")
+        )
+        checks.append(
+            (
+                f"{rows_:,}-row training peak RSS < 1.5 GB",
+                result["peak_rss_mb"] < 1536,
+                f"{result['peak_rss_mb']:,.0f} MB",
+            )
+        )
     if "POST /predict" in rows:
-        checks.append(("every /predict answer has its history row", report.committed >= report.answered,
-                       f"{report.committed:,}"))
+        checks.append(
+            ("every /predict answer has its history row", report.committed >= report.answered, f"{report.committed:,}")
+        )
     print()
     print("targets" + (" (quick mode: smaller sizes, one short round; not the real verdict)" if args.quick else ""))
     for name, met, value in checks:
@@ -668,11 +805,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds alternating bare app and service")
     parser.add_argument("--duration", type=float, help="seconds per row per round")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="wrk threads (one keeps up with one worker; a second one competes with the "
-                             "server for the same cores and inflates every p99)")
-    parser.add_argument("--database-url", help="benchmark on this database instead of a temporary SQLite file "
-                        "(PostgreSQL: its tables are dropped first)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="wrk threads (one keeps up with one worker; a second one competes with the "
+        "server for the same cores and inflates every p99)",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="benchmark on this database instead of a temporary SQLite file (PostgreSQL: its tables are dropped first)",
+    )
     parser.add_argument("--python-load", action="store_true", help="use the asyncio load generator, not wrk")
     parser.add_argument("--only", help="measure only the rows whose label contains this text")
     parser.add_argument("--no-variants", action="store_true", help="leave out the middleware and log-level rows")
@@ -692,11 +835,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="segbench-"))
     env = service_env(workdir, args.database_url)
     database = "PostgreSQL" if env["DATABASE_URL"].startswith("postgresql") else "SQLite (WAL, synchronous=NORMAL)"
-    print(f"Customer Segmentation API benchmark: {mode.name} mode, {load.name}, {args.connections} connections "
-          f"on {args.threads} wrk thread(s), "
-          f"{args.rounds} round(s) x {args.duration:g} s per row")
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cpus: {os.cpu_count()}; "
-          f"database: {database}; service LOG_LEVEL={env['LOG_LEVEL']}")
+    print(
+        f"Customer Segmentation API benchmark: {mode.name} mode, {load.name}, {args.connections} connections "
+        f"on {args.threads} wrk thread(s), "
+        f"{args.rounds} round(s) x {args.duration:g} s per row"
+    )
+    print(
+        f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cpus: {os.cpu_count()}; "
+        f"database: {database}; service LOG_LEVEL={env['LOG_LEVEL']}"
+    )
     print(f"servers: one uvicorn worker each, flags: {' '.join(uvicorn_flags())}", flush=True)
 
     report = Report()
@@ -713,23 +860,37 @@ def main(argv: list[str] | None = None) -> int:
 
         targets: dict[str, tuple[Server, Target]] = {}
         for label, path, script, owner in ENDPOINTS:
-            targets[label] = (service, Target(service.url + path, script, token=tokens.get(owner) if owner else None,
-                                              method="POST" if script == "predict.lua" else "GET",
-                                              predict=script == "predict.lua"))
+            targets[label] = (
+                service,
+                Target(
+                    service.url + path,
+                    script,
+                    token=tokens.get(owner) if owner else None,
+                    method="POST" if script == "predict.lua" else "GET",
+                    predict=script == "predict.lua",
+                ),
+            )
         if not args.no_variants:
             for number, (label, path, script, owner, overrides, dropped) in enumerate(VARIANTS):
                 variant_env = {**env, **overrides, "BENCH_DROP_MIDDLEWARE": dropped}
-                variant = Server(label, "variant_app:app", env=variant_env, app_dir=BENCH,
-                                 log=workdir / f"variant{number}.log")
+                variant = Server(
+                    label, "variant_app:app", env=variant_env, app_dir=BENCH, log=workdir / f"variant{number}.log"
+                )
                 servers.append(variant)
                 variant.wait_ready()
-                targets[label] = (variant, Target(variant.url + path, script, token=tokens[owner],
-                                                  method="POST" if script == "predict.lua" else "GET",
-                                                  predict=script == "predict.lua"))
+                targets[label] = (
+                    variant,
+                    Target(
+                        variant.url + path,
+                        script,
+                        token=tokens[owner],
+                        method="POST" if script == "predict.lua" else "GET",
+                        predict=script == "predict.lua",
+                    ),
+                )
         if args.only:
             targets = {label: target for label, target in targets.items() if args.only in label}
-        measure_endpoints(load, bare, targets, lambda: history_total(service.url, tokens[USER[0]]), args, mode,
-                          report)
+        measure_endpoints(load, bare, targets, lambda: history_total(service.url, tokens[USER[0]]), args, mode, report)
         # The login and batch rows measure the service alone: the other servers stop first.
         for server in [s for s in servers if s is not service]:
             server.stop()

@@ -4,6 +4,7 @@
 
 Only for bench/run.py: the service itself always runs with all of its middleware.
 """
+
 from __future__ import annotations
 
 import os

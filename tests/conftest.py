@@ -1,4 +1,5 @@
 """Fixtures: every test gets its own database, model folder and users, and talks HTTP to the app."""
+
 from __future__ import annotations
 
 import itertools
@@ -82,15 +83,20 @@ async def client(app) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-async def create_user_direct(app, *, role: Role = Role.user, username: str | None = None,
-                             password: str = PASSWORD) -> dict:
+async def create_user_direct(
+    app, *, role: Role = Role.user, username: str | None = None, password: str = PASSWORD
+) -> dict:
     """Create a user in the app's database the way create_admin.py does, and return its details."""
     database: Database = app.state.database
     username = username or f"{role.value}{next(_counter)}"
     async with database.sessionmaker() as session:
         user = await user_service.create(
-            session=session, email=f"{username}@example.com", username=username, full_name=username.title(),
-            hashed_password=auth.hash_password(password, 4), role=role,
+            session=session,
+            email=f"{username}@example.com",
+            username=username,
+            full_name=username.title(),
+            hashed_password=auth.hash_password(password, 4),
+            role=role,
         )
     return {"id": user.id, "username": username, "password": password, "email": f"{username}@example.com"}
 

@@ -1,4 +1,5 @@
 """Admin routes: users with activity, self-protection, last-admin guard, statistics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ async def test_admin_user_list_carries_activity_and_totals(client, make_user, ad
 async def test_admin_cannot_change_own_role_delete_or_deactivate_self(client, make_user):
     admin, headers = await make_user(Role.admin)
     await make_user(Role.admin)  # not the last admin: the self rule alone applies
-    assert (await client.put(f"/admin/users/{admin['id']}/role", json={"role": "user"},
-                             headers=headers)).status_code == 403
+    assert (
+        await client.put(f"/admin/users/{admin['id']}/role", json={"role": "user"}, headers=headers)
+    ).status_code == 403
     assert (await client.delete(f"/admin/users/{admin['id']}", headers=headers)).status_code == 403
     assert (await client.put(f"/admin/users/{admin['id']}/toggle-active", headers=headers)).status_code == 403
     assert (await client.get("/auth/me", headers=headers)).json()["role"] == "admin"
@@ -35,8 +37,9 @@ async def test_last_active_admin_is_never_demoted_deactivated_or_deleted(client,
     first, first_headers = await make_user(Role.admin)
     second, second_headers = await make_user(Role.admin)
     # Two admins: the second may demote the first.
-    assert (await client.put(f"/admin/users/{first['id']}/role", json={"role": "analyst"},
-                             headers=second_headers)).status_code == 200
+    assert (
+        await client.put(f"/admin/users/{first['id']}/role", json={"role": "analyst"}, headers=second_headers)
+    ).status_code == 200
     # Now the second is the last admin; a deactivated admin does not count as active.
     third, third_headers = await make_user(Role.admin)
     assert (await client.put(f"/admin/users/{third['id']}/toggle-active", headers=second_headers)).status_code == 200
@@ -59,8 +62,9 @@ async def test_admin_role_and_delete_doors_share_the_rules(client, make_user, ad
     response = await client.put(f"/admin/users/{user['id']}/role", json={"role": "analyst"}, headers=admin_headers)
     assert response.status_code == 200 and response.json()["role"] == "analyst"
     assert (await client.delete(f"/admin/users/{user['id']}", headers=admin_headers)).status_code == 200
-    assert (await client.post("/auth/login", data={"username": user["username"],
-                                                   "password": PASSWORD})).status_code == 401
+    assert (
+        await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
+    ).status_code == 401
 
 
 async def test_stats_count_users_roles_and_predictions(client, make_user, admin_headers, trained_model):
@@ -78,8 +82,7 @@ async def test_stats_count_users_roles_and_predictions(client, make_user, admin_
     assert stats["model"]["version"] == trained_model["model_version"]
 
 
-async def test_history_counts_follow_predictions_and_deleted_accounts(client, make_user, admin_headers,
-                                                                       trained_model):
+async def test_history_counts_follow_predictions_and_deleted_accounts(client, make_user, admin_headers, trained_model):
     """Totals in history pages and the admin list stay exact as rows come and accounts go."""
     kept, kept_headers = await make_user(Role.user)
     leaving, leaving_headers = await make_user(Role.user)

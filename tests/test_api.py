@@ -1,4 +1,5 @@
 """The segmentation routes through HTTP: health, train, predict, segments, elbow, charts, history, versions."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,16 @@ async def test_train_with_fixed_k_reports_the_contract_fields(client, dataset, a
     response = await client.post("/train", params={"n_clusters": 4, "random_state": 3}, headers=analyst_headers)
     assert response.status_code == 200, response.text
     body = response.json()
-    for key in ("message", "n_clusters", "silhouette_score", "inertia", "model_version", "n_samples",
-                "duration_seconds", "cluster_sizes"):
+    for key in (
+        "message",
+        "n_clusters",
+        "silhouette_score",
+        "inertia",
+        "model_version",
+        "n_samples",
+        "duration_seconds",
+        "cluster_sizes",
+    ):
         assert key in body
     assert body["n_clusters"] == 4 and body["n_samples"] == 800
     assert sum(body["cluster_sizes"].values()) == 800 and len(body["cluster_sizes"]) == 4
@@ -151,14 +160,34 @@ async def test_batch_json_equals_single_predictions_in_order(client, trained_mod
 
 
 async def test_batch_csv_in_and_out_marks_bad_rows(client, trained_model, user_headers):
-    frame = pd.DataFrame([
-        {"CustomerID": 1, "Sex": "Male", "Age": 25, "Annual_Income": 30.0, "Spending_Score": 80,
-         "Purchase_Frequency": 50},
-        {"CustomerID": 2, "Sex": "Female", "Age": 150, "Annual_Income": 30.0, "Spending_Score": 80,
-         "Purchase_Frequency": 50},
-        {"CustomerID": 3, "Sex": "Other", "Age": 60, "Annual_Income": 120.0, "Spending_Score": 20,
-         "Purchase_Frequency": 5},
-    ])
+    frame = pd.DataFrame(
+        [
+            {
+                "CustomerID": 1,
+                "Sex": "Male",
+                "Age": 25,
+                "Annual_Income": 30.0,
+                "Spending_Score": 80,
+                "Purchase_Frequency": 50,
+            },
+            {
+                "CustomerID": 2,
+                "Sex": "Female",
+                "Age": 150,
+                "Annual_Income": 30.0,
+                "Spending_Score": 80,
+                "Purchase_Frequency": 50,
+            },
+            {
+                "CustomerID": 3,
+                "Sex": "Other",
+                "Age": 60,
+                "Annual_Income": 120.0,
+                "Spending_Score": 20,
+                "Purchase_Frequency": 5,
+            },
+        ]
+    )
     files = {"file": ("customers.csv", frame.to_csv(index=False).encode(), "text/csv")}
     response = await client.post("/predict/batch", files=files, headers={**user_headers, "Accept": "text/csv"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
@@ -167,9 +196,13 @@ async def test_batch_csv_in_and_out_marks_bad_rows(client, trained_model, user_h
     assert {"cluster", "cluster_name", "confidence", "error"} <= set(out.columns)
     assert pd.isna(out.loc[1, "cluster"]) and "age" in out.loc[1, "error"].lower()
     assert pd.isna(out.loc[0, "error"]) and pd.isna(out.loc[2, "error"])
-    single = (await client.post("/predict", json={"sex": "Male", "age": 25, "annual_income": 30.0,
-                                                   "spending_score": 80, "purchase_frequency": 50},
-                                headers=user_headers)).json()
+    single = (
+        await client.post(
+            "/predict",
+            json={"sex": "Male", "age": 25, "annual_income": 30.0, "spending_score": 80, "purchase_frequency": 50},
+            headers=user_headers,
+        )
+    ).json()
     assert int(out.loc[0, "cluster"]) == single["cluster"]
 
 
@@ -177,8 +210,9 @@ async def test_batch_rules(client, trained_model, user_headers):
     assert (await client.post("/predict/batch", json={"customers": []}, headers=user_headers)).status_code == 422
     too_many = {"customers": [CUSTOMER] * 10_001}
     assert (await client.post("/predict/batch", json=too_many, headers=user_headers)).status_code == 422
-    bad = await client.post("/predict/batch", json={"customers": [CUSTOMER, {**CUSTOMER, "age": 5}]},
-                            headers=user_headers)
+    bad = await client.post(
+        "/predict/batch", json={"customers": [CUSTOMER, {**CUSTOMER, "age": 5}]}, headers=user_headers
+    )
     assert bad.status_code == 422
     assert any("age" in err["loc"] and 1 in err["loc"] for err in bad.json()["detail"])
 

@@ -1,4 +1,5 @@
 """Registration, login (form and JSON), me, logout and token lifetime, through HTTP."""
+
 from __future__ import annotations
 
 import asyncio

@@ -3,6 +3,7 @@
 Runs Debian's Chromium (`apt-get install chromium`, done by `make install-dev` when root)
 through Playwright. Skipped only when no Chromium executable is installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
@@ -37,8 +44,11 @@ def chromium_executable() -> str | None:
 CHROMIUM = chromium_executable()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium executable: run `make install-dev` as root, or "
-                                                "`apt-get install chromium` (or set CHROMIUM_PATH)"),
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium executable: run `make install-dev` as root, or "
+        "`apt-get install chromium` (or set CHROMIUM_PATH)",
+    ),
 ]
 
 
@@ -75,9 +85,21 @@ def server(tmp_path_factory) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     log = open(home / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log"],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        cwd=home,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 60
@@ -147,8 +169,11 @@ async def test_swagger_ui_authorize_and_try_predict(server, tmp_path):
     assert (tmp_path / "swagger-predict.png").stat().st_size > 10_000
 
     assert requested, "the browser made no requests"
-    elsewhere = [url for url in requested
-                 if urlsplit(url).scheme in ("http", "https", "ws", "wss") and urlsplit(url).hostname not in LOCAL_HOSTS]
+    elsewhere = [
+        url
+        for url in requested
+        if urlsplit(url).scheme in ("http", "https", "ws", "wss") and urlsplit(url).hostname not in LOCAL_HOSTS
+    ]
     assert not elsewhere, f"requests left the machine: {elsewhere}"
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
     assert any(urlsplit(url).path == "/auth/login" for url in requested)
@@ -166,14 +191,21 @@ def test_redoc_renders_offline(server, tmp_path):
             page = browser.new_page()
             page.on("request", lambda request: requested.append(request.url))
             # The page's Content-Security-Policy stops the bundle's CDN logo inside the browser.
-            page.on("requestfailed", lambda request: "csp" in (request.failure or "").lower()
-                    and blocked.append(request.url))
+            page.on(
+                "requestfailed",
+                lambda request: "csp" in (request.failure or "").lower() and blocked.append(request.url),
+            )
             page.goto(f"{server}/redoc", wait_until="networkidle")
             page.wait_for_selector("text=Customer Segmentation API", timeout=30_000)
             page.screenshot(path=str(tmp_path / "redoc.png"))
         finally:
             browser.close()
-    elsewhere = [url for url in requested if url not in blocked
-                 and urlsplit(url).scheme in ("http", "https") and urlsplit(url).hostname not in LOCAL_HOSTS]
+    elsewhere = [
+        url
+        for url in requested
+        if url not in blocked
+        and urlsplit(url).scheme in ("http", "https")
+        and urlsplit(url).hostname not in LOCAL_HOSTS
+    ]
     assert not elsewhere, f"requests left the machine: {elsewhere}"
     assert any(urlsplit(url).path == "/openapi.json" for url in requested)

@@ -1,4 +1,5 @@
 """The command line as an operator runs it: generate, train, list, predict, create accounts."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run(env: dict[str, str], cwd: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_generate_train_list_and_predict(tmp_path, cli_env):
@@ -53,8 +53,23 @@ def test_generate_train_list_and_predict(tmp_path, cli_env):
     assert listed.returncode == 0, listed.stderr
     assert re.search(rf"^\* {re.escape(version)}\s+k=5 .*by=cli", listed.stdout, re.MULTILINE), listed.stdout
 
-    predicted = run(cli_env, tmp_path, "-m", "app", "predict", "--sex", "female", "--age", "29", "--income", "85",
-                    "--spending", "82", "--frequency", "40")
+    predicted = run(
+        cli_env,
+        tmp_path,
+        "-m",
+        "app",
+        "predict",
+        "--sex",
+        "female",
+        "--age",
+        "29",
+        "--income",
+        "85",
+        "--spending",
+        "82",
+        "--frequency",
+        "40",
+    )
     assert predicted.returncode == 0, predicted.stderr
     answer = json.loads(predicted.stdout)
     assert answer["cluster_name"] and 0 <= answer["cluster"] < 5 and 0 <= answer["confidence"] <= 1
@@ -83,8 +98,21 @@ def test_training_on_a_bad_csv_says_what_is_wrong_and_exits_2(tmp_path, cli_env)
 
 
 def test_predict_without_a_model_says_train_first(tmp_path, cli_env):
-    result = run(cli_env, tmp_path, "-m", "app", "predict", "--age", "30", "--income", "50", "--spending", "50",
-                 "--frequency", "10")
+    result = run(
+        cli_env,
+        tmp_path,
+        "-m",
+        "app",
+        "predict",
+        "--age",
+        "30",
+        "--income",
+        "50",
+        "--spending",
+        "50",
+        "--frequency",
+        "10",
+    )
     assert result.returncode == 2 and "train" in result.stderr.lower() and "Traceback" not in result.stderr
 
 
@@ -92,8 +120,16 @@ def test_create_admin_help_explains_every_flag(tmp_path, cli_env):
     result = run(cli_env, tmp_path, str(ROOT / "create_admin.py"), "--help")
     assert result.returncode == 0
     text = result.stdout
-    for flag in ("--username", "--password", "--email", "--full-name", "--role", "--test-username",
-                 "--test-password", "--no-test-user"):
+    for flag in (
+        "--username",
+        "--password",
+        "--email",
+        "--full-name",
+        "--role",
+        "--test-username",
+        "--test-password",
+        "--no-test-user",
+    ):
         match = re.search(rf"^\s+{flag}\b[^\n]*?(?:\s{{2,}}|\n\s+)(\S[^\n]+)", text, re.MULTILINE)
         assert match, f"{flag} has no explanation"
     for topic in ("DATABASE_URL", "APP_ENV", "production", "examples"):
@@ -101,11 +137,27 @@ def test_create_admin_help_explains_every_flag(tmp_path, cli_env):
 
 
 def test_create_admin_then_app_help(tmp_path, cli_env):
-    created = run(cli_env, tmp_path, str(ROOT / "create_admin.py"), "--username", "ops", "--password",
-                  "ops-password-1", "--no-test-user")
+    created = run(
+        cli_env,
+        tmp_path,
+        str(ROOT / "create_admin.py"),
+        "--username",
+        "ops",
+        "--password",
+        "ops-password-1",
+        "--no-test-user",
+    )
     assert created.returncode == 0 and "Created user 'ops'" in created.stdout
-    again = run(cli_env, tmp_path, str(ROOT / "create_admin.py"), "--username", "ops", "--password",
-                "ops-password-1", "--no-test-user")
+    again = run(
+        cli_env,
+        tmp_path,
+        str(ROOT / "create_admin.py"),
+        "--username",
+        "ops",
+        "--password",
+        "ops-password-1",
+        "--no-test-user",
+    )
     assert again.returncode == 0 and "already exists" in again.stdout
     helped = run(cli_env, tmp_path, "-m", "app", "train", "--help")
     assert helped.returncode == 0 and "--csv" in helped.stdout and "--k" in helped.stdout

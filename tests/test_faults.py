@@ -4,6 +4,7 @@ Whatever breaks, the client gets JSON `{"detail": ...}` with a status that says 
 is (503 + Retry-After for an unavailable database, 409/422 for its own request) and never a
 traceback or a server path.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,9 +42,10 @@ def assert_unavailable(response: httpx.Response) -> None:
 
 # --- model files that cannot be loaded at startup ------------------------------------------
 
+
 def _save_valid_model(directory: Path) -> None:
-    from generate_dataset import generate
     from app.preprocess import load_training_matrix
+    from generate_dataset import generate
 
     directory.mkdir(parents=True, exist_ok=True)
     csv_path = directory.parent / "seed.csv"
@@ -83,9 +85,17 @@ def _metadata_not_an_object(d: Path) -> None:
     (d / METADATA_FILE).write_text("[1, 2, 3]")
 
 
-BREAKAGES = {f.__name__.strip("_"): f for f in (_garbage_kmeans, _truncated_scaler, _empty_metadata,
-                                                 _directory_for_a_file, _wrong_object_pickled,
-                                                 _metadata_not_an_object)}
+BREAKAGES = {
+    f.__name__.strip("_"): f
+    for f in (
+        _garbage_kmeans,
+        _truncated_scaler,
+        _empty_metadata,
+        _directory_for_a_file,
+        _wrong_object_pickled,
+        _metadata_not_an_object,
+    )
+}
 
 
 @pytest.fixture(params=list(BREAKAGES))
@@ -96,8 +106,7 @@ def broken_model_files(request, settings: Settings) -> str:
     return request.param
 
 
-async def test_unloadable_model_files_leave_the_service_up_without_a_model(broken_model_files, client,
-                                                                           user_headers):
+async def test_unloadable_model_files_leave_the_service_up_without_a_model(broken_model_files, client, user_headers):
     health = await client.get("/")
     assert health.status_code == 200
     assert health.json()["model_loaded"] is False and health.json()["model_version"] is None
@@ -130,6 +139,7 @@ async def test_a_valid_model_directory_is_served_and_training_replaces_a_broken_
 
 # --- a locked SQLite database ---------------------------------------------------------------
 
+
 def _sqlite_path(settings: Settings) -> Path:
     assert settings.is_sqlite
     return Path(settings.database_url.split("///", 1)[1])
@@ -148,8 +158,9 @@ async def test_a_database_locked_by_another_process_gives_503_with_retry_after(c
         holder.execute("BEGIN EXCLUSIVE")
         writes = [
             await client.post("/profiles/", json={"name": "p", **CUSTOMER}, headers=headers),
-            await client.post("/auth/register", json={"email": "new@example.com", "username": "newcomer",
-                                                      "password": "newcomer-pass"}),
+            await client.post(
+                "/auth/register", json={"email": "new@example.com", "username": "newcomer", "password": "newcomer-pass"}
+            ),
             await client.post("/auth/login", data={"username": user["username"], "password": "wrong-pass"}),
             await client.put("/users/me", json={"full_name": "Locked Out"}, headers=headers),
         ]
@@ -186,6 +197,7 @@ async def test_a_lock_released_within_the_busy_timeout_only_delays_the_request(c
 
 # --- a database that went away --------------------------------------------------------------
 
+
 @sqlite_only
 async def test_the_database_file_removed_while_running_gives_a_clear_503(client, make_user, settings):
     path = _sqlite_path(settings)
@@ -193,9 +205,11 @@ async def test_the_database_file_removed_while_running_gives_a_clear_503(client,
     assert (await client.get("/profiles/", headers=headers)).status_code == 200
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    for method, path_, kwargs in (("GET", "/profiles/", {"headers": headers}),
-                                  ("POST", "/auth/login", {"data": {"username": "x", "password": "y"}}),
-                                  ("POST", "/profiles/", {"json": {"name": "p", **CUSTOMER}, "headers": headers})):
+    for method, path_, kwargs in (
+        ("GET", "/profiles/", {"headers": headers}),
+        ("POST", "/auth/login", {"data": {"username": "x", "password": "y"}}),
+        ("POST", "/profiles/", {"json": {"name": "p", **CUSTOMER}, "headers": headers}),
+    ):
         response = await client.request(method, path_, **kwargs)
         # A token check cached a moment ago may let the first call pass the gate; the data is still gone.
         assert_unavailable(response)
@@ -215,8 +229,10 @@ async def test_an_unreachable_database_gives_503(client, app, make_user, setting
     app.state.database = Database(url, busy_timeout=0.2)
     app.state.auth_cache.ttl = 0
     try:
-        for method, path, kwargs in (("GET", "/profiles/", {"headers": headers}),
-                                     ("POST", "/auth/login", {"data": {"username": "x", "password": "y"}})):
+        for method, path, kwargs in (
+            ("GET", "/profiles/", {"headers": headers}),
+            ("POST", "/auth/login", {"data": {"username": "x", "password": "y"}}),
+        ):
             assert_unavailable(await client.request(method, path, **kwargs))
     finally:
         await app.state.database.dispose()
@@ -224,6 +240,7 @@ async def test_an_unreachable_database_gives_503(client, app, make_user, setting
 
 
 # --- unexpected errors ----------------------------------------------------------------------
+
 
 async def test_an_unexpected_error_is_a_bare_500_without_internals(app, user_headers, monkeypatch):
     from app.services import profiles as profile_service
@@ -276,7 +293,7 @@ HOSTILE_BODIES = [
     ("application/json", b"null"),
     ("application/json", json.dumps({"customers": [{"age": 2**70}], "name": "\x00", "skip": -1}).encode()),
     ("application/x-www-form-urlencoded", b"username=%00&password=%ff%fe"),
-    ("multipart/form-data; boundary=zz", b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx"),
+    ("multipart/form-data; boundary=zz", b'--zz\r\nContent-Disposition: form-data; name="file"\r\n\r\nx'),
     ("multipart/form-data", b"no boundary at all"),
     ("text/plain", b"hello"),
     ("application/xml", b"<?xml version='1.0'?><!DOCTYPE x [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><x>&e;</x>"),
@@ -293,8 +310,9 @@ async def test_no_hostile_body_on_any_operation_yields_a_server_error(client, ap
             if method not in ("post", "put"):
                 continue
             for content_type, body in HOSTILE_BODIES:
-                response = await client.request(method.upper(), concrete, content=body,
-                                                headers={**headers, "Content-Type": content_type})
+                response = await client.request(
+                    method.upper(), concrete, content=body, headers={**headers, "Content-Type": content_type}
+                )
                 assert response.status_code < 500, (method, path, content_type, body[:40], response.text[:300])
                 assert_clean(response)
                 seen += 1
@@ -304,8 +322,9 @@ async def test_no_hostile_body_on_any_operation_yields_a_server_error(client, ap
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 # The model follower would meet a closed connection first and have the pool renewed.
 @pytest.mark.parametrize("settings_overrides", [{"model_sync_seconds": 3600}], ids=["no-follower"])
-async def test_pooled_connections_the_server_closed_while_idle_are_replaced(client, make_user, trained_model,
-                                                                           database_url):
+async def test_pooled_connections_the_server_closed_while_idle_are_replaced(
+    client, make_user, trained_model, database_url
+):
     """A PostgreSQL restart or idle timeout closes pooled connections: the next requests still succeed."""
     import asyncpg
 
@@ -318,7 +337,8 @@ async def test_pooled_connections_the_server_closed_while_idle_are_replaced(clie
     try:
         closed = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
     finally:
         await admin.close()
     assert closed >= 1
@@ -348,8 +368,9 @@ async def test_every_pooled_connection_in_use_is_503_busy_then_served(app, clien
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("settings_overrides", [{"db_pool_size": 2, "db_pool_timeout_seconds": 0.5}], ids=["pool-2"])
-async def test_history_pages_beyond_the_pool_take_turns_and_a_long_wait_is_503_busy(app, client, make_user,
-                                                                                   trained_model):
+async def test_history_pages_beyond_the_pool_take_turns_and_a_long_wait_is_503_busy(
+    app, client, make_user, trained_model
+):
     """Pages read through the pool wait their turn; one kept waiting DB_POOL_TIMEOUT_SECONDS gets 503, as
     a request waiting for the pool itself does, and the page in front is answered once it can be."""
     _, headers = await make_user(Role.user)

@@ -8,6 +8,7 @@ operation) so it stays within a couple of minutes on a small machine.
 Self-destructive calls get a disposable identity instead of the run's own: logout revokes a
 freshly minted token of the same account, DELETE /users/me deletes a throwaway account.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,13 +59,24 @@ async def _seed(settings: Settings) -> None:
             accounts += [(uid, f"acting-{role.value}", role) for role, uid in ACTING.items()]
             accounts += [(uid, f"disposable{uid}", Role.user) for uid in DISPOSABLE]
             for uid, name, role in accounts:
-                session.add(User(id=uid, email=f"{name}@example.com", username=name, full_name=name,
-                                 hashed_password=PASSWORD_HASH, role=role.value, is_active=True, token_version=0))
+                session.add(
+                    User(
+                        id=uid,
+                        email=f"{name}@example.com",
+                        username=name,
+                        full_name=name,
+                        hashed_password=PASSWORD_HASH,
+                        role=role.value,
+                        is_active=True,
+                        token_version=0,
+                    )
+                )
             await session.commit()
         if not database.is_sqlite:  # ids were given by hand: move the sequence past them
             async with database.engine.begin() as conn:
                 await conn.exec_driver_sql(
-                    "SELECT setval(pg_get_serial_sequence('users', 'id'), (SELECT max(id) FROM users))")
+                    "SELECT setval(pg_get_serial_sequence('users', 'id'), (SELECT max(id) FROM users))"
+                )
     finally:
         await database.dispose()
 
@@ -75,8 +87,9 @@ def _token(settings: Settings, user_id: int) -> str:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def fuzz_env(tmp_path_factory, request):
-    from generate_dataset import generate
     from schemathesis.python import asgi
+
+    from generate_dataset import generate
 
     root: Path = tmp_path_factory.mktemp("fuzz")
     if request.param == "sqlite":
@@ -85,9 +98,9 @@ def fuzz_env(tmp_path_factory, request):
         url = postgres_url()
         if url is None:
             pytest.skip("PostgreSQL run: set TEST_DATABASE_URL")
-    settings = make_settings(root, url,
-                             login_max_failures_per_user=10**6, login_max_failures_per_ip=10**6,
-                             db_busy_timeout_seconds=30)
+    settings = make_settings(
+        root, url, login_max_failures_per_user=10**6, login_max_failures_per_ip=10**6, db_busy_timeout_seconds=30
+    )
     settings.data_path.parent.mkdir(parents=True, exist_ok=True)
     generate(rows=300, seed=11).to_csv(settings.data_path, index=False)
     asyncio.run(_seed(settings))
@@ -95,8 +108,11 @@ def fuzz_env(tmp_path_factory, request):
     assert app.openapi() == SPEC, "the fuzzed schema must be the served one"
     # Schemathesis runs the app (and its lifespan) on its own event loop thread.
     with asgi.get_client(app) as client:
-        trained = client.post("/train", params={"n_clusters": 4},
-                              headers={"Authorization": f"Bearer {_token(settings, ACTING[Role.admin])}"})
+        trained = client.post(
+            "/train",
+            params={"n_clusters": 4},
+            headers={"Authorization": f"Bearer {_token(settings, ACTING[Role.admin])}"},
+        )
         assert trained.status_code == 200, trained.text
     env = {"app": app, "settings": settings, "disposable": iter(DISPOSABLE), "backend": request.param}
     yield env
@@ -117,8 +133,10 @@ def _report(reporter, capture, backend: str) -> None:
             ops = {op for r, op in EXAMPLES if r == role}
             total = sum(n for (r, _), n in EXAMPLES.items() if r == role)
             reporter.write_line(f"schemathesis on {backend} as {role}: {len(ops)} operations, {total} examples")
-        reporter.write_line(f"schemathesis on {backend}, statuses: " + ", ".join(
-            f"{role} {code}: {n}" for (role, code), n in sorted(STATUSES.items())))
+        reporter.write_line(
+            f"schemathesis on {backend}, statuses: "
+            + ", ".join(f"{role} {code}: {n}" for (role, code), n in sorted(STATUSES.items()))
+        )
 
 
 def _served_spec() -> dict:
@@ -164,8 +182,7 @@ SEMANTIC_422 = {
 
 def _run(case, role: Role, env) -> None:
     excluded = [positive_data_acceptance] if case.operation.label in SEMANTIC_422 else None
-    response = case.call_and_validate(headers=_headers_for(case, role, env), app=env["app"],
-                                      excluded_checks=excluded)
+    response = case.call_and_validate(headers=_headers_for(case, role, env), app=env["app"], excluded_checks=excluded)
     EXAMPLES[(role.value, case.operation.label)] += 1
     STATUSES[(role.value, response.status_code)] += 1
     if response.status_code < 300:
@@ -193,8 +210,15 @@ def test_the_fuzzing_reached_the_trained_model():
     if not backends:
         pytest.skip("the fuzz tests did not run in this session")
     for backend in backends:
-        for label in ("POST /predict", "POST /predict/batch", "GET /clusters", "GET /charts/clusters",
-                      "GET /history", "POST /profiles/", "GET /elbow"):
+        for label in (
+            "POST /predict",
+            "POST /predict/batch",
+            "GET /clusters",
+            "GET /charts/clusters",
+            "GET /history",
+            "POST /profiles/",
+            "GET /elbow",
+        ):
             for role in ("user", "admin"):
                 assert (backend, role, label) in SUCCESSES, (backend, role, label)
         for label in ("GET /admin/stats", "GET /models", "GET /admin/users"):

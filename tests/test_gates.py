@@ -1,4 +1,5 @@
 """Every route's gate: 401 without a token, 403 for a role below the one it needs."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,8 +50,11 @@ async def test_without_token_is_401(client, method, path, least):
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("method,path,least", [r for r in ROUTES if r[2] != Role.user],
-                         ids=[f"{m} {p}" for m, p, least in ROUTES if least != Role.user])
+@pytest.mark.parametrize(
+    "method,path,least",
+    [r for r in ROUTES if r[2] != Role.user],
+    ids=[f"{m} {p}" for m, p, least in ROUTES if least != Role.user],
+)
 async def test_roles_below_the_gate_get_403(client, make_user, method, path, least):
     for role in Role:
         if RANK[role] < RANK[least]:

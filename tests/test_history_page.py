@@ -1,12 +1,12 @@
 """GET /history is written straight from the rows: it must say exactly what HistoryPage would."""
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
 from sqlalchemy import delete, select
 
 from app.database import PredictionHistory, Role
@@ -23,19 +23,48 @@ def _pydantic(rows: list[dict], total: int, skip: int, limit: int) -> dict:
 def test_page_json_matches_the_schema_serialization():
     customer = {"sex": "Female", "age": 29, "annual_income": 85.5, "spending_score": 82, "purchase_frequency": 40}
     rows = [
-        dict(id=7, customer_data=customer, cluster=3, cluster_name='Young, "big" spenders – ünïcode',
-             confidence=0.12345678901234568, model_version=None,
-             created_at=datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=timezone.utc)),
-        dict(id=6, customer_data=customer, cluster=0, cluster_name="Thrifty", confidence=1e-07,
-             model_version="20260101-000000-abcdef", created_at=datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=timezone.utc)),
+        dict(
+            id=7,
+            customer_data=customer,
+            cluster=3,
+            cluster_name='Young, "big" spenders – ünïcode',
+            confidence=0.12345678901234568,
+            model_version=None,
+            created_at=datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=UTC),
+        ),
+        dict(
+            id=6,
+            customer_data=customer,
+            cluster=0,
+            cluster_name="Thrifty",
+            confidence=1e-07,
+            model_version="20260101-000000-abcdef",
+            created_at=datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
+        ),
     ]
     as_stored = [  # what SQLite hands back: JSON text and "YYYY-MM-DD HH:MM:SS.ffffff"
-        (r["id"], json.dumps(r["customer_data"]), r["cluster"], r["cluster_name"], r["confidence"],
-         r["model_version"], r["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f")) for r in rows
+        (
+            r["id"],
+            json.dumps(r["customer_data"]),
+            r["cluster"],
+            r["cluster_name"],
+            r["confidence"],
+            r["model_version"],
+            r["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f"),
+        )
+        for r in rows
     ]
     as_postgres = [  # what the engine hands back: aware datetimes
-        (r["id"], json.dumps(r["customer_data"]), r["cluster"], r["cluster_name"], r["confidence"],
-         r["model_version"], r["created_at"]) for r in rows
+        (
+            r["id"],
+            json.dumps(r["customer_data"]),
+            r["cluster"],
+            r["cluster_name"],
+            r["confidence"],
+            r["model_version"],
+            r["created_at"],
+        )
+        for r in rows
     ]
     expected = _pydantic(rows, total=9, skip=2, limit=2)
     assert json.loads(page_json(as_stored, total=9, skip=2, limit=2)) == expected
@@ -45,7 +74,8 @@ def test_page_json_matches_the_schema_serialization():
 
 @pytest.mark.parametrize("through", ["default", "engine", "few rows kept"])
 async def test_history_answer_equals_the_rows_and_includes_every_answered_prediction(
-        app, client, make_user, trained_model, through):
+    app, client, make_user, trained_model, through
+):
     if through == "engine":  # what SQLite falls back to, and what PostgreSQL always uses
         app.state.history_reader._path = None
     if through == "few rows kept":  # the kept rows' JSON is dropped again and again
@@ -61,16 +91,27 @@ async def test_history_answer_equals_the_rows_and_includes_every_answered_predic
         assert latest["history"][0]["confidence"] == response.json()["confidence"]
 
     async with app.state.database.sessionmaker() as session:
-        rows = (await session.execute(
-            select(PredictionHistory).where(PredictionHistory.user_id == user["id"])
-            .order_by(PredictionHistory.created_at.desc(), PredictionHistory.id.desc())
-        )).scalars().all()
+        rows = (
+            (
+                await session.execute(
+                    select(PredictionHistory)
+                    .where(PredictionHistory.user_id == user["id"])
+                    .order_by(PredictionHistory.created_at.desc(), PredictionHistory.id.desc())
+                )
+            )
+            .scalars()
+            .all()
+        )
     for skip, limit in ((0, 50), (3, 4), (11, 5), (40, 10)):
         response = await client.get("/history", params={"skip": skip, "limit": limit}, headers=headers)
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/json"
-        expected = HistoryPage(history=[HistoryItem.model_validate(r) for r in rows[skip:skip + limit]],
-                               total=len(rows), skip=skip, limit=limit)
+        expected = HistoryPage(
+            history=[HistoryItem.model_validate(r) for r in rows[skip : skip + limit]],
+            total=len(rows),
+            skip=skip,
+            limit=limit,
+        )
         assert response.json() == json.loads(expected.model_dump_json())
 
 
@@ -84,8 +125,9 @@ async def test_analyst_reads_another_users_history(client, make_user, trained_mo
     assert (await client.get("/history", headers=analyst_headers)).json()["total"] == 0
 
 
-async def test_with_the_database_file_removed_predictions_and_history_are_503(client, make_user, trained_model,
-                                                                              settings):
+async def test_with_the_database_file_removed_predictions_and_history_are_503(
+    client, make_user, trained_model, settings
+):
     if not settings.is_sqlite:
         pytest.skip("a database file is SQLite's")
     _, headers = await make_user(Role.user)
@@ -110,17 +152,34 @@ async def test_predictions_are_stored_exactly_as_a_core_insert_stores_them(app, 
     user, headers = await make_user(Role.user)
     assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
     async with app.state.database.sessionmaker() as session:
-        written = (await session.execute(
-            select(PredictionHistory).where(PredictionHistory.user_id == user["id"]))).scalar_one()
-        await session.execute(PredictionHistory.__table__.insert(), [{
-            column: getattr(written, column) for column in
-            ("user_id", "customer_data", "cluster", "cluster_name", "confidence", "model_version", "created_at")}])
+        written = (
+            await session.execute(select(PredictionHistory).where(PredictionHistory.user_id == user["id"]))
+        ).scalar_one()
+        await session.execute(
+            PredictionHistory.__table__.insert(),
+            [
+                {
+                    column: getattr(written, column)
+                    for column in (
+                        "user_id",
+                        "customer_data",
+                        "cluster",
+                        "cluster_name",
+                        "confidence",
+                        "model_version",
+                        "created_at",
+                    )
+                }
+            ],
+        )
         await session.commit()
     with sqlite3.connect(app.state.database.engine.url.database) as raw:
         stored = raw.execute(
             "SELECT user_id, customer_data, typeof(customer_data), cluster, cluster_name, confidence, "
             "typeof(confidence), model_version, created_at, typeof(created_at) "
-            "FROM prediction_history WHERE user_id = ? ORDER BY id", (user["id"],)).fetchall()
+            "FROM prediction_history WHERE user_id = ? ORDER BY id",
+            (user["id"],),
+        ).fetchall()
     assert len(stored) == 2 and stored[0] == stored[1]
     assert len(stored[0][8]) == 26  # "YYYY-MM-DD HH:MM:SS.ffffff", what the history page reads
 

@@ -1,6 +1,7 @@
 """Model lifecycle in one process: versions, activation and rollback, batch scoring against single
 predictions, restarts over a damaged local copy, adopted model files, the training lease and time limit,
 and a second model store (another worker) following the database."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,17 @@ from app.services.models import HOST_ID, TRAINING_KEY, ModelStore
 from generate_dataset import generate
 from tests.conftest import CUSTOMER
 
-SUMMARY_FIELDS = ("version", "created_at", "created_by", "n_clusters", "silhouette_score", "inertia", "n_samples",
-                  "data_fingerprint", "active")
+SUMMARY_FIELDS = (
+    "version",
+    "created_at",
+    "created_by",
+    "n_clusters",
+    "silhouette_score",
+    "inertia",
+    "n_samples",
+    "data_fingerprint",
+    "active",
+)
 
 
 @asynccontextmanager
@@ -53,12 +63,16 @@ def upload(frame: pd.DataFrame) -> dict:
 
 # --- versions -----------------------------------------------------------------------------------
 
+
 async def test_every_training_is_an_immutable_version(client, dataset, analyst_headers):
     me = (await client.get("/auth/me", headers=analyst_headers)).json()
     first = (await client.post("/train", params={"n_clusters": 4}, headers=analyst_headers)).json()
     before = (await client.get(f"/models/{first['model_version']}", headers=analyst_headers)).json()
-    second = (await client.post("/train", params={"n_clusters": 3}, files=upload(generate(rows=400, seed=9)),
-                                headers=analyst_headers)).json()
+    second = (
+        await client.post(
+            "/train", params={"n_clusters": 3}, files=upload(generate(rows=400, seed=9)), headers=analyst_headers
+        )
+    ).json()
     listing = (await client.get("/models", headers=analyst_headers)).json()
     assert [m["version"] for m in listing["models"]] == [second["model_version"], first["model_version"]]
     for item in listing["models"]:
@@ -75,8 +89,9 @@ async def test_every_training_is_an_immutable_version(client, dataset, analyst_h
     assert after["k_selection"]["method"] == "fixed"
 
 
-async def test_rollback_and_roll_forward_switch_everything(client, trained_model, settings, analyst_headers,
-                                                            user_headers):
+async def test_rollback_and_roll_forward_switch_everything(
+    client, trained_model, settings, analyst_headers, user_headers
+):
     first = trained_model["model_version"]
     second = (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).json()["model_version"]
     for version, k in ((first, 5), (second, 3), (first, 5)):
@@ -88,7 +103,7 @@ async def test_rollback_and_roll_forward_switch_everything(client, trained_model
         predicted = (await client.post("/predict", json=CUSTOMER, headers=user_headers)).json()
         assert predicted["model_version"] == version
         assert local_version(settings) == version
-        batch = (await client.post("/predict/batch", json={"customers": [CUSTOMER] * 3}, headers=user_headers))
+        batch = await client.post("/predict/batch", json={"customers": [CUSTOMER] * 3}, headers=user_headers)
         assert batch.json()["model_version"] == version
     history = (await client.get("/history", headers=user_headers)).json()["history"]
     assert [h["model_version"] for h in history] == [first, second, first]
@@ -98,11 +113,19 @@ async def test_rollback_and_roll_forward_switch_everything(client, trained_model
 
 # --- batch scoring --------------------------------------------------------------------------------
 
+
 async def test_batch_csv_and_json_agree_with_single_predictions(client, trained_model, user_headers):
     frame = generate(rows=300, seed=21)
-    records = [{"sex": r.Sex, "age": int(r.Age), "annual_income": float(r.Annual_Income),
-                "spending_score": int(r.Spending_Score), "purchase_frequency": int(r.Purchase_Frequency)}
-               for r in frame.itertuples()]
+    records = [
+        {
+            "sex": r.Sex,
+            "age": int(r.Age),
+            "annual_income": float(r.Annual_Income),
+            "spending_score": int(r.Spending_Score),
+            "purchase_frequency": int(r.Purchase_Frequency),
+        }
+        for r in frame.itertuples()
+    ]
     from_json = (await client.post("/predict/batch", json={"customers": records}, headers=user_headers)).json()
     from_csv = (await client.post("/predict/batch", files=upload(frame), headers=user_headers)).json()
     as_csv = await client.post("/predict/batch", files=upload(frame), headers={**user_headers, "Accept": "text/csv"})
@@ -118,8 +141,10 @@ async def test_batch_csv_and_json_agree_with_single_predictions(client, trained_
         assert a["confidence"] == b["confidence"] and row["confidence"] == pytest.approx(a["confidence"], abs=1e-6)
     for i in range(0, 300, 20):
         single = (await client.post("/predict", json=records[i], headers=user_headers)).json()
-        assert (single["cluster"], single["cluster_name"]) == (from_csv["predictions"][i]["cluster"],
-                                                               from_csv["predictions"][i]["cluster_name"])
+        assert (single["cluster"], single["cluster_name"]) == (
+            from_csv["predictions"][i]["cluster"],
+            from_csv["predictions"][i]["cluster_name"],
+        )
         assert single["confidence"] == pytest.approx(from_csv["predictions"][i]["confidence"], abs=1e-9)
     assert table["error"].isna().all()
 
@@ -134,8 +159,9 @@ BAD_ROWS = {  # row number -> (cells, the field its error names)
 }
 
 
-async def test_a_csv_batch_marks_each_bad_row_across_chunks(client, trained_model, user_headers, admin_headers,
-                                                            monkeypatch):
+async def test_a_csv_batch_marks_each_bad_row_across_chunks(
+    client, trained_model, user_headers, admin_headers, monkeypatch
+):
     monkeypatch.setattr(segmentation, "SCORE_CHUNK_ROWS", 7)  # 30 rows: five chunks
     lines = ["CustomerID,Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency,cluster"]
     for row in range(1, 31):
@@ -175,8 +201,10 @@ async def test_a_csv_batch_with_a_missing_column_or_no_rows_is_422(client, train
 
 # --- restarts and crash safety --------------------------------------------------------------------
 
+
 async def test_a_restart_serves_the_database_version_and_repairs_a_torn_local_copy(
-        client, trained_model, settings, analyst_headers, tmp_path):
+    client, trained_model, settings, analyst_headers, tmp_path
+):
     first = trained_model["model_version"]
     second = (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).json()["model_version"]
     # A save killed between its renames: kmeans.pkl of the old version next to the new metadata,
@@ -201,7 +229,8 @@ async def test_model_files_from_before_the_database_are_adopted_once(settings):
     model.save(settings.model_dir)
     async with AsyncExitStack() as stack:
         (app_a, http_a), (app_b, http_b) = await asyncio.gather(
-            stack.enter_async_context(running(settings, 50001)), stack.enter_async_context(running(settings, 50002)))
+            stack.enter_async_context(running(settings, 50001)), stack.enter_async_context(running(settings, 50002))
+        )
         assert (await http_a.get("/")).json()["model_version"] == model.version
         assert (await http_b.get("/")).json()["model_version"] == model.version
         versions, active = await app_a.state.models.list_versions()
@@ -209,13 +238,13 @@ async def test_model_files_from_before_the_database_are_adopted_once(settings):
     assert versions[0]["created_by"] is None and versions[0]["n_samples"] == 500
 
 
-async def test_a_version_whose_artifact_cannot_be_loaded_is_never_activated(app, client, trained_model,
-                                                                           analyst_headers, user_headers):
+async def test_a_version_whose_artifact_cannot_be_loaded_is_never_activated(
+    app, client, trained_model, analyst_headers, user_headers
+):
     first = trained_model["model_version"]
     second = (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).json()["model_version"]
     async with app.state.database.sessionmaker() as session:
-        await session.execute(update(ModelVersion).where(ModelVersion.version == first)
-                              .values(artifact=b"not a model"))
+        await session.execute(update(ModelVersion).where(ModelVersion.version == first).values(artifact=b"not a model"))
         await session.commit()
     response = await client.post(f"/models/{first}/activate", headers=analyst_headers)
     assert response.status_code == 409 and "cannot be loaded" in response.json()["detail"]
@@ -235,8 +264,9 @@ def _training_children() -> list[psutil.Process]:
     return found
 
 
-async def test_a_training_past_the_time_limit_is_killed_and_changes_nothing(app, client, trained_model,
-                                                                            analyst_headers):
+async def test_a_training_past_the_time_limit_is_killed_and_changes_nothing(
+    app, client, trained_model, analyst_headers
+):
     app.state.settings.train_timeout_seconds = 0.01
     before = (await client.get("/models", headers=analyst_headers)).json()
     response = await client.post("/train", headers=analyst_headers)
@@ -255,8 +285,11 @@ async def _set_lease(database, value: str | None, age_seconds: float = 0) -> Non
         if await session.get(ServiceState, TRAINING_KEY) is None:
             session.add(ServiceState(key=TRAINING_KEY, value=None))
             await session.commit()
-        await session.execute(update(ServiceState).where(ServiceState.key == TRAINING_KEY)
-                              .values(value=value, updated_at=utcnow() - timedelta(seconds=age_seconds)))
+        await session.execute(
+            update(ServiceState)
+            .where(ServiceState.key == TRAINING_KEY)
+            .values(value=value, updated_at=utcnow() - timedelta(seconds=age_seconds))
+        )
         await session.commit()
 
 
@@ -282,8 +315,10 @@ async def test_the_training_lease_is_respected_unless_its_holder_is_gone(app, cl
 
 # --- another worker process follows the database --------------------------------------------------
 
-async def test_another_store_follows_train_and_activate_within_two_seconds(app, client, settings, dataset,
-                                                                           analyst_headers, tmp_path):
+
+async def test_another_store_follows_train_and_activate_within_two_seconds(
+    app, client, settings, dataset, analyst_headers, tmp_path
+):
     other_settings = settings.model_copy(update={"model_dir": tmp_path / "other-worker"})
     database = Database(settings.database_url)
     other = ModelStore(settings=other_settings, database=database)

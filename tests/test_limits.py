@@ -3,6 +3,7 @@
 Page sizes, the k range of the elbow, batch sizes, JSON body size (MAX_JSON_BODY_MB), upload size
 (MAX_UPLOAD_MB) and training time (TRAIN_TIMEOUT_SECONDS). Small limits come from settings_overrides.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ def _csv(rows: int) -> bytes:
 async def _chunks(data: bytes, size: int = 4096):
     """A body sent without Content-Length (chunked), as a streaming client would."""
     for start in range(0, len(data), size):
-        yield data[start:start + size]
+        yield data[start : start + size]
 
 
 def _names(response, field: str) -> bool:
@@ -71,11 +72,13 @@ async def test_a_json_batch_holds_at_most_10000_customers(client, trained_model,
 async def test_a_json_batch_holds_at_most_max_batch_rows(client, trained_model, user_headers):
     over = await client.post("/predict/batch", json={"customers": [CUSTOMER] * 6}, headers=user_headers)
     assert over.status_code == 422 and "MAX_BATCH_ROWS" in over.text and "customers" in over.text
-    assert (await client.post("/predict/batch", json={"customers": [CUSTOMER] * 5},
-                              headers=user_headers)).status_code == 200
+    assert (
+        await client.post("/predict/batch", json={"customers": [CUSTOMER] * 5}, headers=user_headers)
+    ).status_code == 200
 
 
 # --- body sizes -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("settings_overrides", [SMALL_BODIES], ids=["small-bodies"])
 async def test_json_bodies_over_the_cap_are_413_with_the_limit(client, user_headers):
@@ -83,11 +86,15 @@ async def test_json_bodies_over_the_cap_are_413_with_the_limit(client, user_head
     declared = await client.post("/profiles/", json=big, headers=user_headers)
     assert declared.status_code == 413
     assert declared.json() == {
-        "detail": "Request body too large: the limit for JSON and form bodies (MAX_JSON_BODY_MB) is 0.01 MB"}
+        "detail": "Request body too large: the limit for JSON and form bodies (MAX_JSON_BODY_MB) is 0.01 MB"
+    }
     import json
 
-    streamed = await client.post("/profiles/", content=_chunks(json.dumps(big).encode()),
-                                 headers={**user_headers, "Content-Type": "application/json"})
+    streamed = await client.post(
+        "/profiles/",
+        content=_chunks(json.dumps(big).encode()),
+        headers={**user_headers, "Content-Type": "application/json"},
+    )
     assert streamed.status_code == 413 and "too large" in streamed.json()["detail"]
     # Under the cap is served as usual.
     small = await client.post("/profiles/", json={"name": "n", **CUSTOMER, "notes": "x" * 1000}, headers=user_headers)
@@ -98,8 +105,11 @@ async def test_json_bodies_over_the_cap_are_413_with_the_limit(client, user_head
 async def test_login_and_register_bodies_are_capped_too(client):
     form = await client.post("/auth/login", data={"username": "u", "password": "p" * 20_000})
     assert form.status_code == 413
-    register = await client.post("/auth/register", content=b'{"username": "' + b"a" * 20_000 + b'"}',
-                                 headers={"Content-Type": "application/json"})
+    register = await client.post(
+        "/auth/register",
+        content=b'{"username": "' + b"a" * 20_000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert register.status_code == 413
 
 
@@ -112,18 +122,26 @@ async def test_uploads_over_the_cap_are_413_with_the_limit(client, trained_model
     assert declared.status_code == 413
     assert declared.json() == {"detail": "Request body too large: the limit for uploads (MAX_UPLOAD_MB) is 0.02 MB"}
     boundary = "limit-test-boundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.csv\"\r\n"
-            f"Content-Type: text/csv\r\n\r\n").encode() + big + f"\r\n--{boundary}--\r\n".encode()
-    streamed = await client.post(path, content=_chunks(body),
-                                 headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+            f"Content-Type: text/csv\r\n\r\n"
+        ).encode()
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    streamed = await client.post(
+        path, content=_chunks(body), headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     assert streamed.status_code == 413
 
 
 @pytest.mark.parametrize("settings_overrides", [SMALL_BODIES], ids=["small-bodies"])
 async def test_an_upload_under_the_upload_cap_but_over_the_json_cap_is_accepted(client, trained_model, user_headers):
     csv_bytes = _csv(600)  # ~13 KiB: over the JSON cap, under the upload cap
-    response = await client.post("/predict/batch", files={"file": ("ok.csv", csv_bytes, "text/csv")},
-                                  headers=user_headers)
+    response = await client.post(
+        "/predict/batch", files={"file": ("ok.csv", csv_bytes, "text/csv")}, headers=user_headers
+    )
     assert response.status_code == 200 and len(response.json()["predictions"]) == 600
 
 
@@ -135,9 +153,12 @@ async def test_a_lying_content_length_does_not_bypass_the_cap(client, user_heade
     body = b'{"name": "' + b"x" * (cap + 10) + b'"}'
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as raw:
-        request = raw.build_request("POST", "/profiles/", content=_chunks(body, 1 << 20),
-                                    headers={**user_headers, "Content-Type": "application/json",
-                                             "Content-Length": "10"})
+        request = raw.build_request(
+            "POST",
+            "/profiles/",
+            content=_chunks(body, 1 << 20),
+            headers={**user_headers, "Content-Type": "application/json", "Content-Length": "10"},
+        )
         response = await raw.send(request)
     assert response.status_code in (413, 422)
 
@@ -147,12 +168,14 @@ async def test_multipart_with_too_many_parts_is_refused(client, analyst_headers)
     response = await client.post("/train", files=files, headers=analyst_headers)
     assert response.status_code == 422
     fields = {f"field{i}": "x" for i in range(50)}
-    response = await client.post("/train", data=fields, files={"file": ("f.csv", _csv(5), "text/csv")},
-                                 headers=analyst_headers)
+    response = await client.post(
+        "/train", data=fields, files={"file": ("f.csv", _csv(5), "text/csv")}, headers=analyst_headers
+    )
     assert response.status_code == 422
 
 
 # --- training time --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("settings_overrides", [{"train_timeout_seconds": 0.01}], ids=["timeout-10ms"])
 async def test_a_training_over_the_time_limit_is_a_4xx_that_says_so(client, dataset, analyst_headers):
@@ -180,12 +203,16 @@ async def test_the_training_time_limit_is_documented(client):
     spec = (await client.get("/openapi.json")).json()
     train = spec["paths"]["/train"]["post"]
     assert "TRAIN_TIMEOUT_SECONDS" in train["description"] or any(
-        "time" in r.get("description", "").lower() for r in train["responses"].values())
+        "time" in r.get("description", "").lower() for r in train["responses"].values()
+    )
 
 
 async def test_a_train_upload_is_one_small_file_in_memory_terms(client, analyst_headers):
     """An upload with many rows is parsed in bounded chunks (here: a 3 MB CSV trains or fails cleanly)."""
-    response = await client.post("/train", params={"n_clusters": 3},
-                                 files={"file": ("many.csv", io.BytesIO(_csv(150_000)), "text/csv")},
-                                 headers=analyst_headers)
+    response = await client.post(
+        "/train",
+        params={"n_clusters": 3},
+        files={"file": ("many.csv", io.BytesIO(_csv(150_000)), "text/csv")},
+        headers=analyst_headers,
+    )
     assert response.status_code in (200, 422), response.text

@@ -3,6 +3,7 @@
 Each test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL (the `database_url`
 fixture empties that database first, alembic_version included).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,18 @@ async def test_empty_database_migrates_to_head_matching_the_models(database):
 async def test_upgrading_an_up_to_date_database_changes_nothing(database):
     await upgrade_database(database)
     async with database.sessionmaker() as session:
-        await session.execute(insert(User).values(
-            email="a@example.com", username="kept", hashed_password="x", role="user", is_active=True,
-            token_version=0, created_at=utcnow(), updated_at=utcnow()))
+        await session.execute(
+            insert(User).values(
+                email="a@example.com",
+                username="kept",
+                hashed_password="x",
+                role="user",
+                is_active=True,
+                token_version=0,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
         await session.commit()
     await upgrade_database(database)
     async with database.sessionmaker() as session:
@@ -68,9 +78,18 @@ async def test_database_made_by_create_all_is_adopted_with_its_rows(database):
     # What the service did before migrations existed: create_all and no alembic_version.
     await database.create_tables()
     async with database.sessionmaker() as session:
-        await session.execute(insert(User).values(
-            email="old@example.com", username="old", hashed_password="x", role="admin", is_active=True,
-            token_version=3, created_at=utcnow(), updated_at=utcnow()))
+        await session.execute(
+            insert(User).values(
+                email="old@example.com",
+                username="old",
+                hashed_password="x",
+                role="admin",
+                is_active=True,
+                token_version=3,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
         await session.commit()
         await session.execute(text("DROP TABLE login_failures"))  # an older create_all lacked this table
         await session.commit()
@@ -86,6 +105,7 @@ async def test_database_made_by_create_all_is_adopted_with_its_rows(database):
 
 async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(database):
     """A database from before the per-user counts gets them from its rows; triggers keep them after."""
+
     def to_first_revision(connection) -> None:
         command.upgrade(alembic_config(connection), "0001")
 
@@ -93,11 +113,37 @@ async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(
         await conn.run_sync(to_first_revision)
         ids = []
         for name in ("many", "few", "none"):
-            ids.append((await conn.execute(insert(User).values(
-                email=f"{name}@example.com", username=name, hashed_password="x", role="user", is_active=True,
-                token_version=0, created_at=utcnow(), updated_at=utcnow()).returning(User.id))).scalar_one())
-        rows = [{"user_id": user_id, "customer_data": {}, "cluster": 0, "cluster_name": "c", "confidence": 1.0,
-                 "model_version": "v", "created_at": utcnow()} for user_id, n in zip(ids, (5, 2)) for _ in range(n)]
+            ids.append(
+                (
+                    await conn.execute(
+                        insert(User)
+                        .values(
+                            email=f"{name}@example.com",
+                            username=name,
+                            hashed_password="x",
+                            role="user",
+                            is_active=True,
+                            token_version=0,
+                            created_at=utcnow(),
+                            updated_at=utcnow(),
+                        )
+                        .returning(User.id)
+                    )
+                ).scalar_one()
+            )
+        rows = [
+            {
+                "user_id": user_id,
+                "customer_data": {},
+                "cluster": 0,
+                "cluster_name": "c",
+                "confidence": 1.0,
+                "model_version": "v",
+                "created_at": utcnow(),
+            }
+            for user_id, n in zip(ids, (5, 2))
+            for _ in range(n)
+        ]
         await conn.execute(insert(PredictionHistory), rows)
 
     await upgrade_database(database)
@@ -109,15 +155,21 @@ async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(
     assert await counts() == {ids[0]: 5, ids[1]: 2}
     async with database.engine.begin() as conn:
         await conn.execute(insert(PredictionHistory), [{**rows[0], "user_id": ids[2]}] * 3)
-        await conn.execute(delete(PredictionHistory).where(PredictionHistory.id.in_(
-            select(PredictionHistory.id).where(PredictionHistory.user_id == ids[0]).limit(2).scalar_subquery())))
+        await conn.execute(
+            delete(PredictionHistory).where(
+                PredictionHistory.id.in_(
+                    select(PredictionHistory.id).where(PredictionHistory.user_id == ids[0]).limit(2).scalar_subquery()
+                )
+            )
+        )
     assert await counts() == {ids[0]: 3, ids[1]: 2, ids[2]: 3}
 
 
 async def test_a_legacy_table_missing_a_column_is_refused_untouched(database):
     async with database.engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(320), "
-                                "username VARCHAR(50))"))
+        await conn.execute(
+            text("CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(320), username VARCHAR(50))")
+        )
     with pytest.raises(RuntimeError, match="hashed_password"):
         await upgrade_database(database)
     async with database.engine.connect() as conn:
@@ -164,8 +216,17 @@ async def test_workers_starting_at_once_migrate_exactly_once(database, database_
     """Four processes start together on one empty database: all succeed and the schema is whole."""
     start_at = time.time() + 2.5
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, database_url, str(start_at)], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, database_url, str(start_at)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = [(w.wait(timeout=120), w.stderr.read()) for w in workers]
     for w in workers:
         w.stdout.close()
@@ -183,8 +244,9 @@ def test_alembic_command_line_upgrades_and_finds_no_pending_changes(tmp_path):
     url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
     alembic = [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini")]
-    upgraded = subprocess.run([*alembic, "upgrade", "head"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+    upgraded = subprocess.run(
+        [*alembic, "upgrade", "head"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert upgraded.returncode == 0, upgraded.stderr
     check = subprocess.run([*alembic, "check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -1,4 +1,5 @@
 """The ML core: dataset generator, preprocessing, the K-Means model, charts and the notebook."""
+
 from __future__ import annotations
 
 import io
@@ -59,18 +60,22 @@ def model(X) -> SegmentationModel:
 def in_range_customers(n: int, seed: int) -> np.ndarray:
     """Uniform over the contract ranges for half the rows, around the data for the rest."""
     rng = np.random.default_rng(seed)
-    wide = np.column_stack([
-        rng.integers(18, 101, n),
-        rng.uniform(0, 10000, n).round(1),
-        rng.integers(1, 101, n),
-        rng.integers(0, 1001, n),
-    ])
-    near = np.column_stack([
-        rng.integers(18, 90, n),
-        rng.uniform(0, 250, n).round(1),
-        rng.integers(1, 101, n),
-        rng.integers(0, 120, n),
-    ])
+    wide = np.column_stack(
+        [
+            rng.integers(18, 101, n),
+            rng.uniform(0, 10000, n).round(1),
+            rng.integers(1, 101, n),
+            rng.integers(0, 1001, n),
+        ]
+    )
+    near = np.column_stack(
+        [
+            rng.integers(18, 90, n),
+            rng.uniform(0, 250, n).round(1),
+            rng.integers(1, 101, n),
+            rng.integers(0, 120, n),
+        ]
+    )
     return np.vstack([wide, near]).astype(np.float64)
 
 
@@ -135,9 +140,23 @@ def test_fixed_k_recovers_types_on_other_seeds():
 def test_metadata_and_segment_statistics(model, X):
     meta = model.metadata
     for key in (
-        "version", "trained_at", "features", "n_samples", "total_customers", "n_clusters", "random_state",
-        "algorithm", "inertia", "silhouette_score", "data_fingerprint", "k_selection", "segments",
-        "centroids", "library_versions", "duration_seconds", "elbow",
+        "version",
+        "trained_at",
+        "features",
+        "n_samples",
+        "total_customers",
+        "n_clusters",
+        "random_state",
+        "algorithm",
+        "inertia",
+        "silhouette_score",
+        "data_fingerprint",
+        "k_selection",
+        "segments",
+        "centroids",
+        "library_versions",
+        "duration_seconds",
+        "elbow",
     ):
         assert key in meta, key
     assert meta["features"] == list(FEATURES)
@@ -153,8 +172,15 @@ def test_metadata_and_segment_statistics(model, X):
     assert sum(s["percentage"] for s in meta["segments"]) == pytest.approx(100, abs=0.05)
     for segment in meta["segments"]:
         assert set(segment) == {
-            "cluster_id", "cluster_name", "size", "percentage", "avg_age", "avg_income",
-            "avg_spending_score", "avg_purchase_frequency", "description",
+            "cluster_id",
+            "cluster_name",
+            "size",
+            "percentage",
+            "avg_age",
+            "avg_income",
+            "avg_spending_score",
+            "avg_purchase_frequency",
+            "description",
         }
         members = X[labels == segment["cluster_id"]]
         assert segment["size"] == len(members)
@@ -399,9 +425,7 @@ def test_bytes_round_trip(model):
     assert_same_model(model, SegmentationModel.from_bytes(blob))
 
 
-@pytest.mark.parametrize(
-    "blob", [b"", b"not a model", b"\x80\x04garbage", "truncate", "wrong-object"]
-)
+@pytest.mark.parametrize("blob", [b"", b"not a model", b"\x80\x04garbage", "truncate", "wrong-object"])
 def test_from_bytes_rejects_garbage(model, blob):
     if blob == "truncate":
         blob = model.to_bytes()[:200]
@@ -515,11 +539,7 @@ def test_training_csv_with_dataset_headers(customers, tmp_path):
 
 
 def test_training_csv_with_snake_case_headers_any_case_and_order():
-    text = (
-        " Purchase_Frequency ,notes,SPENDING_SCORE,annual_income, Age ,sex\n"
-        "12,hello,40,55.5,30,male\n"
-        "0,,1,0,100,\n"
-    )
+    text = " Purchase_Frequency ,notes,SPENDING_SCORE,annual_income, Age ,sex\n12,hello,40,55.5,30,male\n0,,1,0,100,\n"
     matrix = load_training_matrix(text.encode())
     np.testing.assert_array_equal(matrix, np.array([[30, 55.5, 40, 12], [100, 0, 1, 0]], dtype=np.float32))
 
@@ -631,8 +651,11 @@ def test_canonical_sex():
 
 def test_resolve_columns_maps_both_conventions():
     assert resolve_columns(DATASET_COLUMNS) == {
-        "sex": "Sex", "age": "Age", "annual_income": "Annual_Income",
-        "spending_score": "Spending_Score", "purchase_frequency": "Purchase_Frequency",
+        "sex": "Sex",
+        "age": "Age",
+        "annual_income": "Annual_Income",
+        "spending_score": "Spending_Score",
+        "purchase_frequency": "Purchase_Frequency",
     }
     assert resolve_columns(["AGE", " annual_income", "Spending_score ", "purchase_frequency"])["age"] == "AGE"
 
@@ -657,8 +680,11 @@ def test_score_frame_marks_bad_rows_instead_of_failing():
     assert batch.customers["sex"].tolist() == ["Female", None, None, "Male"]
     assert list(batch.customers.columns) == ["sex", *FEATURES]
 
-    numeric = score_frame(pd.DataFrame({"age": [30, 200], "annual_income": [1.5, 2], "spending_score": [1, 2],
-                                        "purchase_frequency": [0, 1]}))
+    numeric = score_frame(
+        pd.DataFrame(
+            {"age": [30, 200], "annual_income": [1.5, 2], "spending_score": [1, 2], "purchase_frequency": [0, 1]}
+        )
+    )
     assert numeric.valid.tolist() == [True, False]
     with pytest.raises(DataValidationError, match="purchase_frequency"):
         score_frame(pd.DataFrame({"age": [30], "annual_income": [1], "spending_score": [1]}))
@@ -677,9 +703,7 @@ def test_features_matrix_from_dicts_and_objects():
     assert features_matrix([]).shape == (0, 4)
     with pytest.raises(DataValidationError) as caught:
         features_matrix([records[0], {"age": 30, "annual_income": "x", "spending_score": 1}])
-    assert [(p["row"], p["column"]) for p in caught.value.problems] == [
-        (2, "annual_income"), (2, "purchase_frequency")
-    ]
+    assert [(p["row"], p["column"]) for p in caught.value.problems] == [(2, "annual_income"), (2, "purchase_frequency")]
 
 
 # --------------------------------------------------------------------------- #
@@ -737,13 +761,18 @@ def test_notebook_runs_end_to_end(monkeypatch):
     client.execute()
     text = "".join(
         output.get("text", "")
-        for cell in notebook.cells if cell.cell_type == "code"
-        for output in cell.outputs if output.output_type == "stream"
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream"
     )
     assert "800 customers from generated in memory" in text
     assert "adjusted Rand index vs latent types" in text
     images = [
-        output for cell in notebook.cells if cell.cell_type == "code"
-        for output in cell.outputs if "image/png" in output.get("data", {})
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
     ]
     assert len(images) >= 6

@@ -6,6 +6,7 @@ port, configured through the environment only (its working directory is a scratc
 `.env` applies). The pair shares
 DATABASE_URL and MODEL_DIR, exactly as `uvicorn --workers 2` or two instances behind a load balancer do.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,7 @@ def environment(home: Path) -> dict[str, str]:
 
 
 def run(env: dict[str, str], home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=home, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([sys.executable, *args], cwd=home, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -68,12 +68,26 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"{name}.log"
-        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--loop", "app.serving:new_event_loop", "--no-access-log", "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--loop",
+            "app.serving:new_event_loop",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         if workers > 1:
             command += ["--workers", str(workers)]
-        self.process = subprocess.Popen(command, cwd=home, env=env, stdout=self.log.open("wb"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, cwd=home, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 90) -> Server:
         deadline = time.monotonic() + timeout
@@ -114,8 +128,21 @@ def prepare(home: Path) -> dict[str, str]:
     """Database with an analyst and a user, and a 5,000-row default dataset."""
     env = environment(home)
     generate(rows=5000, seed=8).to_csv(home / "customers.csv", index=False)
-    run(env, home, str(ROOT / "create_admin.py"), "--username", ANALYST[0], "--password", ANALYST[1],
-        "--role", "analyst", "--test-username", USER[0], "--test-password", USER[1])
+    run(
+        env,
+        home,
+        str(ROOT / "create_admin.py"),
+        "--username",
+        ANALYST[0],
+        "--password",
+        ANALYST[1],
+        "--role",
+        "analyst",
+        "--test-username",
+        USER[0],
+        "--test-password",
+        USER[1],
+    )
     return env
 
 
@@ -155,8 +182,10 @@ def test_both_servers_switch_within_two_seconds_after_a_train_or_an_activate(pai
         after_activate = wait_for(lambda: b.served_version() == first, 2.0)
         assert on_b.get("/models").json()["active_version"] == first
     assert SegmentationModel.load(home / "models").version == first
-    print(f"\nswitch latency: {after_train:.2f} s and {after_train_on_b:.2f} s after a train, "
-          f"{after_activate:.2f} s after an activate")
+    print(
+        f"\nswitch latency: {after_train:.2f} s and {after_train_on_b:.2f} s after a train, "
+        f"{after_activate:.2f} s after an activate"
+    )
 
 
 def test_a_logout_on_one_server_is_rejected_on_the_other_within_a_second(pair):
@@ -216,10 +245,12 @@ def test_predictions_keep_answering_during_a_200k_row_training_and_a_second_trai
     assert failures == []
     latencies.sort()
     p99 = latencies[max(0, int(len(latencies) * 0.99) - 1)]
-    print(f"\n{len(latencies)} predictions during a 200k-row training "
-          f"({results['train'].json()['duration_seconds']:.2f} s fit): "
-          f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
-          f"max {latencies[-1] * 1000:.1f} ms")
+    print(
+        f"\n{len(latencies)} predictions during a 200k-row training "
+        f"({results['train'].json()['duration_seconds']:.2f} s fit): "
+        f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms"
+    )
     assert len(latencies) >= 5
     assert p99 < 2.0
 
@@ -243,8 +274,13 @@ def test_a_training_killed_mid_way_leaves_the_old_model_active_after_a_restart(t
     old = SegmentationModel.load(tmp_path / "models").version
     generate(rows=300_000, seed=5).to_csv(tmp_path / "big.csv", index=False)
 
-    trainer = subprocess.Popen([sys.executable, "-m", "app", "train", "--csv", str(tmp_path / "big.csv")],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "app", "train", "--csv", str(tmp_path / "big.csv")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     parent = psutil.Process(trainer.pid)
     wait_for(lambda: _training_child(parent) is not None or trainer.poll() is not None, 120, 0.005)
     child = _training_child(parent)
@@ -274,11 +310,13 @@ def test_uvicorn_with_two_workers_agrees_on_the_model_and_on_revoked_tokens(tmp_
     env = prepare(tmp_path)
     server = Server(tmp_path, env, "workers", workers=2).wait_ready()
     try:
+
         def each_worker(path: str, token: str | None = None) -> list[httpx.Response]:
             # Fresh connections, in parallel, so both workers take their share of them.
             def one(_):
                 with server.client(token) as http:
                     return http.get(path)
+
             with ThreadPoolExecutor(8) as pool:
                 return list(pool.map(one, range(16)))
 

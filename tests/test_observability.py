@@ -1,4 +1,5 @@
 """Request logs, request ids and Prometheus metrics, as an operator sees them."""
+
 from __future__ import annotations
 
 import json
@@ -42,15 +43,17 @@ def settings_overrides() -> dict:
 async def test_logs_never_carry_passwords_tokens_or_hashes(client, trained_model, capsys, caplog):
     caplog.set_level(logging.DEBUG, logger="app")
     password = "first-secret-pass-1"
-    registered = await client.post("/auth/register", json={
-        "email": "logcheck@example.com", "username": "logcheck", "password": password})
+    registered = await client.post(
+        "/auth/register", json={"email": "logcheck@example.com", "username": "logcheck", "password": password}
+    )
     assert registered.status_code == 201
     login = await client.post("/auth/login", data={"username": "logcheck", "password": password})
     token = login.json()["access_token"]
     headers = {"Authorization": f"Bearer {token}"}
     assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
-    changed = await client.put("/users/me", json={"password": NEW_PASSWORD, "current_password": password},
-                               headers=headers)
+    changed = await client.put(
+        "/users/me", json={"password": NEW_PASSWORD, "current_password": password}, headers=headers
+    )
     assert changed.status_code == 200
     assert (await client.get("/auth/me", headers=headers)).status_code == 401  # the old token is over
     wrong = await client.post("/auth/login", json={"username": "logcheck", "password": password})
@@ -86,10 +89,12 @@ async def test_one_json_line_per_request_with_id_user_route_status_latency(clien
 
 
 async def test_training_log_goes_through_the_same_formatter_with_the_request_id(
-        client, dataset, analyst_headers, capsys):
+    client, dataset, analyst_headers, capsys
+):
     capsys.readouterr()
-    response = await client.post("/train", params={"n_clusters": 3}, headers={**analyst_headers,
-                                                                                "X-Request-ID": "train-1"})
+    response = await client.post(
+        "/train", params={"n_clusters": 3}, headers={**analyst_headers, "X-Request-ID": "train-1"}
+    )
     assert response.status_code == 200
     lines = _json_lines(capsys.readouterr().err)
     trained = [line for line in lines if line["logger"] == "app.models" and "trained model" in line["message"]]
@@ -144,11 +149,15 @@ async def test_metrics_after_predictions_training_and_a_login_failure(client, tr
     assert info and dict(info[0])["version"] == trained_model["model_version"]
     assert samples[("http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 1
     # Route templates, never raw paths: ids do not become label values.
-    assert ("http_requests_total", (("method", "GET"), ("route", "/profiles/{profile_id}"), ("status", "404"))) \
-        in samples
+    assert (
+        "http_requests_total",
+        (("method", "GET"), ("route", "/profiles/{profile_id}"), ("status", "404")),
+    ) in samples
     assert "987654" not in response.text
-    assert samples[("http_request_duration_seconds_count",
-                    (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 1
+    assert (
+        samples[("http_request_duration_seconds_count", (("method", "POST"), ("route", "/predict"), ("status", "200")))]
+        == 1
+    )
 
 
 async def test_each_app_has_its_own_registry(client, app):
@@ -161,8 +170,12 @@ async def test_each_app_has_its_own_registry(client, app):
 @pytest.mark.parametrize("settings_overrides", [{"metrics_token": "scrape-token-1234"}])
 async def test_metrics_token_lets_only_the_scraper_read_the_metrics(client, user_headers):
     """With METRICS_TOKEN set, /metrics answers only that bearer token; a user's token is not it."""
-    for headers in ({}, user_headers, {"Authorization": "Bearer scrape-token-123"},
-                    {"Authorization": "Basic scrape-token-1234"}):
+    for headers in (
+        {},
+        user_headers,
+        {"Authorization": "Bearer scrape-token-123"},
+        {"Authorization": "Basic scrape-token-1234"},
+    ):
         refused = await client.get("/metrics", headers=headers)
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         assert "METRICS_TOKEN" in refused.json()["detail"] and "http_requests_total" not in refused.text
@@ -190,8 +203,10 @@ def test_configure_logging_installs_one_handler(tmp_path):
 
 
 def test_redaction_is_a_safety_net_for_tokens_and_hashes():
-    text = ("Authorization: Bearer abc.def.ghi-jkl token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nat-ure "
-            "hash $2b$12$abcdefghijklmnopqrstuuVWXyz0123456789ABCDEFGHIJKLMNOPQ")
+    text = (
+        "Authorization: Bearer abc.def.ghi-jkl token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nat-ure "
+        "hash $2b$12$abcdefghijklmnopqrstuuVWXyz0123456789ABCDEFGHIJKLMNOPQ"
+    )
     clean = redact(text)
     assert "eyJ" not in clean and "$2b$" not in clean and "abc.def.ghi-jkl" not in clean
 

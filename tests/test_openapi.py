@@ -1,4 +1,5 @@
 """The OpenAPI schema documents every operation, and the docs pages work offline."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,12 @@ async def test_every_json_body_and_success_response_has_an_example(spec):
             problems.append(f"{method.upper()} {path}: request body has no example")
         for code, response in operation.get("responses", {}).items():
             media = response.get("content", {}).get("application/json")
-            if code.startswith("2") and media is not None and media.get("schema") \
-                    and not (_schema_example(spec, media.get("schema")) or media.get("examples")):
+            if (
+                code.startswith("2")
+                and media is not None
+                and media.get("schema")
+                and not (_schema_example(spec, media.get("schema")) or media.get("examples"))
+            ):
                 problems.append(f"{method.upper()} {path}: {code} response has no example")
     assert not problems, "\n".join(problems)
 

@@ -1,4 +1,5 @@
 """Saved customer profiles: owner only, another user's is 404, segments filled when a model exists."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,9 @@ async def test_list_is_own_only_newest_first_and_paged(client, make_user):
     await client.post("/profiles/", json={**PROFILE, "name": "bob's"}, headers=bob)
     listed = (await client.get("/profiles/", headers=alice)).json()
     assert [p["name"] for p in listed] == ["a2", "a1", "a0"]
-    assert [p["name"] for p in (await client.get("/profiles/", params={"skip": 1, "limit": 1},
-                                                 headers=alice)).json()] == ["a1"]
+    assert [
+        p["name"] for p in (await client.get("/profiles/", params={"skip": 1, "limit": 1}, headers=alice)).json()
+    ] == ["a1"]
     assert (await client.get("/profiles/", params={"limit": 500}, headers=alice)).status_code == 422
 
 
@@ -59,8 +61,7 @@ async def test_another_users_profile_is_404_for_every_verb(client, make_user):
 async def test_profile_body_cannot_set_owner_or_id(client, make_user):
     alice, alice_headers = await make_user(Role.user)
     bob, _ = await make_user(Role.user)
-    response = await client.post("/profiles/", json={**PROFILE, "user_id": bob["id"], "id": 777},
-                                 headers=alice_headers)
+    response = await client.post("/profiles/", json={**PROFILE, "user_id": bob["id"], "id": 777}, headers=alice_headers)
     assert response.status_code == 201
     assert response.json()["user_id"] == alice["id"] and response.json()["id"] != 777
 

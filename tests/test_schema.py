@@ -1,4 +1,5 @@
 """Customer feature rules: every broken rule is a 422 naming the field, on every route that takes them."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,26 @@ import pytest
 from tests.conftest import CUSTOMER
 
 BAD_VALUES = [
-    ("age", 17), ("age", 101), ("age", "30"), ("age", 30.5), ("age", None), ("age", True),
-    ("annual_income", -0.1), ("annual_income", 10000.5), ("annual_income", "65"), ("annual_income", None),
-    ("spending_score", 0), ("spending_score", 101), ("spending_score", "50"),
-    ("purchase_frequency", -1), ("purchase_frequency", 1001), ("purchase_frequency", 3.5),
-    ("sex", "robot"), ("sex", 1), ("sex", None), ("sex", ""),
+    ("age", 17),
+    ("age", 101),
+    ("age", "30"),
+    ("age", 30.5),
+    ("age", None),
+    ("age", True),
+    ("annual_income", -0.1),
+    ("annual_income", 10000.5),
+    ("annual_income", "65"),
+    ("annual_income", None),
+    ("spending_score", 0),
+    ("spending_score", 101),
+    ("spending_score", "50"),
+    ("purchase_frequency", -1),
+    ("purchase_frequency", 1001),
+    ("purchase_frequency", 3.5),
+    ("sex", "robot"),
+    ("sex", 1),
+    ("sex", None),
+    ("sex", ""),
 ]
 
 
@@ -43,17 +59,25 @@ async def test_missing_feature_is_422(client, user_headers, field):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 async def test_nan_and_infinity_are_422(client, user_headers, literal):
-    raw = ('{"sex": "Male", "age": 40, "annual_income": %s, "spending_score": 50, "purchase_frequency": 10}'
-           % literal)
-    response = await client.post("/predict", content=raw, headers={**user_headers,
-                                                                   "Content-Type": "application/json"})
+    raw = '{"sex": "Male", "age": 40, "annual_income": %s, "spending_score": 50, "purchase_frequency": 10}' % literal
+    response = await client.post("/predict", content=raw, headers={**user_headers, "Content-Type": "application/json"})
     assert response.status_code == 422 and _names_field(response, "annual_income")
 
 
-@pytest.mark.parametrize("field,value", [("age", 18), ("age", 100), ("annual_income", 0), ("annual_income", 10000),
-                                         ("spending_score", 1), ("spending_score", 100),
-                                         ("purchase_frequency", 0), ("purchase_frequency", 1000),
-                                         ("annual_income", 65)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("age", 18),
+        ("age", 100),
+        ("annual_income", 0),
+        ("annual_income", 10000),
+        ("spending_score", 1),
+        ("spending_score", 100),
+        ("purchase_frequency", 0),
+        ("purchase_frequency", 1000),
+        ("annual_income", 65),
+    ],
+)
 async def test_boundaries_are_accepted(client, user_headers, field, value):
     response = await client.post("/profiles/", json={"name": "edge", **CUSTOMER, field: value}, headers=user_headers)
     assert response.status_code == 201, response.text
@@ -62,8 +86,9 @@ async def test_boundaries_are_accepted(client, user_headers, field, value):
 
 async def test_body_that_is_not_an_object_is_422(client, user_headers):
     for body in ("[]", "42", '"x"', "{bad json"):
-        response = await client.post("/predict", content=body,
-                                     headers={**user_headers, "Content-Type": "application/json"})
+        response = await client.post(
+            "/predict", content=body, headers={**user_headers, "Content-Type": "application/json"}
+        )
         assert response.status_code == 422
 
 

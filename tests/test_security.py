@@ -4,6 +4,7 @@ Every test talks HTTP to the app as a hostile client would. Sections follow the 
 resource limits are covered in depth in test_limits.py, faults in test_faults.py, and
 schema-driven fuzzing of every operation in test_fuzz.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,6 +62,7 @@ def _assert_401(response: httpx.Response) -> None:
 # Objects are reached by id; another user's object must be indistinguishable from none.
 # =====================================================================================
 
+
 async def test_api1_another_users_profile_is_404_like_a_missing_one(client, make_user):
     _, owner = await make_user(Role.user)
     _, intruder = await make_user(Role.user)
@@ -109,15 +111,26 @@ FORGERIES = {
     "another key": lambda uid: jwt.encode(_claims(uid), "some-other-deployments-secret-key-000000", "HS256"),
     "our key but HS512": lambda uid: jwt.encode(_claims(uid), TEST_SECRET, "HS512"),
     "expired": lambda uid: jwt.encode(
-        _claims(uid, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), TEST_SECRET, "HS256"),
+        _claims(uid, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), TEST_SECRET, "HS256"
+    ),
     "no exp": lambda uid: jwt.encode(_claims(uid, exp=None), TEST_SECRET, "HS256"),
     "no jti": lambda uid: jwt.encode(_claims(uid, jti=None), TEST_SECRET, "HS256"),
     "sub not a number": lambda uid: jwt.encode(_claims(uid, sub="admin"), TEST_SECRET, "HS256"),
     "sub of nobody": lambda uid: jwt.encode(_claims(2**31 - 1), TEST_SECRET, "HS256"),
     "ver from the future": lambda uid: jwt.encode(_claims(uid, ver=99), TEST_SECRET, "HS256"),
 }
-GARBAGE = ["", "garbage", "a.b.c", "....", "eyJ.eyJ.", "Bearer", "x" * 20_000, "é.é.é", "null",
-           _b64({"alg": "HS256"}) + "." + _b64(b"not json") + ".sig"]
+GARBAGE = [
+    "",
+    "garbage",
+    "a.b.c",
+    "....",
+    "eyJ.eyJ.",
+    "Bearer",
+    "x" * 20_000,
+    "é.é.é",
+    "null",
+    _b64({"alg": "HS256"}) + "." + _b64(b"not json") + ".sig",
+]
 
 
 @pytest.mark.parametrize("forgery", list(FORGERIES))
@@ -129,8 +142,12 @@ async def test_api2_forged_tokens_are_401(client, make_user, forgery):
 async def test_api2_garbage_tokens_and_schemes_are_401(client, user_headers):
     for token in GARBAGE:
         _assert_401(await client.get("/auth/me", headers={"Authorization": f"Bearer {token}".encode()}))
-    for header in (f"Basic {_b64(b'admin:admin123')}", _token(user_headers), f"Token {_token(user_headers)}",
-                   f"Bearer{_token(user_headers)}"):
+    for header in (
+        f"Basic {_b64(b'admin:admin123')}",
+        _token(user_headers),
+        f"Token {_token(user_headers)}",
+        f"Bearer{_token(user_headers)}",
+    ):
         _assert_401(await client.get("/auth/me", headers={"Authorization": header}))
 
 
@@ -147,16 +164,21 @@ async def test_api2_a_tampered_payload_breaks_the_signature(client, make_user):
 
 async def test_api2_a_revoked_token_is_401_everywhere(client, user_headers):
     assert (await client.post("/auth/logout", headers=user_headers)).status_code == 200
-    for method, path in (("GET", "/auth/me"), ("GET", "/profiles/"), ("POST", "/auth/logout"),
-                         ("GET", "/users/me/profile")):
+    for method, path in (
+        ("GET", "/auth/me"),
+        ("GET", "/profiles/"),
+        ("POST", "/auth/logout"),
+        ("GET", "/users/me/profile"),
+    ):
         _assert_401(await client.request(method, path, headers=user_headers))
 
 
 async def test_api2_tokens_issued_before_a_password_change_are_401(client, make_user):
     user, headers = await make_user(Role.user)
     other_session = await login_headers(client, user["username"])
-    changed = await client.put("/users/me", json={"password": "brand-new-pass-1", "current_password": PASSWORD},
-                               headers=headers)
+    changed = await client.put(
+        "/users/me", json={"password": "brand-new-pass-1", "current_password": PASSWORD}, headers=headers
+    )
     assert changed.status_code == 200
     _assert_401(await client.get("/auth/me", headers=headers))
     _assert_401(await client.get("/auth/me", headers=other_session))
@@ -167,8 +189,10 @@ async def test_api2_the_token_of_a_deleted_user_is_401(client, make_user, admin_
     assert (await client.delete(f"/admin/users/{user['id']}", headers=admin_headers)).status_code == 200
     _assert_401(await client.get("/auth/me", headers=headers))
     # A new account that happens to take the same name does not revive the old token.
-    await client.post("/auth/register", json={"email": "again@example.com", "username": user["username"],
-                                              "password": "another-pass-1"})
+    await client.post(
+        "/auth/register",
+        json={"email": "again@example.com", "username": user["username"], "password": "another-pass-1"},
+    )
     _assert_401(await client.get("/auth/me", headers=headers))
 
 
@@ -209,8 +233,10 @@ THROTTLE = {"login_max_failures_per_user": 3, "login_max_failures_per_ip": 50, "
 
 
 async def _fail(client, username: str, n: int = 1) -> list[int]:
-    return [(await client.post("/auth/login", data={"username": username, "password": "wrong-password"})).status_code
-            for _ in range(n)]
+    return [
+        (await client.post("/auth/login", data={"username": username, "password": "wrong-password"})).status_code
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("settings_overrides", [THROTTLE], ids=["user-limit-3"])
@@ -226,7 +252,9 @@ async def test_api2_repeated_failures_for_one_username_get_429_with_retry_after(
     assert by_email.status_code == 429
     # Other accounts are not locked out by an attack on this one.
     other, _ = await make_user(Role.user)
-    assert (await client.post("/auth/login", data={"username": other["username"], "password": PASSWORD})).status_code == 200
+    assert (
+        await client.post("/auth/login", data={"username": other["username"], "password": PASSWORD})
+    ).status_code == 200
 
 
 @pytest.mark.parametrize("settings_overrides", [THROTTLE], ids=["user-limit-3"])
@@ -247,8 +275,11 @@ async def test_api2_a_successful_login_resets_the_username_count(client, make_us
     assert await _fail(client, user["username"]) == [429]
 
 
-@pytest.mark.parametrize("settings_overrides", [{"login_max_failures_per_user": 100, "login_max_failures_per_ip": 4,
-                                                 "login_window_seconds": 60}], ids=["ip-limit-4"])
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"login_max_failures_per_user": 100, "login_max_failures_per_ip": 4, "login_window_seconds": 60}],
+    ids=["ip-limit-4"],
+)
 async def test_api2_one_address_spraying_many_usernames_gets_429(client, app, make_user):
     user, _ = await make_user(Role.user)
     for i in range(4):
@@ -256,14 +287,18 @@ async def test_api2_one_address_spraying_many_usernames_gets_429(client, app, ma
     blocked = await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
     # A forged X-Forwarded-For does not buy a new address.
-    spoofed = await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD},
-                                headers={"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"})
+    spoofed = await client.post(
+        "/auth/login",
+        data={"username": user["username"], "password": PASSWORD},
+        headers={"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"},
+    )
     assert spoofed.status_code == 429
     # The legitimate user on another address is not locked out.
     transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as elsewhere:
-        assert (await elsewhere.post("/auth/login", data={"username": user["username"],
-                                                          "password": PASSWORD})).status_code == 200
+        assert (
+            await elsewhere.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
+        ).status_code == 200
 
 
 @pytest.mark.slow
@@ -274,7 +309,9 @@ async def test_api2_the_throttle_window_expires(client, make_user):
     blocked = await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
     assert blocked.status_code == 429 and blocked.headers["retry-after"] == "1"
     await asyncio.sleep(1.3)
-    assert (await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})).status_code == 200
+    assert (
+        await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
+    ).status_code == 200
 
 
 @pytest.mark.parametrize("settings_overrides", [THROTTLE], ids=["user-limit-3"])
@@ -291,20 +328,28 @@ async def test_api2_the_throttle_is_shared_by_every_worker(client, make_user, se
             assert await _fail(other_worker, user["username"]) == [429]
 
 
-@pytest.mark.parametrize("settings_overrides", [{"login_max_failures_per_user": 5, "login_max_failures_per_ip": 50,
-                                                 "login_window_seconds": 60}], ids=["user-limit-5"])
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"login_max_failures_per_user": 5, "login_max_failures_per_ip": 50, "login_window_seconds": 60}],
+    ids=["user-limit-5"],
+)
 async def test_api2_a_burst_of_parallel_guesses_is_still_throttled(client, make_user):
     user, _ = await make_user(Role.user)
-    codes = await asyncio.gather(*(client.post("/auth/login", data={"username": user["username"],
-                                                                      "password": f"guess-{i}"}) for i in range(12)))
+    codes = await asyncio.gather(
+        *(client.post("/auth/login", data={"username": user["username"], "password": f"guess-{i}"}) for i in range(12))
+    )
     codes = [r.status_code for r in codes]
     assert set(codes) <= {401, 429} and codes.count(429) >= 1, codes
-    assert (await client.post("/auth/login", data={"username": user["username"],
-                                                   "password": PASSWORD})).status_code == 429
+    assert (
+        await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD})
+    ).status_code == 429
 
 
-@pytest.mark.parametrize("settings_overrides", [{"login_max_failures_per_user": 100, "login_max_failures_per_ip": 2,
-                                                 "login_window_seconds": 60}], ids=["ip-limit-2"])
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"login_max_failures_per_user": 100, "login_max_failures_per_ip": 2, "login_window_seconds": 60}],
+    ids=["ip-limit-2"],
+)
 async def test_api2_refused_attempts_do_not_keep_an_address_blocked(client, app, make_user):
     """Logins still hashing hold the address's budget; the 429s they cause are no guesses and count for nothing.
 
@@ -318,13 +363,15 @@ async def test_api2_refused_attempts_do_not_keep_an_address_blocked(client, app,
     hashing_pool = _hashing_pool()
     blockers = [hashing_pool.submit(hashing_busy.wait, 30) for _ in range(os.cpu_count() or 1)]
     try:
-        in_flight = [asyncio.create_task(client.post("/auth/login", data={"username": user["username"],
-                                                                          "password": PASSWORD}))
-                     for user in (first, second)]
+        in_flight = [
+            asyncio.create_task(client.post("/auth/login", data={"username": user["username"], "password": PASSWORD}))
+            for user in (first, second)
+        ]
         async with app.state.database.sessionmaker() as session:
             for _ in range(500):  # until both have been counted and wait for the hashing threads
-                counted = (await session.execute(select(LoginFailure.failures).where(
-                    LoginFailure.key == "ip:127.0.0.1"))).scalar_one_or_none()
+                counted = (
+                    await session.execute(select(LoginFailure.failures).where(LoginFailure.key == "ip:127.0.0.1"))
+                ).scalar_one_or_none()
                 if counted == 2:
                     break
                 await asyncio.sleep(0.01)
@@ -337,8 +384,9 @@ async def test_api2_refused_attempts_do_not_keep_an_address_blocked(client, app,
         for blocker in blockers:
             blocker.result(timeout=30)
     assert [(await task).status_code for task in in_flight] == [200, 200]
-    assert (await client.post("/auth/login", data={"username": third["username"],
-                                                   "password": PASSWORD})).status_code == 200
+    assert (
+        await client.post("/auth/login", data={"username": third["username"], "password": PASSWORD})
+    ).status_code == 200
 
 
 # =====================================================================================
@@ -347,8 +395,15 @@ async def test_api2_refused_attempts_do_not_keep_an_address_blocked(client, app,
 # timestamps) can never be written through a body; responses never expose secrets.
 # =====================================================================================
 
-PRIVILEGED = {"role": "admin", "is_active": False, "id": 424242, "user_id": 1, "token_version": 7,
-              "hashed_password": "$2b$04$" + "x" * 53, "created_at": "2000-01-01T00:00:00Z"}
+PRIVILEGED = {
+    "role": "admin",
+    "is_active": False,
+    "id": 424242,
+    "user_id": 1,
+    "token_version": 7,
+    "hashed_password": "$2b$04$" + "x" * 53,
+    "created_at": "2000-01-01T00:00:00Z",
+}
 
 
 async def test_api3_register_cannot_set_privileged_properties(client):
@@ -383,15 +438,19 @@ async def test_api3_an_analyst_cannot_promote_themselves_through_users_me(client
 async def test_api3_profile_bodies_cannot_set_owner_id_or_timestamps(client, make_user):
     owner, headers = await make_user(Role.user)
     victim, victim_headers = await make_user(Role.user)
-    created = await client.post("/profiles/", json={**PROFILE, **PRIVILEGED, "user_id": victim["id"],
-                                                    "cluster": 3, "cluster_name": "VIP"}, headers=headers)
+    created = await client.post(
+        "/profiles/",
+        json={**PROFILE, **PRIVILEGED, "user_id": victim["id"], "cluster": 3, "cluster_name": "VIP"},
+        headers=headers,
+    )
     assert created.status_code == 201
     profile = created.json()
     assert profile["user_id"] == owner["id"] and profile["id"] != PRIVILEGED["id"]
     assert profile["cluster"] is None and profile["cluster_name"] is None
     assert not profile["created_at"].startswith("2000")
-    updated = await client.put(f"/profiles/{profile['id']}", json={"user_id": victim["id"], "id": 1,
-                                                                   "notes": "moved?"}, headers=headers)
+    updated = await client.put(
+        f"/profiles/{profile['id']}", json={"user_id": victim["id"], "id": 1, "notes": "moved?"}, headers=headers
+    )
     assert updated.status_code == 200
     assert updated.json()["user_id"] == owner["id"] and updated.json()["id"] == profile["id"]
     assert (await client.get("/profiles/", headers=victim_headers)).json() == []
@@ -399,13 +458,19 @@ async def test_api3_profile_bodies_cannot_set_owner_id_or_timestamps(client, mak
 
 async def test_api3_admin_role_and_toggle_bodies_change_only_what_they_name(client, make_user, admin_headers):
     user, _ = await make_user(Role.user)
-    response = await client.put(f"/admin/users/{user['id']}/role",
-                                json={"role": "analyst", "is_active": False, "username": "renamed", "id": 1},
-                                headers=admin_headers)
+    response = await client.put(
+        f"/admin/users/{user['id']}/role",
+        json={"role": "analyst", "is_active": False, "username": "renamed", "id": 1},
+        headers=admin_headers,
+    )
     assert response.status_code == 200
     body = response.json()
-    assert (body["role"], body["is_active"], body["username"], body["id"]) == ("analyst", True, user["username"],
-                                                                              user["id"])
+    assert (body["role"], body["is_active"], body["username"], body["id"]) == (
+        "analyst",
+        True,
+        user["username"],
+        user["id"],
+    )
 
 
 async def test_api3_no_response_ever_carries_a_password_hash_or_token_version(client, make_user, admin_headers):
@@ -433,8 +498,16 @@ async def test_api3_no_response_ever_carries_a_password_hash_or_token_version(cl
 # (The full set, including uploads and the training time limit, is in test_limits.py.)
 # =====================================================================================
 
-@pytest.mark.parametrize("path,params", [("/history", {"limit": 10_000}), ("/profiles/", {"limit": 201}),
-                                         ("/elbow", {"k_max": 16}), ("/elbow", {"k_min": 2, "k_max": 10**9})])
+
+@pytest.mark.parametrize(
+    "path,params",
+    [
+        ("/history", {"limit": 10_000}),
+        ("/profiles/", {"limit": 201}),
+        ("/elbow", {"k_max": 16}),
+        ("/elbow", {"k_min": 2, "k_max": 10**9}),
+    ],
+)
 async def test_api4_page_sizes_and_k_ranges_are_capped(client, user_headers, path, params):
     response = await client.get(path, params=params, headers=user_headers)
     assert response.status_code == 422
@@ -450,8 +523,9 @@ async def test_api4_an_oversized_json_body_is_413_before_it_is_read(client, user
 
 async def test_api4_deeply_nested_json_is_rejected_not_crashing(client, user_headers):
     body = "[" * 50_000 + "]" * 50_000
-    response = await client.post("/predict/batch", content=body, headers={**user_headers,
-                                                                          "Content-Type": "application/json"})
+    response = await client.post(
+        "/predict/batch", content=body, headers={**user_headers, "Content-Type": "application/json"}
+    )
     assert response.status_code in (409, 422)
     assert "Traceback" not in response.text
 
@@ -460,6 +534,7 @@ async def test_api4_deeply_nested_json_is_rejected_not_crashing(client, user_hea
 # API5:2023 Broken Function Level Authorization
 # The role gates on every route are exercised in test_gates.py; here, the escalation paths.
 # =====================================================================================
+
 
 async def test_api5_plain_users_cannot_reach_admin_or_analyst_functions(client, make_user):
     victim, _ = await make_user(Role.user)
@@ -481,19 +556,23 @@ async def test_api5_plain_users_cannot_reach_admin_or_analyst_functions(client, 
 async def test_api5_an_analyst_cannot_manage_users(client, make_user):
     victim, _ = await make_user(Role.user)
     analyst, headers = await make_user(Role.analyst)
-    for method, path, body in (("PUT", f"/users/{analyst['id']}/role", {"role": "admin"}),
-                               ("DELETE", f"/admin/users/{victim['id']}", None),
-                               ("GET", "/users/", None)):
+    for method, path, body in (
+        ("PUT", f"/users/{analyst['id']}/role", {"role": "admin"}),
+        ("DELETE", f"/admin/users/{victim['id']}", None),
+        ("GET", "/users/", None),
+    ):
         assert (await client.request(method, path, json=body, headers=headers)).status_code == 403
 
 
 async def test_api5_admins_cannot_act_on_themselves(client, make_user):
     admin, headers = await make_user(Role.admin)
     await make_user(Role.admin)  # not the last admin, so only the self-rule applies
-    for method, path, body in (("PUT", f"/admin/users/{admin['id']}/role", {"role": "user"}),
-                               ("PUT", f"/users/{admin['id']}/role", {"role": "user"}),
-                               ("PUT", f"/admin/users/{admin['id']}/toggle-active", None),
-                               ("DELETE", f"/admin/users/{admin['id']}", None)):
+    for method, path, body in (
+        ("PUT", f"/admin/users/{admin['id']}/role", {"role": "user"}),
+        ("PUT", f"/users/{admin['id']}/role", {"role": "user"}),
+        ("PUT", f"/admin/users/{admin['id']}/toggle-active", None),
+        ("DELETE", f"/admin/users/{admin['id']}", None),
+    ):
         assert (await client.request(method, path, json=body, headers=headers)).status_code == 403
     assert (await client.get("/auth/me", headers=headers)).json()["role"] == "admin"
 
@@ -501,14 +580,19 @@ async def test_api5_admins_cannot_act_on_themselves(client, make_user):
 async def test_api5_a_demoted_admin_loses_admin_functions_at_once(client, make_user, admin_headers):
     other, headers = await make_user(Role.admin)
     assert (await client.get("/admin/stats", headers=headers)).status_code == 200
-    assert (await client.put(f"/admin/users/{other['id']}/role", json={"role": "user"},
-                             headers=admin_headers)).status_code == 200
+    assert (
+        await client.put(f"/admin/users/{other['id']}/role", json={"role": "user"}, headers=admin_headers)
+    ).status_code == 200
     assert (await client.get("/admin/stats", headers=headers)).status_code == 403
 
 
 async def test_api5_unsupported_methods_are_405_not_a_way_around_the_gate(client, user_headers):
-    for method, path in (("PATCH", "/users/me"), ("PATCH", "/admin/users/1/role"), ("PUT", "/admin/stats"),
-                         ("DELETE", "/models/v1")):
+    for method, path in (
+        ("PATCH", "/users/me"),
+        ("PATCH", "/admin/users/1/role"),
+        ("PUT", "/admin/stats"),
+        ("DELETE", "/models/v1"),
+    ):
         response = await client.request(method, path, headers=user_headers)
         assert response.status_code == 405, (method, path)
 
@@ -518,6 +602,7 @@ async def test_api5_unsupported_methods_are_405_not_a_way_around_the_gate(client
 # The flows that matter here: replacing the served model, and removing the last admin.
 # (Login brute force, the other flow worth automating for an attacker, is under API2.)
 # =====================================================================================
+
 
 async def test_api6_two_trainings_at_once_do_not_both_run(client, dataset, analyst_headers):
     first, second = await asyncio.gather(
@@ -546,6 +631,7 @@ async def test_api6_the_last_admin_cannot_be_removed_by_any_door(client, make_us
 # and path-like values are only ever looked up as database keys.
 # =====================================================================================
 
+
 async def test_api7_no_operation_takes_a_url_or_server_path(client):
     spec = (await client.get("/openapi.json")).json()
     suspicious = ("url", "uri", "path", "file_path", "data_path", "href", "callback", "webhook")
@@ -558,8 +644,9 @@ async def test_api7_no_operation_takes_a_url_or_server_path(client):
 
 async def test_api7_path_and_url_values_are_never_fetched_or_opened(client, analyst_headers):
     # Without a dataset the service says it has none: the injected locations were not read.
-    response = await client.post("/train", params={"data_path": "/etc/passwd", "url": "http://169.254.169.254/"},
-                                 headers=analyst_headers)
+    response = await client.post(
+        "/train", params={"data_path": "/etc/passwd", "url": "http://169.254.169.254/"}, headers=analyst_headers
+    )
     assert response.status_code == 409 and "root:" not in response.text
     for version in ("..%2F..%2Fetc%2Fpasswd", "file:%2F%2F%2Fetc%2Fpasswd", "http:%2F%2F169.254.169.254"):
         response = await client.get(f"/models/{version}", headers=analyst_headers)
@@ -571,6 +658,7 @@ async def test_api7_path_and_url_values_are_never_fetched_or_opened(client, anal
 # Hardening headers, no caching of anything personal, CORS only for configured origins,
 # and errors that never show internals.
 # =====================================================================================
+
 
 async def test_api8_hardening_headers_on_every_kind_of_response(client, user_headers):
     responses = [
@@ -588,11 +676,13 @@ async def test_api8_hardening_headers_on_every_kind_of_response(client, user_hea
 
 async def test_api8_authenticated_and_token_responses_are_not_stored(client, make_user):
     user, headers = await make_user(Role.user)
-    for response in (await client.get("/auth/me", headers=headers),
-                     await client.get("/profiles/", headers=headers),
-                     await client.get("/auth/me", headers={"Authorization": "Bearer expired-or-bad"}),
-                     await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD}),
-                     await client.post("/auth/login", json={"username": user["username"], "password": PASSWORD})):
+    for response in (
+        await client.get("/auth/me", headers=headers),
+        await client.get("/profiles/", headers=headers),
+        await client.get("/auth/me", headers={"Authorization": "Bearer expired-or-bad"}),
+        await client.post("/auth/login", data={"username": user["username"], "password": PASSWORD}),
+        await client.post("/auth/login", json={"username": user["username"], "password": PASSWORD}),
+    ):
         assert "no-store" in response.headers["cache-control"], response.url
 
 
@@ -600,17 +690,30 @@ ALLOWED_ORIGIN = "http://localhost:5173"
 
 
 async def test_api8_cors_preflight_from_an_allowed_origin(client):
-    response = await client.options("/predict", headers={
-        "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type"})
+    response = await client.options(
+        "/predict",
+        headers={
+            "Origin": ALLOWED_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
     assert response.headers["access-control-allow-credentials"] == "true"
     assert "authorization" in response.headers["access-control-allow-headers"].lower()
 
 
-@pytest.mark.parametrize("origin", ["http://evil.example", "http://localhost:5173.evil.example", "null",
-                                    "https://localhost:5173", "http://localhost:51730"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "http://localhost:5173.evil.example",
+        "null",
+        "https://localhost:5173",
+        "http://localhost:51730",
+    ],
+)
 async def test_api8_cors_preflight_and_requests_from_other_origins_get_no_grant(client, user_headers, origin):
     preflight = await client.options("/auth/me", headers={"Origin": origin, "Access-Control-Request-Method": "GET"})
     assert preflight.status_code >= 400
@@ -628,12 +731,17 @@ def test_api8_a_wildcard_cors_origin_is_refused_at_startup(tmp_path, origins):
 
 async def test_api8_errors_are_json_without_internals(client, user_headers):
     probes = [
-        await client.post("/profiles/", content=b"{\"name\": ", headers={**user_headers,
-                                                                          "Content-Type": "application/json"}),
-        await client.post("/profiles/", content=b"\xff\xfe\x00garbage", headers={
-            **user_headers, "Content-Type": "application/json"}),
-        await client.post("/predict/batch", content=b"--x\r\nbroken", headers={
-            **user_headers, "Content-Type": "multipart/form-data; boundary=x"}),
+        await client.post(
+            "/profiles/", content=b'{"name": ', headers={**user_headers, "Content-Type": "application/json"}
+        ),
+        await client.post(
+            "/profiles/", content=b"\xff\xfe\x00garbage", headers={**user_headers, "Content-Type": "application/json"}
+        ),
+        await client.post(
+            "/predict/batch",
+            content=b"--x\r\nbroken",
+            headers={**user_headers, "Content-Type": "multipart/form-data; boundary=x"},
+        ),
         await client.get("/history", params={"limit": "'; DROP TABLE users; --"}, headers=user_headers),
         await client.get("/no/such/route"),
     ]
@@ -697,21 +805,21 @@ HOSTILE_CSVS = {
     "wrong columns": b"a,b,c\n1,2,3\n",
     "ragged": b"Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency\nMale,30\nFemale,1,2,3,4,5,6,7\n",
     "huge field": b"Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency\nMale," + b"9" * 200_000 + b",1,1,1\n",
-    "unbalanced quote": b"Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency\n\"Male,30,50,50,10\n",
+    "unbalanced quote": b'Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency\n"Male,30,50,50,10\n',
 }
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE_CSVS))
 async def test_api10_hostile_training_csvs_are_422_and_keep_the_model(client, trained_model, analyst_headers, kind):
-    response = await client.post("/train", files={"file": ("data.csv", HOSTILE_CSVS[kind], "text/csv")},
-                                 headers=analyst_headers)
+    response = await client.post(
+        "/train", files={"file": ("data.csv", HOSTILE_CSVS[kind], "text/csv")}, headers=analyst_headers
+    )
     assert response.status_code == 422, (kind, response.status_code, response.text[:300])
     assert "Traceback" not in response.text
     assert (await client.get("/")).json()["model_version"] == trained_model["model_version"]
 
 
-FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A2)",
-            "\t=1+1", "\r=1+1"]
+FORMULAS = ['=HYPERLINK("http://evil.example","x")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A2)", "\t=1+1", "\r=1+1"]
 
 
 async def test_api10_batch_csv_output_cannot_carry_spreadsheet_formulas(client, trained_model, user_headers):
@@ -721,12 +829,14 @@ async def test_api10_batch_csv_output_cannot_carry_spreadsheet_formulas(client, 
     for formula in FORMULAS:
         writer.writerow([formula, "Male", 30, 50, 50, 10])
     writer.writerow(["=1+1", "=1+1", 30, 50, 50, 10])  # a bad row: its echoed values are neutralised too
-    response = await client.post("/predict/batch", files={"file": ("in.csv", rows.getvalue().encode(), "text/csv")},
-                                 headers={**user_headers, "Accept": "text/csv"})
+    response = await client.post(
+        "/predict/batch",
+        files={"file": ("in.csv", rows.getvalue().encode(), "text/csv")},
+        headers={**user_headers, "Accept": "text/csv"},
+    )
     assert response.status_code == 200, response.text
     cells = [cell for row in csv.reader(io.StringIO(response.text)) for cell in row]
-    dangerous = [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or
-                 (c[:1] == "-" and not _is_number(c))]
+    dangerous = [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c[:1] == "-" and not _is_number(c))]
     assert dangerous == [], dangerous
 
 
@@ -736,4 +846,3 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
-

@@ -3,6 +3,7 @@
 Here the loop is driven directly, to count its passes; tests/test_multiprocess.py serves the
 whole app on it through uvicorn, as `make run` does.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """POST /train with an uploaded CSV: good files train, bad files get 422 saying what is wrong, big ones 413."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -33,9 +34,13 @@ async def test_upload_with_fixed_k_becomes_the_active_version(client, analyst_he
     assert active == served == body["model_version"] and count == 1
     detail = (await client.get(f"/models/{body['model_version']}", headers=analyst_headers)).json()
     assert detail["n_samples"] == 600 and detail["created_by"] and len(detail["data_fingerprint"]) == 64
-    predicted = (await client.post("/predict", json={"sex": "Male", "age": 30, "annual_income": 40.0,
-                                                     "spending_score": 70, "purchase_frequency": 30},
-                                   headers=user_headers)).json()
+    predicted = (
+        await client.post(
+            "/predict",
+            json={"sex": "Male", "age": 30, "annual_income": 40.0, "spending_score": 70, "purchase_frequency": 30},
+            headers=user_headers,
+        )
+    ).json()
     assert predicted["model_version"] == body["model_version"]
 
 
@@ -74,8 +79,11 @@ def _with_row(bad: str, n: int = 30, at: int = 7) -> str:
 
 
 BAD_FILES = {
-    "missing column": ("CustomerID,Sex,Age,Annual_Income,Purchase_Frequency\n1,Male,30,50.0,10\n",
-                       {}, ["spending_score"]),
+    "missing column": (
+        "CustomerID,Sex,Age,Annual_Income,Purchase_Frequency\n1,Male,30,50.0,10\n",
+        {},
+        ["spending_score"],
+    ),
     "non-numeric": (_with_row("7,Male,thirty,50.0,40,10"), {}, ["row 7", "age", "not a number"]),
     "empty cell": (_with_row("7,Male,30,,40,10"), {}, ["row 7", "annual_income", "empty"]),
     "NaN": (_with_row("7,Male,30,NaN,40,10"), {}, ["row 7", "annual_income", "NaN"]),
@@ -116,14 +124,14 @@ async def test_many_bad_rows_list_the_first_ten_with_row_numbers(client, analyst
 
 
 async def test_a_multipart_body_without_a_file_part_is_422(client, analyst_headers):
-    response = await client.post("/train", data={"note": "x"}, files={"other": ("a.csv", b"a", "text/csv")},
-                                 headers=analyst_headers)
+    response = await client.post(
+        "/train", data={"note": "x"}, files={"other": ("a.csv", b"a", "text/csv")}, headers=analyst_headers
+    )
     assert response.status_code == 422 and "file" in str(response.json()["detail"])
 
 
 @pytest.mark.parametrize("settings_overrides", [{"max_upload_mb": 0.02}])
-async def test_an_upload_over_the_cap_is_413_and_changes_nothing(client, trained_model, analyst_headers,
-                                                                 user_headers):
+async def test_an_upload_over_the_cap_is_413_and_changes_nothing(client, trained_model, analyst_headers, user_headers):
     big = generate(rows=2000, seed=1).to_csv(index=False).encode()  # ~50 KB against a 20 KB cap
     before = await active_state(client, analyst_headers)
     response = await client.post("/train", files=csv_file(big), headers=analyst_headers)
@@ -132,8 +140,9 @@ async def test_an_upload_over_the_cap_is_413_and_changes_nothing(client, trained
     batch = await client.post("/predict/batch", files=csv_file(big), headers=user_headers)
     assert batch.status_code == 413
     small = generate(rows=200, seed=1).to_csv(index=False).encode()
-    assert (await client.post("/train", params={"n_clusters": 3}, files=csv_file(small),
-                              headers=analyst_headers)).status_code == 200
+    assert (
+        await client.post("/train", params={"n_clusters": 3}, files=csv_file(small), headers=analyst_headers)
+    ).status_code == 200
 
 
 @pytest.mark.parametrize("settings_overrides", [{"max_upload_mb": 0.02}])
@@ -144,16 +153,21 @@ async def test_a_streamed_upload_without_length_is_cut_at_the_cap(client, traine
 
     async def body():
         nonlocal chunks_sent
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.csv\"\r\n"
-               "Content-Type: text/csv\r\n\r\n").encode() + HEADER.encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+            "Content-Type: text/csv\r\n\r\n"
+        ).encode() + HEADER.encode()
         for _ in range(400):  # 400 x 4 KB, far past the cap
             chunks_sent += 1
             yield _rows(150).encode()[:4096]
         yield f"\r\n--{boundary}--\r\n".encode()
 
     before = await active_state(client, analyst_headers)
-    response = await client.post("/train", content=body(), headers={
-        **analyst_headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = await client.post(
+        "/train",
+        content=body(),
+        headers={**analyst_headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert response.status_code == 413
     assert chunks_sent < 400  # refused before the whole body was read
     assert await active_state(client, analyst_headers) == before

@@ -1,4 +1,5 @@
 """The caller's own account and the admin's /users door."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,8 +44,9 @@ async def test_password_change_needs_current_password(client, make_user):
     _, headers = await make_user(Role.user)
     missing = await client.put("/users/me", json={"password": "another-pass-1"}, headers=headers)
     assert missing.status_code == 422
-    wrong = await client.put("/users/me", json={"password": "another-pass-1", "current_password": "nope-nope"},
-                             headers=headers)
+    wrong = await client.put(
+        "/users/me", json={"password": "another-pass-1", "current_password": "nope-nope"}, headers=headers
+    )
     assert wrong.status_code == 401
     assert (await client.get("/auth/me", headers=headers)).status_code == 200
 
@@ -52,8 +54,9 @@ async def test_password_change_needs_current_password(client, make_user):
 async def test_password_change_ends_older_tokens(client, make_user):
     user, headers = await make_user(Role.user)
     other = await login_headers(client, user["username"])
-    response = await client.put("/users/me", json={"password": "another-pass-1", "current_password": PASSWORD},
-                                headers=headers)
+    response = await client.put(
+        "/users/me", json={"password": "another-pass-1", "current_password": PASSWORD}, headers=headers
+    )
     assert response.status_code == 200
     assert (await client.get("/auth/me", headers=headers)).status_code == 401
     assert (await client.get("/auth/me", headers=other)).status_code == 401
@@ -63,8 +66,9 @@ async def test_password_change_ends_older_tokens(client, make_user):
     assert (await client.get("/auth/me", headers=fresh)).status_code == 200
 
 
-@pytest.mark.parametrize("body", [{"username": "a"}, {"email": "nope"}, {"password": "short", "current_password": "x"},
-                                  {"username": None}])
+@pytest.mark.parametrize(
+    "body", [{"username": "a"}, {"email": "nope"}, {"password": "short", "current_password": "x"}, {"username": None}]
+)
 async def test_update_me_field_rules(client, user_headers, body):
     assert (await client.put("/users/me", json=body, headers=user_headers)).status_code == 422
 
@@ -122,8 +126,9 @@ async def test_role_change_takes_effect_at_once(client, make_user, admin_headers
 
 async def test_role_body_rules(client, make_user, admin_headers):
     user, _ = await make_user(Role.user)
-    assert (await client.put(f"/users/{user['id']}/role", json={"role": "root"},
-                             headers=admin_headers)).status_code == 422
+    assert (
+        await client.put(f"/users/{user['id']}/role", json={"role": "root"}, headers=admin_headers)
+    ).status_code == 422
     assert (await client.put("/users/99999/role", json={"role": "user"}, headers=admin_headers)).status_code == 404
 
 

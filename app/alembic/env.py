@@ -4,6 +4,7 @@
 `config.attributes["connection"]`, already inside a transaction and holding the migration
 lock. The `alembic` command line has none, so it opens the app's async engine itself.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """Admin: users with their activity, the same user rules as /users, and service statistics."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -9,8 +10,8 @@ from app.deps import AdminUser, PageDep, SessionDep, require_role
 from app.routes import users as user_routes
 from app.routes.responses import errors
 from app.schema import AdminStats
-from app.services import users as user_service
 from app.services import stats as stats_service
+from app.services import users as user_service
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_role(Role.admin))])
 
@@ -18,16 +19,22 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 async def _with_activity(session, users: list[User]) -> list[AdminUserView]:
     counts = await user_service.activity_counts(session=session, user_ids=[u.id for u in users])
     return [
-        AdminUserView(**UserPublic.model_validate(u).model_dump(), total_predictions=counts[u.id][0],
-                      total_profiles=counts[u.id][1])
+        AdminUserView(
+            **UserPublic.model_validate(u).model_dump(),
+            total_predictions=counts[u.id][0],
+            total_profiles=counts[u.id][1],
+        )
         for u in users
     ]
 
 
-@router.get("/users", summary="Users with their activity",
-            description="Every account with its `total_predictions` and `total_profiles`, paged with `skip` and "
-                        "`limit`, plus service-wide totals.",
-            responses=errors(401, 403, 422))
+@router.get(
+    "/users",
+    summary="Users with their activity",
+    description="Every account with its `total_predictions` and `total_profiles`, paged with `skip` and "
+    "`limit`, plus service-wide totals.",
+    responses=errors(401, 403, 422),
+)
 async def list_users(session: SessionDep, page: PageDep) -> AdminUserList:
     users, total = await user_service.list_users(session=session, skip=page.skip, limit=page.limit)
     totals = await user_service.totals(session=session)
@@ -39,9 +46,12 @@ async def list_users(session: SessionDep, page: PageDep) -> AdminUserList:
     )
 
 
-@router.get("/users/{user_id}", summary="One user with their activity",
-            description="One account with its prediction and profile counts; 404 when there is none.",
-            responses=errors(401, 403, 404, 422))
+@router.get(
+    "/users/{user_id}",
+    summary="One user with their activity",
+    description="One account with its prediction and profile counts; 404 when there is none.",
+    responses=errors(401, 403, 404, 422),
+)
 async def get_user(user_id: PrimaryKey, session: SessionDep) -> AdminUserView:
     user = await user_service.get(session=session, user_id=user_id)
     return (await _with_activity(session, [user]))[0]
@@ -49,12 +59,18 @@ async def get_user(user_id: PrimaryKey, session: SessionDep) -> AdminUserView:
 
 # The same handlers as /users/{user_id}/role and DELETE /users/{user_id}: one set of rules, two doors.
 router.add_api_route(
-    "/users/{user_id}/role", user_routes.set_role, methods=["PUT"], summary="Change a user's role",
+    "/users/{user_id}/role",
+    user_routes.set_role,
+    methods=["PUT"],
+    summary="Change a user's role",
     description="An admin cannot change their own role; the last active admin cannot be demoted.",
     responses=errors(401, 403, 404, 409, 422),
 )
 router.add_api_route(
-    "/users/{user_id}", user_routes.delete_user, methods=["DELETE"], summary="Delete a user",
+    "/users/{user_id}",
+    user_routes.delete_user,
+    methods=["DELETE"],
+    summary="Delete a user",
     description="Deletes the user with their profiles and history. An admin cannot delete themselves.",
     responses=errors(401, 403, 404, 409),
 )
@@ -72,9 +88,12 @@ async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionD
     return UserPublic.model_validate(user)
 
 
-@router.get("/stats", summary="Service statistics",
-            description="Users by state and role, predictions (single and batch rows) per cluster id, and the "
-                        "model being served.",
-            responses=errors(401, 403))
+@router.get(
+    "/stats",
+    summary="Service statistics",
+    description="Users by state and role, predictions (single and batch rows) per cluster id, and the "
+    "model being served.",
+    responses=errors(401, 403),
+)
 async def stats(session: SessionDep, request: Request) -> AdminStats:
     return await stats_service.collect(session=session, models=request.app.state.models)

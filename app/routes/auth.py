@@ -1,4 +1,5 @@
 """Registration, login, the current user and logout."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
@@ -88,9 +89,12 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     return Token(access_token=token, expires_in=expires_in, user=UserPublic.model_validate(user))
 
 
-@router.get("/me", summary="The current user",
-            description="The account the bearer token belongs to; never carries the password hash.",
-            responses=errors(401, 403))
+@router.get(
+    "/me",
+    summary="The current user",
+    description="The account the bearer token belongs to; never carries the password hash.",
+    responses=errors(401, 403),
+)
 async def me(user: CurrentUser) -> UserPublic:
     return UserPublic.model_validate(user)
 

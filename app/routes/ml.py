@@ -1,4 +1,5 @@
 """Segmentation: train, predict (one and many), segments, elbow, charts, history, model versions."""
+
 from __future__ import annotations
 
 from typing import Annotated, TypeVar
@@ -64,8 +65,9 @@ async def _csv_upload(request: Request) -> UploadFile | None:
         raise InvalidInput(f"Could not read the multipart body: {reason}") from None
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
-        raise InvalidInput("The multipart body has no `file` part",
-                           [{"loc": ["body", "file"], "msg": "a CSV file is required"}])
+        raise InvalidInput(
+            "The multipart body has no `file` part", [{"loc": ["body", "file"], "msg": "a CSV file is required"}]
+        )
     return upload
 
 
@@ -121,8 +123,16 @@ async def _read_json_body(model: type[BodyModel], request: Request) -> BodyModel
     """
     content_type = request.headers.get("content-type")
     if content_type and not is_json(content_type):
-        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "input": None,
-                                       "msg": "The body must be a JSON object sent as application/json"}])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "model_attributes_type",
+                    "loc": ("body",),
+                    "input": None,
+                    "msg": "The body must be a JSON object sent as application/json",
+                }
+            ]
+        )
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -133,10 +143,14 @@ def _data_error(exc: DataValidationError) -> InvalidInput:
     return InvalidInput(exc.message, exc.problems)
 
 
-@router.get("/clusters", summary="The segments of the active model",
-            description="Size, share and average features of every segment, with its name and a description in "
-                        "words. 409 while no model is trained.",
-            response_model=ClusterSummary, responses=errors(401, 403, 409))
+@router.get(
+    "/clusters",
+    summary="The segments of the active model",
+    description="Size, share and average features of every segment, with its name and a description in "
+    "words. 409 while no model is trained.",
+    response_model=ClusterSummary,
+    responses=errors(401, 403, 409),
+)
 async def clusters(request: Request, _: CurrentUser) -> Response:
     served = request.app.state.models.require()
     # Serialized once per model version: the answer only changes with the version.
@@ -185,8 +199,12 @@ async def history(request: Request, user: CurrentUser) -> Response:
     description="Assigns one customer to a segment of the active model and records it in the caller's history.",
     response_model=PredictionResult,
     responses=errors(401, 403, 409, 422),
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/CustomerFeatures"}}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CustomerFeatures"}}},
+        }
+    },
 )
 async def predict(request: Request, user: CurrentUser) -> Response:
     # The body is read and validated in one Pydantic step, and the answer serialized in one:
@@ -196,12 +214,19 @@ async def predict(request: Request, user: CurrentUser) -> Response:
     cluster, name, confidence = served.assign([customer])[0]
     request.app.state.metrics.count_predictions(served.names, cluster, "single")
     data = customer.model_dump()
-    await request.app.state.history_writer.add(prediction_service.history_row(
-        user_id=user.id, customer=data, cluster=cluster, cluster_name=name, confidence=confidence,
-        model_version=served.version,
-    ))
-    answer = PredictionResult(cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer,
-                              model_version=served.version)
+    await request.app.state.history_writer.add(
+        prediction_service.history_row(
+            user_id=user.id,
+            customer=data,
+            cluster=cluster,
+            cluster_name=name,
+            confidence=confidence,
+            model_version=served.version,
+        )
+    )
+    answer = PredictionResult(
+        cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer, model_version=served.version
+    )
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
@@ -215,10 +240,14 @@ async def predict(request: Request, user: CurrentUser) -> Response:
         "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept."
     ),
     openapi_extra={"requestBody": {"required": False, "content": CSV_FILE_BODY}},
-    responses={**errors(401, 403, 409, 413, 422), 422: {
-        "model": ErrorBody,
-        "description": "A bad CSV (`detail` names columns and rows), a field rule broken, or a training that "
-                       "ran past TRAIN_TIMEOUT_SECONDS"}},
+    responses={
+        **errors(401, 403, 409, 413, 422),
+        422: {
+            "model": ErrorBody,
+            "description": "A bad CSV (`detail` names columns and rows), a field rule broken, or a training that "
+            "ran past TRAIN_TIMEOUT_SECONDS",
+        },
+    },
 )
 async def train(
     request: Request,
@@ -236,8 +265,9 @@ async def train(
             await upload.close()
     store = request.app.state.models
     try:
-        served = await store.train(features, n_clusters=n_clusters, random_state=random_state,
-                                   created_by=analyst.username)
+        served = await store.train(
+            features, n_clusters=n_clusters, random_state=random_state, created_by=analyst.username
+        )
     except DataValidationError as exc:
         raise _data_error(exc) from None
     meta = served.metadata
@@ -262,14 +292,20 @@ def _wants_csv(request: Request) -> bool:
     "/predict/batch",
     summary="Score many customers at once",
     description=(
-        f"JSON `{{customers: [...]}}` (up to 10,000) or a multipart CSV `file` (up to the upload cap). Results "
+        "JSON `{customers: [...]}` (up to 10,000) or a multipart CSV `file` (up to the upload cap). Results "
         "are in input order. With `Accept: text/csv` the answer is a CSV of the input columns plus "
         "`cluster, cluster_name, confidence` and an `error` column for rows that break a rule."
     ),
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": _component_schema(BatchRequest)}, **CSV_FILE_BODY}}},
-    responses={**errors(401, 403, 409, 413, 422),
-               200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _component_schema(BatchRequest)}, **CSV_FILE_BODY},
+        }
+    },
+    responses={
+        **errors(401, 403, 409, 413, 422),
+        200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}},
+    },
 )
 async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
     as_csv = _wants_csv(request)
@@ -279,8 +315,10 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
         body = await _read_json_body(BatchRequest, request)
         limit = request.app.state.settings.max_batch_rows
         if len(body.customers) > limit:
-            raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)",
-                               [{"loc": ["body", "customers"], "msg": f"more than {limit} items"}])
+            raise InvalidInput(
+                f"At most {limit} customers per request (MAX_BATCH_ROWS)",
+                [{"loc": ["body", "customers"], "msg": f"more than {limit} items"}],
+            )
         served = request.app.state.models.require()
         scored = await run_in_threadpool(lambda: segmentation.score_records(served, body.customers, as_csv=as_csv))
     else:
@@ -292,51 +330,75 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
         finally:
             await upload.close()
     if scored.n_failed and not as_csv:
-        raise InvalidInput(f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row",
-                           scored.problems)
+        raise InvalidInput(
+            f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row", scored.problems
+        )
     await prediction_service.record_batch(
-        sessionmaker=request.app.state.database.sessionmaker, user_id=user.id, model_version=served.version,
-        labels=scored.labels, n_failed=scored.n_failed,
+        sessionmaker=request.app.state.database.sessionmaker,
+        user_id=user.id,
+        model_version=served.version,
+        labels=scored.labels,
+        n_failed=scored.n_failed,
     )
     request.app.state.metrics.count_predictions(served.names, scored.labels, "batch")
     if as_csv:
-        return StreamingResponse(scored.csv_chunks(), media_type="text/csv",
-                                 headers={"Content-Disposition": 'attachment; filename="predictions.csv"'})
+        return StreamingResponse(
+            scored.csv_chunks(),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="predictions.csv"'},
+        )
     # Serialised in one pass: a BatchResult object per row costs more than the scoring itself.
     return StreamingResponse(scored.json_chunks(), media_type="application/json")
 
 
-@router.get("/charts/clusters", summary="Segment charts as PNG data URIs",
-            description="A pie of segment shares, a bar chart of average features and a size chart, each a "
-                        "`data:image/png;base64,...` URI ready for an `<img src>`. 409 while no model is trained.",
-            responses=errors(401, 403, 409))
+@router.get(
+    "/charts/clusters",
+    summary="Segment charts as PNG data URIs",
+    description="A pie of segment shares, a bar chart of average features and a size chart, each a "
+    "`data:image/png;base64,...` URI ready for an `<img src>`. 409 while no model is trained.",
+    responses=errors(401, 403, 409),
+)
 async def cluster_charts(request: Request, _: CurrentUser) -> ClusterCharts:
     served = request.app.state.models.require()
-    return ClusterCharts(charts=await served.charts(), total_customers=served.metadata["total_customers"],
-                         n_clusters=served.metadata["n_clusters"])
+    return ClusterCharts(
+        charts=await served.charts(),
+        total_customers=served.metadata["total_customers"],
+        n_clusters=served.metadata["n_clusters"],
+    )
 
 
-@router.get("/charts/elbow", summary="The elbow chart as a PNG data URI",
-            description="Inertia and silhouette against k over the training dataset, as a "
-                        "`data:image/png;base64,...` URI. 409 when there is no dataset.",
-            responses=errors(401, 403, 409))
+@router.get(
+    "/charts/elbow",
+    summary="The elbow chart as a PNG data URI",
+    description="Inertia and silhouette against k over the training dataset, as a "
+    "`data:image/png;base64,...` URI. 409 when there is no dataset.",
+    responses=errors(401, 403, 409),
+)
 async def elbow_chart(request: Request, _: CurrentUser) -> ElbowChart:
     chart, optimal_k = await request.app.state.elbow.chart()
     return ElbowChart(chart=chart, optimal_k=optimal_k)
 
 
-@router.get("/models", summary="Model versions, newest first (analyst)",
-            description="Every trained version with its quality figures; `active` marks the one being served.",
-            responses=errors(401, 403))
+@router.get(
+    "/models",
+    summary="Model versions, newest first (analyst)",
+    description="Every trained version with its quality figures; `active` marks the one being served.",
+    responses=errors(401, 403),
+)
 async def list_models(request: Request, _: AnalystUser) -> ModelList:
     versions, active = await request.app.state.models.list_versions()
     return ModelList(models=[ModelVersionPublic(**v) for v in versions], active_version=active)
 
 
-@router.get("/models/{version}", summary="One model version (analyst)",
-            description="A version's segments, how k was chosen, its features and library versions.",
-            responses=errors(401, 403, 404, 422))
-async def get_model(version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser) -> ModelVersionDetail:
+@router.get(
+    "/models/{version}",
+    summary="One model version (analyst)",
+    description="A version's segments, how k was chosen, its features and library versions.",
+    responses=errors(401, 403, 404, 422),
+)
+async def get_model(
+    version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser
+) -> ModelVersionDetail:
     return ModelVersionDetail(**await request.app.state.models.get_version(version))
 
 
@@ -346,6 +408,8 @@ async def get_model(version: Annotated[str, Path(max_length=64)], request: Reque
     description="Rollback or roll forward; every worker switches within about a second.",
     responses=errors(401, 403, 404),
 )
-async def activate_model(version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser) -> ModelVersionPublic:
+async def activate_model(
+    version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser
+) -> ModelVersionPublic:
     served = await request.app.state.models.activate(version)
     return ModelVersionPublic(**(await request.app.state.models.get_version(served.version)))

@@ -1,4 +1,5 @@
 """Saved customer profiles, each shown with its segment under the active model."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
@@ -30,24 +31,34 @@ def _public(request: Request, profiles: list[CustomerProfile]) -> list[ProfilePu
     description="`cluster` and `cluster_name` are the profile's segment under the active model (null while none).",
     responses=errors(401, 403, 422),
 )
-async def create_profile(body: ProfileCreate, user: CurrentUser, session: SessionDep, request: Request) -> ProfilePublic:
+async def create_profile(
+    body: ProfileCreate, user: CurrentUser, session: SessionDep, request: Request
+) -> ProfilePublic:
     profile = await profile_service.create(session=session, user_id=user.id, fields=body.model_dump())
     return _public(request, [profile])[0]
 
 
-@router.get("/", summary="My saved profiles, newest first",
-            description="The caller's own profiles as a JSON list, paged with `skip` and `limit`, each with its "
-                        "segment under the active model.",
-            responses=errors(401, 403, 422))
+@router.get(
+    "/",
+    summary="My saved profiles, newest first",
+    description="The caller's own profiles as a JSON list, paged with `skip` and `limit`, each with its "
+    "segment under the active model.",
+    responses=errors(401, 403, 422),
+)
 async def list_profiles(user: CurrentUser, session: SessionDep, page: PageDep, request: Request) -> list[ProfilePublic]:
     profiles = await profile_service.list_own(session=session, user_id=user.id, skip=page.skip, limit=page.limit)
     return _public(request, profiles)
 
 
-@router.get("/{profile_id}", summary="One of my profiles",
-            description="Owner only: another user's profile is 404, never 403.",
-            responses=errors(401, 403, 404, 422))
-async def get_profile(profile_id: PrimaryKey, user: CurrentUser, session: SessionDep, request: Request) -> ProfilePublic:
+@router.get(
+    "/{profile_id}",
+    summary="One of my profiles",
+    description="Owner only: another user's profile is 404, never 403.",
+    responses=errors(401, 403, 404, 422),
+)
+async def get_profile(
+    profile_id: PrimaryKey, user: CurrentUser, session: SessionDep, request: Request
+) -> ProfilePublic:
     profile = await profile_service.get_own(session=session, user_id=user.id, profile_id=profile_id)
     return _public(request, [profile])[0]
 
@@ -67,9 +78,12 @@ async def update_profile(
     return _public(request, [profile])[0]
 
 
-@router.delete("/{profile_id}", summary="Delete one of my profiles",
-               description="Owner only: another user's profile is 404, never 403.",
-               responses=errors(401, 403, 404, 422))
+@router.delete(
+    "/{profile_id}",
+    summary="Delete one of my profiles",
+    description="Owner only: another user's profile is 404, never 403.",
+    responses=errors(401, 403, 404, 422),
+)
 async def delete_profile(profile_id: PrimaryKey, user: CurrentUser, session: SessionDep) -> Message:
     await profile_service.delete_own(session=session, user_id=user.id, profile_id=profile_id)
     return Message(message="Profile deleted")

@@ -1,4 +1,5 @@
 """OpenAPI declarations of the error responses a route can give, and the 422 of input read by hand."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """The caller's own account, and the admin's /users door to the user service."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -17,9 +18,12 @@ router = APIRouter(prefix="/users", tags=["users"])
 admin_only = [Depends(require_role(Role.admin))]
 
 
-@router.get("/me/profile", summary="My account with activity counts",
-            description="The caller's account plus `total_predictions` and `total_saved_profiles`.",
-            responses=errors(401, 403))
+@router.get(
+    "/me/profile",
+    summary="My account with activity counts",
+    description="The caller's account plus `total_predictions` and `total_saved_profiles`.",
+    responses=errors(401, 403),
+)
 async def my_profile(user: CurrentUser, session: SessionDep) -> UserWithProfileStats:
     predictions = await history_service.count_for_user(session=session, user_id=user.id)
     profiles = await profile_service.count_own(session=session, user_id=user.id)
@@ -47,11 +51,14 @@ async def update_me(
     hashed = None
     if body.password is not None:
         if not body.current_password:
-            raise InvalidInput("current_password is required to change the password",
-                               [{"loc": ["body", "current_password"], "msg": "required with password"}])
+            raise InvalidInput(
+                "current_password is required to change the password",
+                [{"loc": ["body", "current_password"], "msg": "required with password"}],
+            )
         current = await user_service.get(session=session, user_id=user.id)
-        if not await auth.in_hashing_thread(auth.verify_password, body.current_password, current.hashed_password,
-                                            settings.bcrypt_rounds):
+        if not await auth.in_hashing_thread(
+            auth.verify_password, body.current_password, current.hashed_password, settings.bcrypt_rounds
+        ):
             raise Unauthorized("Current password is incorrect")
         hashed = await auth.in_hashing_thread(auth.hash_password, body.password, settings.bcrypt_rounds)
     updated = await user_service.update_profile(
@@ -79,17 +86,26 @@ async def delete_me(user: CurrentUser, session: SessionDep, request: Request) ->
     return Message(message="Account deleted")
 
 
-@router.get("/", summary="List users (admin)", dependencies=admin_only,
-            description="Every account, oldest first, paged with `skip` and `limit`; `total` counts them all.",
-            responses=errors(401, 403, 422))
+@router.get(
+    "/",
+    summary="List users (admin)",
+    dependencies=admin_only,
+    description="Every account, oldest first, paged with `skip` and `limit`; `total` counts them all.",
+    responses=errors(401, 403, 422),
+)
 async def list_users(session: SessionDep, page: PageDep) -> UserList:
     users, total = await user_service.list_users(session=session, skip=page.skip, limit=page.limit)
     return UserList(users=[UserPublic.model_validate(u) for u in users], total=total)
 
 
 # `:int` keeps /users/me out of these routes: GET /users/me is a 405, not a malformed user id.
-@router.get("/{user_id:int}", summary="One user (admin)", dependencies=admin_only,
-            description="One account by id; 404 when there is none.", responses=errors(401, 403, 404, 422))
+@router.get(
+    "/{user_id:int}",
+    summary="One user (admin)",
+    dependencies=admin_only,
+    description="One account by id; 404 when there is none.",
+    responses=errors(401, 403, 404, 422),
+)
 async def get_user(user_id: PrimaryKey, session: SessionDep) -> UserPublic:
     return UserPublic.model_validate(await user_service.get(session=session, user_id=user_id))
 

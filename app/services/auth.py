@@ -1,11 +1,12 @@
 """Login, tokens, revocation and login throttling."""
+
 from __future__ import annotations
 
 import asyncio
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -76,8 +77,14 @@ class AuthCache:
         user = principal.user
         # It lasts as long as the user and revocation state it was checked against, no longer:
         # another worker's change is seen within `ttl` of when that state was read.
-        self._passed[token] = (loaded[0], user, principal.claims.jti, principal.claims.expires_at.timestamp(),
-                               user.id, user.role)
+        self._passed[token] = (
+            loaded[0],
+            user,
+            principal.claims.jti,
+            principal.claims.expires_at.timestamp(),
+            user.id,
+            user.role,
+        )
 
     @property
     def generation(self) -> int:
@@ -197,13 +204,16 @@ async def revoke(*, session: AsyncSession, cache: AuthCache, claims: auth.TokenC
     except IntegrityError:  # already revoked by a concurrent logout
         await session.rollback()
     # Expired entries can never be presented again: keep the table small.
-    await session.execute(delete(RevokedToken).where(RevokedToken.expires_at < datetime.now(timezone.utc)))
+    await session.execute(delete(RevokedToken).where(RevokedToken.expires_at < datetime.now(UTC)))
     await session.commit()
 
 
 def issue_token(user: User, settings: Settings) -> tuple[str, int]:
     token, _ = auth.create_access_token(
-        user.id, user.token_version or 0, settings.secret_key, settings.access_token_expire_minutes,
+        user.id,
+        user.token_version or 0,
+        settings.secret_key,
+        settings.access_token_expire_minutes,
         settings.algorithm,
     )
     return token, settings.access_token_expire_minutes * 60
@@ -216,6 +226,7 @@ def issue_token(user: User, settings: Settings) -> tuple[str, int]:
 # A successful login gives its attempt back: the account's count is cleared and the address's
 # count loses the one attempt that succeeded.
 # An attempt refused with 429 is not counted at all: no password was checked.
+
 
 def _throttle_keys(user: User | None, login_name: str, client_ip: str | None) -> list[tuple[str, str]]:
     # The username and the email of one account share one budget; unknown names count by name.
@@ -232,7 +243,7 @@ def _limit(kind: str, settings: Settings) -> int:
 
 async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[tuple[str, str]]) -> None:
     """Count one attempt on every key; 429 when any key is over its limit in the current window."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     window = timedelta(seconds=settings.login_window_seconds)
     dialect_insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
     expired = LoginFailure.window_start <= now - window
@@ -241,8 +252,10 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
         upsert = dialect_insert(LoginFailure).values(key=key, window_start=now, failures=1)
         upsert = upsert.on_conflict_do_update(
             index_elements=[LoginFailure.key],
-            set_={"failures": case((expired, 1), else_=LoginFailure.failures + 1),
-                  "window_start": case((expired, now), else_=LoginFailure.window_start)},
+            set_={
+                "failures": case((expired, 1), else_=LoginFailure.failures + 1),
+                "window_start": case((expired, now), else_=LoginFailure.window_start),
+            },
         ).returning(LoginFailure.failures, LoginFailure.window_start)
         failures, window_start = (await session.execute(upsert)).one()
         if failures > _limit(kind, settings):
@@ -252,8 +265,7 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
         # a client retrying while throttled (or a burst of correct logins from one address
         # still hashing) would keep the address blocked long after the window that caused it.
         await session.rollback()
-        raise TooManyRequests("Too many failed login attempts; try again later",
-                              retry_after=math.ceil(blocked_for))
+        raise TooManyRequests("Too many failed login attempts; try again later", retry_after=math.ceil(blocked_for))
     await session.commit()
 
 
@@ -262,8 +274,11 @@ async def _give_back_attempt(session: AsyncSession, keys: list[tuple[str, str]])
         if kind == "user":
             await session.execute(delete(LoginFailure).where(LoginFailure.key == key))
         else:
-            await session.execute(update(LoginFailure).where(LoginFailure.key == key, LoginFailure.failures > 0)
-                                  .values(failures=LoginFailure.failures - 1))
+            await session.execute(
+                update(LoginFailure)
+                .where(LoginFailure.key == key, LoginFailure.failures > 0)
+                .values(failures=LoginFailure.failures - 1)
+            )
     await session.commit()
 
 

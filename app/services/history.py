@@ -1,4 +1,5 @@
 """Prediction history: one row per single prediction, newest first."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Integer, Text, any_, bindparam, cast, func, select, true
@@ -54,7 +55,8 @@ _KEYS = (
 _ITEM_IDS = func.json_each(bindparam("ids")).table_valued("value")
 _ITEMS = select(*_ROWS.selected_columns).where(PredictionHistory.id.in_(select(_ITEM_IDS.c.value)))
 _ITEMS_PG = select(*_ROWS.selected_columns).where(
-    PredictionHistory.id == any_(bindparam("ids", type_=postgresql.ARRAY(Integer))))
+    PredictionHistory.id == any_(bindparam("ids", type_=postgresql.ARRAY(Integer)))
+)
 # Over the network, the total and the page's keys in one statement (one round trip, no
 # transaction needed for them to agree); a page past the end is one row of NULLs after the total.
 _total = select(func.coalesce(_COUNT.scalar_subquery(), 0).label("total")).subquery("total")
@@ -75,7 +77,7 @@ def _timestamp(value: datetime | str) -> str:
             return f"{value[:10]}T{value[11:19] if value.endswith('.000000') else value[11:]}Z"
         value = datetime.fromisoformat(value)
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value.isoformat() + "Z"
 
 
@@ -96,8 +98,10 @@ def item_json(row: Sequence[Any], quoted: dict[str | None, str]) -> str:
         stamp = created[:10] + "T" + created[11:19] if created.endswith(".000000") else created.replace(" ", "T")
     else:
         stamp = _timestamp(created)[:-1]
-    return (f'{{"id":{row_id},"customer_data":{customer},"cluster":{cluster},"cluster_name":{name_json},'
-            f'"confidence":{confidence!r},"model_version":{version_json},"created_at":"{stamp}Z"}}')
+    return (
+        f'{{"id":{row_id},"customer_data":{customer},"cluster":{cluster},"cluster_name":{name_json},'
+        f'"confidence":{confidence!r},"model_version":{version_json},"created_at":"{stamp}Z"}}'
+    )
 
 
 def _page(items: Iterable[str], *, total: int, skip: int, limit: int) -> bytes:

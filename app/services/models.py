@@ -11,6 +11,7 @@ Fitting runs in a child process: the server keeps its event loop and its GIL for
 and a training that passes `train_timeout_seconds` is killed rather than left running. The
 child also ends when its parent dies, so a killed server leaves no orphan behind.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,7 @@ def data_uri(png: bytes) -> str:
 
 
 def new_version_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def version_summary(row: ModelVersion, active_version: str | None) -> dict[str, Any]:
@@ -127,6 +128,7 @@ def version_summary(row: ModelVersion, active_version: str | None) -> dict[str, 
 
 
 # --- the local copy in models/ ---------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _directory_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
@@ -220,8 +222,10 @@ class TrainingTimeout(AppError):
     status_code = 422
 
     def __init__(self, seconds: float) -> None:
-        super().__init__(f"Training did not finish within {seconds:g} seconds (TRAIN_TIMEOUT_SECONDS) and was "
-                         "stopped; the active model is unchanged. Train on fewer rows or with a fixed n_clusters.")
+        super().__init__(
+            f"Training did not finish within {seconds:g} seconds (TRAIN_TIMEOUT_SECONDS) and was "
+            "stopped; the active model is unchanged. Train on fewer rows or with a fixed n_clusters."
+        )
 
 
 async def _wait_readable(fd: int) -> None:
@@ -241,15 +245,17 @@ async def fit_in_subprocess(
     context = _training_context()
     parent_end, child_end = context.Pipe()
     process = context.Process(
-        target=_fit_in_child, args=(child_end, features, n_clusters, random_state, version),
-        name="segmentation-training", daemon=True,
+        target=_fit_in_child,
+        args=(child_end, features, n_clusters, random_state, version),
+        name="segmentation-training",
+        daemon=True,
     )
     try:
         await run_in_threadpool(process.start)
         child_end.close()
         try:
             await asyncio.wait_for(_wait_readable(parent_end.fileno()), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TrainingTimeout(timeout) from None
         try:
             message = await run_in_threadpool(parent_end.recv)
@@ -271,6 +277,7 @@ async def fit_in_subprocess(
 
 
 # --- the training lease ----------------------------------------------------------------------
+
 
 def _host_identity() -> str:
     """This host as lease holders are told apart: the hostname and, on Linux, the PID namespace,
@@ -309,6 +316,7 @@ def _holder_is_dead(value: str | None) -> bool:
 
 
 # --- the store -------------------------------------------------------------------------------
+
 
 class ModelStore:
     def __init__(self, *, settings: Settings, database: Database, metrics: Metrics | None = None) -> None:
@@ -377,8 +385,10 @@ class ModelStore:
                 if known is None:
                     session.add(self._version_row(model, blob, created_by=None))
                 claimed = await session.execute(
-                    update(ServiceState).where(ServiceState.key == ACTIVE_KEY, ServiceState.value.is_(None))
-                    .values(value=model.version, updated_at=utcnow()))
+                    update(ServiceState)
+                    .where(ServiceState.key == ACTIVE_KEY, ServiceState.value.is_(None))
+                    .values(value=model.version, updated_at=utcnow())
+                )
                 if claimed.rowcount == 0:
                     session.add(ServiceState(key=ACTIVE_KEY, value=model.version))
                 await session.commit()
@@ -406,25 +416,33 @@ class ModelStore:
 
     async def _active_version(self) -> str | None:
         async with self.database.sessionmaker() as session:
-            return (await session.execute(
-                select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY)
-            )).scalar_one_or_none()
+            return (
+                await session.execute(select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY))
+            ).scalar_one_or_none()
 
     async def list_versions(self) -> tuple[list[dict[str, Any]], str | None]:
         async with self.database.sessionmaker() as session:
-            active = (await session.execute(
-                select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY))).scalar_one_or_none()
-            rows = (await session.execute(
-                select(ModelVersion)
-                .options(defer(ModelVersion.artifact), defer(ModelVersion.details))
-                .order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc())
-            )).scalars().all()
+            active = (
+                await session.execute(select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY))
+            ).scalar_one_or_none()
+            rows = (
+                (
+                    await session.execute(
+                        select(ModelVersion)
+                        .options(defer(ModelVersion.artifact), defer(ModelVersion.details))
+                        .order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc())
+                    )
+                )
+                .scalars()
+                .all()
+            )
         return [version_summary(row, active) for row in rows], active
 
     async def get_version(self, version: str) -> dict[str, Any]:
         async with self.database.sessionmaker() as session:
-            active = (await session.execute(
-                select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY))).scalar_one_or_none()
+            active = (
+                await session.execute(select(ServiceState.value).where(ServiceState.key == ACTIVE_KEY))
+            ).scalar_one_or_none()
             row = await session.get(ModelVersion, version, options=[defer(ModelVersion.artifact)])
         if row is None:
             raise NotFound("model version")
@@ -440,8 +458,9 @@ class ModelStore:
 
     async def _load_version(self, version: str) -> SegmentationModel:
         async with self.database.sessionmaker() as session:
-            blob = (await session.execute(
-                select(ModelVersion.artifact).where(ModelVersion.version == version))).scalar_one_or_none()
+            blob = (
+                await session.execute(select(ModelVersion.artifact).where(ModelVersion.version == version))
+            ).scalar_one_or_none()
         if blob is None:
             raise NotFound("model version")
         model = await run_in_threadpool(SegmentationModel.from_bytes, blob)
@@ -500,8 +519,9 @@ class ModelStore:
     @staticmethod
     async def _set_active(session, version: str) -> None:
         """Point the active version at `version` with writes only (no read to upgrade from)."""
-        result = await session.execute(update(ServiceState).where(ServiceState.key == ACTIVE_KEY)
-                                       .values(value=version, updated_at=utcnow()))
+        result = await session.execute(
+            update(ServiceState).where(ServiceState.key == ACTIVE_KEY).values(value=version, updated_at=utcnow())
+        )
         if result.rowcount == 0:
             session.add(ServiceState(key=ACTIVE_KEY, value=version))
 
@@ -551,14 +571,22 @@ class ModelStore:
             outcome = "failed"
             try:
                 model, blob = await fit_in_subprocess(
-                    features, n_clusters=n_clusters, random_state=random_state, version=new_version_id(),
+                    features,
+                    n_clusters=n_clusters,
+                    random_state=random_state,
+                    version=new_version_id(),
                     timeout=self.settings.train_timeout_seconds,
                 )
                 model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 await self._record_version(model, blob, created_by=created_by)
                 served = await self.sync(candidate=model)
-                logger.info("trained model version %s (k=%s, n=%s) by %s", model.version,
-                            model.metadata["n_clusters"], model.metadata["n_samples"], created_by)
+                logger.info(
+                    "trained model version %s (k=%s, n=%s) by %s",
+                    model.version,
+                    model.metadata["n_clusters"],
+                    model.metadata["n_samples"],
+                    created_by,
+                )
                 outcome = "success"
                 if served is None or served.version != model.version:
                     served = ServedModel(model)  # activated elsewhere meanwhile; still report this one
@@ -581,14 +609,16 @@ class ModelStore:
         value = _lease_value(secrets.token_hex(8))
         stale = utcnow() - timedelta(seconds=LEASE_STALE_SECONDS)
         async with self.database.sessionmaker() as session:
-            held = (await session.execute(
-                select(ServiceState.value).where(ServiceState.key == TRAINING_KEY))).scalar_one_or_none()
+            held = (
+                await session.execute(select(ServiceState.value).where(ServiceState.key == TRAINING_KEY))
+            ).scalar_one_or_none()
         free = or_(ServiceState.value.is_(None), ServiceState.updated_at < stale)
         if _holder_is_dead(held):
             free = or_(free, ServiceState.value == held)
         async with self.database.sessionmaker() as session:
             result = await session.execute(
-                update(ServiceState).where(ServiceState.key == TRAINING_KEY, free)
+                update(ServiceState)
+                .where(ServiceState.key == TRAINING_KEY, free)
                 .values(value=value, updated_at=utcnow())
             )
             if result.rowcount == 1:
@@ -610,9 +640,11 @@ class ModelStore:
             await asyncio.sleep(LEASE_HEARTBEAT_SECONDS)
             try:
                 async with self.database.sessionmaker() as session:
-                    await session.execute(update(ServiceState)
-                                          .where(ServiceState.key == TRAINING_KEY, ServiceState.value == value)
-                                          .values(updated_at=utcnow()))
+                    await session.execute(
+                        update(ServiceState)
+                        .where(ServiceState.key == TRAINING_KEY, ServiceState.value == value)
+                        .values(updated_at=utcnow())
+                    )
                     await session.commit()
             except asyncio.CancelledError:
                 raise
@@ -621,7 +653,9 @@ class ModelStore:
 
     async def _release_lease(self, value: str) -> None:
         async with self.database.sessionmaker() as session:
-            await session.execute(update(ServiceState)
-                                  .where(ServiceState.key == TRAINING_KEY, ServiceState.value == value)
-                                  .values(value=None, updated_at=utcnow()))
+            await session.execute(
+                update(ServiceState)
+                .where(ServiceState.key == TRAINING_KEY, ServiceState.value == value)
+                .values(value=None, updated_at=utcnow())
+            )
             await session.commit()

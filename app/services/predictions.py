@@ -1,4 +1,5 @@
 """Writing predictions: single ones into history through a group commit, batches as one counted row."""
+
 from __future__ import annotations
 
 import asyncio
@@ -84,7 +85,7 @@ class HistoryWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
@@ -109,8 +110,9 @@ class HistoryWriter:
                 future.set_exception(error)
 
 
-def history_row(*, user_id: int, customer: dict[str, Any], cluster: int, cluster_name: str, confidence: float,
-                model_version: str) -> dict[str, Any]:
+def history_row(
+    *, user_id: int, customer: dict[str, Any], cluster: int, cluster_name: str, confidence: float, model_version: str
+) -> dict[str, Any]:
     return {
         "user_id": user_id,
         "customer_data": customer,
@@ -122,14 +124,20 @@ def history_row(*, user_id: int, customer: dict[str, Any], cluster: int, cluster
     }
 
 
-async def record_batch(*, sessionmaker: async_sessionmaker, user_id: int, model_version: str,
-                       labels: np.ndarray, n_failed: int) -> None:
+async def record_batch(
+    *, sessionmaker: async_sessionmaker, user_id: int, model_version: str, labels: np.ndarray, n_failed: int
+) -> None:
     counts = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0, dtype=np.int64)
     async with sessionmaker() as session:
-        session.add(BatchPrediction(
-            user_id=user_id, model_version=model_version, n_rows=int(len(labels)) + n_failed, n_failed=n_failed,
-            cluster_counts={str(k): int(v) for k, v in enumerate(counts) if v},
-        ))
+        session.add(
+            BatchPrediction(
+                user_id=user_id,
+                model_version=model_version,
+                n_rows=int(len(labels)) + n_failed,
+                n_failed=n_failed,
+                cluster_counts={str(k): int(v) for k, v in enumerate(counts) if v},
+            )
+        )
         await session.commit()
 
 
@@ -169,10 +177,12 @@ class _SQLiteBatchWriter:
         try:
             stat = os.stat(self.path)
         except OSError:
-            raise OperationalError(self._statement(len(rows)), None,
-                                   sqlite3.OperationalError("unable to open database file: it was removed")) from None
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._insert, rows, (stat.st_dev, stat.st_ino))
+            raise OperationalError(
+                self._statement(len(rows)),
+                None,
+                sqlite3.OperationalError("unable to open database file: it was removed"),
+            ) from None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._insert, rows, (stat.st_dev, stat.st_ino))
 
     def _statement(self, count: int) -> str:
         statement = self._statements.get(count)
@@ -187,8 +197,9 @@ class _SQLiteBatchWriter:
         try:
             if self._connection is None or self._file != file:
                 self._disconnect()  # a new file at the path: stop writing into the old one
-                connection = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                             check_same_thread=False)
+                connection = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                )
                 sqlite_pragmas(int(self.busy_timeout * 1000))(connection, None)
                 self._connection, self._file = connection, file
             self._connection.execute(statement, params)

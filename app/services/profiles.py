@@ -1,4 +1,5 @@
 """Saved customer profiles: each user sees only their own."""
+
 from __future__ import annotations
 
 from typing import Any

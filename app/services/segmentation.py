@@ -1,4 +1,5 @@
 """Segmentation work the routes ask for: training data, batch scoring, summaries, the elbow."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +11,10 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -124,8 +125,14 @@ class _CsvAnswer:
         csv.writer(text, lineterminator="\n").writerows(rows)
         self.file.write(text.getvalue().encode("utf-8"))
 
-    def add(self, frame: pd.DataFrame, valid: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
-            errors: Sequence[str | None]) -> None:
+    def add(
+        self,
+        frame: pd.DataFrame,
+        valid: np.ndarray,
+        labels: np.ndarray,
+        confidence: np.ndarray,
+        errors: Sequence[str | None],
+    ) -> None:
         n = len(frame)
         cluster = np.full(n, "", dtype=object)
         cluster[valid] = labels.tolist()
@@ -134,8 +141,7 @@ class _CsvAnswer:
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
         inputs = [_inert_column(frame[c]) for c in self.columns]
-        self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(),
-                             [e or "" for e in errors]))
+        self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors]))
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -164,13 +170,17 @@ class ScoredBatch:
 
     def json_chunks(self) -> Iterator[bytes]:
         """The BatchResult document, serialised without a model object per row."""
-        prefixes = [json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1]
-                    + ',"confidence":' for i, name in enumerate(self.model.names)]
+        prefixes = [
+            json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1] + ',"confidence":'
+            for i, name in enumerate(self.model.names)
+        ]
         yield b'{"predictions":['
         for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
             hi = lo + SCORE_CHUNK_ROWS
-            rows = ",".join(prefixes[c] + repr(p) + "}"
-                            for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist()))
+            rows = ",".join(
+                prefixes[c] + repr(p) + "}"
+                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist())
+            )
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
 
@@ -216,18 +226,22 @@ def _csv_frames(fh: IO[bytes]) -> Iterator[pd.DataFrame]:
     fh.seek(0)
     opening = read_csv_frame(head if len(head) < _HEAD_BYTES else _complete_lines(head))
     resolve_columns(opening.columns)
-    reader = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig",
-                         chunksize=SCORE_CHUNK_ROWS)
+    reader = pd.read_csv(
+        fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", chunksize=SCORE_CHUNK_ROWS
+    )
     try:
         with reader:
             yield from reader
     except UnicodeDecodeError:
-        raise DataValidationError("the file is not UTF-8 text (is it a CSV?)",
-                                  [{"row": None, "line": None, "column": None, "reason": "not UTF-8 text"}]) from None
+        raise DataValidationError(
+            "the file is not UTF-8 text (is it a CSV?)",
+            [{"row": None, "line": None, "column": None, "reason": "not UTF-8 text"}],
+        ) from None
     except (pd.errors.ParserError, ValueError) as exc:
         text = str(exc).replace("Error tokenizing data. C error: ", "").strip()
-        raise DataValidationError(f"malformed CSV: {text}",
-                                  [{"row": None, "line": None, "column": None, "reason": text}]) from None
+        raise DataValidationError(
+            f"malformed CSV: {text}", [{"row": None, "line": None, "column": None, "reason": text}]
+        ) from None
 
 
 def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
@@ -240,8 +254,7 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     features = np.empty((n, len(FEATURES)), dtype=np.float64)
     clean = np.ones(n, dtype=bool)
     for j, feature in enumerate(FEATURES):
-        values = np.asarray(pd.to_numeric(frame[columns[feature]].astype(object), errors="coerce"),
-                            dtype=np.float64)
+        values = np.asarray(pd.to_numeric(frame[columns[feature]].astype(object), errors="coerce"), dtype=np.float64)
         low, high = FEATURE_RANGES[feature]
         with np.errstate(invalid="ignore"):
             ok = (values >= low) & (values <= high)  # False for NaN and infinities too
@@ -286,11 +299,17 @@ def _score_csv_file(model: ServedModel, fh: IO[bytes], *, as_csv: bool) -> Score
                 problems.append({"row": seen + i + 1, "line": seen + i + 2, "reason": errors[i]})
         seen += len(frame)
     if seen == 0:
-        raise DataValidationError("the CSV has a header but no data rows",
-                                  [{"row": None, "line": None, "column": None, "reason": "no data rows"}])
+        raise DataValidationError(
+            "the CSV has a header but no data rows",
+            [{"row": None, "line": None, "column": None, "reason": "no data rows"}],
+        )
     return ScoredBatch(
-        model=model, labels=np.concatenate(labels), confidence=np.concatenate(confidence), n_rows=seen,
-        problems=problems, csv_answer=answer.finish() if answer is not None else None,
+        model=model,
+        labels=np.concatenate(labels),
+        confidence=np.concatenate(confidence),
+        n_rows=seen,
+        problems=problems,
+        csv_answer=answer.finish() if answer is not None else None,
     )
 
 
@@ -384,8 +403,7 @@ class ElbowCache:
                 k_max_fit = min(k_max, len(features) - 1)
                 if k_max_fit < k_min:
                     raise DataValidationError(f"The dataset has too few rows for k up to {k_max}", [])
-                self._results[key] = await run_in_threadpool(
-                    compute_elbow, features, k_min=k_min, k_max=k_max_fit)
+                self._results[key] = await run_in_threadpool(compute_elbow, features, k_min=k_min, k_max=k_max_fit)
         return self._results[key]
 
     async def chart(self, k_min: int = 2, k_max: int = 10) -> tuple[str, int]:

@@ -1,4 +1,5 @@
 """Service statistics for admins."""
+
 from __future__ import annotations
 
 from collections import Counter

@@ -1,4 +1,5 @@
 """Users: the rules and the SQL. The /users and /admin/users doors both call these."""
+
 from __future__ import annotations
 
 from sqlalchemy import delete, func, or_, select, update
@@ -63,8 +64,14 @@ async def create(
     role: Role = Role.user,
 ) -> User:
     await _ensure_unique(session, username=username, email=email)
-    user = User(email=email.lower(), username=username, full_name=full_name, hashed_password=hashed_password,
-                role=role.value, is_active=True)
+    user = User(
+        email=email.lower(),
+        username=username,
+        full_name=full_name,
+        hashed_password=hashed_password,
+        role=role.value,
+        is_active=True,
+    )
     session.add(user)
     await _commit_unique(session)
     return user
@@ -159,15 +166,20 @@ async def activity_counts(*, session: AsyncSession, user_ids: list[int]) -> dict
     if not user_ids:
         return {}
     predictions = dict(
-        (await session.execute(
-            select(HistoryCount.user_id, HistoryCount.total).where(HistoryCount.user_id.in_(user_ids))
-        )).all()
+        (
+            await session.execute(
+                select(HistoryCount.user_id, HistoryCount.total).where(HistoryCount.user_id.in_(user_ids))
+            )
+        ).all()
     )
     profiles = dict(
-        (await session.execute(
-            select(CustomerProfile.user_id, func.count(CustomerProfile.id))
-            .where(CustomerProfile.user_id.in_(user_ids)).group_by(CustomerProfile.user_id)
-        )).all()
+        (
+            await session.execute(
+                select(CustomerProfile.user_id, func.count(CustomerProfile.id))
+                .where(CustomerProfile.user_id.in_(user_ids))
+                .group_by(CustomerProfile.user_id)
+            )
+        ).all()
     )
     return {uid: (predictions.get(uid, 0), profiles.get(uid, 0)) for uid in user_ids}
 
