@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: run test install install-dev browser dataset admin model bench bench-smoke clean
+.PHONY: run test lint format install install-dev browser dataset admin model bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ run: install dataset admin model
 
 test: install-dev
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# What CI refuses a submission for: lint findings, unformatted code, type errors in app/.
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # Installs Debian's wrk when missing; BENCH_ARGS=--quick for a short smoke run.
 bench: install-dev
