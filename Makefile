@@ -56,6 +56,8 @@ run: install dataset admin model
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) \
 		--loop app.serving:new_event_loop --http httptools --no-access-log
 
+# pytest.ini spreads the suite over every core (pytest-xdist). With TEST_DATABASE_URL set, the tests
+# marked `postgres` also run there, each xdist worker on a database of its own beside it (<name>_gw0, ...).
 test: install-dev
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -73,8 +75,10 @@ format: $(VENV)/.installed-dev
 bench: install-dev
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# bench/run.py --quick end to end (every row and target printed), one run after the other; minutes
+# of load generation, so not part of make test.
 bench-smoke: install-dev
-	$(PY) bench/run.py --quick
+	$(VENV)/bin/pytest -m bench -n 0 tests/test_bench_smoke.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .coverage .coverage.* htmlcov

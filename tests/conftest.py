@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from sqlalchemy import URL, make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app import auth
 from app.config import Settings
-from app.database import Base, Database, Role
+from app.database import Database, Role
 from app.main import create_app
 from app.services import users as user_service
 
@@ -23,37 +28,99 @@ PASSWORD = "correct-horse-42"
 _counter = itertools.count(1)
 
 
+POSTGRES_SKIP_REASON = (
+    "PostgreSQL case: set TEST_DATABASE_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test) to run it"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The bench smoke run takes minutes and measures nothing a test asserts: only `-m bench` runs it."""
+    if "bench" in (config.getoption("markexpr") or ""):
+        return
+    benches = [item for item in items if item.get_closest_marker("bench")]
+    if benches:
+        config.hook.pytest_deselected(items=benches)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """SQLite for every test; PostgreSQL as well for tests marked `postgres`, where behaviour depends on
+    the database. A test that parametrizes `database_url` itself picks its backends."""
+    if "database_url" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("postgres") is None:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if "database_url" in (names.replace(" ", "").split(",") if isinstance(names, str) else names):
+            return
+    metafunc.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@functools.cache
 def postgres_url() -> str | None:
-    return os.environ.get("TEST_DATABASE_URL") or None
+    """TEST_DATABASE_URL, or under pytest-xdist a database of this worker's own beside it on the same
+    server (`<name>_gw0`, ...), so parallel workers never empty each other's tables. Created when missing."""
+    url = os.environ.get("TEST_DATABASE_URL") or None
+    if url is None:
+        return None
+    base = make_url(url)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    own = base.set(database=f"{base.database}_{worker}") if worker else base
+    # A thread of its own: this may be called from a running event loop (an async fixture).
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, _create_database(base, own.database)).result()
+    return own.render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database: a new SQLite file, or the PostgreSQL test database emptied."""
-    if request.param == "sqlite":
+async def _create_database(server: URL, name: str | None) -> None:
+    last_error: Exception | None = None
+    # The named database is the one known to exist; `postgres` is the fallback every server has.
+    for maintenance in (server.database, "postgres"):
+        engine = create_async_engine(server.set(database=maintenance), isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                exists = await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name})
+                if not exists:
+                    try:
+                        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+                    except DBAPIError as exc:  # created by a concurrent run since the check
+                        if getattr(exc.orig, "sqlstate", None) != "42P04":
+                            raise
+            return
+        except (DBAPIError, OSError) as exc:
+            last_error = exc
+        finally:
+            await engine.dispose()
+    raise RuntimeError(f"could not create the test database {name!r} on {server!r}") from last_error
+
+
+@pytest.fixture
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database: a new SQLite file, or this worker's PostgreSQL test database emptied."""
+    if getattr(request, "param", "sqlite") == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
         return
     url = postgres_url()
     if url is None:
-        pytest.skip("PostgreSQL run: set TEST_DATABASE_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test)")
+        pytest.skip(POSTGRES_SKIP_REASON)
     engine = create_async_engine(url)
     async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        # Tables, sequences, triggers and their functions, alembic_version: everything a test left.
+        await conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+        await conn.exec_driver_sql("CREATE SCHEMA public")
     await engine.dispose()
     yield url
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides) -> Settings:
-    values = dict(
-        database_url=database_url,
-        secret_key=TEST_SECRET,
-        model_dir=tmp_path / "models",
-        data_path=tmp_path / "data" / "customers.csv",
-        bcrypt_rounds=4,
-        model_sync_seconds=0.2,
-        metrics_enabled=True,
-    )
+    values = {
+        "database_url": database_url,
+        "secret_key": TEST_SECRET,
+        "model_dir": tmp_path / "models",
+        "data_path": tmp_path / "data" / "customers.csv",
+        "bcrypt_rounds": 4,
+        "model_sync_seconds": 0.2,
+        "metrics_enabled": True,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

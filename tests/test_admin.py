@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from app.database import Role
 from tests.conftest import CUSTOMER, PASSWORD
 
 
+@pytest.mark.postgres
 async def test_admin_user_list_carries_activity_and_totals(client, make_user, admin_headers):
     user, headers = await make_user(Role.user)
     await client.post("/profiles/", json={"name": "p", **CUSTOMER}, headers=headers)
@@ -33,6 +36,7 @@ async def test_admin_cannot_change_own_role_delete_or_deactivate_self(client, ma
     assert (await client.get("/auth/me", headers=headers)).json()["role"] == "admin"
 
 
+@pytest.mark.postgres
 async def test_last_active_admin_is_never_demoted_deactivated_or_deleted(client, make_user):
     first, first_headers = await make_user(Role.admin)
     second, second_headers = await make_user(Role.admin)
@@ -67,6 +71,7 @@ async def test_admin_role_and_delete_doors_share_the_rules(client, make_user, ad
     ).status_code == 401
 
 
+@pytest.mark.postgres
 async def test_stats_count_users_roles_and_predictions(client, make_user, admin_headers, trained_model):
     user, headers = await make_user(Role.user)
     off, _ = await make_user(Role.user)
@@ -82,6 +87,7 @@ async def test_stats_count_users_roles_and_predictions(client, make_user, admin_
     assert stats["model"]["version"] == trained_model["model_version"]
 
 
+@pytest.mark.postgres
 async def test_history_counts_follow_predictions_and_deleted_accounts(client, make_user, admin_headers, trained_model):
     """Totals in history pages and the admin list stay exact as rows come and accounts go."""
     kept, kept_headers = await make_user(Role.user)

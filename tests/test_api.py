@@ -74,6 +74,7 @@ async def test_train_without_dataset_is_409(client, analyst_headers):
     assert response.status_code == 409 and "generate_dataset" in response.json()["detail"]
 
 
+@pytest.mark.postgres
 async def test_predict_names_a_segment_and_records_history(client, trained_model, make_user):
     _, headers = await make_user(Role.user)
     response = await client.post("/predict", json={**CUSTOMER, "sex": "female"}, headers=headers)
@@ -92,6 +93,7 @@ async def test_predict_names_a_segment_and_records_history(client, trained_model
     assert item["model_version"] == trained_model["model_version"] and item["confidence"] == body["confidence"]
 
 
+@pytest.mark.postgres
 async def test_history_is_newest_first_paged_and_private(client, trained_model, make_user):
     user, headers = await make_user(Role.user)
     _, other = await make_user(Role.user)
@@ -217,6 +219,7 @@ async def test_batch_rules(client, trained_model, user_headers):
     assert any("age" in err["loc"] and 1 in err["loc"] for err in bad.json()["detail"])
 
 
+@pytest.mark.postgres
 async def test_batch_rows_are_counted_in_stats_not_history(client, trained_model, user_headers, admin_headers):
     await client.post("/predict/batch", json={"customers": [CUSTOMER] * 25}, headers=user_headers)
     assert (await client.get("/history", headers=user_headers)).json()["total"] == 0
@@ -224,6 +227,7 @@ async def test_batch_rows_are_counted_in_stats_not_history(client, trained_model
     assert stats["total_predictions"] == 25 and sum(stats["predictions_by_cluster"].values()) == 25
 
 
+@pytest.mark.postgres
 async def test_versions_list_and_rollback(client, trained_model, analyst_headers, user_headers):
     second = (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).json()
     listing = (await client.get("/models", headers=analyst_headers)).json()
@@ -243,6 +247,7 @@ async def test_versions_list_and_rollback(client, trained_model, analyst_headers
     assert (await client.get("/models/nope", headers=analyst_headers)).status_code == 404
 
 
+@pytest.mark.postgres
 async def test_a_second_training_while_one_runs_is_409(client, dataset, analyst_headers):
     first, second = await asyncio.gather(
         client.post("/train", headers=analyst_headers),

@@ -29,6 +29,7 @@ async def test_register_ignores_privileged_fields(client):
     assert body["role"] == "user" and body["is_active"] is True and body["id"] != 999
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("field,value", [("username", "ana"), ("email", "ANA@example.com")])
 async def test_register_duplicate_is_409(client, field, value):
     assert (await client.post("/auth/register", json=NEW_USER)).status_code == 201
@@ -38,6 +39,7 @@ async def test_register_duplicate_is_409(client, field, value):
     assert field.lower() in response.json()["detail"].lower()
 
 
+@pytest.mark.postgres
 async def test_sixteen_concurrent_registrations_of_one_name_give_one_201(client):
     async def register(i: int):
         return await client.post(
@@ -137,6 +139,7 @@ async def test_logout_revokes_only_that_token(client, make_user):
     assert (await client.get("/auth/me", headers=other_headers)).status_code == 200
 
 
+@pytest.mark.postgres
 async def test_logout_is_seen_by_another_app_on_the_same_database(client, make_user, settings):
     """A second app instance (another worker) rejects the revoked token within a second."""
     import httpx

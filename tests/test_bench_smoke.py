@@ -1,4 +1,7 @@
-"""`bench/run.py --quick` runs end to end and prints every row. No figure is asserted: timings belong to `make bench`."""
+"""`bench/run.py --quick` runs end to end and prints every row. No figure is asserted: timings belong to `make bench`.
+
+Minutes of load generation: left out of the default run, run by `make bench-smoke` (`pytest -m bench`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import run as bench  # noqa: E402  (bench/ is not a package)
+
+pytestmark = pytest.mark.bench
 
 TARGET_NAMES = [
     "POST /predict ratio",
@@ -39,7 +44,6 @@ def _has_row(lines: list[str], label: str) -> bool:
     return any(line.startswith(label) and len(line.split()) > len(label.split()) for line in lines)
 
 
-@pytest.mark.slow
 def test_quick_bench_prints_every_row_and_target():
     lines = _run("--quick")
     labels = [
@@ -61,7 +65,6 @@ def test_quick_bench_prints_every_row_and_target():
     assert not [line for line in lines if line.startswith("error:")]
 
 
-@pytest.mark.slow
 def test_quick_bench_runs_without_wrk():
     """Where wrk cannot be installed the asyncio load generator stands in."""
     lines = _run("--quick", "--python-load", "--skip-extras", "--no-variants")

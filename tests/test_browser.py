@@ -44,6 +44,8 @@ def chromium_executable() -> str | None:
 CHROMIUM = chromium_executable()
 pytestmark = [
     pytest.mark.slow,
+    # One server for both tests: pytest-xdist (--dist loadgroup) runs them on the same worker.
+    pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(
         CHROMIUM is None,
         reason="no Chromium executable: run `make install-dev` as root, or "
@@ -102,7 +104,7 @@ def server(tmp_path_factory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 pytest.fail(f"the server exited:\n{(home / 'server.log').read_text()}")
@@ -137,7 +139,7 @@ async def test_swagger_ui_authorize_and_try_predict(server, tmp_path):
             page.on("request", lambda request: requested.append(request.url))
             page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
             await page.goto(f"{server}/docs", wait_until="networkidle")
-            await page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+            await page.wait_for_selector(".swagger-ui .info .title", timeout=60_000)
             assert "Customer Segmentation API" in await page.inner_text(".swagger-ui .info .title")
 
             # Authorize with the OAuth2 password form, as a person would.
@@ -145,8 +147,8 @@ async def test_swagger_ui_authorize_and_try_predict(server, tmp_path):
             await page.fill("#oauth_username", "admin")
             await page.fill("#oauth_password", "admin123")
             await page.click(".auth-btn-wrapper button.authorize")
-            await page.wait_for_selector(".auth-container button.btn-done", timeout=15_000)
-            await page.wait_for_selector(".auth-container :text('Logout')", timeout=15_000)
+            await page.wait_for_selector(".auth-container button.btn-done", timeout=60_000)
+            await page.wait_for_selector(".auth-container :text('Logout')", timeout=60_000)
             await page.click(".auth-container button.btn-done")
 
             # POST /predict: open it, Try it out with the example body, Execute.
@@ -157,7 +159,7 @@ async def test_swagger_ui_authorize_and_try_predict(server, tmp_path):
             assert '"annual_income"' in body
             await operation.locator("button.execute").click()
             live = operation.locator(".live-responses-table .response")
-            await live.first.wait_for(timeout=30_000)
+            await live.first.wait_for(timeout=60_000)
             status = (await live.locator(".response-col_status").first.inner_text()).strip()
             answer = await operation.locator(".live-responses-table .response-col_description pre").first.inner_text()
             await page.screenshot(path=str(tmp_path / "swagger-predict.png"), full_page=True)
@@ -196,7 +198,7 @@ def test_redoc_renders_offline(server, tmp_path):
                 lambda request: "csp" in (request.failure or "").lower() and blocked.append(request.url),
             )
             page.goto(f"{server}/redoc", wait_until="networkidle")
-            page.wait_for_selector("text=Customer Segmentation API", timeout=30_000)
+            page.wait_for_selector("text=Customer Segmentation API", timeout=60_000)
             page.screenshot(path=str(tmp_path / "redoc.png"))
         finally:
             browser.close()

@@ -218,6 +218,7 @@ async def test_the_database_file_removed_while_running_gives_a_clear_503(client,
     assert health.status_code == 200
 
 
+@pytest.mark.postgres
 async def test_an_unreachable_database_gives_503(client, app, make_user, settings, tmp_path):
     """The database server is down (PostgreSQL) or its directory is gone (SQLite)."""
     _, headers = await make_user(Role.user)
@@ -266,6 +267,7 @@ async def test_an_unexpected_error_is_a_bare_500_without_internals(app, user_hea
     assert response.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
+@pytest.mark.postgres
 async def test_nul_characters_in_text_are_never_a_server_error(client, make_user):
     """SQLite stores them; PostgreSQL cannot, and says so with a 422 rather than a 500."""
     user, headers = await make_user(Role.analyst)
@@ -300,6 +302,7 @@ HOSTILE_BODIES = [
 ]
 
 
+@pytest.mark.postgres
 async def test_no_hostile_body_on_any_operation_yields_a_server_error(client, app, make_user, trained_model):
     _, headers = await make_user(Role.analyst)
     spec = app.openapi()

@@ -14,6 +14,8 @@ from app.schema import HistoryItem, HistoryPage
 from app.services.history import page_json
 from tests.conftest import CUSTOMER
 
+pytestmark = pytest.mark.postgres
+
 
 def _pydantic(rows: list[dict], total: int, skip: int, limit: int) -> dict:
     page = HistoryPage(history=[HistoryItem(**r) for r in rows], total=total, skip=skip, limit=limit)

@@ -1,11 +1,12 @@
 """Alembic migrations: head matches the ORM models, old create_all databases are adopted, workers race safely.
 
-Each test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL (the `database_url`
-fixture empties that database first, alembic_version included).
+Each test runs on SQLite and, when TEST_DATABASE_URL is set, on PostgreSQL (marked `postgres`: the
+`database_url` fixture empties that database first, alembic_version included).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from app.database import Base, Database, HistoryCount, PredictionHistory, User, 
 from app.migrations import alembic_config, current_revisions, head_revisions, upgrade_database
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.postgres
 
 
 def _schema_diffs(connection) -> list:
@@ -141,7 +144,7 @@ async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(
                 "model_version": "v",
                 "created_at": utcnow(),
             }
-            for user_id, n in zip(ids, (5, 2))
+            for user_id, n in zip(ids, (5, 2), strict=False)  # "none" gets no rows
             for _ in range(n)
         ]
         await conn.execute(insert(PredictionHistory), rows)
@@ -217,21 +220,23 @@ async def test_workers_starting_at_once_migrate_exactly_once(database, database_
     start_at = time.time() + 2.5
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, database_url, str(start_at)],
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            WORKER,
+            database_url,
+            str(start_at),
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         for _ in range(4)
     ]
-    results = [(w.wait(timeout=120), w.stderr.read()) for w in workers]
-    for w in workers:
-        w.stdout.close()
-        w.stderr.close()
-    assert [code for code, _ in results] == [0, 0, 0, 0], [err[-2000:] for _, err in results]
+    async with asyncio.timeout(300):
+        outputs = await asyncio.gather(*(w.communicate() for w in workers))
+    errors = [stderr.decode()[-2000:] for _, stderr in outputs]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], errors
     revisions, diffs, _ = await _inspect(database)
     assert revisions == head_revisions() and diffs == []
     async with database.engine.connect() as conn:

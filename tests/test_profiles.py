@@ -10,6 +10,7 @@ from tests.conftest import CUSTOMER
 PROFILE = {"name": "Jane at downtown", **CUSTOMER, "notes": "likes email"}
 
 
+@pytest.mark.postgres
 async def test_create_read_update_delete(client, user_headers):
     created = await client.post("/profiles/", json=PROFILE, headers=user_headers)
     assert created.status_code == 201
@@ -34,6 +35,7 @@ async def test_sex_is_case_insensitive_in_and_canonical_out(client, user_headers
     assert response.status_code == 201 and response.json()["sex"] == "Female"
 
 
+@pytest.mark.postgres
 async def test_list_is_own_only_newest_first_and_paged(client, make_user):
     _, alice = await make_user(Role.user)
     _, bob = await make_user(Role.user)

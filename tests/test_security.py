@@ -76,6 +76,7 @@ async def test_api1_another_users_profile_is_404_like_a_missing_one(client, make
     assert unchanged["name"] == PROFILE["name"]
 
 
+@pytest.mark.postgres
 async def test_api1_profile_lists_never_leak_other_users_rows(client, make_user):
     _, owner = await make_user(Role.user)
     _, intruder = await make_user(Role.user)
@@ -162,6 +163,7 @@ async def test_api2_a_tampered_payload_breaks_the_signature(client, make_user):
     assert (await client.get("/auth/me", headers=headers)).json()["id"] == user["id"]
 
 
+@pytest.mark.postgres
 async def test_api2_a_revoked_token_is_401_everywhere(client, user_headers):
     assert (await client.post("/auth/logout", headers=user_headers)).status_code == 200
     for method, path in (
@@ -314,6 +316,7 @@ async def test_api2_the_throttle_window_expires(client, make_user):
     ).status_code == 200
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("settings_overrides", [THROTTLE], ids=["user-limit-3"])
 async def test_api2_the_throttle_is_shared_by_every_worker(client, make_user, settings: Settings):
     """Failures counted by one worker process block the next attempt at another (state is in the database)."""
@@ -333,6 +336,7 @@ async def test_api2_the_throttle_is_shared_by_every_worker(client, make_user, se
     [{"login_max_failures_per_user": 5, "login_max_failures_per_ip": 50, "login_window_seconds": 60}],
     ids=["user-limit-5"],
 )
+@pytest.mark.postgres
 async def test_api2_a_burst_of_parallel_guesses_is_still_throttled(client, make_user):
     user, _ = await make_user(Role.user)
     codes = await asyncio.gather(
@@ -604,6 +608,7 @@ async def test_api5_unsupported_methods_are_405_not_a_way_around_the_gate(client
 # =====================================================================================
 
 
+@pytest.mark.postgres
 async def test_api6_two_trainings_at_once_do_not_both_run(client, dataset, analyst_headers):
     first, second = await asyncio.gather(
         client.post("/train", params={"n_clusters": 3}, headers=analyst_headers),
@@ -619,6 +624,7 @@ async def test_api6_activating_an_unknown_version_leaves_the_served_model(client
     assert (await client.get("/")).json()["model_version"] == trained_model["model_version"]
 
 
+@pytest.mark.postgres
 async def test_api6_the_last_admin_cannot_be_removed_by_any_door(client, make_user):
     admin, headers = await make_user(Role.admin)
     assert (await client.delete("/users/me", headers=headers)).status_code == 409

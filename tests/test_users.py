@@ -33,6 +33,7 @@ async def test_update_me_cannot_set_role_or_is_active(client, make_user):
     assert me["role"] == "user" and me["is_active"] is True
 
 
+@pytest.mark.postgres
 async def test_update_me_to_a_taken_username_or_email_is_409(client, make_user):
     first, _ = await make_user(Role.user)
     _, headers = await make_user(Role.user)
@@ -51,6 +52,7 @@ async def test_password_change_needs_current_password(client, make_user):
     assert (await client.get("/auth/me", headers=headers)).status_code == 200
 
 
+@pytest.mark.postgres
 async def test_password_change_ends_older_tokens(client, make_user):
     user, headers = await make_user(Role.user)
     other = await login_headers(client, user["username"])
@@ -73,6 +75,7 @@ async def test_update_me_field_rules(client, user_headers, body):
     assert (await client.put("/users/me", json=body, headers=user_headers)).status_code == 422
 
 
+@pytest.mark.postgres
 async def test_delete_me_removes_account_profiles_and_history(client, make_user, admin_headers):
     user, headers = await make_user(Role.user)
     await client.post("/profiles/", json={"name": "p", **CUSTOMER}, headers=headers)
@@ -96,6 +99,7 @@ async def test_an_admin_who_is_not_the_last_can_delete_their_account(client, mak
     assert (await client.delete("/users/me", headers=first)).status_code == 200
 
 
+@pytest.mark.postgres
 async def test_admin_lists_and_reads_users_with_paging(client, make_user, admin_headers):
     for _ in range(3):
         await make_user(Role.user)
@@ -132,6 +136,7 @@ async def test_role_body_rules(client, make_user, admin_headers):
     assert (await client.put("/users/99999/role", json={"role": "user"}, headers=admin_headers)).status_code == 404
 
 
+@pytest.mark.postgres
 async def test_admin_deletes_user_and_their_token_stops_working(client, make_user, admin_headers):
     user, headers = await make_user(Role.user)
     assert (await client.delete(f"/users/{user['id']}", headers=admin_headers)).status_code == 200
