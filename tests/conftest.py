@@ -33,8 +33,21 @@ POSTGRES_SKIP_REASON = (
 )
 
 
+# The modules that take longest, run first: pytest-xdist (`--dist loadfile`) hands whole modules to
+# the workers in collection order, and a long one handed out last would keep one worker busy alone.
+LONGEST_FIRST = (
+    "test_multiprocess.py",
+    "test_browser.py",
+    "test_cli.py",
+    "test_fuzz.py",
+    "test_migrations.py",
+    "test_model.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The bench smoke run takes minutes and measures nothing a test asserts: only `-m bench` runs it."""
+    """Longest modules first; the bench smoke run (minutes, and it asserts no figure) only with `-m bench`."""
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else 99)
     if "bench" in (config.getoption("markexpr") or ""):
         return
     benches = [item for item in items if item.get_closest_marker("bench")]

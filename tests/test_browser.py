@@ -44,8 +44,6 @@ def chromium_executable() -> str | None:
 CHROMIUM = chromium_executable()
 pytestmark = [
     pytest.mark.slow,
-    # One server for both tests: pytest-xdist (--dist loadgroup) runs them on the same worker.
-    pytest.mark.xdist_group("browser"),
     pytest.mark.skipif(
         CHROMIUM is None,
         reason="no Chromium executable: run `make install-dev` as root, or "

@@ -178,7 +178,6 @@ def pair(tmp_path_factory) -> Iterator[tuple[Server, Server, Path]]:
             server.stop()
 
 
-@pytest.mark.xdist_group("pair")
 def test_both_servers_switch_after_a_train_or_an_activate_on_the_other(pair):
     a, b, home = pair
     with a.client(login(a, ANALYST)) as on_a, b.client(login(b, ANALYST)) as on_b:
@@ -192,7 +191,6 @@ def test_both_servers_switch_after_a_train_or_an_activate_on_the_other(pair):
     assert SegmentationModel.load(home / "models").version == first
 
 
-@pytest.mark.xdist_group("pair")
 def test_a_logout_on_one_server_is_rejected_by_the_other_once_its_cache_expires(pair):
     a, b, _ = pair
     token = login(a, USER)
@@ -210,7 +208,6 @@ def _lease_holder(home: Path) -> str | None:
     return row[0] if row else None
 
 
-@pytest.mark.xdist_group("pair")
 def test_predictions_keep_answering_during_a_200k_row_training_and_a_second_train_is_409(pair):
     a, b, home = pair
     big = generate(rows=200_000, seed=13).to_csv(index=False).encode()
@@ -226,9 +223,13 @@ def test_predictions_keep_answering_during_a_200k_row_training_and_a_second_trai
     answered = 0
     failures: list[object] = []
     trainer = threading.Thread(target=train_big)
+    with a.client(analyst) as http:  # a model to answer with, whichever test ran before
+        served = http.post("/train", params={"n_clusters": 3})
+        assert served.status_code == 200, served.text
+    wait_for(lambda: b.served_version() == served.json()["model_version"])
     with a.client(user) as on_a, b.client(user) as on_b:
         for http in (on_a, on_b):  # warm connections
-            http.post("/predict", json=CUSTOMER)
+            assert http.post("/predict", json=CUSTOMER).status_code == 200
         trainer.start()
         second = None
         servers = (on_a, on_b)
