@@ -93,7 +93,7 @@ class ServedModel:
         if len(records) == 1:
             return [self.model.predict_one(records[0])]
         labels, confidence = self.model.predict(features_matrix(records))
-        return [(int(c), self.names[int(c)], float(p)) for c, p in zip(labels, confidence)]
+        return [(int(c), self.names[int(c)], float(p)) for c, p in zip(labels, confidence, strict=True)]
 
     async def charts(self) -> dict[str, str]:
         async with self._charts_lock:
@@ -239,9 +239,9 @@ async def _wait_readable(fd: int) -> None:
 
 
 async def fit_in_subprocess(
-    features: np.ndarray, *, n_clusters: int | None, random_state: int, version: str, timeout: float
+    features: np.ndarray, *, n_clusters: int | None, random_state: int, version: str, time_limit: float
 ) -> tuple[SegmentationModel, bytes]:
-    """Train in a child process; return the model and its artifact blob. Killed after `timeout`."""
+    """Train in a child process; return the model and its artifact blob. Killed after `time_limit` seconds."""
     context = _training_context()
     parent_end, child_end = context.Pipe()
     process = context.Process(
@@ -254,9 +254,9 @@ async def fit_in_subprocess(
         await run_in_threadpool(process.start)
         child_end.close()
         try:
-            await asyncio.wait_for(_wait_readable(parent_end.fileno()), timeout)
+            await asyncio.wait_for(_wait_readable(parent_end.fileno()), time_limit)
         except TimeoutError:
-            raise TrainingTimeout(timeout) from None
+            raise TrainingTimeout(time_limit) from None
         try:
             message = await run_in_threadpool(parent_end.recv)
         except (EOFError, OSError):
@@ -575,7 +575,7 @@ class ModelStore:
                     n_clusters=n_clusters,
                     random_state=random_state,
                     version=new_version_id(),
-                    timeout=self.settings.train_timeout_seconds,
+                    time_limit=self.settings.train_timeout_seconds,
                 )
                 model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 await self._record_version(model, blob, created_by=created_by)

@@ -58,10 +58,13 @@ async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.n
     if upload is not None:
         upload.file.seek(0)
         return await run_in_threadpool(load_training_matrix, upload.file)
-    path = Path(settings.data_path)
+    return await run_in_threadpool(_default_training_matrix, Path(settings.data_path))
+
+
+def _default_training_matrix(path: Path) -> np.ndarray:
     if not path.is_file():
         raise Conflict(NO_DATASET.format(path=path))
-    return await run_in_threadpool(load_training_matrix, path)
+    return load_training_matrix(path)
 
 
 # A cell starting with one of these is run as a formula by spreadsheet programs (CSV injection).
@@ -141,7 +144,9 @@ class _CsvAnswer:
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
         inputs = [_inert_column(frame[c]) for c in self.columns]
-        self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors]))
+        self._write_rows(
+            zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors], strict=True)
+        )
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -179,7 +184,7 @@ class ScoredBatch:
             hi = lo + SCORE_CHUNK_ROWS
             rows = ",".join(
                 prefixes[c] + repr(p) + "}"
-                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist())
+                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist(), strict=True)
             )
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
@@ -273,7 +278,7 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     valid = clean.copy()
     valid[doubtful] = checked.valid
     features[doubtful[checked.valid]] = checked.features
-    for i, error in zip(doubtful.tolist(), checked.errors):
+    for i, error in zip(doubtful.tolist(), checked.errors, strict=True):
         errors[i] = error
     return features, valid, errors
 
@@ -364,7 +369,7 @@ class ElbowCache:
             return self._fingerprint
         path = Path(self.settings.data_path)
         try:
-            stat = path.stat()
+            stat = await run_in_threadpool(path.stat)
         except OSError:
             self._fingerprint = None
             raise Conflict(NO_DATASET.format(path=path)) from None

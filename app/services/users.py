@@ -39,7 +39,7 @@ async def _ensure_unique(
     query = select(User.username, User.email).where(or_(*conditions))
     if exclude_id is not None:
         query = query.where(User.id != exclude_id)
-    for existing_username, existing_email in (await session.execute(query)).all():
+    for existing_username, _existing_email in (await session.execute(query)).all():
         if username is not None and existing_username == username:
             raise Conflict("Username already registered")
         raise Conflict("Email already registered")
