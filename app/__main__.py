@@ -96,7 +96,7 @@ class _ProgressFile(io.FileIO):
         self._advance()
         return count
 
-    def read(self, size: int = -1) -> bytes | None:
+    def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
         self._advance()
         return data

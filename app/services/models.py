@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from starlette.concurrency import run_in_threadpool
 
@@ -177,13 +178,15 @@ def save_local_copy(model: SegmentationModel, directory: Path) -> bool:
 
 # --- fitting in a child process --------------------------------------------------------------
 
-_context: multiprocessing.context.BaseContext | None = None
+_TrainingContext = multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext
+_context: _TrainingContext | None = None
 
 
-def _training_context() -> multiprocessing.context.BaseContext:
+def _training_context() -> _TrainingContext:
     """A fork server with the ML stack imported once, so each training starts in milliseconds."""
     global _context
     if _context is None:
+        context: _TrainingContext
         if "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["app.services.models"])
@@ -228,10 +231,21 @@ class TrainingTimeout(AppError):
         )
 
 
+async def _rows_updated(session: AsyncSession, statement: Update) -> int:
+    """How many rows an UPDATE changed (its result is a cursor result, which has the count)."""
+    result = cast(CursorResult[Any], await session.execute(statement))
+    return result.rowcount
+
+
 async def _wait_readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await ready
     finally:
@@ -384,12 +398,13 @@ class ModelStore:
             try:
                 if known is None:
                     session.add(self._version_row(model, blob, created_by=None))
-                claimed = await session.execute(
+                claimed = await _rows_updated(
+                    session,
                     update(ServiceState)
                     .where(ServiceState.key == ACTIVE_KEY, ServiceState.value.is_(None))
-                    .values(value=model.version, updated_at=utcnow())
+                    .values(value=model.version, updated_at=utcnow()),
                 )
-                if claimed.rowcount == 0:
+                if claimed == 0:
                     session.add(ServiceState(key=ACTIVE_KEY, value=model.version))
                 await session.commit()
                 logger.info("recorded the model files in %s as version %s", self.model_dir, model.version)
@@ -519,10 +534,11 @@ class ModelStore:
     @staticmethod
     async def _set_active(session, version: str) -> None:
         """Point the active version at `version` with writes only (no read to upgrade from)."""
-        result = await session.execute(
-            update(ServiceState).where(ServiceState.key == ACTIVE_KEY).values(value=version, updated_at=utcnow())
+        updated = await _rows_updated(
+            session,
+            update(ServiceState).where(ServiceState.key == ACTIVE_KEY).values(value=version, updated_at=utcnow()),
         )
-        if result.rowcount == 0:
+        if updated == 0:
             session.add(ServiceState(key=ACTIVE_KEY, value=version))
 
     @staticmethod
@@ -616,12 +632,13 @@ class ModelStore:
         if _holder_is_dead(held):
             free = or_(free, ServiceState.value == held)
         async with self.database.sessionmaker() as session:
-            result = await session.execute(
+            taken = await _rows_updated(
+                session,
                 update(ServiceState)
                 .where(ServiceState.key == TRAINING_KEY, free)
-                .values(value=value, updated_at=utcnow())
+                .values(value=value, updated_at=utcnow()),
             )
-            if result.rowcount == 1:
+            if taken == 1:
                 await session.commit()
                 return value
             await session.rollback()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -184,7 +186,16 @@ async def activity_counts(*, session: AsyncSession, user_ids: list[int]) -> dict
     return {uid: (predictions.get(uid, 0), profiles.get(uid, 0)) for uid in user_ids}
 
 
-async def totals(*, session: AsyncSession) -> dict[str, object]:
+class UserTotals(TypedDict):
+    total_users: int
+    active_users: int
+    inactive_users: int
+    total_predictions: int
+    total_profiles: int
+    users_by_role: dict[str, int]
+
+
+async def totals(*, session: AsyncSession) -> UserTotals:
     """Counts of users by state and role, predictions and profiles."""
     by_role = dict((await session.execute(select(User.role, func.count(User.id)).group_by(User.role))).all())
     active = (await session.execute(select(func.count(User.id)).where(User.is_active.is_(True)))).scalar_one()
