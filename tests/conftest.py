@@ -46,12 +46,13 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest modules first; the bench smoke run (minutes, and it asserts no figure) only with `-m bench`."""
+    """Longest modules first. The bench smoke run (minutes, and it asserts no figure) only with `-m bench`
+    or when nothing else was asked for (`pytest tests/test_bench_smoke.py`)."""
     items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else 99)
     if "bench" in (config.getoption("markexpr") or ""):
         return
     benches = [item for item in items if item.get_closest_marker("bench")]
-    if benches:
+    if benches and len(benches) < len(items):
         config.hook.pytest_deselected(items=benches)
         items[:] = [item for item in items if not item.get_closest_marker("bench")]
 
