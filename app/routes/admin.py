@@ -76,7 +76,7 @@ router.add_api_route(
     methods=["DELETE"],
     summary="Delete a user",
     description="Deletes the user with their profiles and history. An admin cannot delete themselves.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 
 
@@ -84,7 +84,7 @@ router.add_api_route(
     "/users/{user_id}/toggle-active",
     summary="Activate or deactivate a user",
     description="Flips `is_active`. An admin cannot deactivate themselves; the last active admin stays active.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionDep, request: Request) -> UserPublic:
     user = await user_service.toggle_active(session=session, actor=admin, user_id=user_id)

@@ -1,20 +1,23 @@
-"""Route classes for bodies FastAPI's declarations alone do not cover; the declarations stay FastAPI's.
+"""Route classes for what FastAPI's declarations alone do not cover; the declarations stay FastAPI's.
 
 `JsonOrFormRoute`: a route that declares a form (the OAuth2 password form, a CSV upload) and also
 takes the same fields as one JSON object. `install_json_alternatives` documents that JSON body in
 the OpenAPI schema with the form's own schema, so nothing about it is written by hand.
+`FastJsonRoute`: a declared JSON body and response model, served in fewer steps on a hot path.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin, get_type_hints
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, params
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
 from starlette.types import Receive, Scope
 
@@ -106,3 +109,108 @@ def install_json_alternatives(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+class FastJsonRoute(APIRoute):
+    """A route declared the FastAPI way (a JSON model body, a response model) and served in fewer steps.
+
+    The body is parsed and validated in one Pydantic step and the answer serialized in one, where
+    FastAPI's request handler decodes to Python objects, validates them, and validates the answer
+    again before serializing it: a tenth of a small request such as POST /predict. It applies when
+    the endpoint takes only its body, the Request, and dependencies called with the Request alone
+    (the bearer-token gates); any other route is served by FastAPI's own handler. Errors are the
+    same: a body that breaks a field rule is FastAPI's 422 list, naming the field.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        plan = _fast_plan(self.endpoint, self.dependencies)
+        if plan is None or self.response_model is None or not _is_model(self.response_model):
+            return super().get_route_handler()
+        body_name, body_model, request_name, gates, called = plan
+        response_model: type[BaseModel] = self.response_model
+        status_code = self.status_code or 200
+        endpoint = self.endpoint
+
+        async def handle(request: Request) -> Response:
+            arguments: dict[str, Any] = {}
+            for gate in gates:
+                await gate(request)
+            for name, dependency in called.items():
+                arguments[name] = await dependency(request)
+            if request_name is not None:
+                arguments[request_name] = request
+            content_type = request.headers.get("content-type")
+            if content_type is not None and not is_json(content_type):
+                raise RequestValidationError(
+                    [{"type": "model_attributes_type", "loc": ("body",), "msg": _NOT_JSON, "input": None}]
+                )
+            try:
+                arguments[body_name] = body_model.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise RequestValidationError(
+                    [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+                ) from None
+            result = await endpoint(**arguments)
+            if isinstance(result, Response):
+                return result
+            if type(result) is not response_model:
+                result = response_model.model_validate(result, from_attributes=True)
+            return Response(result.model_dump_json(), status_code=status_code, media_type=JSON)
+
+        return handle
+
+
+_NOT_JSON = "The body must be a JSON object sent as application/json"
+RequestCall = Callable[[Request], Coroutine[Any, Any, Any]]
+
+
+def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _request_only(dependency: Any) -> bool:
+    """Whether FastAPI would call this dependency with the Request and nothing else."""
+    # A function, or an instance with an async __call__ (the bearer-token gates).
+    call = dependency if inspect.isfunction(dependency) else type(dependency).__call__
+    if not inspect.iscoroutinefunction(call):
+        return False
+    parameters = list(inspect.signature(dependency).parameters.values())
+    if len(parameters) != 1:
+        return False
+    hints = get_type_hints(call)
+    return hints.get(parameters[0].name) is Request
+
+
+def _fast_plan(
+    endpoint: Callable[..., Any], route_dependencies: Sequence[params.Depends]
+) -> tuple[str, type[BaseModel], str | None, list[RequestCall], dict[str, RequestCall]] | None:
+    """(body parameter, its model, the Request parameter, gates, dependencies by parameter), or None."""
+    if not inspect.iscoroutinefunction(endpoint):
+        return None
+    gates: list[RequestCall] = []
+    for gate in route_dependencies:
+        if gate.dependency is None or not _request_only(gate.dependency):
+            return None
+        gates.append(gate.dependency)
+    hints = get_type_hints(endpoint, include_extras=True)
+    body: tuple[str, type[BaseModel]] | None = None
+    request_name = None
+    called: dict[str, RequestCall] = {}
+    for name in inspect.signature(endpoint).parameters:
+        annotation = hints.get(name)
+        metadata: tuple[Any, ...] = ()
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            metadata = tuple(extra)
+        depends = [m for m in metadata if isinstance(m, params.Depends)]
+        if depends and depends[0].dependency is not None and _request_only(depends[0].dependency):
+            called[name] = depends[0].dependency
+        elif annotation is Request and not metadata:
+            request_name = name
+        elif _is_model(annotation) and not metadata and body is None:
+            body = (name, annotation)
+        else:
+            return None
+    if body is None:
+        return None
+    return body[0], body[1], request_name, gates, called

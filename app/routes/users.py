@@ -122,7 +122,7 @@ async def set_role(
     "/{user_id:int}",
     summary="Delete a user (admin)",
     description="Deletes the user with their profiles and history. Admins cannot delete themselves.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_user(user_id: PrimaryKey, admin: AdminUser, session: SessionDep, request: Request) -> Message:
     await user_service.delete_user(session=session, user_id=user_id, actor=admin)
