@@ -71,17 +71,28 @@ def _is_list(annotation: Any) -> bool:
     return origin in (list, tuple, set, frozenset)
 
 
+def _form_list_fields(endpoint: Callable[..., Any]) -> frozenset[str]:
+    """The names of the list fields among an endpoint's form parameters and form models."""
+    names: set[str] = set()
+    for name, annotation in get_type_hints(endpoint, include_extras=True).items():
+        if get_origin(annotation) is not Annotated:
+            continue
+        inner, *metadata = get_args(annotation)
+        if not any(isinstance(m, params.Form) for m in metadata):
+            continue
+        if _is_model(inner):
+            names.update(info.alias or field for field, info in inner.model_fields.items() if _is_list(info.annotation))
+        elif _is_list(inner):
+            names.add(name)
+    return frozenset(names)
+
+
 class JsonOrFormRoute(APIRoute):
     """A route taking its declared form, or the same fields as a JSON object (see JsonOrFormRequest)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        model = self.body_field.field_info.annotation if self.body_field is not None else None
-        list_fields: frozenset[str] = frozenset()
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            list_fields = frozenset(
-                info.alias or name for name, info in model.model_fields.items() if _is_list(info.annotation)
-            )
+        list_fields = _form_list_fields(self.endpoint)
 
         async def handle(request: Request) -> Response:
             return await handler(JsonOrFormRequest(request.scope, request.receive, list_fields))
