@@ -59,7 +59,7 @@ async def test_missing_feature_is_422(client, user_headers, field):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 async def test_nan_and_infinity_are_422(client, user_headers, literal):
-    raw = '{"sex": "Male", "age": 40, "annual_income": %s, "spending_score": 50, "purchase_frequency": 10}' % literal
+    raw = f'{{"sex": "Male", "age": 40, "annual_income": {literal}, "spending_score": 50, "purchase_frequency": 10}}'
     response = await client.post("/predict", content=raw, headers={**user_headers, "Content-Type": "application/json"})
     assert response.status_code == 422 and _names_field(response, "annual_income")
 
