@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.database import Role
 from app.errors import Forbidden
 from app.main import install_error_handlers
-from app.routes.bodies import FastJsonRoute
+from app.routes.bodies import FastRoute
 from tests.conftest import CUSTOMER
 
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -311,17 +311,31 @@ async def gate(request: Request) -> str:
     return "caller"
 
 
+class Window(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    low: int = Field(2, ge=1)
+    high: int | None = Field(None, le=10)
+
+
 async def endpoint(request: Request, caller: Annotated[str, Depends(gate)], item: Item) -> Answer:
     return Answer(name=f"{caller}:{item.name}", double=item.size * 2)
 
 
-async def test_fast_json_route_answers_as_fastapis_own_handler():
-    """The same endpoint served by FastJsonRoute and by FastAPI's APIRoute: the same statuses and bodies."""
+async def window_endpoint(caller: Annotated[str, Depends(gate)], window: Annotated[Window, Query()]) -> Answer:
+    return Answer(name=f"{caller}:{window.high}", double=window.low * 2)
+
+
+async def test_fast_route_answers_as_fastapis_own_handler():
+    """The same endpoints served by FastRoute and by FastAPI's APIRoute: the same statuses and bodies."""
     # The plan applies: the fast route did not fall back to FastAPI's handler.
-    assert "FastJsonRoute" in FastJsonRoute("/x", endpoint, methods=["POST"]).get_route_handler().__qualname__
+    for call in (endpoint, window_endpoint):
+        assert "FastRoute" in FastRoute("/x", call, methods=["POST"]).get_route_handler().__qualname__
     app = FastAPI()
-    app.router.add_api_route("/fast", endpoint, methods=["POST"], route_class_override=FastJsonRoute)
+    app.router.add_api_route("/fast", endpoint, methods=["POST"], route_class_override=FastRoute)
     app.router.add_api_route("/plain", endpoint, methods=["POST"])
+    app.router.add_api_route("/fast-window", window_endpoint, methods=["GET"], route_class_override=FastRoute)
+    app.router.add_api_route("/plain-window", window_endpoint, methods=["GET"])
     install_error_handlers(app)
     assert (
         app.openapi()["paths"]["/fast"]["post"]["requestBody"]
@@ -347,3 +361,9 @@ async def test_fast_json_route_answers_as_fastapis_own_handler():
                 assert [e["loc"] for e in fast.json()["detail"]] == [e["loc"] for e in plain.json()["detail"]], body
             else:
                 assert fast.json() == plain.json(), body
+        for query in ("", "low=3", "low=0", "high=11&low=x", "high=4&other=1", "low=3&low=4"):
+            for token in ("Bearer ok", None):
+                headers = {"Authorization": token} if token else {}
+                fast = await client.get(f"/fast-window?{query}", headers=headers)
+                plain = await client.get(f"/plain-window?{query}", headers=headers)
+                assert (fast.status_code, fast.json()) == (plain.status_code, plain.json()), query
