@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic_core import PydanticCustomError
 
@@ -212,10 +213,15 @@ class PredictionResult(SegmentAssignment):
     model_version: str
 
 
-class BatchRequest(BaseModel):
+class BatchUpload(BaseModel):
+    """POST /predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
+
     model_config = ConfigDict(json_schema_extra={"examples": [{"customers": [CUSTOMER_EXAMPLE]}]})
 
-    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)]
+    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)] | None = Field(
+        None, description="JSON only: the customers to score"
+    )
+    file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
 
 
 class BatchResult(BaseModel):

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.database import Role
@@ -16,9 +15,8 @@ from app.preprocess import DataValidationError
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.routes.responses import errors, file_errors
 from app.schema import (
-    CUSTOMER_EXAMPLE,
-    MAX_BATCH_ROWS,
     BatchResult,
+    BatchUpload,
     ClusterCharts,
     ClusterSummary,
     CustomerFeatures,
@@ -43,17 +41,6 @@ from app.services import segmentation
 router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)
 
 CsvFile = Annotated[UploadFile | None, File(description="A CSV file of customers")]
-
-
-class BatchUpload(BaseModel):
-    """POST /predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [{"customers": [CUSTOMER_EXAMPLE]}]})
-
-    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)] | None = Field(
-        None, description="JSON only: the customers to score"
-    )
-    file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
 
 
 @router.get(
