@@ -205,13 +205,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
 
-    # FastAPI tries routes one by one, about 1.5 µs for each route tried: the segmentation
-    # routes, which carry the traffic, come first, then the health check, the rest of the API,
-    # and last the docs and /metrics.
-    # The routers' routes join the app's own list. `include_router` would keep each router as
-    # a nested one, matched route by route and then matched again inside: about 20 µs more on
-    # every request, a fifth of a small one. Including would add nothing here: a router's
-    # prefix, tags, responses and dependencies are on its routes from the moment they are made.
+    # FastAPI tries routes one by one, at a cost for each route tried: the segmentation routes,
+    # which carry the traffic, come first, then the health check, the rest of the API, and last
+    # the docs and /metrics. The routers' routes join the app's own list: `include_router` would
+    # keep each router nested, matched route by route and then again inside (docs/performance.md
+    # has the figures), and would add nothing here, as a router's prefix, tags, responses and
+    # dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
 
     @app.get(
