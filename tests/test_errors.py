@@ -283,6 +283,7 @@ async def test_every_documented_error_response_has_a_string_detail(operations):
 # --- database errors by type and code -----------------------------------------------------------
 
 
+@pytest.mark.postgres
 async def test_text_the_database_cannot_store_is_a_422_string_not_a_500(client, user_headers, settings):
     response = await client.post("/profiles/", json={"name": "a\x00b", **CUSTOMER}, headers=user_headers)
     if settings.is_sqlite:
