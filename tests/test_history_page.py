@@ -12,11 +12,14 @@ from sqlalchemy import delete, select
 from app.database import PredictionHistory, Role
 from app.schema import HistoryItem, HistoryPage
 from app.services.history import page_json
+from app.storage import EngineHistoryRepository
 from tests.conftest import CUSTOMER
 
 
-def _pydantic(rows: list[dict], total: int, skip: int, limit: int) -> dict:
-    page = HistoryPage(history=[HistoryItem(**r) for r in rows], total=total, skip=skip, limit=limit)
+def _pydantic(rows: list[dict], total: int, skip: int, limit: int, next_before_id: int | None = None) -> dict:
+    page = HistoryPage(
+        history=[HistoryItem(**r) for r in rows], total=total, skip=skip, limit=limit, next_before_id=next_before_id
+    )
     return json.loads(page.model_dump_json())
 
 
@@ -69,6 +72,9 @@ def test_page_json_matches_the_schema_serialization():
     expected = _pydantic(rows, total=9, skip=2, limit=2)
     assert json.loads(page_json(as_stored, total=9, skip=2, limit=2)) == expected
     assert json.loads(page_json(as_postgres, total=9, skip=2, limit=2)) == expected
+    assert json.loads(page_json(as_stored, total=9, skip=2, limit=2, next_before_id=6)) == _pydantic(
+        rows, total=9, skip=2, limit=2, next_before_id=6
+    )
     assert json.loads(page_json([], total=0, skip=0, limit=50)) == _pydantic([], 0, 0, 50)
 
 
@@ -76,10 +82,13 @@ def test_page_json_matches_the_schema_serialization():
 async def test_history_answer_equals_the_rows_and_includes_every_answered_prediction(
     app, client, make_user, trained_model, through
 ):
-    if through == "engine":  # what SQLite falls back to, and what PostgreSQL always uses
-        app.state.history_reader._path = None
+    if through == "engine":  # what PostgreSQL (and an in-memory SQLite database) always uses
+        await app.state.history_writer.stop()
+        engine_history = EngineHistoryRepository(app.state.database)
+        await engine_history.start()
+        app.state.history_writer = app.state.history_reader = engine_history
     if through == "few rows kept":  # the kept rows' JSON is dropped again and again
-        app.state.history_reader.MAX_KEPT_ITEMS = 3
+        app.state.history_reader.kept.max_items = 3
     user, headers = await make_user(Role.user)
     for age in range(20, 32):
         response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)
@@ -111,8 +120,11 @@ async def test_history_answer_equals_the_rows_and_includes_every_answered_predic
             total=len(rows),
             skip=skip,
             limit=limit,
+            next_before_id=rows[skip + limit - 1].id if skip + limit < len(rows) else None,
         )
         assert response.json() == json.loads(expected.model_dump_json())
+    if through == "engine":
+        await engine_history.stop()
 
 
 async def test_analyst_reads_another_users_history(client, make_user, trained_model):
