@@ -26,24 +26,24 @@ def _pydantic(rows: list[dict], total: int, skip: int, limit: int, next_before_i
 def test_page_json_matches_the_schema_serialization():
     customer = {"sex": "Female", "age": 29, "annual_income": 85.5, "spending_score": 82, "purchase_frequency": 40}
     rows = [
-        dict(
-            id=7,
-            customer_data=customer,
-            cluster=3,
-            cluster_name='Young, "big" spenders – ünïcode',
-            confidence=0.12345678901234568,
-            model_version=None,
-            created_at=datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=UTC),
-        ),
-        dict(
-            id=6,
-            customer_data=customer,
-            cluster=0,
-            cluster_name="Thrifty",
-            confidence=1e-07,
-            model_version="20260101-000000-abcdef",
-            created_at=datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
-        ),
+        {
+            "id": 7,
+            "customer_data": customer,
+            "cluster": 3,
+            "cluster_name": 'Young, "big" spenders – ünïcode',
+            "confidence": 0.12345678901234568,
+            "model_version": None,
+            "created_at": datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=UTC),
+        },
+        {
+            "id": 6,
+            "customer_data": customer,
+            "cluster": 0,
+            "cluster_name": "Thrifty",
+            "confidence": 1e-07,
+            "model_version": "20260101-000000-abcdef",
+            "created_at": datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
+        },
     ]
     as_stored = [  # what SQLite hands back: JSON text and "YYYY-MM-DD HH:MM:SS.ffffff"
         (
@@ -76,6 +76,15 @@ def test_page_json_matches_the_schema_serialization():
         rows, total=9, skip=2, limit=2, next_before_id=6
     )
     assert json.loads(page_json([], total=0, skip=0, limit=50)) == _pydantic([], 0, 0, 50)
+
+
+def _remove_database_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
 
 
 @pytest.mark.parametrize("through", ["default", "engine", "few rows kept"])
@@ -146,14 +155,13 @@ async def test_with_the_database_file_removed_predictions_and_history_are_503(
     assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200
     assert (await client.get("/history", headers=headers)).status_code == 200
     path = Path(settings.database_url.split("///", 1)[1])
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    _remove_database_files(path)
     # Neither may answer from (or write into) the removed file; the token check is still cached.
     predicted = await client.post("/predict", json=CUSTOMER, headers=headers)
     assert predicted.status_code == 503, predicted.text
     history = await client.get("/history", headers=headers)
     assert history.status_code == 503, history.text
-    assert not path.exists()
+    assert not _exists(path)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
