@@ -7,12 +7,17 @@ from app.storage.history import EngineHistoryRepository, HistoryRepository
 
 
 def open_history_repository(database: Database, *, busy_timeout: float) -> HistoryRepository:
-    """The history repository for this database: plain sqlite3 threads for a SQLite file, else the engine."""
+    """The history repository for this database: sqlite3 threads for a SQLite file, asyncpg's own calls
+    for PostgreSQL, else the engine's execution path."""
     path = database.sqlite_file
     if path is not None:
         from app.storage.sqlite_history import SQLiteHistoryRepository
 
         return SQLiteHistoryRepository(path, busy_timeout=busy_timeout)
+    if database.engine.dialect.name == "postgresql" and database.engine.dialect.driver == "asyncpg":
+        from app.storage.postgres_history import PostgresHistoryRepository
+
+        return PostgresHistoryRepository(database)
     return EngineHistoryRepository(database)
 
 

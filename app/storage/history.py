@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -107,30 +107,32 @@ class KeptItems:
     starts the store over: the bound holds and a cold page costs what it cost without it.
     """
 
-    def __init__(self, max_items: int = MAX_KEPT_ITEMS) -> None:
+    def __init__(self, max_items: int = MAX_KEPT_ITEMS, *, keyed_by_id: bool = False) -> None:
         self.max_items = max_items
-        self._items: dict[tuple[int, Any], str] = {}
+        self._by_id = keyed_by_id  # where ids are never given again (PostgreSQL's sequences)
+        self._items: dict[Hashable, str] = {}
         self._quoted: dict[str | None, str] = {}
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def missing(self, keys: Sequence[tuple[int, Any]]) -> list[int]:
+    def missing(self, keys: Sequence[Any]) -> list[int]:
         """Ids of the rows of `keys` not kept yet (all of them when the store would pass its bound)."""
         items = self._items
-        missing = [row_id for row_id, created in keys if (row_id, created) not in items]
+        missing = [key for key in keys if key not in items]
         if missing and len(items) + len(missing) > self.max_items:
             self.clear()
-            missing = [row_id for row_id, _ in keys]
-        return missing
+            missing = list(keys)
+        return missing if self._by_id else [key[0] for key in missing]
 
-    def keep(self, rows: Iterable[Sequence[Any]]) -> dict[tuple[int, Any], str]:
+    def keep(self, rows: Iterable[Sequence[Any]]) -> dict[Hashable, str]:
         """Write out and keep each row's JSON (rows of ITEM_COLUMNS); returns what was kept."""
-        kept = {(row[0], row[6]): item_json(row, self._quoted) for row in rows}
+        by_id, quoted = self._by_id, self._quoted
+        kept = {(row[0] if by_id else (row[0], row[6])): item_json(row, quoted) for row in rows}
         self._items.update(kept)
         return kept
 
-    def get(self, key: tuple[int, Any]) -> str | None:
+    def get(self, key: Hashable) -> str | None:
         return self._items.get(key)
 
     def clear(self) -> None:
@@ -269,7 +271,7 @@ class EngineHistoryRepository(HistoryRepository):
                 raise unknown_cursor(before_id or 0)
             keys, next_before_id = trim([(row[2], row[3]) for row in rows if row[2] is not None], limit)
             missing = kept.missing(keys)
-            items = {key: item for key in keys if (item := kept.get(key)) is not None}
+            items: dict[Hashable, str] = {key: item for key in keys if (item := kept.get(key)) is not None}
             if missing:
                 statement = ITEMS_PG if self._postgres else ITEMS
                 ids = missing if self._postgres else json.dumps(missing)
