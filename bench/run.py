@@ -437,7 +437,7 @@ def seed_history(url: str, username: str, rows: int) -> None:
                         "INSERT INTO prediction_history (user_id, customer_data, cluster, cluster_name, confidence, "
                         "model_version, created_at) SELECT :user_id, json_build_object('sex', 'Female', "
                         "'age', 18 + n % 60, 'annual_income', 85.0, 'spending_score', 82, 'purchase_frequency', 40), "
-                        "n % 5, 'Seeded history', 0.5, 'seeded', :start + n * interval '1 second' "
+                        "n % 5, 'Seeded history', 0.5, 'seeded', CAST(:start AS timestamptz) + n * interval '1 second' "
                         "FROM generate_series(0, :rows - 1) AS n"
                     ),
                     {"user_id": user_id, "start": start, "rows": rows},

@@ -116,14 +116,22 @@ class KeptItems:
     def __len__(self) -> int:
         return len(self._items)
 
-    def missing(self, keys: Sequence[Any]) -> list[int]:
-        """Ids of the rows of `keys` not kept yet (all of them when the store would pass its bound)."""
+    def lookup(self, keys: Sequence[Any]) -> tuple[dict[Hashable, str], list[int]]:
+        """The kept JSON of the rows of `keys`, and the ids of those not kept (all when the store is full)."""
         items = self._items
-        missing = [key for key in keys if key not in items]
+        get = items.get
+        found: dict[Hashable, str] = {}
+        missing = []
+        for key in keys:
+            item = get(key)
+            if item is None:
+                missing.append(key)
+            else:
+                found[key] = item
         if missing and len(items) + len(missing) > self.max_items:
             self.clear()
-            missing = list(keys)
-        return missing if self._by_id else [key[0] for key in missing]
+            found, missing = {}, list(keys)
+        return found, missing if self._by_id else [key[0] for key in missing]
 
     def keep(self, rows: Iterable[Sequence[Any]]) -> dict[Hashable, str]:
         """Write out and keep each row's JSON (rows of ITEM_COLUMNS); returns what was kept."""
@@ -131,9 +139,6 @@ class KeptItems:
         kept = {(row[0] if by_id else (row[0], row[6])): item_json(row, quoted) for row in rows}
         self._items.update(kept)
         return kept
-
-    def get(self, key: Hashable) -> str | None:
-        return self._items.get(key)
 
     def clear(self) -> None:
         self._items.clear()
@@ -270,8 +275,7 @@ class EngineHistoryRepository(HistoryRepository):
             if not found:
                 raise unknown_cursor(before_id or 0)
             keys, next_before_id = trim([(row[2], row[3]) for row in rows if row[2] is not None], limit)
-            missing = kept.missing(keys)
-            items: dict[Hashable, str] = {key: item for key in keys if (item := kept.get(key)) is not None}
+            items, missing = kept.lookup(keys)
             if missing:
                 statement = ITEMS_PG if self._postgres else ITEMS
                 ids = missing if self._postgres else json.dumps(missing)

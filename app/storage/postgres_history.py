@@ -129,12 +129,11 @@ class PostgresHistoryRepository(EngineHistoryRepository):
             if len(ids) > limit:
                 ids = ids[:limit]
                 next_before_id = ids[-1]
-            missing = kept.missing(ids)
-            items = {row_id: item for row_id in ids if (item := kept.get(row_id)) is not None}
+            items, missing = kept.lookup(ids)
             if missing:
                 rows = await self._call(conn, "fetch", self._items_sql.sql, [missing])
                 items.update(kept.keep(rows))
-        body = [items[row_id] for row_id in ids if row_id in items]
+        body = [items[row_id] for row_id in ids if row_id in items] if missing else [items[row_id] for row_id in ids]
         return page_bytes(body, total=total, skip=skip, limit=limit, next_before_id=next_before_id)
 
     @staticmethod

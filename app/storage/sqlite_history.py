@@ -196,16 +196,15 @@ class SQLiteHistoryRepository(HistoryRepository):
             # Sorted here too: the order of json_group_array's elements is not a documented promise.
             ordered = sorted(((key[0], key[1]) for key in json.loads(keys_json)), key=_newest_first, reverse=True)
             keys, next_before_id = trim(ordered, limit)
-            missing = kept.missing(keys)
-            fresh = {}
+            items, missing = kept.lookup(keys)
             if missing:
                 statement = self._items_sql
-                fresh = kept.keep(connection.execute(statement, {"ids": json.dumps(missing)}).fetchall())
+                items.update(kept.keep(connection.execute(statement, {"ids": json.dumps(missing)}).fetchall()))
         except sqlite3.Error as exc:
             self._reader.close()
             raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
-        items = [item for key in keys if (item := fresh.get(key) or kept.get(key)) is not None]
-        return page_bytes(items, total=total, skip=skip, limit=limit, next_before_id=next_before_id)
+        body = [items[key] for key in keys if key in items]
+        return page_bytes(body, total=total, skip=skip, limit=limit, next_before_id=next_before_id)
 
 
 def _newest_first(key: tuple[int, str]) -> tuple[str, int]:
