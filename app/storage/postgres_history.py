@@ -12,16 +12,20 @@ the engine's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import asyncpg
 from sqlalchemy import Select, func, select, true
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import QueuePool
 
-from app.database import PREDICTION_HISTORY, Database
+from app.database import PING_IDLE_SECONDS, PREDICTION_HISTORY, Database
 from app.services.history import page_bytes
 from app.storage.history import (
     CURSOR_FOUND,
@@ -88,6 +92,73 @@ def _translated(exc: Exception, statement: str) -> DBAPIError:
     return kind(statement, None, exc, connection_invalidated=kind is OperationalError)
 
 
+class _HeldConnections:
+    """Up to `size` of the engine's pooled connections kept checked out between history statements.
+
+    A checkout from the pool and back cost about as much as the statement itself. A connection
+    idle for longer than the pool's ping interval goes back to the pool, whose checkout pings
+    it; one asyncpg saw closed (a restart, an idle timeout) or one broken by an error is
+    invalidated and never reused. Connections past `size` go straight back to the pool.
+    """
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._engine = engine
+        self._size = size
+        self._idle: list[tuple[AsyncConnection, Any, float]] = []
+
+    async def take(self) -> tuple[AsyncConnection, Any]:
+        while self._idle:
+            conn, driver, since = self._idle.pop()
+            if driver.is_closed():
+                await self.discard(conn)
+            elif time.monotonic() - since > PING_IDLE_SECONDS:
+                await conn.close()
+            else:
+                return conn, driver
+        conn = await self._engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+        except BaseException:
+            await conn.close()
+            raise
+        return conn, raw.driver_connection
+
+    async def give_back(self, conn: AsyncConnection, driver: Any) -> None:
+        if len(self._idle) < self._size:
+            self._idle.append((conn, driver, time.monotonic()))
+        else:
+            await conn.close()
+
+    @staticmethod
+    async def discard(conn: AsyncConnection) -> None:
+        with suppress(Exception):
+            await conn.invalidate()
+        with suppress(Exception):
+            await conn.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn, _, _ in idle:
+            with suppress(Exception):
+                await conn.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """An asyncpg connection; given back when the block ends cleanly, else invalidated."""
+        conn, driver = await self.take()
+        try:
+            yield driver
+        except (DBAPIError, asyncio.CancelledError):
+            # The statement failed or was interrupted midway: the connection's state is unknown.
+            await self.discard(conn)
+            raise
+        except BaseException:
+            await self.give_back(conn, driver)
+            raise
+        else:
+            await self.give_back(conn, driver)
+
+
 class PostgresHistoryRepository(EngineHistoryRepository):
     """History on PostgreSQL: the engine repository's rules, each step one asyncpg call.
 
@@ -98,7 +169,8 @@ class PostgresHistoryRepository(EngineHistoryRepository):
         super().__init__(database, max_batch=max_batch, max_kept=max_kept)
         # The statements below run outside the engine's transactions (asyncpg autocommits
         # each one), so no isolation level is set and reset around each checkout.
-        self._pool_engine = database.engine
+        pool = database.engine.pool
+        self._held = _HeldConnections(database.engine, pool.size() // 4 if isinstance(pool, QueuePool) else 0)
         self.kept = KeptItems(max_kept, keyed_by_id=True)
         self._pages = {before: _Statement(_page_statement(before=before), database) for before in (False, True)}
         self._items_sql = _Statement(ITEMS_PG, database)
@@ -113,14 +185,14 @@ class PostgresHistoryRepository(EngineHistoryRepository):
         for row in rows:
             for values, (name, process) in zip(columns, self._processors, strict=True):
                 values.append(row[name] if process is None else process(row[name]))
-        async with self._pool_engine.connect() as conn:
+        async with self._held.connection() as conn:
             await self._call(conn, "execute", _INSERT, columns)
 
     async def page(self, *, user_id: int, skip: int, limit: int, before_id: int | None = None) -> bytes:
         params = {"user_id": user_id, "skip": skip, "limit": limit + 1, "before_id": before_id}
         statement = self._pages[before_id is not None]
         kept = self.kept
-        async with self._turn(), self._pool_engine.connect() as conn:
+        async with self._turn(), self._held.connection() as conn:
             total, found, ids = await self._call(conn, "fetchrow", statement.sql, statement.args(params))
             if not found:
                 raise unknown_cursor(before_id or 0)
@@ -136,13 +208,12 @@ class PostgresHistoryRepository(EngineHistoryRepository):
         body = [items[row_id] for row_id in ids if row_id in items] if missing else [items[row_id] for row_id in ids]
         return page_bytes(body, total=total, skip=skip, limit=limit, next_before_id=next_before_id)
 
+    async def close(self) -> None:
+        await self._held.close()
+
     @staticmethod
-    async def _call(conn: AsyncConnection, method: str, sql: str, args: Sequence[Any]) -> Any:
-        raw = await conn.get_raw_connection()
+    async def _call(conn: Any, method: str, sql: str, args: Sequence[Any]) -> Any:
         try:
-            return await getattr(raw.driver_connection, method)(sql, *args)
+            return await getattr(conn, method)(sql, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            error = _translated(exc, sql)
-            if error.connection_invalidated:
-                await conn.invalidate(exc)  # the pool opens a fresh connection next time
-            raise error from exc
+            raise _translated(exc, sql) from exc
