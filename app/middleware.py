@@ -91,6 +91,17 @@ class _RequestFacts:
                 self.has_body = True
 
 
+def _cors(app: ASGIApp, origins: list[str]) -> CORSMiddleware:
+    return CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_credentials=True,
+        allow_methods=CORS_ALLOW_METHODS,
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+    )
+
+
 def _flush_access_log_before_shutdown_ends(send: Send) -> Send:
     """`send` for the lifespan scope: the server hears that shutdown is complete only once the
     request lines still queued are written, so a clean stop (SIGTERM included) loses none."""
@@ -119,15 +130,8 @@ class ServiceMiddleware:
         self.metrics = metrics
         self.upload_limit = upload_limit
         self.json_limit = json_limit
-        cors = {
-            "allow_origins": cors_origins,
-            "allow_credentials": True,
-            "allow_methods": CORS_ALLOW_METHODS,
-            "allow_headers": CORS_ALLOW_HEADERS,
-            "expose_headers": CORS_EXPOSE_HEADERS,
-        }
-        self._cors_app = CORSMiddleware(app, **cors)
-        self._cors_capped = CORSMiddleware(self._capped, **cors)
+        self._cors_app = _cors(app, cors_origins)
+        self._cors_capped = _cors(self._capped, cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -172,6 +176,7 @@ class ServiceMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        app: ASGIApp
         if facts.has_body:
             app = self._cors_capped if facts.origin else self._capped
         else:
