@@ -104,7 +104,11 @@ def _cors(app: ASGIApp, origins: list[str]) -> CORSMiddleware:
 
 def _flush_access_log_before_shutdown_ends(send: Send) -> Send:
     """`send` for the lifespan scope: the server hears that shutdown is complete only once the
-    request lines still queued are written, so a clean stop (SIGTERM included) loses none."""
+    request lines still queued are written, so a clean stop (SIGTERM included) loses none.
+
+    This flush is the one that counts under uvicorn: after its graceful shutdown it raises the
+    SIGTERM again, and the process ends without running `atexit` handlers.
+    """
 
     async def lifespan_send(message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
