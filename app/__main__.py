@@ -96,7 +96,7 @@ class _ProgressFile(io.FileIO):
         self._advance()
         return count
 
-    def read(self, size: int = -1) -> bytes | None:
+    def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
         self._advance()
         return data
@@ -141,7 +141,7 @@ async def _with_timer(description: str, work):
 
 async def _train(args, store, settings) -> int:
     source = Path(args.csv or settings.data_path)
-    if not source.is_file():
+    if not await asyncio.to_thread(source.is_file):
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
     print(f"Reading {source} ...")
@@ -179,7 +179,7 @@ async def _train(args, store, settings) -> int:
     return 0
 
 
-async def _predict(args, store, settings) -> int:
+async def _predict(args, store, _settings) -> int:
     from app.schema import CustomerFeatures
 
     served = store.require()
@@ -206,7 +206,7 @@ async def _predict(args, store, settings) -> int:
     return 0
 
 
-async def _models(args, store, settings) -> int:
+async def _models(_args, store, _settings) -> int:
     versions, active = await store.list_versions()
     if not versions:
         print("No model versions yet: python -m app train")

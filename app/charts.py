@@ -105,7 +105,7 @@ def _bar_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
     ids = [str(s["cluster_id"]) for s in segments]
     fig = Figure(figsize=(11, 7.5))
     axes = fig.subplots(2, 2)
-    for ax, (key, title, unit) in zip(axes.flat, _FEATURE_PANELS):
+    for ax, (key, title, unit) in zip(axes.flat, _FEATURE_PANELS, strict=True):
         values = [float(s[key]) for s in segments]
         bars = ax.bar(ids, values, color=colors, edgecolor="black", linewidth=0.4)
         ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in values], fontsize=8, padding=2)
@@ -139,7 +139,10 @@ def _size_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
     bars = ax.barh(labels, sizes, color=colors, edgecolor="black", linewidth=0.4)
     ax.invert_yaxis()
     ax.bar_label(
-        bars, labels=[f"{n:,} ({s['percentage']:.1f}%)" for n, s in zip(sizes, segments)], padding=4, fontsize=9
+        bars,
+        labels=[f"{n:,} ({s['percentage']:.1f}%)" for n, s in zip(sizes, segments, strict=True)],
+        padding=4,
+        fontsize=9,
     )
     ax.set_xlabel("customers")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))

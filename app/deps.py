@@ -9,14 +9,17 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import OAuth2PasswordBearer
+from fastapi.security.base import SecurityBase
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.database import Role, User
+from app.database import Role
 from app.errors import Forbidden
 from app.schema import MAX_PAGE_SIZE
 from app.services import auth as auth_service
-from app.services.auth import AuthCache, Principal
+from app.services.auth import AuthCache, Caller, Principal
+
+SCHEME_NAME = "OAuth2PasswordBearer"
 
 
 # Dependencies are `async def` even when they never await: FastAPI runs a plain `def`
@@ -30,27 +33,30 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-class BearerAuth(OAuth2PasswordBearer):
+class BearerAuth(SecurityBase):
     """The caller, checked in one dependency step: bearer token, user, revocation, role.
 
-    It is the OAuth2 password scheme Swagger's Authorize uses, so OpenAPI declares the same
+    It declares the OAuth2 password scheme Swagger's Authorize uses, so OpenAPI shows the same
     security; doing the whole check in it spares the chain of dependencies FastAPI would
     otherwise resolve one by one on every request, which costs more than the check.
     """
 
     def __init__(self, *roles: Role, principal: bool = False) -> None:
-        super().__init__(tokenUrl="/auth/login", auto_error=False, scheme_name="OAuth2PasswordBearer")
+        self._bearer = OAuth2PasswordBearer(tokenUrl="/auth/login", auto_error=False, scheme_name=SCHEME_NAME)
+        self.model = self._bearer.model
+        self.scheme_name = SCHEME_NAME
         self.allowed = frozenset(role.value for role in roles)
         self.principal = principal
 
-    async def __call__(self, request: Request) -> Principal | User:
+    async def __call__(self, request: Request) -> Principal | Caller:
         state = request.app.state
         cache: AuthCache = state.auth_cache
-        token = await super().__call__(request)
+        token = await self._bearer(request)
         # A token that passed the whole check moments ago (within AUTH_CACHE_SECONDS) is
         # let through at once: this runs on every request and is most of a small one.
-        passed = cache.passed(token) if token and not self.principal else None
-        if passed is None:
+        caller = cache.passed(token) if token and not self.principal else None
+        principal = None
+        if caller is None:
             generation = cache.generation
             principal = await auth_service.authenticate_token(
                 sessionmaker=state.database.sessionmaker,
@@ -58,14 +64,13 @@ class BearerAuth(OAuth2PasswordBearer):
                 cache=cache,
                 token=token,
             )
-            cache.remember_passed(token, principal, generation)
-            user, user_id, role = principal.user, principal.user.id, principal.user.role
-        else:
-            user, user_id, role = passed
-        request.state.user_id = user_id  # for the request's log line
-        if self.allowed and role not in self.allowed:
+            if token:
+                cache.remember_passed(token, principal, generation)
+            caller = principal.user
+        request.state.user_id = caller.id  # for the request's log line
+        if self.allowed and caller.role not in self.allowed:
             raise Forbidden("Not enough permissions")
-        return principal if self.principal else user
+        return principal if self.principal and principal is not None else caller
 
 
 get_principal = BearerAuth(principal=True)
@@ -94,7 +99,7 @@ async def page_params(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
-CurrentUser = Annotated[User, Depends(get_current_user)]
-AnalystUser = Annotated[User, Depends(require_role(Role.analyst, Role.admin))]
-AdminUser = Annotated[User, Depends(require_role(Role.admin))]
+CurrentUser = Annotated[Caller, Depends(get_current_user)]
+AnalystUser = Annotated[Caller, Depends(require_role(Role.analyst, Role.admin))]
+AdminUser = Annotated[Caller, Depends(require_role(Role.admin))]
 PageDep = Annotated[Page, Depends(page_params)]

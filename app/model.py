@@ -168,7 +168,7 @@ def _silhouette_scores(X: np.ndarray, label_sets: Sequence[np.ndarray]) -> list[
         np.sqrt(dist, out=dist)
         dist[rows, np.arange(lo, hi)] = 0.0
         sums = (dist @ H).astype(np.float64)
-        for t, (labels, sl, cnt) in enumerate(zip(label_sets, slices, counts)):
+        for t, (labels, sl, cnt) in enumerate(zip(label_sets, slices, counts, strict=True)):
             own = labels[lo:hi]
             s = sums[:, sl]
             own_count = cnt[own]
@@ -181,7 +181,7 @@ def _silhouette_scores(X: np.ndarray, label_sets: Sequence[np.ndarray]) -> list[
                 coef = np.where(own_count > 1, (b - a) / np.maximum(a, b), 0.0)
             totals[t][lo:hi] = np.nan_to_num(coef, nan=0.0, posinf=0.0, neginf=0.0)
     scores = []
-    for labels, total in zip(label_sets, totals):
+    for labels, total in zip(label_sets, totals, strict=True):
         present = np.unique(labels).size
         scores.append(float(total.mean()) if 2 <= present <= n - 1 else float("nan"))
     return scores
@@ -226,7 +226,7 @@ def _select_k(
         inertias.append(float(km.inertia_))
         labels.append(km.labels_[sil_idx])
     scores = _silhouette_scores(Xs[sil_idx], labels)
-    candidates = {k: (fitted[k], score) for k, score in zip(k_values, scores)}
+    candidates = {k: (fitted[k], score) for k, score in zip(k_values, scores, strict=True)}
     ranked = [s if math.isfinite(s) else -np.inf for s in scores]
     optimal = int(k_values[int(np.argmax(ranked))])
     report = {
@@ -328,7 +328,7 @@ def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
     spenders"...); a number is the last resort. Deterministic throughout.
     """
     parts: list[list[str]] = []
-    for zc, center in zip(z, centers):
+    for zc, center in zip(z, centers, strict=True):
         words = []
         age = _age_word(zc[_AGE], center[_AGE])
         if age:
@@ -343,7 +343,7 @@ def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
     qualifiers: list[list[str]] = [[] for _ in parts]
 
     def names() -> list[str]:
-        return [f"{b} ({', '.join(q)})" if q else b for b, q in zip(base, qualifiers)]
+        return [f"{b} ({', '.join(q)})" if q else b for b, q in zip(base, qualifiers, strict=True)]
 
     def clashes() -> list[list[int]]:
         current = names()
@@ -360,7 +360,7 @@ def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
         for group in clashes():
             words = [trait(i) for i in group]
             if len(set(words)) > 1:
-                for i, word in zip(group, words):
+                for i, word in zip(group, words, strict=True):
                     if word in parts[i]:
                         continue
                     if front:

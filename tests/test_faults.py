@@ -198,13 +198,17 @@ async def test_a_lock_released_within_the_busy_timeout_only_delays_the_request(c
 # --- a database that went away --------------------------------------------------------------
 
 
+def _remove_database_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 @sqlite_only
 async def test_the_database_file_removed_while_running_gives_a_clear_503(client, make_user, settings):
     path = _sqlite_path(settings)
     _, headers = await make_user(Role.user)
     assert (await client.get("/profiles/", headers=headers)).status_code == 200
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    _remove_database_files(path)
     for method, path_, kwargs in (
         ("GET", "/profiles/", {"headers": headers}),
         ("POST", "/auth/login", {"data": {"username": "x", "password": "y"}}),

@@ -90,7 +90,7 @@ def test_generator_columns_ranges_and_determinism(customers):
     assert plain["CustomerID"].tolist() == list(range(1, 5001))
     assert set(plain["Sex"]) == {"Male", "Female", "Other"}
     assert 0.005 < (plain["Sex"] == "Other").mean() < 0.05
-    for column, feature in zip(DATASET_COLUMNS[2:], FEATURES):
+    for column, feature in zip(DATASET_COLUMNS[2:], FEATURES, strict=True):
         lo, hi = FEATURE_RANGES[feature]
         assert plain[column].between(lo, hi).all()
     for column in ("Age", "Spending_Score", "Purchase_Frequency"):
@@ -254,7 +254,7 @@ def test_silhouette_matches_scikit_learn(model, X):
     scaled = model.scaler.transform(X[:1500])
     labelings = [model.training_labels[:1500], np.arange(1500) % 3]
     ours = model_module._silhouette_scores(scaled, labelings)
-    for labels, score in zip(labelings, ours):
+    for labels, score in zip(labelings, ours, strict=True):
         assert score == pytest.approx(silhouette_score(scaled, labels), abs=1e-4)
 
 
@@ -349,11 +349,11 @@ def test_confidence_is_one_at_a_centroid_and_zero_on_a_boundary(model):
 
 def test_predict_one_matches_predict_in_every_calling_style(model, X):
     labels, confidence = model.predict(X[:200])
-    for row, label, conf in zip(X[:200], labels, confidence):
+    for row, label, conf in zip(X[:200], labels, confidence, strict=True):
         cluster_id, name, one_conf = model.predict_one(*row)
         assert cluster_id == label and name == model.cluster_names[label]
         assert one_conf == pytest.approx(conf, abs=1e-12)
-    customer = dict(zip(FEATURES, (29, 42.0, 81, 48)))
+    customer = dict(zip(FEATURES, (29, 42.0, 81, 48), strict=True))
     expected = model.predict_one(29, 42.0, 81, 48)
     assert model.predict_one(customer) == expected
     assert model.predict_one(**customer) == expected
@@ -390,7 +390,7 @@ def test_concurrent_predictions_agree(model):
 
 def assert_same_model(a: SegmentationModel, b: SegmentationModel) -> None:
     sample = in_range_customers(500, seed=9)
-    for left, right in zip(a.predict(sample), b.predict(sample)):
+    for left, right in zip(a.predict(sample), b.predict(sample), strict=True):
         np.testing.assert_array_equal(left, right)
     assert a.cluster_names == b.cluster_names
     assert a.version == b.version

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import case, delete, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -20,14 +22,55 @@ from app.errors import Forbidden, TooManyRequests, Unauthorized
 from app.services import users as user_service
 
 INVALID_CREDENTIALS = "Incorrect username or password"
+# Entries in each table of the auth cache (tokens in use at once, per worker).
+AUTH_CACHE_ENTRIES = 20_000
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated user as a plain, immutable value.
+
+    It is what the auth cache keeps and what routes get as the current user: an ORM object
+    would be tied to the session that loaded it, and sharing one across requests invites lazy
+    loads and stale state. It carries no password hash.
+    """
+
+    id: int
+    email: str
+    username: str
+    full_name: str | None
+    role: str
+    is_active: bool
+    token_version: int
+    created_at: datetime
+
+
+# The columns a Caller is made of.
+_CALLER_COLUMNS = (
+    User.id,
+    User.email,
+    User.username,
+    User.full_name,
+    User.role,
+    User.is_active,
+    User.token_version,
+    User.created_at,
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """The caller of a request: who they are and which token they used."""
 
-    user: User
+    user: Caller
     claims: auth.TokenClaims
+
+
+class _Passed(NamedTuple):
+    checked_at: float
+    caller: Caller
+    jti: str
+    expires_at: float
 
 
 class AuthCache:
@@ -37,22 +80,24 @@ class AuthCache:
     worker process are seen when an entry expires, at most `ttl` seconds later.
     Decoded claims are kept per token string (verifying a signature costs more than the
     rest of a small request); expiry is still checked on every use.
+
+    Each of its three tables (claims per token, user and revocation per token id, tokens that
+    passed the whole check) holds at most `max_entries` plain values (AUTH_CACHE_ENTRIES by
+    default); a full table is emptied and refills from the database.
     """
 
-    def __init__(self, ttl: float, max_entries: int = 20_000) -> None:
+    def __init__(self, ttl: float, max_entries: int = AUTH_CACHE_ENTRIES) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[float, User | None, bool]] = {}
+        self._entries: dict[str, tuple[float, Caller | None, bool]] = {}
         self._claims: dict[str, tuple[float, auth.TokenClaims]] = {}
         self._loading: dict[str, tuple[int, asyncio.Future]] = {}
-        # Tokens whose whole check passed: token -> (checked at, user, jti, expires at, user id, role).
-        self._passed: dict[str, tuple[float, User, str, float, int, str]] = {}
+        self._passed: dict[str, _Passed] = {}
         # Bumped by every local change: a lookup that started before it must not be cached.
         self._generation = 0
 
-    def passed(self, token: str) -> tuple[User, int, str] | None:
-        """(user, user id, role) of the caller when this token passed the whole check less
-        than `ttl` seconds ago.
+    def passed(self, token: str) -> Caller | None:
+        """The caller when this token passed the whole check less than `ttl` seconds ago.
 
         None means: check it in full. Only a token that passed gets here, so a failing one
         always takes the full path and gets its precise answer.
@@ -60,11 +105,10 @@ class AuthCache:
         entry = self._passed.get(token)
         if entry is None:
             return None
-        checked_at, user, _, expires_at, user_id, role = entry
-        if time.monotonic() - checked_at > self.ttl or time.time() >= expires_at:
+        if time.monotonic() - entry.checked_at > self.ttl or time.time() >= entry.expires_at:
             del self._passed[token]
             return None
-        return user, user_id, role
+        return entry.caller
 
     def remember_passed(self, token: str, principal: Principal, generation: int) -> None:
         if self.ttl <= 0 or generation != self._generation:
@@ -74,16 +118,10 @@ class AuthCache:
             return
         if len(self._passed) >= self.max_entries:
             self._passed.clear()
-        user = principal.user
         # It lasts as long as the user and revocation state it was checked against, no longer:
         # another worker's change is seen within `ttl` of when that state was read.
-        self._passed[token] = (
-            loaded[0],
-            user,
-            principal.claims.jti,
-            principal.claims.expires_at.timestamp(),
-            user.id,
-            user.role,
+        self._passed[token] = _Passed(
+            loaded[0], principal.user, principal.claims.jti, principal.claims.expires_at.timestamp()
         )
 
     @property
@@ -103,7 +141,7 @@ class AuthCache:
             raise auth.InvalidToken("Signature has expired.")
         return entry[1]
 
-    def get(self, jti: str) -> tuple[User | None, bool] | None:
+    def get(self, jti: str) -> tuple[Caller | None, bool] | None:
         if self.ttl <= 0:
             return None
         entry = self._entries.get(jti)
@@ -111,14 +149,16 @@ class AuthCache:
             return None
         return entry[1], entry[2]
 
-    def put(self, jti: str, user: User | None, revoked: bool, generation: int | None = None) -> None:
+    def put(self, jti: str, user: Caller | None, revoked: bool, generation: int | None = None) -> None:
         if self.ttl <= 0 or (generation is not None and generation != self._generation):
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
         self._entries[jti] = (time.monotonic(), user, revoked)
 
-    async def lookup(self, jti: str, load) -> tuple[User | None, bool]:
+    async def lookup(
+        self, jti: str, load: Callable[[], Awaitable[tuple[Caller | None, bool]]]
+    ) -> tuple[Caller | None, bool]:
         """The cached (user, revoked) of a token, else `await load()`, shared by all who ask meanwhile."""
         cached = self.get(jti)
         if cached is not None:
@@ -155,25 +195,37 @@ class AuthCache:
     def revoke(self, jti: str) -> None:
         self._generation += 1
         self._entries[jti] = (time.monotonic(), None, True)
-        for token in [t for t, entry in self._passed.items() if entry[2] == jti]:
+        for token in [t for t, entry in self._passed.items() if entry.jti == jti]:
             del self._passed[token]
 
     def forget_user(self, user_id: int) -> None:
         self._generation += 1
         for jti in [j for j, (_, u, _) in self._entries.items() if u is not None and u.id == user_id]:
             del self._entries[jti]
-        for token in [t for t, entry in self._passed.items() if entry[4] == user_id]:
+        for token in [t for t, entry in self._passed.items() if entry.caller.id == user_id]:
             del self._passed[token]
 
 
-async def _load_token_state(sessionmaker: async_sessionmaker, claims: auth.TokenClaims) -> tuple[User | None, bool]:
+async def _load_token_state(
+    sessionmaker: async_sessionmaker[AsyncSession], claims: auth.TokenClaims
+) -> tuple[Caller | None, bool]:
     """The token's user and whether the token is revoked, in one query."""
     revoked = exists().where(RevokedToken.jti == claims.jti)
     async with sessionmaker() as session:
-        row = (await session.execute(select(User, revoked).where(User.id == claims.user_id))).first()
+        row = (await session.execute(select(*_CALLER_COLUMNS, revoked).where(User.id == claims.user_id))).first()
     if row is None:
         return None, False
-    return row[0], bool(row[1])
+    caller = Caller(
+        id=row.id,
+        email=row.email,
+        username=row.username,
+        full_name=row.full_name,
+        role=row.role,
+        is_active=row.is_active,
+        token_version=row.token_version,
+        created_at=row.created_at,
+    )
+    return caller, bool(row[-1])
 
 
 async def authenticate_token(
@@ -245,12 +297,12 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
     """Count one attempt on every key; 429 when any key is over its limit in the current window."""
     now = datetime.now(UTC)
     window = timedelta(seconds=settings.login_window_seconds)
-    dialect_insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     expired = LoginFailure.window_start <= now - window
     blocked_for = 0.0
     for kind, key in keys:
-        upsert = dialect_insert(LoginFailure).values(key=key, window_start=now, failures=1)
-        upsert = upsert.on_conflict_do_update(
+        insert = dialect_insert(LoginFailure).values(key=key, window_start=now, failures=1)
+        upsert = insert.on_conflict_do_update(
             index_elements=[LoginFailure.key],
             set_={
                 "failures": case((expired, 1), else_=LoginFailure.failures + 1),

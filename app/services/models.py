@@ -29,12 +29,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from starlette.concurrency import run_in_threadpool
 
@@ -93,7 +94,7 @@ class ServedModel:
         if len(records) == 1:
             return [self.model.predict_one(records[0])]
         labels, confidence = self.model.predict(features_matrix(records))
-        return [(int(c), self.names[int(c)], float(p)) for c, p in zip(labels, confidence)]
+        return [(int(c), self.names[int(c)], float(p)) for c, p in zip(labels, confidence, strict=True)]
 
     async def charts(self) -> dict[str, str]:
         async with self._charts_lock:
@@ -177,13 +178,15 @@ def save_local_copy(model: SegmentationModel, directory: Path) -> bool:
 
 # --- fitting in a child process --------------------------------------------------------------
 
-_context: multiprocessing.context.BaseContext | None = None
+_TrainingContext = multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext
+_context: _TrainingContext | None = None
 
 
-def _training_context() -> multiprocessing.context.BaseContext:
+def _training_context() -> _TrainingContext:
     """A fork server with the ML stack imported once, so each training starts in milliseconds."""
     global _context
     if _context is None:
+        context: _TrainingContext
         if "forkserver" in multiprocessing.get_all_start_methods():
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["app.services.models"])
@@ -228,10 +231,21 @@ class TrainingTimeout(AppError):
         )
 
 
+async def _rows_updated(session: AsyncSession, statement: Update) -> int:
+    """How many rows an UPDATE changed (its result is a cursor result, which has the count)."""
+    result = cast(CursorResult[Any], await session.execute(statement))
+    return result.rowcount
+
+
 async def _wait_readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
     try:
         await ready
     finally:
@@ -239,9 +253,9 @@ async def _wait_readable(fd: int) -> None:
 
 
 async def fit_in_subprocess(
-    features: np.ndarray, *, n_clusters: int | None, random_state: int, version: str, timeout: float
+    features: np.ndarray, *, n_clusters: int | None, random_state: int, version: str, time_limit: float
 ) -> tuple[SegmentationModel, bytes]:
-    """Train in a child process; return the model and its artifact blob. Killed after `timeout`."""
+    """Train in a child process; return the model and its artifact blob. Killed after `time_limit` seconds."""
     context = _training_context()
     parent_end, child_end = context.Pipe()
     process = context.Process(
@@ -254,9 +268,9 @@ async def fit_in_subprocess(
         await run_in_threadpool(process.start)
         child_end.close()
         try:
-            await asyncio.wait_for(_wait_readable(parent_end.fileno()), timeout)
+            await asyncio.wait_for(_wait_readable(parent_end.fileno()), time_limit)
         except TimeoutError:
-            raise TrainingTimeout(timeout) from None
+            raise TrainingTimeout(time_limit) from None
         try:
             message = await run_in_threadpool(parent_end.recv)
         except (EOFError, OSError):
@@ -384,12 +398,13 @@ class ModelStore:
             try:
                 if known is None:
                     session.add(self._version_row(model, blob, created_by=None))
-                claimed = await session.execute(
+                claimed = await _rows_updated(
+                    session,
                     update(ServiceState)
                     .where(ServiceState.key == ACTIVE_KEY, ServiceState.value.is_(None))
-                    .values(value=model.version, updated_at=utcnow())
+                    .values(value=model.version, updated_at=utcnow()),
                 )
-                if claimed.rowcount == 0:
+                if claimed == 0:
                     session.add(ServiceState(key=ACTIVE_KEY, value=model.version))
                 await session.commit()
                 logger.info("recorded the model files in %s as version %s", self.model_dir, model.version)
@@ -519,10 +534,11 @@ class ModelStore:
     @staticmethod
     async def _set_active(session, version: str) -> None:
         """Point the active version at `version` with writes only (no read to upgrade from)."""
-        result = await session.execute(
-            update(ServiceState).where(ServiceState.key == ACTIVE_KEY).values(value=version, updated_at=utcnow())
+        updated = await _rows_updated(
+            session,
+            update(ServiceState).where(ServiceState.key == ACTIVE_KEY).values(value=version, updated_at=utcnow()),
         )
-        if result.rowcount == 0:
+        if updated == 0:
             session.add(ServiceState(key=ACTIVE_KEY, value=version))
 
     @staticmethod
@@ -575,7 +591,7 @@ class ModelStore:
                     n_clusters=n_clusters,
                     random_state=random_state,
                     version=new_version_id(),
-                    timeout=self.settings.train_timeout_seconds,
+                    time_limit=self.settings.train_timeout_seconds,
                 )
                 model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 await self._record_version(model, blob, created_by=created_by)
@@ -616,12 +632,13 @@ class ModelStore:
         if _holder_is_dead(held):
             free = or_(free, ServiceState.value == held)
         async with self.database.sessionmaker() as session:
-            result = await session.execute(
+            taken = await _rows_updated(
+                session,
                 update(ServiceState)
                 .where(ServiceState.key == TRAINING_KEY, free)
-                .values(value=value, updated_at=utcnow())
+                .values(value=value, updated_at=utcnow()),
             )
-            if result.rowcount == 1:
+            if taken == 1:
                 await session.commit()
                 return value
             await session.rollback()

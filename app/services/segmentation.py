@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+from cachetools import LRUCache
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -42,6 +43,8 @@ from app.services.models import ServedModel, data_uri
 
 # How long the dataset file is taken as unchanged before it is looked at again.
 DATASET_CHECK_SECONDS = 1.0
+# Elbow figures kept: datasets x k ranges (a few kB each).
+ELBOW_CACHE_ENTRIES = 64
 NO_DATASET = "No training dataset at {path}: run generate_dataset.py, or train on an uploaded CSV"
 
 SCORE_CHUNK_ROWS = 50_000
@@ -58,10 +61,13 @@ async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.n
     if upload is not None:
         upload.file.seek(0)
         return await run_in_threadpool(load_training_matrix, upload.file)
-    path = Path(settings.data_path)
+    return await run_in_threadpool(_default_training_matrix, Path(settings.data_path))
+
+
+def _default_training_matrix(path: Path) -> np.ndarray:
     if not path.is_file():
         raise Conflict(NO_DATASET.format(path=path))
-    return await run_in_threadpool(load_training_matrix, path)
+    return load_training_matrix(path)
 
 
 # A cell starting with one of these is run as a formula by spreadsheet programs (CSV injection).
@@ -141,7 +147,9 @@ class _CsvAnswer:
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
         inputs = [_inert_column(frame[c]) for c in self.columns]
-        self._write_rows(zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors]))
+        self._write_rows(
+            zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors], strict=True)
+        )
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -179,7 +187,7 @@ class ScoredBatch:
             hi = lo + SCORE_CHUNK_ROWS
             rows = ",".join(
                 prefixes[c] + repr(p) + "}"
-                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist())
+                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist(), strict=True)
             )
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
@@ -196,13 +204,13 @@ def score_records(model: ServedModel, customers: Sequence[Any], *, as_csv: bool)
     """Score validated customers (API bodies); blocking, run it in a thread for big batches."""
     labels, confidence = model.predict_matrix(features_matrix(customers))
     n = len(customers)
-    answer = None
+    csv_answer = None
     if as_csv:
         frame = pd.DataFrame([c.model_dump() for c in customers])
         answer = _CsvAnswer(list(frame.columns), model.names)
         answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n)
-        answer = answer.finish()
-    return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=answer)
+        csv_answer = answer.finish()
+    return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer)
 
 
 def _complete_lines(head: bytes) -> bytes:
@@ -273,7 +281,7 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     valid = clean.copy()
     valid[doubtful] = checked.valid
     features[doubtful[checked.valid]] = checked.features
-    for i, error in zip(doubtful.tolist(), checked.errors):
+    for i, error in zip(doubtful.tolist(), checked.errors, strict=True):
         errors[i] = error
     return features, valid, errors
 
@@ -342,75 +350,99 @@ def _file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ElbowCache:
-    """Elbow figures of the default dataset, computed once per dataset content and k range."""
+@dataclass
+class _ElbowEntry:
+    """One dataset content and k range: the figures, and their JSON and chart once asked for."""
 
-    def __init__(self, settings: Settings) -> None:
+    result: dict[str, Any]
+    json: bytes | None = None
+    chart: str | None = None
+
+
+class ElbowCache:
+    """Elbow figures of the default dataset, computed once per dataset content and k range.
+
+    At most ELBOW_CACHE_ENTRIES (dataset, k range) entries are kept, the least recently used
+    dropped first; entries are plain values (dicts, bytes, strings), shared safely by requests.
+    """
+
+    def __init__(self, settings: Settings, max_entries: int = ELBOW_CACHE_ENTRIES) -> None:
         self.settings = settings
-        self._results: dict[tuple[str, int, int], dict[str, Any]] = {}
-        self._charts: dict[tuple[str, int, int], str] = {}
+        self._entries: LRUCache[tuple[str, int, int], _ElbowEntry] = LRUCache(maxsize=max_entries)
+        # Only while a computation runs: the callers asking for the same key meanwhile wait for it.
         self._locks: dict[tuple[str, int, int], asyncio.Lock] = {}
-        self._json: dict[tuple[str, int, int], bytes] = {}
         self._stat: tuple[float, int] | None = None
         self._fingerprint: str | None = None
         self._checked_at = -math.inf
 
-    def _fingerprint_is_fresh(self) -> bool:
-        return self._fingerprint is not None and time.monotonic() - self._checked_at < DATASET_CHECK_SECONDS
+    def _fresh_fingerprint(self) -> str | None:
+        if self._fingerprint is not None and time.monotonic() - self._checked_at < DATASET_CHECK_SECONDS:
+            return self._fingerprint
+        return None
 
     async def _dataset_fingerprint(self) -> str:
         # The file is looked at no more than once a second, not on every request.
-        if self._fingerprint_is_fresh():
-            return self._fingerprint
+        fresh = self._fresh_fingerprint()
+        if fresh is not None:
+            return fresh
         path = Path(self.settings.data_path)
         try:
-            stat = path.stat()
+            stat = await run_in_threadpool(path.stat)
         except OSError:
             self._fingerprint = None
             raise Conflict(NO_DATASET.format(path=path)) from None
         key = (stat.st_mtime, stat.st_size)
-        if self._stat != key or self._fingerprint is None:
-            self._fingerprint = await run_in_threadpool(_file_fingerprint, path)
-            self._stat = key
+        fingerprint = self._fingerprint
+        if self._stat != key or fingerprint is None:
+            fingerprint = await run_in_threadpool(_file_fingerprint, path)
+            self._fingerprint, self._stat = fingerprint, key
         self._checked_at = time.monotonic()
-        return self._fingerprint
+        return fingerprint
 
     async def get(self, k_min: int = 2, k_max: int = 10) -> dict[str, Any]:
-        return await self._result((await self._dataset_fingerprint(), k_min, k_max))
+        return (await self._entry(k_min, k_max)).result
 
     def ready_json(self, k_min: int = 2, k_max: int = 10) -> bytes | None:
         """The answer of `get_json` when it is at hand without waiting for anything, else None."""
-        if not self._fingerprint_is_fresh():
-            return None
-        return self._json.get((self._fingerprint, k_min, k_max))
+        fingerprint = self._fresh_fingerprint()
+        entry = self._entries.get((fingerprint, k_min, k_max)) if fingerprint is not None else None
+        return entry.json if entry is not None else None
 
     async def get_json(self, k_min: int = 2, k_max: int = 10) -> bytes:
         """GET /elbow as JSON, serialized once per dataset and k range."""
-        key = (await self._dataset_fingerprint(), k_min, k_max)
-        body = self._json.get(key)
-        if body is None:
-            body = self._json[key] = ElbowResult(**await self._result(key)).model_dump_json().encode()
-        return body
-
-    async def _result(self, key: tuple[str, int, int]) -> dict[str, Any]:
-        if key in self._results:
-            return self._results[key]
-        _, k_min, k_max = key
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._results:
-                features = await run_in_threadpool(load_training_matrix, Path(self.settings.data_path))
-                k_max_fit = min(k_max, len(features) - 1)
-                if k_max_fit < k_min:
-                    raise DataValidationError(f"The dataset has too few rows for k up to {k_max}", [])
-                self._results[key] = await run_in_threadpool(compute_elbow, features, k_min=k_min, k_max=k_max_fit)
-        return self._results[key]
+        entry = await self._entry(k_min, k_max)
+        if entry.json is None:
+            entry.json = ElbowResult(**entry.result).model_dump_json().encode()
+        return entry.json
 
     async def chart(self, k_min: int = 2, k_max: int = 10) -> tuple[str, int]:
-        result = await self.get(k_min, k_max)
-        key = (self._fingerprint or "", k_min, k_max)
-        if key not in self._charts:
+        entry = await self._entry(k_min, k_max)
+        if entry.chart is None:
             from app.charts import render_elbow_chart
 
-            self._charts[key] = data_uri(await run_in_threadpool(render_elbow_chart, result))
-        return self._charts[key], int(result["optimal_k"])
+            entry.chart = data_uri(await run_in_threadpool(render_elbow_chart, entry.result))
+        return entry.chart, int(entry.result["optimal_k"])
+
+    async def _entry(self, k_min: int, k_max: int) -> _ElbowEntry:
+        key = (await self._dataset_fingerprint(), k_min, k_max)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = _ElbowEntry(await self._compute(k_min, k_max))
+                    self._entries[key] = entry
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
+        return entry
+
+    async def _compute(self, k_min: int, k_max: int) -> dict[str, Any]:
+        features = await run_in_threadpool(load_training_matrix, Path(self.settings.data_path))
+        k_max_fit = min(k_max, len(features) - 1)
+        if k_max_fit < k_min:
+            raise DataValidationError(f"The dataset has too few rows for k up to {k_max}", [])
+        return await run_in_threadpool(compute_elbow, features, k_min=k_min, k_max=k_max_fit)

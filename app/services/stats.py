@@ -47,7 +47,12 @@ async def collect(*, session: AsyncSession, models: ModelStore) -> AdminStats:
             "cluster_names": {str(i): name for i, name in enumerate(served.names)},
         }
     return AdminStats(
-        **{**totals, "total_predictions": totals["total_predictions"] + batch_rows},
+        total_users=totals["total_users"],
+        active_users=totals["active_users"],
+        inactive_users=totals["inactive_users"],
+        total_predictions=totals["total_predictions"] + batch_rows,
+        total_profiles=totals["total_profiles"],
+        users_by_role=totals["users_by_role"],
         predictions_by_cluster=by_cluster,
         model=model,
     )

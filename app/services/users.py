@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,7 +41,7 @@ async def _ensure_unique(
     query = select(User.username, User.email).where(or_(*conditions))
     if exclude_id is not None:
         query = query.where(User.id != exclude_id)
-    for existing_username, existing_email in (await session.execute(query)).all():
+    for existing_username, _existing_email in (await session.execute(query)).all():
         if username is not None and existing_username == username:
             raise Conflict("Username already registered")
         raise Conflict("Email already registered")
@@ -184,7 +186,16 @@ async def activity_counts(*, session: AsyncSession, user_ids: list[int]) -> dict
     return {uid: (predictions.get(uid, 0), profiles.get(uid, 0)) for uid in user_ids}
 
 
-async def totals(*, session: AsyncSession) -> dict[str, object]:
+class UserTotals(TypedDict):
+    total_users: int
+    active_users: int
+    inactive_users: int
+    total_predictions: int
+    total_profiles: int
+    users_by_role: dict[str, int]
+
+
+async def totals(*, session: AsyncSession) -> UserTotals:
     """Counts of users by state and role, predictions and profiles."""
     by_role = dict((await session.execute(select(User.role, func.count(User.id)).group_by(User.role))).all())
     active = (await session.execute(select(func.count(User.id)).where(User.is_active.is_(True)))).scalar_one()
