@@ -425,7 +425,7 @@ def log_settings(env: dict[str, str]) -> str:
     return f"LOG_LEVEL={level}, LOG_FORMAT={fmt} (request log {on})"
 
 
-def prepare_service(env: dict[str, str], workdir: Path, mode: Mode) -> None:
+def prepare_service(env: dict[str, str], mode: Mode) -> None:
     from generate_dataset import generate
 
     data = Path(env["DATA_PATH"])
@@ -687,7 +687,7 @@ def measure_endpoints(
     shared machine that slows down for a while slows both sides of a pair alike.
     """
     bare_target = Target(bare.url + "/", "get.lua")
-    run = dict(connections=args.connections, threads=args.threads)
+    run = {"connections": args.connections, "threads": args.threads}
     if mode.warmup:
         for _, target in (("bare", bare_target), *targets.values()):
             load.run(target, seconds=mode.warmup, **run)
@@ -762,8 +762,8 @@ def measure_logins(load: LoadGenerator, service: Server, args, mode: Mode, repor
     logins, probes = [], []
     for _ in range(args.rounds):
         login_run, probe_run = load.run_together(
-            (login_target, dict(connections=16, seconds=mode.login_seconds, threads=1, timeout=60)),
-            (probe_target, dict(connections=args.connections, seconds=mode.login_seconds, threads=1)),
+            (login_target, {"connections": 16, "seconds": mode.login_seconds, "threads": 1, "timeout": 60}),
+            (probe_target, {"connections": args.connections, "seconds": mode.login_seconds, "threads": 1}),
         )
         logins.append(login_run)
         probes.append(probe_run)
@@ -939,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     servers: list[Server] = []
     try:
-        prepare_service(env, workdir, mode)
+        prepare_service(env, mode)
         service = Server("service", "app.main:app", env=env, app_dir=ROOT, log=workdir / "service.log")
         servers.append(service)
         bare = Server("bare app", "bare_app:app", env=dict(os.environ), app_dir=BENCH, log=workdir / "bare.log")
