@@ -303,7 +303,7 @@ class AccessLog:
                         raise ValueError("no stderr")
                     stream.write(text)
                     stream.flush()
-                except (OSError, ValueError):
+                except Exception:  # a failing stream must not stop the writer: the lines are counted as lost
                     self.dropped += count
                     return True
             dropped = self.dropped - self._reported_dropped

@@ -206,3 +206,30 @@ def test_a_uvicorn_worker_stopped_with_sigterm_writes_every_request_line(tmp_pat
     assert {(line["route"], line["status"], line["user_id"] is not None) for line in logged} == {
         ("/auth/me", 200, True)
     }
+
+
+class BrokenStream:
+    def write(self, text: str) -> int:
+        raise BrokenPipeError("the reader went away")
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_failing_stream_loses_its_lines_but_not_the_writer(monkeypatch, capsys):
+    access_log.flush()
+    log = AccessLog(flush_seconds=0.05)
+    monkeypatch.setattr(sys, "stderr", BrokenStream())
+    log.log(logging.INFO, "GET", "/", "/", 200, 0.001, "lost-1", None)
+    wait_until(lambda: log.dropped == 1, "the failed write was not counted")
+    monkeypatch.undo()  # stderr is capsys' again
+    log.log(logging.INFO, "GET", "/", "/", 200, 0.001, "after-1", None)
+    seen = ""
+
+    def written() -> bool:
+        nonlocal seen
+        seen += capsys.readouterr().err
+        return "request_id=after-1" in seen
+
+    wait_until(written, "the writer stopped after a failed write")
+    assert "lost-1" not in seen
