@@ -791,7 +791,6 @@ def log_cost(report: Report) -> tuple[float, float] | None:
 
 
 def print_report(report: Report, args) -> None:
-    rows = report.rows
     print()
     width = max([40, *(len(label) + 2 for label in report.rows)])
     print(f"{'row':<{width}}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}{'CPU us/req':>12}")
@@ -819,7 +818,7 @@ def print_report(report: Report, args) -> None:
         )
     cost = log_cost(report)
     if cost is not None:
-        cpu_on, cpu_off = rows["GET /clusters"]["cpu_us"], rows[LOG_OFF_LABEL]["cpu_us"]
+        cpu_on, cpu_off = report.rows["GET /clusters"]["cpu_us"], report.rows[LOG_OFF_LABEL]["cpu_us"]
         print(
             f"request log: GET /clusters keeps {cost[0]:.2f} of the req/s it has without it (median over rounds "
             f"of the paired ratios to the bare app); CPU {cpu_on:,.0f} against {cpu_off:,.0f} us/req"
@@ -835,6 +834,7 @@ def print_report(report: Report, args) -> None:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     checks = []
+    rows = report.rows
 
     def ratio_check(label: str, least: float) -> None:
         if label in rows:
