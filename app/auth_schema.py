@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, StringConstraints
 
 from app.database import Role
-from app.schema import omittable
+from app.schema import NotNull, omittable
 
 Username = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=3, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -17,7 +17,7 @@ Password = Annotated[str, Field(min_length=8, max_length=128)]
 FullName = Annotated[str, StringConstraints(strip_whitespace=True, max_length=200)]
 PrimaryKey = Annotated[int, Field(gt=0, le=2**31 - 1)]
 
-USER_EXAMPLE = {
+USER_EXAMPLE: dict[str, JsonValue] = {
     "id": 7,
     "email": "ana@example.com",
     "username": "ana",
@@ -67,10 +67,10 @@ class UserUpdate(BaseModel):
     )
 
     # Each may be left out; only `full_name` may be null (to clear it).
-    username: Username = Field(None, json_schema_extra=omittable)
-    email: EmailStr = Field(None, json_schema_extra=omittable)
+    username: Annotated[Username | None, NotNull] = Field(None, json_schema_extra=omittable)
+    email: Annotated[EmailStr | None, NotNull] = Field(None, json_schema_extra=omittable)
     full_name: FullName | None = None
-    password: Password = Field(None, json_schema_extra=omittable)
+    password: Annotated[Password | None, NotNull] = Field(None, json_schema_extra=omittable)
     current_password: Annotated[str, Field(max_length=128)] | None = None
 
 

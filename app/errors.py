@@ -1,6 +1,12 @@
-"""Domain errors raised by services; one handler renders them as JSON."""
+"""Domain errors raised by services; handlers registered once in app.main render them as JSON.
+
+Every error's `detail` is one human-readable string, as clients render it as text. Problems in
+an uploaded file add a top-level `errors` list (see `app.preprocess.DataValidationError`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class AppError(Exception):
@@ -14,6 +20,10 @@ class AppError(Exception):
             self.status_code = status_code
         if headers is not None:
             self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the response: `detail`, a string, and what a subclass adds beside it."""
+        return {"detail": self.message}
 
 
 class NotFound(AppError):
@@ -49,13 +59,9 @@ class PayloadTooLarge(AppError):
 
 
 class InvalidInput(AppError):
-    """A request that is well-formed JSON but breaks a rule the schema cannot express."""
+    """A request that breaks a rule across fields, which no single declared field rule can express."""
 
     status_code = 422
-
-    def __init__(self, message: str, problems: list | None = None):
-        super().__init__(message)
-        self.problems = problems or []
 
 
 class ServiceUnavailable(AppError):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -22,6 +24,7 @@ from app.middleware import ServiceMiddleware, document_body_limit, hardening_hea
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
+from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
 from app.services.history import HistoryReader
@@ -33,35 +36,50 @@ API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
 
 
-def _error(status_code: int, detail, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status_code: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
-def _database_unavailable(exc: Exception) -> JSONResponse | None:
-    text = str(getattr(exc, "orig", exc)).lower()
-    if isinstance(exc, PoolTimeout) or "locked" in text or "busy" in text:  # PoolTimeout: every connection in use
-        return _error(503, "The database is busy; try again shortly", {"Retry-After": "1"})
-    if "unable to open" in text or "no such table" in text or "disk i/o" in text or "readonly" in text:
-        return _error(503, "The database is unavailable", {"Retry-After": "5"})
-    if "connection" in text or "could not connect" in text:
-        return _error(503, "The database is unavailable", {"Retry-After": "5"})
-    return None
+def _busy() -> JSONResponse:
+    return _error(503, "The database is busy; try again shortly", {"Retry-After": "1"})
 
 
-def _unstorable_value(exc: DBAPIError) -> JSONResponse | None:
-    """PostgreSQL's data exceptions (SQLSTATE class 22, e.g. a NUL character in text) come from the request."""
-    sqlstate = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+def _unavailable() -> JSONResponse:
+    return _error(503, "The database is unavailable", {"Retry-After": "5"})
+
+
+# SQLite's result codes (sqlite3's `sqlite_errorname`) for another connection holding a lock.
+_SQLITE_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+# PostgreSQL's SQLSTATEs for a server that is overloaded or a statement that lost a race: try again soon.
+_PG_BUSY = {"40001", "40P01", "55P03", "53300", "57014"}
+# SQLSTATE classes of a server that cannot be reached or is going away: 08 connection, 53 resources, 57 operator.
+_PG_UNAVAILABLE = ("08", "53", "57")
+
+
+def database_error_response(exc: Exception) -> JSONResponse | None:
+    """The answer to a database failure, told apart by exception type and the driver's error code.
+
+    None for a failure that is a defect of ours (a 500). PEP 249's OperationalError is the driver
+    saying the database could not do its part (a file it cannot open, a lost connection), so it is
+    an outage unless its code says the database is only busy.
+    """
+    if isinstance(exc, PoolTimeout):  # every pooled connection is in use
+        return _busy()
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    sqlstate = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+    sqlite_name = str(getattr(orig, "sqlite_errorname", None) or "")
+    if sqlite_name.startswith(_SQLITE_BUSY) or sqlstate in _PG_BUSY:
+        return _busy()
     if sqlstate.startswith("22"):
-        return _error(
-            422,
-            [
-                {
-                    "type": "value_not_storable",
-                    "loc": ["body"],
-                    "msg": "A value cannot be stored (text may not contain NUL characters)",
-                }
-            ],
-        )
+        # A data exception (e.g. a NUL character in text, which PostgreSQL cannot store) comes from the request.
+        return _error(422, "A value cannot be stored (text may not contain NUL characters)")
+    if isinstance(exc, IntegrityError):
+        # The services check uniqueness first; a row written meanwhile by another request ends here.
+        return _error(409, "The request conflicts with data stored meanwhile; try again")
+    if sqlstate.startswith(_PG_UNAVAILABLE) or isinstance(exc, OperationalError):
+        return _unavailable()
     return None
 
 
@@ -76,6 +94,8 @@ def _allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """One handler per kind of failure: every `detail` is a string but FastAPI's list of field errors."""
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:
@@ -85,46 +105,34 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)
-        return _error(exc.status_code, exc.detail, headers)
+        return _error(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        detail = exc.message
-        problems = getattr(exc, "problems", None)
-        if problems:
-            detail = {"message": exc.message, "errors": problems}
-        return _error(exc.status_code, detail, exc.headers)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
-        for err in exc.errors():
-            item = {k: err[k] for k in ("type", "loc", "msg") if k in err}
-            errors.append(item)
+        errors = [{key: err[key] for key in ("type", "loc", "msg") if key in err} for err in exc.errors()]
         return _error(422, errors)
 
-    @app.exception_handler(DBAPIError)
-    async def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
-        response = _database_unavailable(exc)
-        if response is not None:
-            logger.warning("database unavailable: %s", exc.orig if hasattr(exc, "orig") else exc)
-            return response
-        response = _unstorable_value(exc)
-        if response is not None:
-            return response
-        logger.exception("database error")
-        return _error(500, "Internal server error")
+    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        response = database_error_response(exc)
+        if response is None:
+            logger.exception("database error", exc_info=exc)
+            return _error(500, "Internal server error")
+        if response.status_code == 503:
+            logger.warning("database unavailable: %s", getattr(exc, "orig", None) or exc)
+        return response
 
-    @app.exception_handler(PoolTimeout)
-    async def no_free_connection(_: Request, exc: PoolTimeout) -> JSONResponse:
-        logger.warning("database pool exhausted: %s", exc)
-        return _database_unavailable(exc)
+    app.add_exception_handler(DBAPIError, database_error)
+    app.add_exception_handler(PoolTimeout, database_error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        response = _database_unavailable(exc) if isinstance(exc, OperationalError) else None
+        response = database_error_response(exc)
         if response is None:
-            logger.exception("unhandled error")
+            logger.exception("unhandled error", exc_info=exc)
             response = _error(500, "Internal server error")
         # Starlette sends this from its outermost middleware, past ours: add what they would have.
         response.headers.update(hardening_headers(request.scope))
@@ -157,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(
             settings.database_url,
             busy_timeout=settings.db_busy_timeout_seconds,
@@ -197,13 +205,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
 
-    # FastAPI tries routes one by one, about 1.5 µs for each route tried: the segmentation
-    # routes, which carry the traffic, come first, then the health check, the rest of the API,
-    # and last the docs and /metrics.
-    # The routers' routes join the app's own list. `include_router` would keep each router as
-    # a nested one, matched route by route and then matched again inside: about 20 µs more on
-    # every request, a fifth of a small one. Including would add nothing here: a router's
-    # prefix, tags, responses and dependencies are on its routes from the moment they are made.
+    # FastAPI tries routes one by one, at a cost for each route tried: the segmentation routes,
+    # which carry the traffic, come first, then the health check, the rest of the API, and last
+    # the docs and /metrics. The routers' routes join the app's own list: `include_router` would
+    # keep each router nested, matched route by route and then again inside (docs/performance.md
+    # has the figures), and would add nothing here, as a router's prefix, tags, responses and
+    # dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
 
     @app.get(
@@ -232,6 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         json_limit=settings.max_json_body_bytes,
     )
     document_body_limit(app)
+    install_json_alternatives(app)
     install_error_handlers(app)
     install_docs(app)
     return app

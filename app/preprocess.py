@@ -21,10 +21,12 @@ import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+
+from app.errors import AppError
 
 FEATURES: tuple[str, ...] = ("age", "annual_income", "spending_score", "purchase_frequency")
 """Clustering features, in the column order of every feature matrix."""
@@ -45,11 +47,11 @@ MAX_LISTED_PROBLEMS = 10
 _BINARY_SNIFF_BYTES = 8192
 _SPOOL_BYTES = 16 * 1024 * 1024
 
-CsvSource = Union[str, os.PathLike, bytes, IO[bytes]]
+CsvSource = str | os.PathLike | bytes | IO[bytes]
 
 
-class DataValidationError(ValueError):
-    """Customer data that cannot be used, with what is wrong and where.
+class DataValidationError(AppError, ValueError):
+    """Customer data that cannot be used, with what is wrong and where: a 422 with the problems listed.
 
     ``message`` is one human-readable sentence (also ``str(error)``).
     ``problems`` lists at most ten findings, each a dict with ``row`` (1-based
@@ -59,14 +61,20 @@ class DataValidationError(ValueError):
     row with at least one problem, including those not listed.
     """
 
+    status_code = 422
+
     def __init__(self, message: str, problems: list[dict[str, Any]] | None = None, offending_rows: int = 0):
         super().__init__(message)
-        self.message = message
         self.problems: list[dict[str, Any]] = list(problems or [])[:MAX_LISTED_PROBLEMS]
         self.offending_rows = offending_rows
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "problems": self.problems, "offending_rows": self.offending_rows}
+
+    def body(self) -> dict[str, Any]:
+        """`detail` the sentence, `errors` every listed problem with all four keys (null where unknown)."""
+        errors = [{key: problem.get(key) for key in ("row", "line", "column", "reason")} for problem in self.problems]
+        return {"detail": self.message, "errors": errors}
 
 
 def _problem(row: int | None, column: str | None, reason: str) -> dict[str, Any]:
@@ -325,7 +333,7 @@ def _load_training_matrix(fh: IO[bytes], chunksize: int) -> np.ndarray:
         for chunk in reader:
             block = np.empty((len(chunk), len(FEATURES)), dtype=np.float32)
             codes = np.zeros((len(chunk), len(FEATURES)), dtype=np.int8)
-            for j, (feature, raw_name) in enumerate(zip(FEATURES, raw_names)):
+            for j, (feature, raw_name) in enumerate(zip(FEATURES, raw_names, strict=True)):
                 values, codes[:, j] = _check_column(chunk[raw_name], feature)
                 block[:, j] = values
             bad_rows = np.flatnonzero(codes.any(axis=1))
@@ -333,11 +341,11 @@ def _load_training_matrix(fh: IO[bytes], chunksize: int) -> np.ndarray:
             for i in bad_rows:
                 if len(problems) >= MAX_LISTED_PROBLEMS:
                     break
-                for j in np.flatnonzero(codes[i]):
-                    feature = FEATURES[j]
-                    raw = chunk[raw_names[j]].iloc[i]
+                for col in np.flatnonzero(codes[i]).tolist():
+                    feature = FEATURES[col]
+                    raw = chunk[raw_names[col]].iloc[i]
                     problems.append(
-                        _problem(seen + int(i) + 1, feature, _reason(codes[i, j], feature, raw, float(block[i, j])))
+                        _problem(seen + int(i) + 1, feature, _reason(codes[i, col], feature, raw, float(block[i, col])))
                     )
             if not offending:
                 blocks.append(block)
@@ -432,8 +440,8 @@ def score_frame(frame: pd.DataFrame) -> ScoringBatch:
     for j, feature in enumerate(FEATURES):
         raw_series = frame[columns[feature]].reset_index(drop=True)
         values, codes = _check_column(raw_series, feature)
-        for i in np.flatnonzero(codes):
-            reasons[i].append(f"{feature}: {_reason(codes[i], feature, raw_series.iloc[i], values[i])}")
+        for row in np.flatnonzero(codes).tolist():
+            reasons[row].append(f"{feature}: {_reason(codes[row], feature, raw_series.iloc[row], values[row])}")
         matrix[:, j] = np.where(codes == _OK, values, np.nan)
         customers[feature] = matrix[:, j]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from fastapi import UploadFile
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from app.preprocess import FEATURE_RANGES, SEX_VALUES
 
@@ -28,9 +30,26 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
+def _not_null(value: Any) -> Any:
+    if value is None:
+        raise PydanticCustomError("not_null", "May be left out, but not sent as null")
+    return value
+
+
+NotNull = BeforeValidator(_not_null)
+"""For a field that may be left out but never sent as null (its default None means "left out")."""
+
+
 def omittable(schema: dict[str, Any]) -> None:
-    """For a field that may be left out but never sent as null: no `default: null` in its schema."""
+    """The schema of a NotNull field: its own type without the null its Python default needs."""
     schema.pop("default", None)
+    variants = schema.pop("anyOf", None)
+    if variants is not None:
+        kept = [variant for variant in variants if variant.get("type") != "null"]
+        if len(kept) == 1:
+            schema.update(kept[0])
+        else:
+            schema["anyOf"] = kept
 
 
 def _bounds(feature: str) -> dict[str, float]:
@@ -56,11 +75,17 @@ PurchaseFrequency = Annotated[
 ProfileName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Notes = Annotated[str, StringConstraints(max_length=2000)]
 
-CUSTOMER_EXAMPLE = {"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82, "purchase_frequency": 40}
+CUSTOMER_EXAMPLE: dict[str, JsonValue] = {
+    "sex": "Female",
+    "age": 29,
+    "annual_income": 85.0,
+    "spending_score": 82,
+    "purchase_frequency": 40,
+}
 
 
 VERSION_EXAMPLE = "20250131-093000-a1b2c3"
-SEGMENT_EXAMPLE = {
+SEGMENT_EXAMPLE: dict[str, JsonValue] = {
     "cluster_id": 4,
     "cluster_name": "High income, high spending",
     "size": 119,
@@ -72,7 +97,7 @@ SEGMENT_EXAMPLE = {
     "description": "14.9% of customers: aged 37 on average, earning 118.4k a year (well above average), with a "
     "spending score of 80 (well above average) and 41 purchases a year (above average).",
 }
-MODEL_VERSION_EXAMPLE = {
+MODEL_VERSION_EXAMPLE: dict[str, JsonValue] = {
     "version": VERSION_EXAMPLE,
     "created_at": "2025-01-31T09:30:00Z",
     "created_by": "analyst1",
@@ -113,12 +138,12 @@ class ProfileUpdate(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"spending_score": 64, "notes": "Moved away"}]})
 
     # Each may be left out; only `notes` may be null (to clear it).
-    name: ProfileName = Field(None, json_schema_extra=omittable)
-    sex: Sex = Field(None, json_schema_extra=omittable)
-    age: Age = Field(None, json_schema_extra=omittable)
-    annual_income: AnnualIncome = Field(None, json_schema_extra=omittable)
-    spending_score: SpendingScore = Field(None, json_schema_extra=omittable)
-    purchase_frequency: PurchaseFrequency = Field(None, json_schema_extra=omittable)
+    name: Annotated[ProfileName | None, NotNull] = Field(None, json_schema_extra=omittable)
+    sex: Annotated[Sex | None, NotNull] = Field(None, json_schema_extra=omittable)
+    age: Annotated[Age | None, NotNull] = Field(None, json_schema_extra=omittable)
+    annual_income: Annotated[AnnualIncome | None, NotNull] = Field(None, json_schema_extra=omittable)
+    spending_score: Annotated[SpendingScore | None, NotNull] = Field(None, json_schema_extra=omittable)
+    purchase_frequency: Annotated[PurchaseFrequency | None, NotNull] = Field(None, json_schema_extra=omittable)
     notes: Notes | None = None
 
 
@@ -188,10 +213,15 @@ class PredictionResult(SegmentAssignment):
     model_version: str
 
 
-class BatchRequest(BaseModel):
+class BatchUpload(BaseModel):
+    """POST /predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
+
     model_config = ConfigDict(json_schema_extra={"examples": [{"customers": [CUSTOMER_EXAMPLE]}]})
 
-    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)]
+    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)] | None = Field(
+        None, description="JSON only: the customers to score"
+    )
+    file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
 
 
 class BatchResult(BaseModel):
@@ -346,7 +376,7 @@ class TrainResult(BaseModel):
     cluster_sizes: dict[str, int]
 
 
-HISTORY_EXAMPLE = {
+HISTORY_EXAMPLE: dict[str, JsonValue] = {
     "id": 31,
     "customer_data": CUSTOMER_EXAMPLE,
     "cluster": 4,

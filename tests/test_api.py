@@ -153,7 +153,7 @@ async def test_batch_json_equals_single_predictions_in_order(client, trained_mod
     assert batch.status_code == 200
     body = batch.json()
     assert body["model_version"] == trained_model["model_version"] and len(body["predictions"]) == 10
-    for customer, item in zip(customers, body["predictions"]):
+    for customer, item in zip(customers, body["predictions"], strict=True):
         single = (await client.post("/predict", json=customer, headers=user_headers)).json()
         assert (item["cluster"], item["cluster_name"]) == (single["cluster"], single["cluster_name"])
         assert item["confidence"] == pytest.approx(single["confidence"])

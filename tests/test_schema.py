@@ -59,7 +59,7 @@ async def test_missing_feature_is_422(client, user_headers, field):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 async def test_nan_and_infinity_are_422(client, user_headers, literal):
-    raw = '{"sex": "Male", "age": 40, "annual_income": %s, "spending_score": 50, "purchase_frequency": 10}' % literal
+    raw = f'{{"sex": "Male", "age": 40, "annual_income": {literal}, "spending_score": 50, "purchase_frequency": 10}}'
     response = await client.post("/predict", content=raw, headers={**user_headers, "Content-Type": "application/json"})
     assert response.status_code == 422 and _names_field(response, "annual_income")
 
@@ -94,7 +94,11 @@ async def test_body_that_is_not_an_object_is_422(client, user_headers):
 
 @pytest.mark.parametrize("path,body", [("/predict", CUSTOMER), ("/predict/batch", {"customers": [CUSTOMER]})])
 async def test_a_json_body_must_be_sent_as_json(client, trained_model, user_headers, path, body):
-    """As for every declared body: JSON with a JSON Content-Type (or none) is read; any other type is a 422."""
+    """JSON with a JSON Content-Type (or none) is read; any other type is a 422.
+
+    /predict declares a JSON body: FastAPI names the body. /predict/batch takes JSON or a CSV upload:
+    a body that is neither is a string naming both.
+    """
     raw = json.dumps(body)
     for content_type in ("application/json", "application/json; charset=utf-8", None):
         headers = {**user_headers, **({"Content-Type": content_type} if content_type else {})}
@@ -102,5 +106,8 @@ async def test_a_json_body_must_be_sent_as_json(client, trained_model, user_head
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
         refused = await client.post(path, content=raw, headers={**user_headers, "Content-Type": content_type})
         assert refused.status_code == 422, content_type
-        assert refused.json()["detail"][0]["loc"] == ["body"]
-        assert "application/json" in refused.json()["detail"][0]["msg"]
+        detail = refused.json()["detail"]
+        if path == "/predict":
+            assert [error["loc"] for error in detail] == [["body"]]
+        else:
+            assert isinstance(detail, str) and "application/json" in detail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth_schema import AdminUserList, AdminUserView, PrimaryKey, UserPublic
 from app.database import Role, User
@@ -16,7 +17,7 @@ from app.services import users as user_service
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_role(Role.admin))])
 
 
-async def _with_activity(session, users: list[User]) -> list[AdminUserView]:
+async def _with_activity(session: AsyncSession, users: list[User]) -> list[AdminUserView]:
     counts = await user_service.activity_counts(session=session, user_ids=[u.id for u in users])
     return [
         AdminUserView(
@@ -38,11 +39,14 @@ async def _with_activity(session, users: list[User]) -> list[AdminUserView]:
 async def list_users(session: SessionDep, page: PageDep) -> AdminUserList:
     users, total = await user_service.list_users(session=session, skip=page.skip, limit=page.limit)
     totals = await user_service.totals(session=session)
-    return AdminUserList(
-        users=await _with_activity(session, users),
-        total=total,
-        total_predictions=totals["total_predictions"],
-        total_profiles=totals["total_profiles"],
+    # The service's counts are plain values of a dict; validating them here checks they are counts.
+    return AdminUserList.model_validate(
+        {
+            "users": await _with_activity(session, users),
+            "total": total,
+            "total_predictions": totals["total_predictions"],
+            "total_profiles": totals["total_profiles"],
+        }
     )
 
 
@@ -72,7 +76,7 @@ router.add_api_route(
     methods=["DELETE"],
     summary="Delete a user",
     description="Deletes the user with their profiles and history. An admin cannot delete themselves.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 
 
@@ -80,7 +84,7 @@ router.add_api_route(
     "/users/{user_id}/toggle-active",
     summary="Activate or deactivate a user",
     description="Flips `is_active`. An admin cannot deactivate themselves; the last active admin stays active.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionDep, request: Request) -> UserPublic:
     user = await user_service.toggle_active(session=session, actor=admin, user_id=user_id)

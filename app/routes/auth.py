@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, status
 
 from app import auth
 from app.auth_schema import LoginRequest, Message, Token, UserCreate, UserPublic
 from app.deps import CurrentUser, PrincipalDep, SessionDep, SettingsDep
-from app.routes.responses import errors, is_json, validation_error
+from app.routes.bodies import JsonOrFormRoute
+from app.routes.responses import errors
 from app.services import auth as auth_service
 from app.services import users as user_service
 
 router = APIRouter(prefix="/auth", tags=["auth"])
-
-_LOGIN_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/x-www-form-urlencoded": {
-                "schema": {
-                    "type": "object",
-                    "required": ["username", "password"],
-                    "properties": {
-                        "username": {"type": "string", "description": "Username or email"},
-                        "password": {"type": "string", "format": "password"},
-                    },
-                }
-            },
-            "application/json": {"schema": LoginRequest.model_json_schema()},
-        },
-    }
-}
 
 
 @router.post(
@@ -50,34 +32,9 @@ async def register(body: UserCreate, session: SessionDep, settings: SettingsDep)
     return UserPublic.model_validate(user)
 
 
-async def _read_login(request: Request) -> LoginRequest:
-    try:
-        if is_json(request.headers.get("content-type", "")):
-            try:
-                payload = await request.json()
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-                raise RequestValidationError(
-                    [{"type": "json_invalid", "loc": ("body",), "msg": "Body is not valid JSON", "input": None}]
-                ) from None
-            return LoginRequest.model_validate(payload)
-        form = await request.form()
-        return LoginRequest.model_validate({"username": form.get("username"), "password": form.get("password")})
-    except ValidationError as exc:
-        raise validation_error(exc, "body") from None
-
-
-@router.post(
-    "/login",
-    summary="Log in",
-    description=(
-        "OAuth2 password form (what Swagger's Authorize sends) or JSON `{username, password}`. "
-        "`username` may also be the email. Repeated failures are throttled with 429 and `Retry-After`."
-    ),
-    openapi_extra=_LOGIN_BODY,
-    responses=errors(401, 403, 422, 429),
-)
-async def login(request: Request, session: SessionDep, settings: SettingsDep) -> Token:
-    credentials = await _read_login(request)
+async def login(
+    credentials: Annotated[LoginRequest, Form()], request: Request, session: SessionDep, settings: SettingsDep
+) -> Token:
     user = await auth_service.login(
         session=session,
         settings=settings,
@@ -87,6 +44,20 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     )
     token, expires_in = auth_service.issue_token(user, settings)
     return Token(access_token=token, expires_in=expires_in, user=UserPublic.model_validate(user))
+
+
+router.add_api_route(
+    "/login",
+    endpoint=login,
+    methods=["POST"],
+    summary="Log in",
+    description=(
+        "OAuth2 password form (what Swagger's Authorize sends) or JSON `{username, password}`. "
+        "`username` may also be the email. Repeated failures are throttled with 429 and `Retry-After`."
+    ),
+    route_class_override=JsonOrFormRoute,
+    responses=errors(401, 403, 422, 429),
+)
 
 
 @router.get(

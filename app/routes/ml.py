@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.database import Role
 from app.deps import AnalystUser, CurrentUser
 from app.errors import Forbidden, InvalidInput
 from app.preprocess import DataValidationError
-from app.routes.responses import ErrorBody, errors, is_json, validation_error
+from app.routes.bodies import FastRoute, JsonOrFormRoute
+from app.routes.responses import errors, file_errors
 from app.schema import (
-    BatchRequest,
     BatchResult,
+    BatchUpload,
     ClusterCharts,
     ClusterSummary,
     CustomerFeatures,
@@ -37,110 +35,12 @@ from app.services import predictions as prediction_service
 from app.services import segmentation
 
 # Routes are matched in the order they are declared here, at a cost for every route tried:
-# the four that carry the traffic come first, the cheapest reads before /predict.
-router = APIRouter(tags=["segmentation"])
-QueryModel = TypeVar("QueryModel", bound=BaseModel)
+# the four that carry the traffic come first, the cheapest reads before /predict. They are
+# FastRoutes: their declared inputs and answers take the short way (see app.routes.bodies).
+# A body without a Content-Type is read as JSON, as clients written against older FastAPI expect.
+router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)
 
-CSV_FILE_BODY = {
-    "multipart/form-data": {
-        "schema": {
-            "type": "object",
-            "properties": {"file": {"type": "string", "format": "binary", "description": "A CSV file"}},
-        }
-    }
-}
-
-
-async def _csv_upload(request: Request) -> UploadFile | None:
-    """The `file` part of a multipart body, spooled to a temporary file; None when there is none.
-
-    The body streams into the file as it arrives; BodySizeLimit stops it with 413 at the cap.
-    """
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        return None
-    try:
-        form = await request.form(max_files=1, max_fields=20)
-    except (StarletteHTTPException, ValueError) as exc:  # a malformed multipart body
-        reason = getattr(exc, "detail", None) or str(exc)
-        raise InvalidInput(f"Could not read the multipart body: {reason}") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise InvalidInput(
-            "The multipart body has no `file` part", [{"loc": ["body", "file"], "msg": "a CSV file is required"}]
-        )
-    return upload
-
-
-def _component_schema(model: type[BaseModel]) -> dict:
-    """The JSON schema of a body read by hand, its nested models referring to the OpenAPI components."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)  # CustomerFeatures is a component already: POST /predict takes it
-    return schema
-
-
-def _query_parameters(model: type[BaseModel]) -> list[dict]:
-    """The OpenAPI parameters of a query read by hand, as FastAPI writes them for declared ones."""
-    schema = model.model_json_schema()
-    required = set(schema.get("required", ()))
-    parameters = []
-    for name, field in schema["properties"].items():
-        parameter = {"name": name, "in": "query", "required": name in required, "schema": field}
-        if "description" in field:
-            parameter["description"] = field["description"]
-        parameters.append(parameter)
-    return parameters
-
-
-_QUERY_DEFAULTS: dict[type[BaseModel], BaseModel] = {}
-
-
-def _read_query(model: type[QueryModel], request: Request) -> QueryModel:
-    """The query string validated by `model`; a 422 like FastAPI's for declared parameters.
-
-    Declared query parameters cost about 10 µs a request in FastAPI's dependency solver, a
-    sixth of a small request; one Pydantic validation of the already parsed query does it
-    in about 2 µs, with the same rules, messages and locations. An empty query is the
-    model's defaults, validated once.
-    """
-    if not request.scope.get("query_string"):
-        defaults = _QUERY_DEFAULTS.get(model)
-        if defaults is None:
-            defaults = _QUERY_DEFAULTS[model] = model()
-        return defaults  # type: ignore[return-value]
-    try:
-        return model.model_validate(dict(request.query_params))
-    except ValidationError as exc:
-        raise validation_error(exc, "query") from None
-
-
-BodyModel = TypeVar("BodyModel", bound=BaseModel)
-
-
-async def _read_json_body(model: type[BodyModel], request: Request) -> BodyModel:
-    """The JSON body parsed and validated by `model` in one step; a 422 like FastAPI's for declared bodies.
-
-    As FastAPI does, a body is read as JSON when its Content-Type says JSON or is missing.
-    """
-    content_type = request.headers.get("content-type")
-    if content_type and not is_json(content_type):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "model_attributes_type",
-                    "loc": ("body",),
-                    "input": None,
-                    "msg": "The body must be a JSON object sent as application/json",
-                }
-            ]
-        )
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise validation_error(exc, "body") from None
-
-
-def _data_error(exc: DataValidationError) -> InvalidInput:
-    return InvalidInput(exc.message, exc.problems)
+CsvFile = Annotated[UploadFile | None, File(description="A CSV file of customers")]
 
 
 @router.get(
@@ -160,15 +60,14 @@ async def clusters(request: Request, _: CurrentUser) -> Response:
 @router.get(
     "/elbow",
     summary="Inertia and silhouette for a range of k",
-    description="Computed from the training dataset (works before any training) and cached per dataset.",
+    description="Computed from the training dataset (works before any training) and cached per dataset. "
+    "A dataset with unusable rows gets 422 listing them.",
     response_model=ElbowResult,
-    responses=errors(401, 403, 409, 422),
-    openapi_extra={"parameters": _query_parameters(ElbowRange)},
+    responses={**errors(401, 403, 409, 422), **file_errors("The default dataset has unusable rows")},
 )
-async def elbow(request: Request, _: CurrentUser) -> Response:
-    k = _read_query(ElbowRange, request)
+async def elbow(request: Request, _: CurrentUser, k: Annotated[ElbowRange, Query()]) -> Response:
     if k.k_min > k.k_max:
-        raise InvalidInput("k_min must not exceed k_max", [{"loc": ["query", "k_min"], "msg": "greater than k_max"}])
+        raise InvalidInput("k_min must not exceed k_max")
     elbow_cache = request.app.state.elbow
     body = elbow_cache.ready_json(k.k_min, k.k_max) or await elbow_cache.get_json(k.k_min, k.k_max)
     return Response(body, media_type="application/json")
@@ -180,10 +79,8 @@ async def elbow(request: Request, _: CurrentUser) -> Response:
     description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
     response_model=HistoryPage,
     responses=errors(401, 403, 422),
-    openapi_extra={"parameters": _query_parameters(HistoryQuery)},
 )
-async def history(request: Request, user: CurrentUser) -> Response:
-    query = _read_query(HistoryQuery, request)
+async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQuery, Query()]) -> Response:
     target = user.id
     if query.user_id is not None and query.user_id != user.id:
         if user.role not in (Role.analyst.value, Role.admin.value):
@@ -193,41 +90,33 @@ async def history(request: Request, user: CurrentUser) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.post(
-    "/predict",
-    summary="Which segment is this customer in?",
-    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
-    response_model=PredictionResult,
-    responses=errors(401, 403, 409, 422),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CustomerFeatures"}}},
-        }
-    },
-)
-async def predict(request: Request, user: CurrentUser) -> Response:
-    # The body is read and validated in one Pydantic step, and the answer serialized in one:
-    # FastAPI's declared body and response model cost about a tenth of this request.
-    customer = await _read_json_body(CustomerFeatures, request)
+async def predict(request: Request, user: CurrentUser, customer: CustomerFeatures) -> PredictionResult:
     served = request.app.state.models.require()
     cluster, name, confidence = served.assign([customer])[0]
     request.app.state.metrics.count_predictions(served.names, cluster, "single")
-    data = customer.model_dump()
     await request.app.state.history_writer.add(
         prediction_service.history_row(
             user_id=user.id,
-            customer=data,
+            customer=customer.model_dump(),
             cluster=cluster,
             cluster_name=name,
             confidence=confidence,
             model_version=served.version,
         )
     )
-    answer = PredictionResult(
+    return PredictionResult(
         cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer, model_version=served.version
     )
-    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+router.add_api_route(
+    "/predict",
+    endpoint=predict,
+    methods=["POST"],
+    summary="Which segment is this customer in?",
+    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
+    responses=errors(401, 403, 409, 422),
+)
 
 
 @router.post(
@@ -239,37 +128,25 @@ async def predict(request: Request, user: CurrentUser) -> Response:
         "A bad CSV gets 422 naming columns and rows and never changes the active model. A training that "
         "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept."
     ),
-    openapi_extra={"requestBody": {"required": False, "content": CSV_FILE_BODY}},
     responses={
         **errors(401, 403, 409, 413, 422),
-        422: {
-            "model": ErrorBody,
-            "description": "A bad CSV (`detail` names columns and rows), a field rule broken, or a training that "
-            "ran past TRAIN_TIMEOUT_SECONDS",
-        },
+        **file_errors("A bad CSV (`errors` names columns and rows), or a training that ran past TRAIN_TIMEOUT_SECONDS"),
     },
+    form_limits={"max_files": 1, "max_fields": 20},
 )
 async def train(
     request: Request,
     analyst: AnalystUser,
     n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
     random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+    file: CsvFile = None,
 ) -> TrainResult:
-    upload = await _csv_upload(request)
-    try:
-        features = await segmentation.training_matrix(request.app.state.settings, upload)
-    except DataValidationError as exc:
-        raise _data_error(exc) from None
-    finally:
-        if upload is not None:
-            await upload.close()
-    store = request.app.state.models
-    try:
-        served = await store.train(
-            features, n_clusters=n_clusters, random_state=random_state, created_by=analyst.username
-        )
-    except DataValidationError as exc:
-        raise _data_error(exc) from None
+    if file is None and _is_multipart(request):
+        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    features = await segmentation.training_matrix(request.app.state.settings, file)
+    served = await request.app.state.models.train(
+        features, n_clusters=n_clusters, random_state=random_state, created_by=analyst.username
+    )
     meta = served.metadata
     return TrainResult(
         message=f"Model trained with {meta['n_clusters']} segments",
@@ -283,55 +160,36 @@ async def train(
     )
 
 
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
 def _wants_csv(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "text/csv" in accept and "application/json" not in accept.split(",")[0]
 
 
-@router.post(
-    "/predict/batch",
-    summary="Score many customers at once",
-    description=(
-        "JSON `{customers: [...]}` (up to 10,000) or a multipart CSV `file` (up to the upload cap). Results "
-        "are in input order. With `Accept: text/csv` the answer is a CSV of the input columns plus "
-        "`cluster, cluster_name, confidence` and an `error` column for rows that break a rule."
-    ),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": _component_schema(BatchRequest)}, **CSV_FILE_BODY},
-        }
-    },
-    responses={
-        **errors(401, 403, 409, 413, 422),
-        200: {"content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}}},
-    },
-)
-async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
+async def predict_batch(request: Request, user: CurrentUser, batch: Annotated[BatchUpload, File()]) -> Response:
     as_csv = _wants_csv(request)
-    # The body is read first, so an over-cap upload is a 413 whatever else is wrong.
-    upload = await _csv_upload(request)
-    if upload is None:
-        body = await _read_json_body(BatchRequest, request)
-        limit = request.app.state.settings.max_batch_rows
-        if len(body.customers) > limit:
-            raise InvalidInput(
-                f"At most {limit} customers per request (MAX_BATCH_ROWS)",
-                [{"loc": ["body", "customers"], "msg": f"more than {limit} items"}],
-            )
+    if batch.file is not None:
         served = request.app.state.models.require()
-        scored = await run_in_threadpool(lambda: segmentation.score_records(served, body.customers, as_csv=as_csv))
+        scored = await segmentation.score_csv(served, batch.file, as_csv=as_csv)
+    elif batch.customers is not None:
+        limit = request.app.state.settings.max_batch_rows
+        if len(batch.customers) > limit:
+            raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
+        served = request.app.state.models.require()
+        customers = batch.customers
+        scored = await run_in_threadpool(lambda: segmentation.score_records(served, customers, as_csv=as_csv))
     else:
-        try:
-            served = request.app.state.models.require()
-            scored = await segmentation.score_csv(served, upload, as_csv=as_csv)
-        except DataValidationError as exc:
-            raise _data_error(exc) from None
-        finally:
-            await upload.close()
+        raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
     if scored.n_failed and not as_csv:
-        raise InvalidInput(
-            f"{scored.n_failed} rows break a rule; ask for text/csv to get them marked per row", scored.problems
+        first = scored.problems[0] if scored.problems else {}
+        raise DataValidationError(
+            f"{scored.n_failed} of {scored.n_rows} rows break a rule (first: row {first.get('row')}: "
+            f"{first.get('reason')}); ask for text/csv to get every row marked",
+            scored.problems,
+            scored.n_failed,
         )
     await prediction_service.record_batch(
         sessionmaker=request.app.state.database.sessionmaker,
@@ -349,6 +207,27 @@ async def predict_batch(request: Request, user: CurrentUser) -> BatchResult:
         )
     # Serialised in one pass: a BatchResult object per row costs more than the scoring itself.
     return StreamingResponse(scored.json_chunks(), media_type="application/json")
+
+
+router.add_api_route(
+    "/predict/batch",
+    endpoint=predict_batch,
+    methods=["POST"],
+    summary="Score many customers at once",
+    description=(
+        "JSON `{customers: [...]}` (up to 10,000) or a multipart CSV `file` (up to the upload cap). Results "
+        "are in input order. With `Accept: text/csv` the answer is a CSV of the input columns plus "
+        "`cluster, cluster_name, confidence` and an `error` column for rows that break a rule."
+    ),
+    route_class_override=JsonOrFormRoute,
+    response_model=BatchResult,
+    responses={
+        **errors(401, 403, 409, 413, 422),
+        **file_errors("A CSV with unusable rows (ask for text/csv to get them marked per row)"),
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+    },
+    form_limits={"max_files": 1, "max_fields": 20},
+)
 
 
 @router.get(
@@ -406,7 +285,7 @@ async def get_model(
     "/models/{version}/activate",
     summary="Make a version the active one (analyst)",
     description="Rollback or roll forward; every worker switches within about a second.",
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
 )
 async def activate_model(
     version: Annotated[str, Path(max_length=64)], request: Request, _: AnalystUser

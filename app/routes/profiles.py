@@ -19,7 +19,7 @@ def _public(request: Request, profiles: list[CustomerProfile]) -> list[ProfilePu
     out = [ProfilePublic.model_validate(p) for p in profiles]
     if model is not None and out:
         assignments = model.assign(profiles)
-        for item, (cluster, name, _confidence) in zip(out, assignments):
+        for item, (cluster, name, _confidence) in zip(out, assignments, strict=True):
             item.cluster, item.cluster_name = cluster, name
     return out
 

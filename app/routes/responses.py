@@ -1,42 +1,92 @@
-"""OpenAPI declarations of the error responses a route can give, and the 422 of input read by hand."""
+"""OpenAPI declarations of the error responses a route can give, in the shapes app.main renders."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
-    detail: Any
+    """Every error but a 422: `detail` is one human-readable string."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "Profile not found"}]})
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class InvalidRequestBody(BaseModel):
+    """422: FastAPI's list for a declared field rule, one string for a rule across fields."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"detail": [{"type": "less_than_equal", "loc": ["body", "age"], "msg": "Input should be <= 100"}]},
+                {"detail": "k_min must not exceed k_max"},
+            ]
+        }
+    )
+
+    detail: list[FieldError] | str
+
+
+class FileProblem(BaseModel):
+    row: int | None = Field(description="1-based data row (the header is not a row); null for the whole file")
+    line: int | None = Field(description="The file's line (the header is line 1); null for the whole file")
+    column: str | None
+    reason: str
+
+
+class FileProblemBody(BaseModel):
+    """422 for data that cannot be used: `detail` one sentence, `errors` up to ten problems.
+
+    A field rule of the request itself (a query value) is FastAPI's list in `detail`, without `errors`.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detail": "2 of 40 rows have invalid values (first: row 3 age: out of range 18..100: 7)",
+                    "errors": [
+                        {"row": 3, "line": 4, "column": "age", "reason": "out of range 18..100: 7"},
+                        {"row": 9, "line": 10, "column": "spending_score", "reason": "empty value"},
+                    ],
+                }
+            ]
+        }
+    )
+
+    detail: list[FieldError] | str
+    errors: list[FileProblem] = []
 
 
 _DESCRIPTIONS = {
-    400: "Bad request",
     401: "Missing, invalid, expired or revoked token",
     403: "Authenticated but not allowed, or inactive",
     404: "Not found",
+    405: "Method not allowed at this path; see Allow",
     409: "Conflict with the current state",
     413: "Request body too large",
-    422: "The request breaks a field rule; `detail` names the field",
+    422: "A field rule broken (`detail` lists the fields) or a rule across fields (`detail` says which)",
     429: "Too many requests; see Retry-After",
     503: "Temporarily unavailable; see Retry-After",
 }
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"model": InvalidRequestBody if code == 422 else ErrorBody, "description": _DESCRIPTIONS[code]}
+        for code in codes
+    }
 
 
-def validation_error(exc: ValidationError, where: str) -> RequestValidationError:
-    """A Pydantic error on input a route read itself, as FastAPI's 422 for a declared `where` ("body", "query")."""
-    return RequestValidationError(
-        [{**e, "loc": (where, *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
-    )
-
-
-def is_json(content_type: str) -> bool:
-    """Whether a Content-Type says JSON (`application/json` or `application/...+json`, any case), as FastAPI reads it."""
-    media_type = content_type.partition(";")[0].strip().lower()
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+def file_errors(description: str) -> dict[int | str, dict[str, Any]]:
+    """The 422 of a route that reads customer data from a file: the file-problem body."""
+    return {422: {"model": FileProblemBody, "description": f"{description}; or a field rule broken"}}

@@ -45,16 +45,10 @@ async def update_me(
     body: UserUpdate, user: CurrentUser, session: SessionDep, settings: SettingsDep, request: Request
 ) -> UserPublic:
     changes = body.model_dump(exclude_unset=True)
-    for field in ("username", "email", "password"):
-        if field in changes and changes[field] is None:
-            raise InvalidInput(f"{field} cannot be null", [{"loc": ["body", field], "msg": "may not be null"}])
     hashed = None
     if body.password is not None:
         if not body.current_password:
-            raise InvalidInput(
-                "current_password is required to change the password",
-                [{"loc": ["body", "current_password"], "msg": "required with password"}],
-            )
+            raise InvalidInput("current_password is required to change the password")
         current = await user_service.get(session=session, user_id=user.id)
         if not await auth.in_hashing_thread(
             auth.verify_password, body.current_password, current.hashed_password, settings.bcrypt_rounds
@@ -128,7 +122,7 @@ async def set_role(
     "/{user_id:int}",
     summary="Delete a user (admin)",
     description="Deletes the user with their profiles and history. Admins cannot delete themselves.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_user(user_id: PrimaryKey, admin: AdminUser, session: SessionDep, request: Request) -> Message:
     await user_service.delete_user(session=session, user_id=user_id, actor=admin)

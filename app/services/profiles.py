@@ -44,7 +44,7 @@ async def update_own(
     nullable = {"notes"}
     for field, value in changes.items():
         if value is None and field not in nullable:
-            raise InvalidInput(f"{field} cannot be null", [{"loc": ["body", field], "msg": "may not be null"}])
+            raise InvalidInput(f"{field} cannot be null")
         setattr(profile, field, value)
     await session.commit()
     return profile

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -10,6 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import CustomerProfile, HistoryCount, PredictionHistory, Role, User
 from app.errors import Conflict, Forbidden, NotFound
+
+if TYPE_CHECKING:  # app.services.auth imports this module
+    from app.services.auth import Caller
 
 
 async def get(*, session: AsyncSession, user_id: int) -> User:
@@ -130,7 +133,7 @@ async def _guard_last_admin(session: AsyncSession, target: User, *, removes_admi
         raise Conflict("The last active admin cannot be demoted, deactivated or deleted")
 
 
-async def set_role(*, session: AsyncSession, actor: User, user_id: int, role: Role) -> User:
+async def set_role(*, session: AsyncSession, actor: User | Caller, user_id: int, role: Role) -> User:
     target = await get(session=session, user_id=user_id)
     if target.id == actor.id:
         raise Forbidden("Admins cannot change their own role")
@@ -140,7 +143,7 @@ async def set_role(*, session: AsyncSession, actor: User, user_id: int, role: Ro
     return target
 
 
-async def toggle_active(*, session: AsyncSession, actor: User, user_id: int) -> User:
+async def toggle_active(*, session: AsyncSession, actor: User | Caller, user_id: int) -> User:
     target = await get(session=session, user_id=user_id)
     if target.id == actor.id:
         raise Forbidden("Admins cannot deactivate themselves")
@@ -150,7 +153,7 @@ async def toggle_active(*, session: AsyncSession, actor: User, user_id: int) -> 
     return target
 
 
-async def delete_user(*, session: AsyncSession, user_id: int, actor: User | None = None) -> None:
+async def delete_user(*, session: AsyncSession, user_id: int, actor: User | Caller | None = None) -> None:
     """Delete a user with their profiles and history. `actor` is the admin doing it, None for oneself."""
     target = await get(session=session, user_id=user_id)
     if actor is not None and target.id == actor.id:
