@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     event,
 )
@@ -49,7 +50,7 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     user = "user"
     analyst = "analyst"
     admin = "admin"
@@ -103,6 +104,10 @@ class PredictionHistory(Base):
     confidence: Mapped[float] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# The table itself, typed as one (an ORM class's `__table__` is typed as any FromClause).
+PREDICTION_HISTORY: Table = PredictionHistory.__table__  # type: ignore[assignment]
 
 
 class HistoryCount(Base):
@@ -304,12 +309,20 @@ class Database:
             kwargs.update(pool_size=pool_size, max_overflow=max(1, pool_size // 2), pool_timeout=pool_timeout)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas(int(busy_timeout * 1000)))
+            event.listen(self.engine.sync_engine, "connect", sqlite_pragmas(int(busy_timeout * 1000)))
             self._guard_sqlite_file()
         else:
             event.listen(self.engine.sync_engine, "do_connect", _report_unreachable_server)
             _ping_idle_connections(self.engine.sync_engine)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a file-backed SQLite database (None for a server or in-memory database)."""
+        name = self.engine.url.database
+        if not self.is_sqlite or not name or name == ":memory:" or name.startswith("file:"):
+            return None
+        return Path(name).resolve()
 
     def _guard_sqlite_file(self) -> None:
         """Once the database file exists, its removal is an outage (503), never a silent new database.
@@ -317,10 +330,9 @@ class Database:
         Left alone, SQLite keeps serving the deleted file through the open connections and creates
         an empty file on the next connect.
         """
-        name = self.engine.url.database
-        if not name or name == ":memory:" or name.startswith("file:"):
+        path = self.sqlite_file
+        if path is None:
             return
-        path = Path(name).resolve()
         opened = False
         sync_engine = self.engine.sync_engine
 
@@ -365,7 +377,9 @@ def _report_unreachable_server(dialect, _record, cargs, cparams):
         raise dialect.loaded_dbapi.OperationalError(f"could not connect to the database server: {exc}") from exc
 
 
-def _sqlite_pragmas(busy_timeout_ms: int):
+def sqlite_pragmas(busy_timeout_ms: int):
+    """What every SQLite connection of the service sets on connect, through the engine or not."""
+
     def on_connect(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")

@@ -27,10 +27,9 @@ from app.routes import admin, auth, ml, profiles, users
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
-from app.services.history import HistoryReader
 from app.services.models import ModelStore
-from app.services.predictions import HistoryWriter
 from app.services.segmentation import ElbowCache
+from app.storage import open_history_repository
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -177,15 +176,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
         await app.state.models.start()
         app.state.elbow = ElbowCache(settings)
-        app.state.history_writer = HistoryWriter(database, busy_timeout=settings.db_busy_timeout_seconds)
-        app.state.history_writer.start()
-        app.state.history_reader = HistoryReader(database)
+        history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
+        await history.start()
+        # One repository; the routes name it by the side they use.
+        app.state.history_writer = app.state.history_reader = history
         _freeze_startup_objects()
         try:
             yield
         finally:
-            await app.state.history_writer.stop()
-            app.state.history_reader.close()
+            await history.stop()
             await app.state.models.stop()
             await database.dispose()
 

@@ -288,8 +288,18 @@ class HistoryQuery(BaseModel):
     user_id: int | None = Field(
         None, gt=0, le=2**31 - 1, description="Another user's history (analysts and admins); absent: your own"
     )
-    skip: int = Field(0, ge=0, le=2**31 - 1, description="Rows to skip")
+    skip: int = Field(0, ge=0, le=2**31 - 1, description="Rows to skip (with `before_id`: counted from that row)")
     limit: int = Field(50, ge=1, le=MAX_PAGE_SIZE, description=f"Rows to return, at most {MAX_PAGE_SIZE}")
+    before_id: int | None = Field(
+        None,
+        gt=0,
+        le=2**31 - 1,
+        description=(
+            "Only rows older than this one (a history item's `id`, usually the last page's `next_before_id`): "
+            "a page as fast deep in a long history as at its start, and not shifted by new predictions. "
+            "`skip` then counts from that row. An id that is not in this history is a 422."
+        ),
+    )
 
 
 class ElbowRange(BaseModel):
@@ -401,13 +411,18 @@ class HistoryItem(BaseModel):
 
 class HistoryPage(BaseModel):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"history": [HISTORY_EXAMPLE], "total": 1, "skip": 0, "limit": 50}]}
+        json_schema_extra={
+            "examples": [{"history": [HISTORY_EXAMPLE], "total": 1, "skip": 0, "limit": 50, "next_before_id": None}]
+        }
     )
 
     history: list[HistoryItem]
     total: int
     skip: int
     limit: int
+    next_before_id: int | None = Field(
+        None, description="The `before_id` that reads the next (older) page; null on the last page"
+    )
 
 
 class ModelVersionPublic(BaseModel):

@@ -63,6 +63,7 @@ class Mode:
     train_rows: tuple[int, int, int]
     batch_rows: int
     batch_rounds: int
+    deep_history_rows: int  # older history rows seeded for the reader, the deep pages' depth
 
 
 FULL = Mode(
@@ -75,6 +76,7 @@ FULL = Mode(
     train_rows=(5000, 100_000, 1_000_000),
     batch_rows=100_000,
     batch_rounds=3,
+    deep_history_rows=200_000,
 )
 QUICK = Mode(
     "quick",
@@ -86,6 +88,7 @@ QUICK = Mode(
     train_rows=(2000, 5000, 20_000),
     batch_rows=5000,
     batch_rounds=1,
+    deep_history_rows=20_000,
 )
 
 
@@ -454,6 +457,54 @@ def prepare_service(env: dict[str, str], mode: Mode) -> None:
             check=True,
             capture_output=True,
         )
+    seed_history(env["DATABASE_URL"], READER[0], mode.deep_history_rows)
+
+
+def seed_history(url: str, username: str, rows: int) -> None:
+    """Give `username` `rows` older predictions, straight into the table (as many /predict calls would)."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select, text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from app.database import PREDICTION_HISTORY, User
+
+    start = datetime.now(UTC) - timedelta(days=365)
+
+    async def seed() -> None:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            user_id = (await conn.execute(select(User.id).where(User.username == username))).scalar_one()
+            if conn.dialect.name == "postgresql":
+                # One statement: PostgreSQL's count trigger runs once per statement, not per row.
+                await conn.execute(
+                    text(
+                        "INSERT INTO prediction_history (user_id, customer_data, cluster, cluster_name, confidence, "
+                        "model_version, created_at) SELECT :user_id, json_build_object('sex', 'Female', "
+                        "'age', 18 + n % 60, 'annual_income', 85.0, 'spending_score', 82, 'purchase_frequency', 40), "
+                        "n % 5, 'Seeded history', 0.5, 'seeded', CAST(:start AS timestamptz) + n * interval '1 second' "
+                        "FROM generate_series(0, :rows - 1) AS n"
+                    ),
+                    {"user_id": user_id, "start": start, "rows": rows},
+                )
+                return
+            for first in range(0, rows, 10_000):
+                chunk = [
+                    {
+                        "user_id": user_id,
+                        "customer_data": {**CUSTOMER, "age": 18 + number % 60},
+                        "cluster": number % 5,
+                        "cluster_name": "Seeded history",
+                        "confidence": 0.5,
+                        "model_version": "seeded",
+                        "created_at": start + timedelta(seconds=number),
+                    }
+                    for number in range(first, min(rows, first + 10_000))
+                ]
+                await conn.execute(PREDICTION_HISTORY.insert(), chunk)
+        await engine.dispose()
+
+    asyncio.run(seed())
 
 
 def reset_postgres(url: str) -> None:
@@ -498,6 +549,17 @@ def set_up_service(service: Server) -> dict[str, str]:
                 "/auth/register", json={"email": f"{name}@example.com", "username": name, "password": LOGIN_PASSWORD}
             ).raise_for_status()
     return tokens
+
+
+def deep_history_path(base: str, token: str, depth: int) -> str:
+    """A page `depth` rows into the reader's history, read by before_id (its cursor found by walking)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, timeout=60, headers=headers) as http:
+        # One read by skip finds the row; the benchmark then reads the page after it by before_id.
+        page = http.get("/history", params={"skip": depth - 1, "limit": 1}).raise_for_status().json()
+        return f"/history?limit=50&before_id={page['history'][0]['id']}"
 
 
 def history_total(base: str, token: str) -> int:
@@ -628,7 +690,10 @@ ENDPOINTS = [  # (row label, path, script, token owner)
     ("GET /clusters", "/clusters", "get.lua", READER[0]),
     ("GET /elbow", "/elbow", "get.lua", READER[0]),
     ("GET /history?limit=50", "/history?limit=50", "get.lua", READER[0]),
+    (DEEP_LABEL := "GET /history?limit=50, deep, by before_id", None, "get.lua", READER[0]),
 ]
+DEEP_PROBE_LABEL = "GET / while deep history pages are read"
+DEEP_DEPTH = 100_000  # rows before the deep page (at most the seeded history)
 # The same service with one thing changed, to show what it costs:
 # (row label, path, script, token owner, env, middleware left out).
 LOG_OFF_LABEL = "GET /clusters, request log off (LOG_LEVEL=WARNING)"
@@ -658,6 +723,7 @@ class Report:
     logins: LoadResult | None = None
     probe: LoadResult | None = None
     probe_ratio: float = 0.0
+    deep_probe: LoadResult | None = None
     batch: dict | None = None
     training: list[tuple[int, dict]] = field(default_factory=list)
     committed: int = 0
@@ -790,6 +856,19 @@ def log_cost(report: Report) -> tuple[float, float] | None:
     return share, 1 - share
 
 
+def measure_deep_probe(load: LoadGenerator, service: Server, deep: Target, args, report: Report) -> None:
+    """Deep history pages on half the connections, a health probe on the other half: what a deep page costs others."""
+    half = max(1, args.connections // 2)
+    probes = []
+    for _ in range(args.rounds):
+        _, probe = load.run_together(
+            (deep, {"connections": half, "seconds": args.duration, "threads": 1}),
+            (Target(service.url + "/", "get.lua"), {"connections": half, "seconds": args.duration, "threads": 1}),
+        )
+        probes.append(probe)
+    report.deep_probe = median_result(probes)
+
+
 def print_report(report: Report, args) -> None:
     print()
     width = max([40, *(len(label) + 2 for label in report.rows)])
@@ -807,6 +886,9 @@ def print_report(report: Report, args) -> None:
             f"{PROBE_LABEL:<{width}}{report.probe.rps:>9,.0f}{report.probe.p50_ms:>9.1f}{report.probe.p99_ms:>9.1f}"
             f"{report.probe_ratio:>8.2f}"
         )
+    if report.deep_probe is not None:
+        deep = report.deep_probe
+        print(f"{DEEP_PROBE_LABEL:<{width}}{deep.rps:>9,.0f}{deep.p50_ms:>9.1f}{deep.p99_ms:>9.1f}")
     if report.batch is not None:
         for kind in ("csv", "json"):
             label = f"batch {report.batch['rows']:,}-row CSV, {kind.upper()} back"
@@ -858,6 +940,14 @@ def print_report(report: Report, args) -> None:
                 f"{cost[1]:.0%}",
             )
         )
+    if DEEP_LABEL in rows and "GET /history?limit=50" in rows:
+        first, deep_p50 = rows["GET /history?limit=50"]["p50"], rows[DEEP_LABEL]["p50"]
+        checks.append(
+            ("deep history page p50 <= 1.5 x first page's", deep_p50 <= 1.5 * first, f"{deep_p50 / first:.2f} x")
+        )
+    if report.deep_probe is not None:
+        p99 = report.deep_probe.p99_ms
+        checks.append(("GET / p99 < 50 ms while deep pages are read", p99 < 50, f"{p99:.1f} ms"))
     if report.probe is not None:
         checks.append(
             ("GET / p99 < 50 ms while 16 logins hash", report.probe.p99_ms < 50, f"{report.probe.p99_ms:.1f} ms")
@@ -950,7 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
         tokens = set_up_service(service)
 
         targets: dict[str, tuple[Server, Target]] = {}
+        deep_path = deep_history_path(service.url, tokens[READER[0]], min(DEEP_DEPTH, mode.deep_history_rows))
         for label, path, script, owner in ENDPOINTS:
+            path = path or deep_path
             targets[label] = (
                 service,
                 Target(
@@ -986,6 +1078,8 @@ def main(argv: list[str] | None = None) -> int:
         for server in [s for s in servers if s is not service]:
             server.stop()
             servers.remove(server)
+        if DEEP_LABEL in targets:
+            measure_deep_probe(load, service, targets[DEEP_LABEL][1], args, report)
         if not args.skip_extras:
             measure_logins(load, service, args, mode, report)
             report.batch = measure_batch(service, tokens[USER[0]], mode.batch_rows, mode.batch_rounds)

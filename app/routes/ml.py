@@ -86,7 +86,9 @@ async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQ
         if user.role not in (Role.analyst.value, Role.admin.value):
             raise Forbidden("Only analysts and admins may read another user's history")
         target = query.user_id
-    body = await request.app.state.history_reader.page(user_id=target, skip=query.skip, limit=query.limit)
+    body = await request.app.state.history_reader.page(
+        user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
+    )
     return Response(body, media_type="application/json")
 
 
