@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     metrics_token: str = ""
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    # How often the request log lines queued in a worker are written out (at most a second).
+    log_flush_seconds: float = Field(default=0.2, gt=0, le=1.0)
 
     @field_validator("database_url")
     @classmethod

@@ -11,6 +11,7 @@ CORS stays Starlette's `CORSMiddleware`, called only for requests that carry an 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,8 +20,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.observability import (
+    ACCESS_EXIT_TIMEOUT_SECONDS,
     METRICS_PATH,
     Metrics,
+    access_log,
     access_logger,
     new_request_id,
     request_id_var,
@@ -88,6 +91,33 @@ class _RequestFacts:
                 self.has_body = True
 
 
+def _cors(app: ASGIApp, origins: list[str]) -> CORSMiddleware:
+    return CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_credentials=True,
+        allow_methods=CORS_ALLOW_METHODS,
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+    )
+
+
+def _flush_access_log_before_shutdown_ends(send: Send) -> Send:
+    """`send` for the lifespan scope: the server hears that shutdown is complete only once the
+    request lines still queued are written, so a clean stop (SIGTERM included) loses none.
+
+    This flush is the one that counts under uvicorn: after its graceful shutdown it raises the
+    SIGTERM again, and the process ends without running `atexit` handlers.
+    """
+
+    async def lifespan_send(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await asyncio.to_thread(access_log.flush, timeout=ACCESS_EXIT_TIMEOUT_SECONDS)
+        await send(message)
+
+    return lifespan_send
+
+
 class ServiceMiddleware:
     """Request id in and out, body caps (413), hardening headers, CORS, metrics and one log line.
 
@@ -104,18 +134,13 @@ class ServiceMiddleware:
         self.metrics = metrics
         self.upload_limit = upload_limit
         self.json_limit = json_limit
-        cors = {
-            "allow_origins": cors_origins,
-            "allow_credentials": True,
-            "allow_methods": CORS_ALLOW_METHODS,
-            "allow_headers": CORS_ALLOW_HEADERS,
-            "expose_headers": CORS_EXPOSE_HEADERS,
-        }
-        self._cors_app = CORSMiddleware(app, **cors)
-        self._cors_capped = CORSMiddleware(self._capped, **cors)
+        self._cors_app = _cors(app, cors_origins)
+        self._cors_capped = _cors(self._capped, cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = _flush_access_log_before_shutdown_ends(send)
             await self.app(scope, receive, send)
             return
         facts = _RequestFacts(scope)
@@ -155,6 +180,7 @@ class ServiceMiddleware:
                 message["headers"] = headers
             await send(message)
 
+        app: ASGIApp
         if facts.has_body:
             app = self._cors_capped if facts.origin else self._capped
         else:
@@ -174,27 +200,8 @@ class ServiceMiddleware:
             # Scrapes come every few seconds; they stay out of the INFO log.
             level = logging.DEBUG if route == METRICS_PATH else logging.INFO
             if access_logger.isEnabledFor(level):
-                duration_ms = round(elapsed * 1000, 1)
                 user_id = state.get("user_id") if isinstance(state, dict) else None
-                access_logger.log(
-                    level,
-                    "%s %s %s %.1fms",
-                    method,
-                    route,
-                    status,
-                    duration_ms,
-                    extra={
-                        "request_id": request_id,
-                        "fields": {
-                            "method": method,
-                            "route": route,
-                            "path": scope.get("path", ""),
-                            "status": status,
-                            "duration_ms": duration_ms,
-                            "user_id": user_id,
-                        },
-                    },
-                )
+                access_log.log(level, method, route, scope.get("path", ""), status, elapsed, request_id, user_id)
             # After an unhandled error the id stays set: Starlette's 500 handler runs next in
             # this task, and the traceback it logs should carry the id too.
             if not failed:

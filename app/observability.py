@@ -1,5 +1,8 @@
 """Logs and metrics: the logging set-up, one log line per request, Prometheus at /metrics.
 
+The request line does not go through `logging`: `AccessLog` formats it where the request ends
+and a thread writes the lines in batches (see there). Every other record goes through logging.
+
 Each app has its own `CollectorRegistry` (on `app.state.metrics`), so many apps can live
 in one process (the tests make one per test). With several worker processes each
 process keeps and reports its own numbers: a scrape of /metrics reaches one of them.
@@ -7,6 +10,7 @@ process keeps and reports its own numbers: a scrape of /metrics reaches one of t
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import logging
@@ -14,10 +18,14 @@ import os
 import re
 import secrets
 import sys
+import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any
 
 import numpy as np
@@ -112,10 +120,18 @@ class JsonFormatter(logging.Formatter):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time, so a replaced stream is followed."""
+    """Writes to whatever `sys.stderr` is at the time, so a replaced stream is followed.
+
+    The request lines still waiting in `access_log` go out first: a traceback and the line of
+    the request that raised it stay in the order they happened.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        access_log.flush(wait=False)
+        super().emit(record)
 
     @property
     def stream(self):  # type: ignore[override]
@@ -139,6 +155,8 @@ def configure_logging(settings: Settings) -> None:
     handler = _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    access_log.json_format = settings.log_format == "json"
+    access_log.flush_seconds = settings.log_flush_seconds
     handler.addFilter(RequestContextFilter())
 
     root = logging.getLogger()
@@ -154,6 +172,173 @@ def configure_logging(settings: Settings) -> None:
     server = logging.getLogger("uvicorn")
     if server.handlers:
         server.handlers = [handler]
+
+
+# --- the request log line ------------------------------------------------------------------
+
+# How often the writer thread empties the queue of request lines (LOG_FLUSH_SECONDS).
+ACCESS_FLUSH_SECONDS = 0.2
+# Lines kept while the stream does not take them; past this, lines are dropped and counted.
+ACCESS_MAX_PENDING = 20_000
+# How long the last flush at exit waits for a writer stuck on a blocked stream.
+ACCESS_EXIT_TIMEOUT_SECONDS = 5.0
+
+
+def _clean(value: str) -> str:
+    """`redact(value)`, skipped for values in which none of the secret patterns can start."""
+    if "eyJ" in value or "$2" in value or " " in value or not value.isprintable():
+        return redact(value)
+    return value
+
+
+class AccessLog:
+    """The one line per request: formatted where the request ends, written by a thread in batches.
+
+    Through `logging` each request paid for a record, the filters, a handler lock, a formatter
+    and a write with its flush; here it pays for one string and an append to a queue. A daemon
+    thread writes the queue to `sys.stderr` every LOG_FLUSH_SECONDS, at lifespan end (from
+    ServiceMiddleware) and at exit, so a clean stop loses no line. A blocked stream holds up that
+    thread, never a request: past ACCESS_MAX_PENDING lines waiting, new ones are dropped, and how
+    many is logged once the stream takes writes again. The lines have the fields, formats and
+    redaction of `TextFormatter` and `JsonFormatter`.
+    """
+
+    def __init__(
+        self,
+        *,
+        json_format: bool = False,
+        flush_seconds: float = ACCESS_FLUSH_SECONDS,
+        max_pending: int = ACCESS_MAX_PENDING,
+        logger_name: str = "app.requests",
+    ) -> None:
+        self.json_format = json_format
+        self.flush_seconds = flush_seconds
+        self.max_pending = max_pending
+        self.logger_name = logger_name
+        self._json_logger = _json_string(logger_name)
+        self.dropped = 0
+        self._reported_dropped = 0
+        self._pending: deque[str] = deque()
+        # (second, text stamp, JSON stamp): formatting a time costs more than the rest of a line.
+        self._stamps: tuple[int, str, str] = (-1, "", "")
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also the state of a forked child: the parent's thread and locks do not come along.
+        self._pending.clear()
+        self._write_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def log(
+        self,
+        level: int,
+        method: str,
+        route: str,
+        path: str,
+        status: int,
+        seconds: float,
+        request_id: str | None,
+        user_id: object,
+    ) -> None:
+        """Queue the line of one finished request; the caller has checked that `level` is enabled."""
+        now = time.time()
+        second = int(now)
+        stamps = self._stamps
+        if stamps[0] != second:
+            stamps = self._stamps = _stamps_for(second)
+        millis = int((now - second) * 1000)
+        duration_ms = round(seconds * 1000, 1)
+        level_name = logging.getLevelName(level)
+        request_id = _clean(request_id) if request_id else None
+        if self.json_format:
+            message = f"{method} {route} {status} {duration_ms:.1f}ms"
+            line = (
+                f'{{"time": "{stamps[2]}.{millis:03d}+00:00", "level": "{level_name}", '
+                f'"logger": {self._json_logger}, "message": {_json_string(message)}, '
+                + (f'"request_id": {_json_string(request_id)}, ' if request_id else "")
+                + f'"method": {_json_string(method)}, "route": {_json_string(route)}, '
+                f'"path": {_json_string(_clean(path))}, "status": {status}, "duration_ms": {duration_ms!r}, '
+                f'"user_id": {_json_value(user_id)}}}\n'
+            )
+        else:
+            line = (
+                f"{stamps[1]},{millis:03d} {level_name} {self.logger_name} {method} {route} {status} "
+                f"{duration_ms:.1f}ms"
+                + (f" request_id={request_id}" if request_id else "")
+                + ("" if user_id is None else f" user_id={_clean(str(user_id))}")
+                + "\n"
+            )
+        pending = self._pending
+        if len(pending) < self.max_pending:
+            pending.append(line)
+        else:
+            self.dropped += 1
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.flush_seconds)
+            self.flush()
+
+    def flush(self, *, wait: bool = True, timeout: float = -1) -> bool:
+        """Write every line queued so far. False when another flush holds the stream and `wait` is off."""
+        if not self._write_lock.acquire(wait, timeout if wait else -1):
+            return False
+        try:
+            pending = self._pending
+            count = len(pending)
+            if count:
+                text = "".join([pending.popleft() for _ in range(count)])
+                stream = sys.stderr
+                try:
+                    if stream is None:
+                        raise ValueError("no stderr")
+                    stream.write(text)
+                    stream.flush()
+                except Exception:  # a failing stream must not stop the writer: the lines are counted as lost
+                    self.dropped += count
+                    return True
+            dropped = self.dropped - self._reported_dropped
+        finally:
+            self._write_lock.release()
+        if dropped:
+            self._reported_dropped += dropped
+            logging.getLogger(self.logger_name).warning(
+                "%d request log lines were dropped: the log stream did not take them in time", dropped
+            )
+        return True
+
+
+def _stamps_for(second: int) -> tuple[int, str, str]:
+    """The times of `TextFormatter` (local, as logging's asctime) and `JsonFormatter` (UTC), to the second."""
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+    utc = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return second, text, utc
+
+
+def _json_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _json_string(_clean(str(value)))
+
+
+access_log = AccessLog()
+os.register_at_fork(after_in_child=access_log._reset)
+
+
+@atexit.register
+def _flush_access_log_at_exit() -> None:
+    access_log.flush(timeout=ACCESS_EXIT_TIMEOUT_SECONDS)
 
 
 # --- metrics -------------------------------------------------------------------------------

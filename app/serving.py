@@ -123,10 +123,12 @@ class BurstAcceptServer:
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is not built for Windows
-    uvloop = None
+    HAVE_UVLOOP = False
+else:
+    HAVE_UVLOOP = True
 
 
-if uvloop is not None:
+if HAVE_UVLOOP:
 
     class ServiceLoop(uvloop.Loop):
         async def create_server(
@@ -144,6 +146,6 @@ if uvloop is not None:
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The loop factory uvicorn's `--loop app.serving:new_event_loop` calls."""
-    if uvloop is None:  # pragma: no cover
+    if not HAVE_UVLOOP:  # pragma: no cover
         return asyncio.new_event_loop()
     return ServiceLoop()

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime
 
 import httpx
 import pytest
@@ -11,10 +16,13 @@ from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.observability import JsonFormatter, TextFormatter, configure_logging, redact, sane_request_id
+from app.observability import JsonFormatter, access_log, configure_logging, redact, sane_request_id
 from tests.conftest import CUSTOMER
 
 NEW_PASSWORD = "another-horse-77"
+# Request lines are written every LOG_FLUSH_SECONDS; a busy machine may take far longer.
+LOG_DEADLINE_SECONDS = 30
+A_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig_nat-ure"
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -33,6 +41,26 @@ def _json_lines(text: str) -> list[dict]:
         if line.startswith("{"):
             lines.append(json.loads(line))
     return lines
+
+
+async def _stderr_until(capsys, done: Callable[[str], bool], deadline: float = LOG_DEADLINE_SECONDS) -> str:
+    """What the app wrote to stderr, read until `done(text)`: the request lines come in batches."""
+    text = ""
+    give_up = time.monotonic() + deadline
+    while True:
+        text += capsys.readouterr().err
+        if done(text):
+            return text
+        assert time.monotonic() < give_up, f"not in the log after {deadline} s:\n{text}"
+        await asyncio.sleep(0.05)
+
+
+def _request_lines(text: str, request_id: str) -> list[dict]:
+    return [
+        line
+        for line in _json_lines(text)
+        if line.get("logger") == "app.requests" and line.get("request_id") == request_id
+    ]
 
 
 @pytest.fixture
@@ -61,31 +89,39 @@ async def test_logs_never_carry_passwords_tokens_or_hashes(client, trained_model
     relogin = await client.post("/auth/login", json={"username": "logcheck", "password": NEW_PASSWORD})
     new_token = relogin.json()["access_token"]
     assert (await client.post("/auth/logout", headers={"Authorization": f"Bearer {new_token}"})).status_code == 200
+    # A client may put a token where a request id or a path goes: the line still does not show it.
+    await client.get(f"/profiles/{A_JWT}", headers={"X-Request-ID": A_JWT})
 
-    output = capsys.readouterr().err
+    expected = {"/auth/login", "/predict", "/users/me", "/auth/logout", "/profiles/{profile_id}"}
+    output = await _stderr_until(capsys, lambda text: expected <= {line.get("route") for line in _json_lines(text)})
     records = "\n".join(
         f"{r.getMessage()} {r.args!r} {getattr(r, 'fields', '')} {r.exc_text or ''}" for r in caplog.records
     )
-    routes = {line.get("route") for line in _json_lines(output)}
-    assert {"/auth/login", "/predict", "/users/me", "/auth/logout"} <= routes, "the requests were not logged"
+    redacted = [line for line in _json_lines(output) if line.get("route") == "/profiles/{profile_id}"]
+    assert redacted[0]["request_id"] == "[redacted-token]" and redacted[0]["path"] == "/profiles/[redacted-token]"
     for text in (output, caplog.text, records):
-        for secret in (password, NEW_PASSWORD, token, new_token, "$2b$"):
+        for secret in (password, NEW_PASSWORD, token, new_token, A_JWT, "$2b$"):
             assert secret not in text
 
 
 async def test_one_json_line_per_request_with_id_user_route_status_latency(client, make_user, capsys):
     user, headers = await make_user()
-    capsys.readouterr()
     response = await client.get("/profiles/424242", headers={**headers, "X-Request-ID": "trace-me.42"})
     assert response.status_code == 404
-    lines = [line for line in _json_lines(capsys.readouterr().err) if line.get("logger") == "app.requests"]
+    output = await _stderr_until(capsys, lambda text: bool(_request_lines(text, "trace-me.42")))
+    # Whatever else comes in later batches, this request has exactly one line.
+    access_log.flush()
+    lines = _request_lines(output + capsys.readouterr().err, "trace-me.42")
     assert len(lines) == 1
     line = lines[0]
-    assert line["request_id"] == "trace-me.42"
     assert line["user_id"] == user["id"]
     assert line["method"] == "GET" and line["route"] == "/profiles/{profile_id}" and line["status"] == 404
+    assert (
+        line["path"] == "/profiles/424242"
+        and line["message"] == f"GET /profiles/{{profile_id}} 404 {line['duration_ms']:.1f}ms"
+    )
     assert isinstance(line["duration_ms"], (int, float)) and line["duration_ms"] >= 0
-    assert line["level"] == "INFO" and line["time"]
+    assert line["level"] == "INFO" and datetime.fromisoformat(line["time"]).tzinfo is not None
 
 
 async def test_training_log_goes_through_the_same_formatter_with_the_request_id(
@@ -102,13 +138,30 @@ async def test_training_log_goes_through_the_same_formatter_with_the_request_id(
 
 
 @pytest.mark.parametrize("settings_overrides", [{"log_format": "text"}])
-async def test_text_log_line_is_readable(client, make_user, caplog):
+async def test_text_log_line_is_readable(client, make_user, capsys):
     user, headers = await make_user()
-    caplog.set_level(logging.INFO, logger="app")
     await client.get("/auth/me", headers={**headers, "X-Request-ID": "abc-1"})
-    record = next(r for r in caplog.records if r.name == "app.requests" and r.fields["route"] == "/auth/me")
-    line = TextFormatter().format(record)
-    assert "GET /auth/me 200" in line and "request_id=abc-1" in line and f"user_id={user['id']}" in line
+    output = await _stderr_until(capsys, lambda text: "request_id=abc-1" in text)
+    line = next(line for line in output.splitlines() if "request_id=abc-1" in line)
+    pattern = rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO app\.requests GET /auth/me 200 \d+\.\dms request_id=abc-1 user_id={user['id']}"
+    assert re.fullmatch(pattern, line), line
+
+
+@pytest.mark.parametrize("settings_overrides", [{"log_level": "WARNING"}])
+async def test_log_level_warning_turns_the_request_line_off(client, capsys):
+    assert (await client.get("/", headers={"X-Request-ID": "quiet-1"})).status_code == 200
+    assert (await client.get("/no/such/page", headers={"X-Request-ID": "quiet-2"})).status_code == 404
+    access_log.flush()  # whatever was queued is written now
+    assert "quiet-" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings_overrides", [{"log_level": "INFO"}])
+async def test_metrics_scrapes_stay_out_of_the_info_log(client, capsys):
+    assert (await client.get("/metrics", headers={"X-Request-ID": "scrape-1"})).status_code == 200
+    assert (await client.get("/", headers={"X-Request-ID": "after-scrape"})).status_code == 200
+    output = await _stderr_until(capsys, lambda text: "after-scrape" in text)
+    access_log.flush()
+    assert "scrape-1" not in output + capsys.readouterr().err
 
 
 async def test_request_id_is_echoed_when_sane_and_generated_otherwise(client):
@@ -224,9 +277,11 @@ async def test_unhandled_errors_are_logged_with_their_request_id(app, capsys):
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         seen = await http.get("/test-only/request-id", headers={"X-Request-ID": "handler-sees-it"})
         assert seen.json() == {"request_id": "handler-sees-it"}
-        capsys.readouterr()
         failed = await http.get("/test-only/boom", headers={"X-Request-ID": "boom-1"})
     assert failed.status_code == 500 and "boom" not in failed.text
-    lines = [line for line in _json_lines(capsys.readouterr().err) if line.get("request_id") == "boom-1"]
-    assert any(line["logger"] == "app.requests" and line["status"] == 500 for line in lines)
+    output = await _stderr_until(capsys, lambda text: "Traceback" in text and bool(_request_lines(text, "boom-1")))
+    lines = [line for line in _json_lines(output) if line.get("request_id") == "boom-1"]
+    assert [line["status"] for line in lines if line["logger"] == "app.requests"] == [500]
     assert any("Traceback" in line.get("exception", "") for line in lines), "the traceback lost its request id"
+    # The request's line is written before the traceback that follows it, not in a later batch.
+    assert lines[0]["logger"] == "app.requests"
