@@ -297,7 +297,7 @@ class HistoryQuery(BaseModel):
         description=(
             "Only rows older than this one (a history item's `id`, usually the last page's `next_before_id`): "
             "a page as fast deep in a long history as at its start, and not shifted by new predictions. "
-            "`skip` then counts from that row. An id that is not in this history is a 422."
+            "`skip` then counts from that row. An id that is not in this history is a 404."
         ),
     )
 

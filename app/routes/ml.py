@@ -78,7 +78,7 @@ async def elbow(request: Request, _: CurrentUser, k: Annotated[ElbowRange, Query
     summary="Prediction history, newest first",
     description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
     response_model=HistoryPage,
-    responses=errors(401, 403, 422),
+    responses=errors(401, 403, 404, 422),
 )
 async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQuery, Query()]) -> Response:
     target = user.id

@@ -21,7 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from app.database import PREDICTION_HISTORY, Database, HistoryCount, PredictionHistory
-from app.errors import InvalidInput
+from app.errors import AppError
 from app.services.history import item_json, page_bytes
 
 logger = logging.getLogger("app.history")
@@ -93,8 +93,10 @@ TOTAL_AND_KEYS = {False: _total_and_keys(before=False), True: _total_and_keys(be
 MAX_KEPT_ITEMS = 20_000
 
 
-def unknown_cursor(before_id: int) -> InvalidInput:
-    return InvalidInput(f"before_id {before_id} is not a prediction in this history")
+def unknown_cursor(before_id: int) -> AppError:
+    # A well-formed id that names no row of this history (another user's included): not found,
+    # as someone else's profile is; a malformed one is FastAPI's 422.
+    return AppError(f"before_id {before_id} is not a prediction in this history", status_code=404)
 
 
 class KeptItems:
@@ -204,7 +206,7 @@ class HistoryRepository(ABC):
 
         The total and the page's keys come from one snapshot, so they agree, and every commit
         made before the call (a prediction answered with 200) is in it. `before_id` must name a
-        row of this user's history (else InvalidInput).
+        row of this user's history (else a 404).
         """
 
     async def close(self) -> None:  # noqa: B027 - nothing to release unless an implementation holds more
