@@ -149,8 +149,8 @@ _frozen = False
 def _freeze_startup_objects() -> None:
     """Exempt what start-up loaded (NumPy, pandas, scikit-learn, the ORM) from garbage collection.
 
-    A full collection walks every one of those objects: about 150 ms with the service
-    stalled, which is most of its tail latency under load. Once per process is enough.
+    A full collection walks every one of those objects with the service stalled, which was most
+    of its tail latency under load. Once per process is enough.
     """
     global _frozen
     if not _frozen:

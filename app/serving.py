@@ -3,10 +3,10 @@
 `uvicorn app.main:app --loop app.serving:new_event_loop` (what `make run` does).
 
 libuv, under uvloop, accepts one connection per pass of the event loop since 1.45. On a busy
-worker a pass takes as long as answering every request that is ready, several milliseconds, so
-64 clients connecting at once to a loaded worker waited 10 ms more each, in turn: the last one
-about 450 ms for its first answer, while every request on an open connection took 20 ms. asyncio's
-own loop accepts all that are waiting but answers about 20% fewer requests a second. This loop is
+worker a pass takes as long as answering every request that is ready, so clients connecting at
+once to a loaded worker were accepted one pass apart, the last after hundreds of milliseconds
+(docs/performance.md tells how it was found). asyncio's own loop accepts all that are waiting but
+answers fewer requests a second. This loop is
 uvloop with the listening socket read the asyncio way: each time it is readable, every waiting
 connection (up to ACCEPTS_PER_WAKEUP) is accepted and handed to uvloop as an accepted socket.
 TLS servers (uvicorn's --ssl-*) and Unix sockets keep uvloop's own accept.

@@ -1,7 +1,7 @@
 """Benchmark the service against a bare FastAPI app served the same way.
 
-    .venv/bin/python bench/run.py            # the full run behind `make bench` (about nine minutes)
-    .venv/bin/python bench/run.py --quick    # a smoke run of a few seconds per row, part of `make test`
+    .venv/bin/python bench/run.py            # the full run behind `make bench` (about ten minutes)
+    .venv/bin/python bench/run.py --quick    # a smoke run of a few seconds per row (`make bench-smoke`)
 
 Both apps run as one uvicorn worker with the flags of the Makefile's `run` target (the
 service's event loop, httptools, no uvicorn access log), and the service at the settings
@@ -981,7 +981,7 @@ def print_report(report: Report, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (part of make test)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (make bench-smoke)")
     parser.add_argument("--rounds", type=int, help="rounds alternating bare app and service")
     parser.add_argument("--duration", type=float, help="seconds per row per round")
     parser.add_argument("--connections", type=int, default=64)
