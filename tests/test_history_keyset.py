@@ -186,3 +186,28 @@ async def test_a_slow_history_read_does_not_hold_up_other_requests(app, client, 
         release.set()
     response = await reading
     assert response.status_code == 200 and response.json()["total"] == 0
+
+
+@pytest.mark.postgres
+async def test_pages_asked_at_once_each_get_their_own_answer_and_one_bad_cursor_fails_alone(
+    client, make_user, trained_model
+):
+    users = [await make_user(Role.user) for _ in range(3)]
+    for n, (_, headers) in enumerate(users):
+        for age in range(20, 23 + n):
+            response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)
+            assert response.status_code == 200
+    expected = [await _all(client, headers) for _, headers in users]
+    requests = [(i, {"limit": 2}) for i in range(3)] * 5 + [(0, {"before_id": 2**31 - 1})]
+    responses = await asyncio.gather(
+        *(client.get("/history", params=params, headers=users[i][1]) for i, params in requests)
+    )
+    for (i, params), response in zip(requests, responses, strict=True):
+        if "before_id" in params:
+            assert response.status_code == 404, response.text
+            continue
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert page["total"] == len(expected[i])
+        assert page["history"] == expected[i][:2]
+        assert page["next_before_id"] == expected[i][1]["id"]

@@ -15,6 +15,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +39,8 @@ from app.storage.history import (
 
 T = TypeVar("T")
 
+# A page's keys, [id, created_at] each, by (created_at, id).
+_NEWEST_FIRST = itemgetter(1, 0)
 # A reader never waits for a writer under WAL; should it ever be told to wait, it gives up this soon.
 READ_BUSY_TIMEOUT_MS = 200
 
@@ -54,6 +57,65 @@ def _page_statement(*, before: bool) -> str:
     found = CURSOR_FOUND if before else true()
     statement = select(TOTAL, found, keys_json)
     return str(statement.compile(dialect=sqlite_dialect.dialect(paramstyle="named")))
+
+
+class BatchedThread:
+    """One thread that runs the calls handed to it, the calls that arrive meanwhile in one hand-over.
+
+    A hand-over to a thread and back (its queue, a wake-up each way, the GIL changing hands)
+    costs more than a page read. Under load many pages arrive together: the first call hands
+    itself over, the ones that arrive while it runs wait and go over together next, so the
+    cost is shared by the batch. A lone call still takes one hand-over and no more.
+    """
+
+    def __init__(self, name: str, *, max_batch: int = 64) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.max_batch = max_batch
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def call(self, work: Callable[..., T], *args: Any) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((work, args, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                calls = [(work, args) for work, args, future in batch if not future.done()]
+                outcomes = await loop.run_in_executor(self.executor, _run_each, calls)
+                waiting = [future for _, _, future in batch if not future.done()]
+                for future, (failed, value) in zip(waiting, outcomes, strict=True):
+                    if failed:
+                        future.set_exception(value)
+                    else:
+                        future.set_result(value)
+        except BaseException as exc:  # the thread pool shut down, or the task was cancelled
+            for _, _, future in self._pending:
+                if not future.done():
+                    future.set_exception(RuntimeError(f"history thread stopped: {exc!r}"))
+            self._pending.clear()
+            raise
+        finally:
+            self._draining = None
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def _run_each(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+    """On the thread: each call in turn, its result or its exception, one failing none of the others."""
+    outcomes: list[tuple[bool, Any]] = []
+    for work, args in calls:
+        try:
+            outcomes.append((False, work(*args)))
+        except Exception as exc:
+            outcomes.append((True, exc))
+    return outcomes
 
 
 def _removed() -> sqlite3.OperationalError:
@@ -136,7 +198,7 @@ class SQLiteHistoryRepository(HistoryRepository):
         self._writer = _FileConnection(path, lambda connection: sqlite_pragmas(busy_ms)(connection, None))
         self._reader = _FileConnection(path, self._read_only)
         self._write_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-writer")
-        self._read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-reader")
+        self._reads = BatchedThread("history-reader")
         self._closed = False
 
     @staticmethod
@@ -148,14 +210,14 @@ class SQLiteHistoryRepository(HistoryRepository):
         await self._on(self._write_thread, self._insert, rows)
 
     async def page(self, *, user_id: int, skip: int, limit: int, before_id: int | None = None) -> bytes:
-        return await self._on(self._read_thread, self._page, user_id, skip, limit, before_id)
+        return await self._reads.call(self._page, user_id, skip, limit, before_id)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
-        for thread, connection in ((self._write_thread, self._writer), (self._read_thread, self._reader)):
+        for thread, connection in ((self._write_thread, self._writer), (self._reads.executor, self._reader)):
             thread.submit(connection.close)
             await loop.run_in_executor(None, thread.shutdown)
 
@@ -194,8 +256,8 @@ class SQLiteHistoryRepository(HistoryRepository):
             if not found:
                 raise unknown_cursor(before_id or 0)
             # Sorted here too: the order of json_group_array's elements is not a documented promise.
-            ordered = sorted(((key[0], key[1]) for key in json.loads(keys_json)), key=_newest_first, reverse=True)
-            keys, next_before_id = trim(ordered, limit)
+            ordered = sorted(json.loads(keys_json), key=_NEWEST_FIRST, reverse=True)
+            keys, next_before_id = trim([(key[0], key[1]) for key in ordered], limit)
             items, missing = kept.lookup(keys)
             if missing:
                 statement = self._items_sql
@@ -205,7 +267,3 @@ class SQLiteHistoryRepository(HistoryRepository):
             raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
         body = [items[key] for key in keys if key in items]
         return page_bytes(body, total=total, skip=skip, limit=limit, next_before_id=next_before_id)
-
-
-def _newest_first(key: tuple[int, str]) -> tuple[str, int]:
-    return key[1], key[0]
