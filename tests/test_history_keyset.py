@@ -211,3 +211,31 @@ async def test_pages_asked_at_once_each_get_their_own_answer_and_one_bad_cursor_
         assert page["total"] == len(expected[i])
         assert page["history"] == expected[i][:2]
         assert page["next_before_id"] == expected[i][1]["id"]
+
+
+async def test_a_page_cancelled_while_its_batch_runs_leaves_the_others_answered():
+    from app.storage.sqlite_history import BatchedThread
+
+    thread = BatchedThread("test-reader")
+    started, release = threading.Event(), threading.Event()
+
+    def held(value: int) -> int:
+        started.set()
+        assert release.wait(60)
+        return value
+
+    try:
+        first = asyncio.ensure_future(thread.call(held, 0))
+        assert await asyncio.to_thread(started.wait, 60)  # on the thread; the next calls queue behind it
+        queued = [asyncio.ensure_future(thread.call(held, n)) for n in range(1, 4)]
+        await asyncio.sleep(0)
+        first.cancel()  # its client went away while its call ran
+        release.set()
+        assert await asyncio.gather(*queued) == [1, 2, 3]
+        queued_cancelled = asyncio.ensure_future(thread.call(held, 9))
+        await asyncio.sleep(0)
+        queued_cancelled.cancel()
+        assert await thread.call(held, 5) == 5
+    finally:
+        release.set()
+        thread.shutdown()

@@ -86,10 +86,11 @@ class BatchedThread:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                calls = [(work, args) for work, args, future in batch if not future.done()]
-                outcomes = await loop.run_in_executor(self.executor, _run_each, calls)
-                waiting = [future for _, _, future in batch if not future.done()]
-                for future, (failed, value) in zip(waiting, outcomes, strict=True):
+                live = [(work, args, future) for work, args, future in batch if not future.done()]
+                outcomes = await loop.run_in_executor(self.executor, _run_each, [(w, a) for w, a, _ in live])
+                for (_, _, future), (failed, value) in zip(live, outcomes, strict=True):
+                    if future.done():  # its request was cancelled while the batch ran
+                        continue
                     if failed:
                         future.set_exception(value)
                     else:
