@@ -383,7 +383,18 @@ def sqlite_pragmas(busy_timeout_ms: int):
     def on_connect(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL takes its lock without waiting on busy_timeout: two workers
+        # opening a fresh database at once would see "database is locked". Try again a while.
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except Exception as exc:  # sqlite3 errors carry their SQLite error name
+                busy = getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED")
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
