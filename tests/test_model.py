@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-import app.model as model_module
 from app.charts import png_data_uri, render_cluster_charts, render_elbow_chart
+from app.ml import persistence, selection
 from app.model import ModelLoadError, SegmentationModel, elbow, segment_names
 from app.preprocess import (
     FEATURE_RANGES,
@@ -253,18 +253,18 @@ def test_segment_names_disambiguate_collisions():
 def test_silhouette_matches_scikit_learn(model, X):
     scaled = model.scaler.transform(X[:1500])
     labelings = [model.training_labels[:1500], np.arange(1500) % 3]
-    ours = model_module._silhouette_scores(scaled, labelings)
+    ours = selection.silhouette_scores(scaled, labelings)
     for labels, score in zip(labelings, ours, strict=True):
         assert score == pytest.approx(silhouette_score(scaled, labels), abs=1e-4)
 
 
 def test_large_data_path_samples_then_refines(monkeypatch, X, customers):
-    monkeypatch.setattr(model_module, "SELECTION_SAMPLE_ROWS", 2000)
-    monkeypatch.setattr(model_module, "SILHOUETTE_SAMPLE_ROWS", 1000)
+    monkeypatch.setattr(selection, "SELECTION_SAMPLE_ROWS", 2000)
+    monkeypatch.setattr(selection, "SILHOUETTE_SAMPLE_ROWS", 1000)
     mid = SegmentationModel.train(X)
     assert mid.metadata["algorithm"] == "kmeans"
     assert mid.metadata["k_selection"]["sample_size"] == 2000
-    monkeypatch.setattr(model_module, "MINIBATCH_MIN_ROWS", 3000)
+    monkeypatch.setattr(selection, "MINIBATCH_MIN_ROWS", 3000)
     big = SegmentationModel.train(X.astype(np.float32))
     assert big.metadata["algorithm"] == "minibatch_kmeans"
     for fitted in (mid, big):
@@ -499,10 +499,10 @@ def test_failed_save_keeps_previous_model(model, X, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_fsync(fd)
 
-    monkeypatch.setattr(model_module.os, "fsync", failing_fsync)
+    monkeypatch.setattr(persistence.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         replacement.save(tmp_path)
-    monkeypatch.setattr(model_module.os, "fsync", real_fsync)
+    monkeypatch.setattr(persistence.os, "fsync", real_fsync)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kmeans.pkl", "metadata.json", "scaler.pkl"]
     assert_same_model(model, SegmentationModel.load(tmp_path))
 
@@ -516,10 +516,10 @@ def test_failed_save_keeps_previous_model(model, X, tmp_path, monkeypatch):
             raise OSError("power cut")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(model_module.os, "replace", crash_after_first)
+    monkeypatch.setattr(persistence.os, "replace", crash_after_first)
     with pytest.raises(OSError, match="power cut"):
         replacement.save(tmp_path)
-    monkeypatch.setattr(model_module.os, "replace", real_replace)
+    monkeypatch.setattr(persistence.os, "replace", real_replace)
     with pytest.raises(ModelLoadError):
         SegmentationModel.load(tmp_path)
     replacement.save(tmp_path)

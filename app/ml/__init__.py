@@ -1,0 +1,20 @@
+"""The ML core: feature schema, choosing k, K-Means fit and scoring, names, persistence.
+
+No FastAPI, no database; everything blocks, so the web app calls it from
+worker threads.
+"""
+
+from app.ml.estimator import SegmentationModel
+from app.ml.naming import segment_names
+from app.ml.persistence import KMEANS_FILE, METADATA_FILE, SCALER_FILE, ModelLoadError
+from app.ml.selection import elbow
+
+__all__ = [
+    "KMEANS_FILE",
+    "METADATA_FILE",
+    "SCALER_FILE",
+    "ModelLoadError",
+    "SegmentationModel",
+    "elbow",
+    "segment_names",
+]

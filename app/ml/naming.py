@@ -1,0 +1,154 @@
+"""Segment names and descriptions, from each centroid's position against the population."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.preprocess import FEATURES
+
+_INCOME, _SPENDING, _FREQUENCY, _AGE = (
+    FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")
+)
+_NOTABLE_Z = 0.5  # a centroid this many standard deviations off the mean is "high"/"low"
+_AGE_Z = 0.75
+
+
+def _level(z: float, high: str, low: str, middle: str) -> str:
+    if z >= _NOTABLE_Z:
+        return high
+    if z <= -_NOTABLE_Z:
+        return low
+    return middle
+
+
+def _age_word(z: float, age: float) -> str | None:
+    if z <= -_AGE_Z:
+        return "young" if age < 40 else "younger"
+    if z >= _AGE_Z:
+        return "senior" if age >= 60 else "older"
+    return None
+
+
+def _frequency_word(z: float) -> str:
+    return _level(z, "frequent buyers", "occasional buyers", "regular buyers")
+
+
+def _relative(z: float) -> str:
+    if z >= 1.0:
+        return "far above"
+    if z >= _NOTABLE_Z:
+        return "above"
+    if z <= -1.0:
+        return "far below"
+    if z <= -_NOTABLE_Z:
+        return "below"
+    return "near"
+
+
+def _capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
+    """Marketer's names for centroids, unique within the model.
+
+    ``z`` holds each centroid's z-scores against the whole population and
+    ``centers`` its values in original units (both (k, 4) in FEATURES order).
+    A name states income and spending, adds age when notably young or old and
+    purchase frequency when it stands out by a full standard deviation.
+    Colliding names first get purchase frequency, then age band, when that
+    tells them apart; then, on the feature where the colliding centroids
+    spread most, the lowest and highest are marked ("older", "bigger
+    spenders"...); a number is the last resort. Deterministic throughout.
+    """
+    parts: list[list[str]] = []
+    for zc, center in zip(z, centers, strict=True):
+        words = []
+        age = _age_word(zc[_AGE], center[_AGE])
+        if age:
+            words.append(age)
+        words.append(_level(zc[_INCOME], "high income", "low income", "average income"))
+        words.append(_level(zc[_SPENDING], "high spending", "low spending", "moderate spending"))
+        if abs(zc[_FREQUENCY]) >= 1.0:
+            words.append(_frequency_word(zc[_FREQUENCY]))
+        parts.append(words)
+
+    base = [_capitalize(", ".join(words)) for words in parts]
+    qualifiers: list[list[str]] = [[] for _ in parts]
+
+    def names() -> list[str]:
+        return [f"{b} ({', '.join(q)})" if q else b for b, q in zip(base, qualifiers, strict=True)]
+
+    def clashes() -> list[list[int]]:
+        current = names()
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(current):
+            groups.setdefault(name, []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    # 1. Absolute traits the base name left out, if they tell the group apart.
+    for trait, front in (
+        (lambda i: _frequency_word(z[i, _FREQUENCY]), False),
+        (lambda i: _age_word(z[i, _AGE], centers[i, _AGE]) or "middle-aged", True),
+    ):
+        for group in clashes():
+            words = [trait(i) for i in group]
+            if len(set(words)) > 1:
+                for i, word in zip(group, words, strict=True):
+                    if word in parts[i]:
+                        continue
+                    if front:
+                        parts[i].insert(0, word)
+                    else:
+                        parts[i].append(word)
+        base = [_capitalize(", ".join(words)) for words in parts]
+
+    # 2. Relative to each other: the lowest and highest of the group on the
+    #    feature where the group spreads most.
+    used: list[set[int]] = [set() for _ in parts]
+    for _ in range(len(FEATURES)):
+        groups = clashes()
+        if not groups:
+            break
+        for group in groups:
+            free = [j for j in range(len(FEATURES)) if not any(j in used[i] for i in group)]
+            if not free:
+                continue
+            spread = {j: float(np.ptp(z[group, j])) for j in free}
+            j = max(free, key=lambda f: (spread[f], -f))
+            if spread[j] == 0.0:
+                continue
+            low_word, high_word = _RELATIVE_WORDS[FEATURES[j]]
+            values = z[group, j]
+            qualifiers[group[int(np.argmin(values))]].append(low_word)
+            qualifiers[group[int(np.argmax(values))]].append(high_word)
+            for i in group:
+                used[i].add(j)
+
+    # 3. Identical centroids (or nearly): number them.
+    current = names()
+    counter: dict[str, int] = {}
+    unique = []
+    for name in current:
+        if current.count(name) > 1:
+            counter[name] = counter.get(name, 0) + 1
+            name = f"{name} ({counter[name]})"
+        unique.append(name)
+    return unique
+
+
+_RELATIVE_WORDS = {
+    "age": ("younger", "older"),
+    "annual_income": ("less affluent", "more affluent"),
+    "spending_score": ("lighter spenders", "bigger spenders"),
+    "purchase_frequency": ("less frequent", "more frequent"),
+}
+
+
+def describe_customer_segment(center: np.ndarray, zc: np.ndarray, percentage: float) -> str:
+    return (
+        f"{percentage:.1f}% of customers: aged {center[_AGE]:.0f} on average, earning "
+        f"{center[_INCOME]:.1f}k a year ({_relative(zc[_INCOME])} average), with a spending score of "
+        f"{center[_SPENDING]:.0f} ({_relative(zc[_SPENDING])} average) and "
+        f"{center[_FREQUENCY]:.0f} purchases a year ({_relative(zc[_FREQUENCY])} average)."
+    )
