@@ -100,13 +100,32 @@ def _pie_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
+def _panels(segments: Sequence[Mapping[str, Any]]) -> list[tuple[Any, str, str]]:
+    """(value of a segment, title, unit) for each panel: the customer features, or up to four declared
+    numeric features (those whose segment means spread most, relative to their size)."""
+    if all(key in segments[0] for key, _, _ in _FEATURE_PANELS):
+        return [(lambda s, key=key: float(s[key]), title, unit) for key, title, unit in _FEATURE_PANELS]
+    means = [s.get("means") or {} for s in segments]
+    numeric = [name for name, value in means[0].items() if isinstance(value, (int, float))]
+
+    def spread(name: str) -> float:
+        values = [float(m[name]) for m in means]
+        return (max(values) - min(values)) / (abs(sum(values) / len(values)) + 1e-9)
+
+    chosen = sorted(numeric, key=spread, reverse=True)[:4]
+    return [(lambda s, name=name: float(s["means"][name]), f"Average {name}", name) for name in chosen]
+
+
 def _bar_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
     colors = _palette(len(segments))
     ids = [str(s["cluster_id"]) for s in segments]
+    panels = _panels(segments)
     fig = Figure(figsize=(11, 7.5))
     axes = fig.subplots(2, 2)
-    for ax, (key, title, unit) in zip(axes.flat, _FEATURE_PANELS, strict=True):
-        values = [float(s[key]) for s in segments]
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (value_of, title, unit) in zip(axes.flat, panels, strict=False):
+        values = [value_of(s) for s in segments]
         bars = ax.bar(ids, values, color=colors, edgecolor="black", linewidth=0.4)
         ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 10 else f"{v:.1f}" for v in values], fontsize=8, padding=2)
         ax.set_title(title, fontsize=11, fontweight="bold")

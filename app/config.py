@@ -51,6 +51,10 @@ class Settings(BaseSettings):
 
     # Request and work limits.
     max_upload_mb: float = Field(default=50, gt=0)
+    # Training uploads (POST .../train with a file) have a cap of their own: training sets are big.
+    max_train_upload_mb: float = Field(default=1024, gt=0)
+    # Named segmentations that may exist at once (`default` included).
+    max_segmentations: int = Field(default=100, ge=1, le=10_000)
     max_json_body_mb: float = Field(default=10, gt=0)
     max_batch_rows: int = Field(default=10_000, ge=1)
     train_timeout_seconds: float = Field(default=300, gt=0)
@@ -105,6 +109,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_train_upload_bytes(self) -> int:
+        return int(self.max_train_upload_mb * 1024 * 1024)
 
     @property
     def max_json_body_bytes(self) -> int:

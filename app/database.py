@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     event,
+    text,
 )
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -92,9 +93,46 @@ class CustomerProfile(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+DEFAULT_SEGMENTATION_ID = 1
+DEFAULT_SEGMENTATION = "default"
+
+
+class Segmentation(Base):
+    """A named line of model versions over one feature schema; `default` (id 1) always exists.
+
+    A deleted segmentation keeps its row (with `deleted_at` set) so the history rows tied to it
+    still say what they belonged to; its name is free again, and a new segmentation of that
+    name gets a new id, so it never inherits them.
+    """
+
+    __tablename__ = "segmentations"
+    __table_args__ = (
+        Index(
+            "ux_segmentations_live_name",
+            "name",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(Text)
+    # The declared feature schema (app.ml.schema.FeatureSchema.to_dict()).
+    feature_schema: Mapped[dict] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class PredictionHistory(Base):
     __tablename__ = "prediction_history"
-    __table_args__ = (Index("ix_prediction_history_user_created", "user_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_prediction_history_user_created", "user_id", "created_at", "id"),
+        Index("ix_prediction_history_user_segmentation", "user_id", "segmentation_id", "created_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -104,6 +142,13 @@ class PredictionHistory(Base):
     confidence: Mapped[float] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The segmentation the prediction was made with; its name is kept beside it, as it was then.
+    segmentation_id: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_SEGMENTATION_ID, server_default=text(str(DEFAULT_SEGMENTATION_ID))
+    )
+    segmentation: Mapped[str] = mapped_column(
+        String(40), default=DEFAULT_SEGMENTATION, server_default=DEFAULT_SEGMENTATION
+    )
 
 
 # The table itself, typed as one (an ORM class's `__table__` is typed as any FromClause).
@@ -207,6 +252,9 @@ class BatchPrediction(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
     model_version: Mapped[str | None] = mapped_column(String(64))
+    segmentation_id: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_SEGMENTATION_ID, server_default=text(str(DEFAULT_SEGMENTATION_ID))
+    )
     n_rows: Mapped[int] = mapped_column(Integer)
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     # {"<cluster id>": count}
@@ -235,8 +283,12 @@ class LoginFailure(Base):
 
 class ModelVersion(Base):
     __tablename__ = "model_versions"
+    __table_args__ = (Index("ix_model_versions_segmentation_created", "segmentation_id", "created_at"),)
 
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    segmentation_id: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_SEGMENTATION_ID, server_default=text(str(DEFAULT_SEGMENTATION_ID))
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     created_by: Mapped[str | None] = mapped_column(String(50))
     n_clusters: Mapped[int] = mapped_column(Integer)

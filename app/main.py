@@ -24,10 +24,12 @@ from app.middleware import ServiceMiddleware, document_body_limit, hardening_hea
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
+from app.routes import segmentations as segmentation_routes
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
 from app.services.models import ModelStore
+from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
 from app.storage import open_history_repository
 
@@ -174,7 +176,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await upgrade_database(database)
         app.state.database = database
         app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
+        app.state.segmentations = SegmentationRegistry(
+            settings=settings, database=database, default=app.state.models, metrics=app.state.metrics
+        )
         await app.state.models.start()
+        await app.state.segmentations.start()
         app.state.elbow = ElbowCache(settings)
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()
@@ -185,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await history.stop()
+            await app.state.segmentations.stop()
             await app.state.models.stop()
             await database.dispose()
 
@@ -199,7 +206,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         # Swagger shows the groups in this order, whatever order the routers are matched in.
-        openapi_tags=[{"name": name} for name in ("health", "auth", "users", "profiles", "admin", "segmentation")],
+        openapi_tags=[
+            {"name": name} for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations")
+        ],
     )
     app.state.settings = settings
     app.state.auth_cache = AuthCache(ttl=settings.auth_cache_seconds)
@@ -211,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # has the figures), and would add nothing here, as a router's prefix, tags, responses and
     # dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
+    app.router.routes.extend(segmentation_routes.router.routes)
 
     @app.get(
         "/",
@@ -235,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         cors_origins=settings.cors_origin_list,
         upload_limit=settings.max_upload_bytes,
+        train_upload_limit=settings.max_train_upload_bytes,
         json_limit=settings.max_json_body_bytes,
     )
     document_body_limit(app)

@@ -128,11 +128,19 @@ class ServiceMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, cors_origins: list[str], upload_limit: int, json_limit: int
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        cors_origins: list[str],
+        upload_limit: int,
+        json_limit: int,
+        train_upload_limit: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.upload_limit = upload_limit
+        self.train_upload_limit = upload_limit if train_upload_limit is None else train_upload_limit
         self.json_limit = json_limit
         self._cors_app = _cors(app, cors_origins)
         self._cors_capped = _cors(self._capped, cors_origins)
@@ -210,8 +218,12 @@ class ServiceMiddleware:
     async def _capped(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, with the request body held to its cap."""
         facts: _RequestFacts = scope["service.request_facts"]
-        limit = self.upload_limit if facts.upload else self.json_limit
-        kind = "uploads (MAX_UPLOAD_MB)" if facts.upload else "JSON and form bodies (MAX_JSON_BODY_MB)"
+        if not facts.upload:
+            limit, kind = self.json_limit, "JSON and form bodies (MAX_JSON_BODY_MB)"
+        elif scope["method"] == "POST" and scope["path"].endswith("/train"):
+            limit, kind = self.train_upload_limit, "training uploads (MAX_TRAIN_UPLOAD_MB)"
+        else:
+            limit, kind = self.upload_limit, "uploads (MAX_UPLOAD_MB)"
         if facts.declared_length is not None and facts.declared_length > limit:
             await self._too_large(send, limit, kind)
             return
@@ -267,7 +279,8 @@ class ServiceMiddleware:
 
 
 TOO_LARGE_RESPONSE = {
-    "description": "Request body too large: over MAX_JSON_BODY_MB, or MAX_UPLOAD_MB for uploads",
+    "description": "Request body too large: over MAX_JSON_BODY_MB, MAX_UPLOAD_MB for uploads, or "
+    "MAX_TRAIN_UPLOAD_MB for training uploads",
     "content": {
         "application/json": {
             "schema": {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}

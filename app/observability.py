@@ -362,10 +362,18 @@ class _ActiveModelCollector(Collector):
             "segmentation_model_loaded", "1 when a trained model is being served", value=0 if served is None else 1
         )
         info = InfoMetricFamily(
-            "segmentation_model", "The model version being served", labels=["version", "n_clusters"]
+            "segmentation_model",
+            "The model version each segmentation serves",
+            labels=["version", "n_clusters", "segmentation"],
         )
-        if served is not None:
-            info.add_metric([str(served.version), str(served.metadata.get("n_clusters", ""))], {})
+        registry = getattr(app.state, "segmentations", None) if app is not None else None
+        stores = registry.stores() if registry is not None else [store] if store is not None else []
+        for each in stores:
+            current = each.current
+            if current is not None:
+                info.add_metric(
+                    [str(current.version), str(current.metadata.get("n_clusters", "")), each.segmentation.name], {}
+                )
         yield info
 
 
@@ -390,19 +398,20 @@ class Metrics:
         )
         self.predictions = Counter(
             "segmentation_predictions",
-            "Customers assigned to a segment, by segment and kind (single or batch)",
-            ["cluster", "cluster_name", "kind"],
+            "Customers assigned to a segment, by segment, kind (single or batch) and segmentation",
+            ["cluster", "cluster_name", "kind", "segmentation"],
             registry=self.registry,
         )
         self.training_runs = Counter(
             "segmentation_training_runs",
-            "Training runs in this process by outcome (success, failed, timeout)",
-            ["outcome"],
+            "Training runs in this process by outcome (success, failed, timeout) and segmentation",
+            ["outcome", "segmentation"],
             registry=self.registry,
         )
         self.training_duration = Histogram(
             "segmentation_training_duration_seconds",
-            "Time to train a model version (successful runs)",
+            "Time to train a model version (successful runs), by segmentation",
+            ["segmentation"],
             buckets=TRAINING_BUCKETS,
             registry=self.registry,
         )
@@ -415,7 +424,7 @@ class Metrics:
 
         # Labelled children, looked up once: `labels()` takes a lock and builds a key every time.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._prediction_children: dict[tuple[int, str, str], Any] = {}
+        self._prediction_children: dict[tuple[int, str, str, str], Any] = {}
 
     def watch_models(self, app: FastAPI) -> None:
         self.registry.register(_ActiveModelCollector(app))
@@ -433,32 +442,32 @@ class Metrics:
         if route == "/auth/login" and method == "POST" and status in LOGIN_FAILURE_REASONS:
             self.login_failures.labels(LOGIN_FAILURE_REASONS[status]).inc()
 
-    def count_predictions(self, names: Sequence[str], labels: Any, kind: str) -> None:
+    def count_predictions(self, names: Sequence[str], labels: Any, kind: str, segmentation: str = "default") -> None:
         """Count assignments: `labels` is one cluster id or an array of them, `names` the model's names."""
         if not self.enabled:
             return
         if isinstance(labels, (int, np.integer)):
-            self._prediction_child(int(labels), names, kind).inc()
+            self._prediction_child(int(labels), names, kind, segmentation).inc()
             return
         counts = np.bincount(np.atleast_1d(np.asarray(labels, dtype=np.int64)), minlength=len(names))
         for cluster, count in enumerate(counts):
             if count:
-                self._prediction_child(cluster, names, kind).inc(int(count))
+                self._prediction_child(cluster, names, kind, segmentation).inc(int(count))
 
-    def _prediction_child(self, cluster: int, names: Sequence[str], kind: str):
+    def _prediction_child(self, cluster: int, names: Sequence[str], kind: str, segmentation: str):
         name = names[cluster] if cluster < len(names) else ""
-        key = (cluster, name, kind)
+        key = (cluster, name, kind, segmentation)
         child = self._prediction_children.get(key)
         if child is None:
-            child = self._prediction_children[key] = self.predictions.labels(str(cluster), name, kind)
+            child = self._prediction_children[key] = self.predictions.labels(str(cluster), name, kind, segmentation)
         return child
 
-    def training_finished(self, outcome: str, seconds: float) -> None:
+    def training_finished(self, outcome: str, seconds: float, segmentation: str = "default") -> None:
         if not self.enabled:
             return
-        self.training_runs.labels(outcome).inc()
+        self.training_runs.labels(outcome, segmentation).inc()
         if outcome == "success":
-            self.training_duration.observe(seconds)
+            self.training_duration.labels(segmentation).observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

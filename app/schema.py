@@ -300,6 +300,9 @@ class HistoryQuery(BaseModel):
             "`skip` then counts from that row. An id that is not in this history is a 404."
         ),
     )
+    segmentation: str | None = Field(
+        None, min_length=1, max_length=40, description="Only the predictions made with this segmentation"
+    )
 
 
 class ElbowRange(BaseModel):
@@ -394,6 +397,7 @@ HISTORY_EXAMPLE: dict[str, JsonValue] = {
     "confidence": 0.62,
     "model_version": VERSION_EXAMPLE,
     "created_at": "2025-01-31T09:30:00Z",
+    "segmentation": "default",
 }
 
 
@@ -407,6 +411,7 @@ class HistoryItem(BaseModel):
     confidence: float
     model_version: str | None
     created_at: datetime
+    segmentation: str = "default"
 
 
 class HistoryPage(BaseModel):
@@ -504,6 +509,10 @@ class AdminStats(BaseModel):
     users_by_role: dict[str, int]
     predictions_by_cluster: dict[str, int]
     model: dict[str, Any] | None
+    segmentations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Every segmentation: `{name, kind, active_version, predictions, drift_status}`",
+    )
 
 
 class Health(BaseModel):

@@ -36,6 +36,7 @@ def test_page_json_matches_the_schema_serialization():
             "confidence": 0.12345678901234568,
             "model_version": None,
             "created_at": datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=UTC),
+            "segmentation": "default",
         },
         {
             "id": 6,
@@ -45,6 +46,7 @@ def test_page_json_matches_the_schema_serialization():
             "confidence": 1e-07,
             "model_version": "20260101-000000-abcdef",
             "created_at": datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=UTC),
+            "segmentation": "crm-2026",
         },
     ]
     as_stored = [  # what SQLite hands back: JSON text and "YYYY-MM-DD HH:MM:SS.ffffff"
@@ -56,6 +58,7 @@ def test_page_json_matches_the_schema_serialization():
             r["confidence"],
             r["model_version"],
             r["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f"),
+            r["segmentation"],
         )
         for r in rows
     ]
@@ -68,6 +71,7 @@ def test_page_json_matches_the_schema_serialization():
             r["confidence"],
             r["model_version"],
             r["created_at"],
+            r["segmentation"],
         )
         for r in rows
     ]

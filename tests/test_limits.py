@@ -13,7 +13,8 @@ import pytest
 from app.database import Role
 from tests.conftest import CUSTOMER
 
-SMALL_BODIES = {"max_json_body_mb": 0.01, "max_upload_mb": 0.02}  # 10 KiB of JSON, 20 KiB of upload
+# 10 KiB of JSON, 20 KiB of upload (training uploads too)
+SMALL_BODIES = {"max_json_body_mb": 0.01, "max_upload_mb": 0.02, "max_train_upload_mb": 0.02}
 CSV_HEADER = b"Sex,Age,Annual_Income,Spending_Score,Purchase_Frequency\n"
 
 
@@ -120,7 +121,8 @@ async def test_uploads_over_the_cap_are_413_with_the_limit(client, trained_model
     big = _csv(2_000)  # ~43 KiB
     declared = await client.post(path, files={"file": ("big.csv", big, "text/csv")}, headers=headers)
     assert declared.status_code == 413
-    assert declared.json() == {"detail": "Request body too large: the limit for uploads (MAX_UPLOAD_MB) is 0.02 MB"}
+    cap = "training uploads (MAX_TRAIN_UPLOAD_MB)" if path == "/train" else "uploads (MAX_UPLOAD_MB)"
+    assert declared.json() == {"detail": f"Request body too large: the limit for {cap} is 0.02 MB"}
     boundary = "limit-test-boundary"
     body = (
         (

@@ -17,9 +17,9 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import delete, insert, inspect, select, text
+from sqlalchemy import JSON, column, delete, insert, inspect, select, table, text
 
-from app.database import Base, Database, HistoryCount, PredictionHistory, User, utcnow
+from app.database import Base, Database, HistoryCount, PredictionHistory, User, UTCDateTime, utcnow
 from app.migrations import alembic_config, current_revisions, head_revisions, upgrade_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,14 @@ async def test_history_counts_are_taken_from_the_rows_on_upgrade_and_kept_after(
             for user_id, n in zip(ids, (5, 2), strict=False)  # "none" gets no rows
             for _ in range(n)
         ]
-        await conn.execute(insert(PredictionHistory), rows)
+        # The table as revision 0001 made it (later revisions add columns the ORM class now has).
+        first_history = table(
+            "prediction_history",
+            *(column(name) for name in ("user_id", "cluster", "cluster_name", "confidence", "model_version")),
+            column("customer_data", JSON),
+            column("created_at", UTCDateTime),
+        )
+        await conn.execute(insert(first_history), rows)
 
     await upgrade_database(database)
 

@@ -192,11 +192,12 @@ async def test_metrics_after_predictions_training_and_a_login_failure(client, tr
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     samples = _samples(response.text)
     segment = (("cluster", str(predicted["cluster"])), ("cluster_name", predicted["cluster_name"]))
-    assert samples[("segmentation_predictions_total", (*segment, ("kind", "single")))] == 1
-    assert samples[("segmentation_predictions_total", (*segment, ("kind", "batch")))] == 2
+    default = ("segmentation", "default")
+    assert samples[("segmentation_predictions_total", (*segment, ("kind", "single"), default))] == 1
+    assert samples[("segmentation_predictions_total", (*segment, ("kind", "batch"), default))] == 2
     assert samples[("auth_login_failures_total", (("reason", "invalid_credentials"),))] == 1
-    assert samples[("segmentation_training_runs_total", (("outcome", "success"),))] == 1
-    assert samples[("segmentation_training_duration_seconds_count", ())] == 1
+    assert samples[("segmentation_training_runs_total", (("outcome", "success"), default))] == 1
+    assert samples[("segmentation_training_duration_seconds_count", (default,))] == 1
     assert samples[("segmentation_model_loaded", ())] == 1
     info = [labels for (name, labels) in samples if name == "segmentation_model_info"]
     assert info and dict(info[0])["version"] == trained_model["model_version"]

@@ -131,7 +131,7 @@ async def test_a_multipart_body_without_a_file_part_is_422(client, analyst_heade
     assert response.status_code == 422 and "file" in str(response.json()["detail"])
 
 
-@pytest.mark.parametrize("settings_overrides", [{"max_upload_mb": 0.02}])
+@pytest.mark.parametrize("settings_overrides", [{"max_upload_mb": 0.02, "max_train_upload_mb": 0.02}])
 async def test_an_upload_over_the_cap_is_413_and_changes_nothing(client, trained_model, analyst_headers, user_headers):
     big = generate(rows=2000, seed=1).to_csv(index=False).encode()  # ~50 KB against a 20 KB cap
     before = await active_state(client, analyst_headers)
@@ -146,7 +146,7 @@ async def test_an_upload_over_the_cap_is_413_and_changes_nothing(client, trained
     ).status_code == 200
 
 
-@pytest.mark.parametrize("settings_overrides", [{"max_upload_mb": 0.02}])
+@pytest.mark.parametrize("settings_overrides", [{"max_train_upload_mb": 0.02}])
 async def test_a_streamed_upload_without_length_is_cut_at_the_cap(client, trained_model, analyst_headers):
     """No Content-Length to refuse up front: the body is counted as it arrives and stopped at the cap."""
     boundary = "cap-test-boundary"

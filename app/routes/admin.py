@@ -100,4 +100,5 @@ async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionD
     responses=errors(401, 403),
 )
 async def stats(session: SessionDep, request: Request) -> AdminStats:
-    return await stats_service.collect(session=session, models=request.app.state.models)
+    state = request.app.state
+    return await stats_service.collect(session=session, models=state.models, registry=state.segmentations)

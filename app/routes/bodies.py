@@ -130,8 +130,8 @@ class FastRoute(APIRoute):
     serialized in one, where FastAPI's request handler resolves every declared input through its
     generic dependency solver and validates the answer again before serializing it: a tenth of a
     small request such as POST /predict. It applies when the endpoint takes only the Request, a JSON
-    model body, `Annotated[Model, Query()]` query models and dependencies called with the Request
-    alone (the bearer-token gates); any other route is served by FastAPI's own handler. The errors
+    model body, `Annotated[Model, Query()]` query models, `Annotated[str, Path()]` path parameters
+    without rules of their own and dependencies called with the Request alone (the bearer-token gates); any other route is served by FastAPI's own handler. The errors
     are FastAPI's: a value that breaks a field rule is its 422 list, naming the body or query field.
     """
 
@@ -151,6 +151,8 @@ class FastRoute(APIRoute):
                 arguments[name] = await dependency(request)
             if plan.request_name is not None:
                 arguments[plan.request_name] = request
+            for name in plan.paths:
+                arguments[name] = request.path_params[name]
             for name, model in plan.queries.items():
                 arguments[name] = _query(model, request)
             if plan.body is not None:
@@ -209,6 +211,11 @@ def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _plain_path(marker: Any) -> bool:
+    """A `Path()` with no rule of its own: the text of the path segment is the value."""
+    return type(marker) is params.Path and not marker.metadata
+
+
 def _request_only(dependency: Any) -> bool:
     """Whether FastAPI would call this dependency with the Request and nothing else."""
     # A function, or an instance with an async __call__ (the bearer-token gates).
@@ -227,6 +234,7 @@ class _Plan:
     gates: list[RequestCall] = field(default_factory=list)
     called: dict[str, RequestCall] = field(default_factory=dict)
     queries: dict[str, type[BaseModel]] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
     body: tuple[str, type[BaseModel]] | None = None
     request_name: str | None = None
     returns_response: bool = False
@@ -257,6 +265,8 @@ def _fast_plan(endpoint: Callable[..., Any], route_dependencies: Sequence[params
             plan.request_name = name
         elif _is_model(annotation) and len(metadata) == 1 and type(metadata[0]) is params.Query:
             plan.queries[name] = annotation
+        elif annotation is str and len(metadata) == 1 and _plain_path(metadata[0]):
+            plan.paths.append(name)
         elif _is_model(annotation) and not metadata and plan.body is None:
             plan.body = (name, annotation)
         else:

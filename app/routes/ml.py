@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.database import Role
 from app.deps import AnalystUser, CurrentUser
 from app.errors import Forbidden, InvalidInput
-from app.preprocess import DataValidationError
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.routes.responses import errors, file_errors
 from app.schema import (
@@ -31,8 +29,9 @@ from app.schema import (
     PredictionResult,
     TrainResult,
 )
-from app.services import predictions as prediction_service
-from app.services import segmentation
+from app.services import segmentation, segmentations
+from app.services.models import ModelStore
+from app.storage.history import segmentation_page
 
 # Routes are matched in the order they are declared here, at a cost for every route tried:
 # the four that carry the traffic come first, the cheapest reads before /predict. They are
@@ -86,25 +85,36 @@ async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQ
         if user.role not in (Role.analyst.value, Role.admin.value):
             raise Forbidden("Only analysts and admins may read another user's history")
         target = query.user_id
-    body = await request.app.state.history_reader.page(
-        user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
-    )
+    if query.segmentation is not None:
+        store = await request.app.state.segmentations.get(query.segmentation)
+        body = await segmentation_page(
+            request.app.state.database,
+            user_id=target,
+            segmentation_id=store.segmentation.id,
+            skip=query.skip,
+            limit=query.limit,
+            before_id=query.before_id,
+        )
+    else:
+        body = await request.app.state.history_reader.page(
+            user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
+        )
     return Response(body, media_type="application/json")
 
 
 async def predict(request: Request, user: CurrentUser, customer: CustomerFeatures) -> PredictionResult:
-    served = request.app.state.models.require()
+    store = request.app.state.models
+    served = store.require()
     cluster, name, confidence = served.assign([customer])[0]
-    request.app.state.metrics.count_predictions(served.names, cluster, "single")
-    await request.app.state.history_writer.add(
-        prediction_service.history_row(
-            user_id=user.id,
-            customer=customer.model_dump(),
-            cluster=cluster,
-            cluster_name=name,
-            confidence=confidence,
-            model_version=served.version,
-        )
+    await segmentations.record_prediction(
+        request.app.state,
+        user_id=user.id,
+        store=store,
+        served=served,
+        customer=customer.model_dump(),
+        cluster=cluster,
+        name=name,
+        confidence=confidence,
     )
     return PredictionResult(
         cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer, model_version=served.version
@@ -145,21 +155,11 @@ async def train(
 ) -> TrainResult:
     if file is None and _is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
-    features = await segmentation.training_matrix(request.app.state.settings, file)
-    served = await request.app.state.models.train(
-        features, n_clusters=n_clusters, random_state=random_state, created_by=analyst.username
+    store = request.app.state.models
+    served = await segmentations.train(
+        request.app.state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=analyst.username
     )
-    meta = served.metadata
-    return TrainResult(
-        message=f"Model trained with {meta['n_clusters']} segments",
-        n_clusters=meta["n_clusters"],
-        silhouette_score=meta.get("silhouette_score"),
-        inertia=meta["inertia"],
-        model_version=served.version,
-        n_samples=meta["n_samples"],
-        duration_seconds=meta.get("duration_seconds", 0.0),
-        cluster_sizes={str(s["cluster_id"]): s["size"] for s in served.segments},
-    )
+    return TrainResult(**segmentations.train_result(store, served))
 
 
 def _is_multipart(request: Request) -> bool:
@@ -172,35 +172,17 @@ def _wants_csv(request: Request) -> bool:
 
 
 async def predict_batch(request: Request, user: CurrentUser, batch: Annotated[BatchUpload, File()]) -> Response:
+    return await answer_batch(request, user.id, request.app.state.models, batch.file, batch.customers)
+
+
+async def answer_batch(
+    request: Request, user_id: int, store: ModelStore, file: UploadFile | None, customers: list[Any] | None
+) -> Response:
+    """The answer of a batch (either door): JSON, or CSV when the client asks for text/csv."""
     as_csv = _wants_csv(request)
-    if batch.file is not None:
-        served = request.app.state.models.require()
-        scored = await segmentation.score_csv(served, batch.file, as_csv=as_csv)
-    elif batch.customers is not None:
-        limit = request.app.state.settings.max_batch_rows
-        if len(batch.customers) > limit:
-            raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
-        served = request.app.state.models.require()
-        customers = batch.customers
-        scored = await run_in_threadpool(lambda: segmentation.score_records(served, customers, as_csv=as_csv))
-    else:
-        raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
-    if scored.n_failed and not as_csv:
-        first = scored.problems[0] if scored.problems else {}
-        raise DataValidationError(
-            f"{scored.n_failed} of {scored.n_rows} rows break a rule (first: row {first.get('row')}: "
-            f"{first.get('reason')}); ask for text/csv to get every row marked",
-            scored.problems,
-            scored.n_failed,
-        )
-    await prediction_service.record_batch(
-        sessionmaker=request.app.state.database.sessionmaker,
-        user_id=user.id,
-        model_version=served.version,
-        labels=scored.labels,
-        n_failed=scored.n_failed,
-    )
-    request.app.state.metrics.count_predictions(served.names, scored.labels, "batch")
+    state = request.app.state
+    served, scored = await segmentations.score_batch(state, store, file=file, customers=customers, as_csv=as_csv)
+    await segmentations.record_batch(state, user_id=user_id, store=store, served=served, scored=scored)
     if as_csv:
         return StreamingResponse(
             scored.csv_chunks(),

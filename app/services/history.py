@@ -28,25 +28,29 @@ def _timestamp(value: datetime | str) -> str:
 
 
 def item_json(row: Sequence[Any], quoted: dict[str | None, str]) -> str:
-    """One HistoryItem as JSON from its row (id, customer_data, ..., created_at).
+    """One HistoryItem as JSON from its row (id, customer_data, ..., created_at, segmentation).
 
     The stored customer JSON is copied as it is; `quoted` keeps names and versions already
     quoted (they repeat from row to row); SQLite's timestamps are reshaped by slicing.
     """
-    row_id, customer, cluster, name, confidence, version, created = row
+    row_id, customer, cluster, name, confidence, version, created, segmentation = row
     name_json = quoted.get(name)
     if name_json is None:
         name_json = quoted[name] = json.dumps(name)
     version_json = quoted.get(version)
     if version_json is None:
         version_json = quoted[version] = json.dumps(version)
+    segmentation_json = quoted.get(segmentation)
+    if segmentation_json is None:
+        segmentation_json = quoted[segmentation] = json.dumps(segmentation)
     if isinstance(created, str) and len(created) == 26:  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
         stamp = created[:10] + "T" + created[11:19] if created.endswith(".000000") else created.replace(" ", "T")
     else:
         stamp = _timestamp(created)[:-1]
     return (
         f'{{"id":{row_id},"customer_data":{customer},"cluster":{cluster},"cluster_name":{name_json},'
-        f'"confidence":{confidence!r},"model_version":{version_json},"created_at":"{stamp}Z"}}'
+        f'"confidence":{confidence!r},"model_version":{version_json},"created_at":"{stamp}Z",'
+        f'"segmentation":{segmentation_json}}}'
     )
 
 

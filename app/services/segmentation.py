@@ -11,7 +11,7 @@ import math
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -113,7 +113,7 @@ def _inert_column(values: pd.Series) -> list:
     return [_inert(cell) for cell in cells]
 
 
-class _CsvAnswer:
+class CsvAnswer:
     """The CSV answer of a batch, written chunk by chunk to a temporary file (memory, then disk).
 
     Input cells are echoed back; any that a spreadsheet would evaluate is made inert first.
@@ -207,7 +207,7 @@ def score_records(model: ServedModel, customers: Sequence[Any], *, as_csv: bool)
     csv_answer = None
     if as_csv:
         frame = pd.DataFrame([c.model_dump() for c in customers])
-        answer = _CsvAnswer(list(frame.columns), model.names)
+        answer = CsvAnswer(list(frame.columns), model.names)
         answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n)
         csv_answer = answer.finish()
     return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer)
@@ -224,16 +224,17 @@ def _complete_lines(head: bytes) -> bytes:
             return head[: cut + 1]
 
 
-def _csv_frames(fh: IO[bytes]) -> Iterator[pd.DataFrame]:
+def csv_frames(fh: IO[bytes], check_columns: Callable[[Any], Any] = resolve_columns) -> Iterator[pd.DataFrame]:
     """The CSV as text cells ("" when empty), SCORE_CHUNK_ROWS rows at a time.
 
     The opening of the file goes through read_csv_frame first, so an empty, binary or
-    non-UTF-8 file and a missing column are reported in preprocess's own words.
+    non-UTF-8 file and a missing column (`check_columns` of the header) are reported in
+    preprocess's own words.
     """
     head = fh.read(_HEAD_BYTES)
     fh.seek(0)
     opening = read_csv_frame(head if len(head) < _HEAD_BYTES else _complete_lines(head))
-    resolve_columns(opening.columns)
+    check_columns(opening.columns)
     reader = pd.read_csv(
         fh, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", chunksize=SCORE_CHUNK_ROWS
     )
@@ -290,15 +291,15 @@ def _score_csv_file(model: ServedModel, fh: IO[bytes], *, as_csv: bool) -> Score
     labels: list[np.ndarray] = []
     confidence: list[np.ndarray] = []
     problems: list[dict[str, Any]] = []
-    answer: _CsvAnswer | None = None
+    answer: CsvAnswer | None = None
     seen = 0
-    for frame in _csv_frames(fh):
+    for frame in csv_frames(fh):
         columns = resolve_columns(frame.columns)
         features, valid, errors = _check_frame(frame, columns)
         chunk_labels, chunk_confidence = model.predict_matrix(features[valid])
         if as_csv:
             if answer is None:
-                answer = _CsvAnswer(list(frame.columns), model.names)
+                answer = CsvAnswer(list(frame.columns), model.names)
             answer.add(frame, valid, chunk_labels, chunk_confidence, errors)
         labels.append(chunk_labels)
         confidence.append(chunk_confidence)

@@ -7,33 +7,75 @@ from collections import Counter
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database import BatchPrediction, PredictionHistory
+from app.database import DEFAULT_SEGMENTATION_ID, BatchPrediction, PredictionHistory
 from app.schema import AdminStats
 from app.services import users as user_service
 from app.services.models import ModelStore
+from app.services.registry import SegmentationRegistry
 
 
 async def predictions_by_cluster(*, session: AsyncSession) -> tuple[dict[str, int], int]:
-    """Counts per cluster id over single and batch predictions, and the batch row total."""
+    """The default segmentation's counts per cluster id over single and batch predictions, and the
+    batch row total (of every segmentation)."""
     counts: Counter[str] = Counter()
     rows = await session.execute(
-        select(PredictionHistory.cluster, func.count(PredictionHistory.id)).group_by(PredictionHistory.cluster)
+        select(PredictionHistory.cluster, func.count(PredictionHistory.id))
+        .where(PredictionHistory.segmentation_id == DEFAULT_SEGMENTATION_ID)
+        .group_by(PredictionHistory.cluster)
     )
     for cluster, count in rows.all():
         counts[str(cluster)] += count
     batch_rows = 0
-    for cluster_counts, n_rows, n_failed in (
-        await session.execute(select(BatchPrediction.cluster_counts, BatchPrediction.n_rows, BatchPrediction.n_failed))
+    for cluster_counts, n_rows, n_failed, segmentation_id in (
+        await session.execute(
+            select(
+                BatchPrediction.cluster_counts,
+                BatchPrediction.n_rows,
+                BatchPrediction.n_failed,
+                BatchPrediction.segmentation_id,
+            )
+        )
     ).all():
         batch_rows += n_rows - n_failed
+        if segmentation_id != DEFAULT_SEGMENTATION_ID:
+            continue
         for cluster, count in (cluster_counts or {}).items():
             counts[str(cluster)] += int(count)
     return dict(sorted(counts.items(), key=lambda kv: int(kv[0]))), batch_rows
 
 
-async def collect(*, session: AsyncSession, models: ModelStore) -> AdminStats:
+async def predictions_by_segmentation(*, session: AsyncSession) -> Counter[int]:
+    """Customers scored per segmentation id, single predictions and batch rows alike."""
+    counts: Counter[int] = Counter()
+    single = select(PredictionHistory.segmentation_id, func.count(PredictionHistory.id)).group_by(
+        PredictionHistory.segmentation_id
+    )
+    for segmentation_id, count in (await session.execute(single)).all():
+        counts[segmentation_id] += count
+    batches = select(
+        BatchPrediction.segmentation_id, func.sum(BatchPrediction.n_rows - BatchPrediction.n_failed)
+    ).group_by(BatchPrediction.segmentation_id)
+    for segmentation_id, count in (await session.execute(batches)).all():
+        counts[segmentation_id] += int(count or 0)
+    return counts
+
+
+async def collect(
+    *, session: AsyncSession, models: ModelStore, registry: SegmentationRegistry | None = None
+) -> AdminStats:
     totals = await user_service.totals(session=session)
     by_cluster, batch_rows = await predictions_by_cluster(session=session)
+    by_segmentation = await predictions_by_segmentation(session=session)
+    segmentations = [
+        {
+            "name": store.segmentation.name,
+            "kind": store.segmentation.kind,
+            "active_version": store.current.version if store.current is not None else None,
+            "predictions": by_segmentation.get(store.segmentation.id, 0),
+            "drift_status": None,
+        }
+        for store in (registry.stores() if registry is not None else [models])
+    ]
     served = models.current
     model = None
     if served is not None:
@@ -55,4 +97,5 @@ async def collect(*, session: AsyncSession, models: ModelStore) -> AdminStats:
         users_by_role=totals["users_by_role"],
         predictions_by_cluster=by_cluster,
         model=model,
+        segmentations=segmentations,
     )

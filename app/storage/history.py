@@ -43,6 +43,7 @@ ITEM_COLUMNS = (
     History.confidence,
     History.model_version,
     History.created_at,
+    History.segmentation,
 )
 # Rows by id, the ids given as one array (one statement whatever their number): a JSON
 # array for SQLite, a PostgreSQL array for PostgreSQL.
@@ -306,3 +307,29 @@ class EngineHistoryRepository(HistoryRepository):
             yield
         finally:
             slots.release()
+
+
+async def segmentation_page(
+    database: Database, *, user_id: int, segmentation_id: int, skip: int, limit: int, before_id: int | None = None
+) -> bytes:
+    """A page of one user's history made with one segmentation, newest first, as a HistoryPage's JSON.
+
+    Read in one transaction over the (user_id, segmentation_id, created_at, id) index; the
+    total is counted, as no per-segmentation count is kept.
+    """
+    mine = (History.user_id == user_id) & (History.segmentation_id == segmentation_id)
+    query = select(*ITEM_COLUMNS).where(mine)
+    async with database.engine.connect() as conn:
+        total = (await conn.execute(select(func.count()).select_from(History).where(mine))).scalar_one()
+        if before_id is not None:
+            found = (await conn.execute(select(History.id).where(History.id == before_id, mine))).first()
+            if found is None:
+                raise unknown_cursor(before_id)
+            cursor = select(History.created_at).where(History.id == before_id).scalar_subquery()
+            query = query.where(tuple_(History.created_at, History.id) < tuple_(cursor, before_id))
+        query = query.order_by(History.created_at.desc(), History.id.desc()).offset(skip).limit(limit + 1)
+        rows = (await conn.execute(query)).all()
+    next_before_id = rows[limit - 1][0] if len(rows) > limit else None
+    quoted: dict[str | None, str] = {}
+    items = [item_json(row, quoted) for row in rows[:limit]]
+    return page_bytes(items, total=int(total), skip=skip, limit=limit, next_before_id=next_before_id)

@@ -47,10 +47,13 @@ _INSERT_COLUMNS = (
     ("confidence", "double precision"),
     ("model_version", "text"),
     ("created_at", "timestamptz"),
+    ("segmentation_id", "integer"),
+    ("segmentation", "text"),
 )
 _INSERT = (
     f"INSERT INTO {PREDICTION_HISTORY.name} ({', '.join(name for name, _ in _INSERT_COLUMNS)}) "
-    f"SELECT user_id, customer_data::json, cluster, cluster_name, confidence, model_version, created_at "
+    f"SELECT user_id, customer_data::json, cluster, cluster_name, confidence, model_version, created_at, "
+    f"segmentation_id, segmentation "
     f"FROM unnest({', '.join(f'${n}::{kind}[]' for n, (_, kind) in enumerate(_INSERT_COLUMNS, 1))}) "
     f"AS given({', '.join(name for name, _ in _INSERT_COLUMNS)})"
 )

@@ -1,0 +1,323 @@
+"""Named segmentations: create, list, edit, delete, and every segmentation route under /segmentations/{name}.
+
+The routes under `/segmentations/{name}/...` are the second door into what the seed's routes
+(`/train`, `/predict`, ...) do for `default`: both call app.services.segmentations.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Path, Query, Request, Response
+
+from app.database import Role
+from app.deps import AnalystUser, CurrentUser
+from app.errors import Forbidden, InvalidInput
+from app.routes.bodies import FastRoute, JsonOrFormRoute
+from app.routes.ml import CsvFile, _is_multipart, answer_batch
+from app.routes.responses import errors, file_errors
+from app.schema import (
+    BatchResult,
+    ClusterCharts,
+    ElbowChart,
+    ElbowRange,
+    ElbowResult,
+    HistoryPage,
+    HistoryQuery,
+    ModelVersionPublic,
+)
+from app.segmentation_schema import (
+    ModelPage,
+    ModelPageQuery,
+    NamedBatchUpload,
+    NamedClusterSummary,
+    NamedModelVersionDetail,
+    NamedPredictBody,
+    NamedPredictionResult,
+    NamedTrainResult,
+    SegmentationCreate,
+    SegmentationDetail,
+    SegmentationList,
+    SegmentationPublic,
+    SegmentationUpdate,
+)
+from app.services import segmentations
+from app.services.models import ModelStore
+from app.services.registry import feature_schema
+from app.storage.history import segmentation_page
+
+router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
+
+Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
+Version = Annotated[str, Path(max_length=64)]
+
+
+def _public(store: ModelStore) -> dict[str, Any]:
+    info = store.segmentation
+    schema = feature_schema(info)
+    current = store.current
+    return {
+        "name": info.name,
+        "kind": info.kind,
+        "description": info.description,
+        "features": [
+            {"name": f.name, "type": f.type, "transform": f.transform, "min": f.min, "max": f.max}
+            for f in schema.features
+        ],
+        "id_column": schema.id_column,
+        "active_version": current.version if current is not None else None,
+        "n_clusters": current.metadata.get("n_clusters") if current is not None else None,
+        "created_at": info.created_at,
+        "created_by": info.created_by,
+    }
+
+
+def _detail(store: ModelStore) -> SegmentationDetail:
+    return SegmentationDetail(**_public(store), customer_schema=segmentations.customer_json_schema(store))
+
+
+async def _store(request: Request, name: str) -> ModelStore:
+    return await request.app.state.segmentations.get(name)
+
+
+@router.get("", summary="Every segmentation", responses=errors(401, 403))
+async def list_segmentations(request: Request, _: CurrentUser) -> SegmentationList:
+    stores = request.app.state.segmentations.stores()
+    return SegmentationList(segmentations=[SegmentationPublic(**_public(store)) for store in stores])
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Create a segmentation (analyst)",
+    description="Kind `customer` segments the customer features; kind `custom` the columns declared in "
+    "`features`. At most MAX_SEGMENTATIONS exist at once.",
+    responses=errors(401, 403, 409, 422),
+)
+async def create_segmentation(request: Request, analyst: AnalystUser, body: SegmentationCreate) -> SegmentationDetail:
+    store = await request.app.state.segmentations.create(
+        name=body.name,
+        kind=body.kind,
+        description=body.description,
+        features=[f.model_dump(exclude_none=True) for f in body.features] if body.features else None,
+        id_column=body.id_column,
+        created_by=analyst.username,
+    )
+    return _detail(store)
+
+
+@router.get(
+    "/{name}",
+    summary="One segmentation, with the JSON schema of its customers",
+    responses=errors(401, 403, 404),
+)
+async def get_segmentation(request: Request, _: CurrentUser, name: Name) -> SegmentationDetail:
+    return _detail(await _store(request, name))
+
+
+@router.patch("/{name}", summary="Edit a segmentation's description (analyst)", responses=errors(401, 403, 404, 422))
+async def edit_segmentation(
+    request: Request, _: AnalystUser, name: Name, body: SegmentationUpdate
+) -> SegmentationDetail:
+    return _detail(await request.app.state.segmentations.describe(name, body.description))
+
+
+@router.delete(
+    "/{name}",
+    status_code=204,
+    summary="Delete a segmentation with all its versions (analyst)",
+    description="Its history rows stay, tied to it. `default` cannot be deleted (409).",
+    responses=errors(401, 403, 404, 409),
+)
+async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> Response:
+    await request.app.state.segmentations.delete(name)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{name}/train",
+    summary="Train a new version of a segmentation (analyst)",
+    description="On the CSV sent as multipart `file` (kind customer: none means the default dataset). "
+    "Training uploads may be up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker.",
+    responses={
+        **errors(401, 403, 404, 409, 413, 422),
+        **file_errors("A CSV missing declared columns, or with bad rows"),
+    },
+    form_limits={"max_files": 1, "max_fields": 20},
+)
+async def train_segmentation(
+    request: Request,
+    analyst: AnalystUser,
+    name: Name,
+    n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
+    random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+    file: CsvFile = None,
+) -> NamedTrainResult:
+    store = await _store(request, name)
+    if file is None and _is_multipart(request):
+        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    served = await segmentations.train(
+        request.app.state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=analyst.username
+    )
+    return NamedTrainResult(**segmentations.train_result(store, served))
+
+
+@router.post(
+    "/{name}/predict",
+    summary="Which segment of this segmentation is the customer in?",
+    description="`customer` holds the segmentation's features (its `customer_schema`). An unseen category is "
+    "accepted and named in `warnings`. Kept in the caller's history.",
+    responses=errors(401, 403, 404, 409, 422),
+)
+async def predict(request: Request, user: CurrentUser, name: Name, body: NamedPredictBody) -> NamedPredictionResult:
+    store = await _store(request, name)
+    answer = await segmentations.predict(request.app.state, user_id=user.id, store=store, customer=body.customer)
+    return NamedPredictionResult(**answer)
+
+
+async def predict_batch(
+    request: Request, user: CurrentUser, name: Name, batch: Annotated[NamedBatchUpload, File()]
+) -> Response:
+    store = await _store(request, name)
+    customers: list[Any] | None = batch.customers
+    if customers is not None and store.segmentation.kind == "customer":
+        customers = segmentations.validate_customers(store, customers, "customers")
+    return await answer_batch(request, user.id, store, batch.file, customers)
+
+
+router.add_api_route(
+    "/{name}/predict/batch",
+    endpoint=predict_batch,
+    methods=["POST"],
+    summary="Score many customers with this segmentation",
+    description="As POST /predict/batch: JSON `{customers: [...]}` or a CSV `file`; a CSV back with "
+    "`Accept: text/csv` (input columns, the id column included, plus the results).",
+    route_class_override=JsonOrFormRoute,
+    response_model=BatchResult,
+    responses={
+        **errors(401, 403, 404, 409, 413, 422),
+        **file_errors("A CSV missing declared columns, or with unusable rows (ask for text/csv to get them marked)"),
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+    },
+    form_limits={"max_files": 1, "max_fields": 20},
+)
+
+
+@router.get(
+    "/{name}/clusters",
+    summary="The segments of a segmentation's active version",
+    response_model=NamedClusterSummary,
+    responses=errors(401, 403, 404, 409),
+)
+async def clusters(request: Request, _: CurrentUser, name: Name) -> Response:
+    store = await _store(request, name)
+    return Response(segmentations.clusters_json(store, store.require()), media_type="application/json")
+
+
+@router.get(
+    "/{name}/elbow",
+    summary="Inertia and silhouette for a range of k",
+    description="Kind customer: of the default dataset. Other kinds: of the active version's training "
+    "sample (409 before the first training, or when it was trained with a fixed n_clusters).",
+    responses={**errors(401, 403, 404, 409, 422), **file_errors("The default dataset has unusable rows")},
+)
+async def elbow(request: Request, _: CurrentUser, name: Name, k: Annotated[ElbowRange, Query()]) -> ElbowResult:
+    if k.k_min > k.k_max:
+        raise InvalidInput("k_min must not exceed k_max")
+    store = await _store(request, name)
+    return ElbowResult(**await segmentations.elbow(request.app.state, store, k.k_min, k.k_max))
+
+
+@router.get("/{name}/charts/clusters", summary="Segment charts as PNG data URIs", responses=errors(401, 403, 404, 409))
+async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> ClusterCharts:
+    served = (await _store(request, name)).require()
+    return ClusterCharts(
+        charts=await served.charts(),
+        total_customers=served.metadata["total_customers"],
+        n_clusters=served.metadata["n_clusters"],
+    )
+
+
+@router.get("/{name}/charts/elbow", summary="The elbow chart as a PNG data URI", responses=errors(401, 403, 404, 409))
+async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChart:
+    store = await _store(request, name)
+    if store.segmentation.kind == "customer":
+        chart, optimal_k = await request.app.state.elbow.chart()
+        return ElbowChart(chart=chart, optimal_k=optimal_k)
+    figures = await segmentations.elbow(request.app.state, store, 2, 15)
+    from starlette.concurrency import run_in_threadpool
+
+    from app.charts import render_elbow_chart
+    from app.services.served import data_uri
+
+    png = await run_in_threadpool(render_elbow_chart, figures)
+    return ElbowChart(chart=data_uri(png), optimal_k=figures["optimal_k"])
+
+
+@router.get(
+    "/{name}/history",
+    summary="Prediction history made with this segmentation, newest first",
+    response_model=HistoryPage,
+    responses=errors(401, 403, 404, 422),
+)
+async def history(request: Request, user: CurrentUser, name: Name, query: Annotated[HistoryQuery, Query()]) -> Response:
+    store = await _store(request, name)
+    target = user.id
+    if query.user_id is not None and query.user_id != user.id:
+        if user.role not in (Role.analyst.value, Role.admin.value):
+            raise Forbidden("Only analysts and admins may read another user's history")
+        target = query.user_id
+    body = await segmentation_page(
+        request.app.state.database,
+        user_id=target,
+        segmentation_id=store.segmentation.id,
+        skip=query.skip,
+        limit=query.limit,
+        before_id=query.before_id,
+    )
+    return Response(body, media_type="application/json")
+
+
+@router.get(
+    "/{name}/models", summary="A segmentation's versions, newest first (analyst)", responses=errors(401, 403, 404)
+)
+async def list_models(
+    request: Request, _: AnalystUser, name: Name, page: Annotated[ModelPageQuery, Query()]
+) -> ModelPage:
+    store = await _store(request, name)
+    versions, active, total = await store.page_versions(skip=page.skip, limit=page.limit)
+    return ModelPage(
+        models=[ModelVersionPublic(**v) for v in versions],
+        active_version=active,
+        total=total,
+        skip=page.skip,
+        limit=page.limit,
+    )
+
+
+@router.get("/{name}/models/{version}", summary="One version (analyst)", responses=errors(401, 403, 404, 422))
+async def get_model(request: Request, _: AnalystUser, name: Name, version: Version) -> NamedModelVersionDetail:
+    store = await _store(request, name)
+    return NamedModelVersionDetail(**await store.get_version(version))
+
+
+@router.post(
+    "/{name}/models/{version}/activate",
+    summary="Make a version the active one (analyst)",
+    responses=errors(401, 403, 404, 409, 422),
+)
+async def activate_model(request: Request, _: AnalystUser, name: Name, version: Version) -> ModelVersionPublic:
+    store = await _store(request, name)
+    served = await store.activate(version)
+    return ModelVersionPublic(**(await store.get_version(served.version)))
+
+
+@router.delete(
+    "/{name}/models/{version}",
+    status_code=204,
+    summary="Delete a version that is not the active one (analyst)",
+    responses=errors(401, 403, 404, 409, 422),
+)
+async def delete_model(request: Request, _: AnalystUser, name: Name, version: Version) -> Response:
+    await (await _store(request, name)).delete_version(version)
+    return Response(status_code=204)

@@ -1,0 +1,259 @@
+"""Schemas of named segmentations: declarations, listings, and the bodies and answers of their routes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, create_model
+
+from app.schema import (
+    CUSTOMER_EXAMPLE,
+    MAX_BATCH_ROWS,
+    SEGMENT_EXAMPLE,
+    VERSION_EXAMPLE,
+    ModelVersionPublic,
+    TrainResult,
+)
+
+if TYPE_CHECKING:
+    from app.ml.schema import FeatureSchema
+
+SegmentationName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9_-]{2,40}$"),
+    Field(description="2-40 characters of a-z, 0-9, `_` and `-`", examples=["crm"]),
+]
+Description = Annotated[str, StringConstraints(max_length=1000)]
+FEATURES_EXAMPLE: list[JsonValue] = [
+    {"name": "tenure_months", "type": "numeric", "transform": "auto", "min": 0},
+    {"name": "plan", "type": "categorical"},
+    {"name": "region", "type": "categorical"},
+]
+
+
+class FeatureDeclaration(BaseModel):
+    """One declared column of a `custom` segmentation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    type: Literal["numeric", "categorical"]
+    transform: Literal["none", "log", "auto"] | None = Field(
+        None, description="numeric only: `auto` (the default) takes log1p of a skewed non-negative column"
+    )
+    min: float | None = Field(None, allow_inf_nan=False, description="numeric only: lowest value predict accepts")
+    max: float | None = Field(None, allow_inf_nan=False, description="numeric only: highest value predict accepts")
+
+
+class SegmentationCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "crm",
+                    "kind": "custom",
+                    "description": "Segments for the CRM team",
+                    "features": FEATURES_EXAMPLE,
+                    "id_column": "customer_id",
+                }
+            ]
+        },
+    )
+
+    name: SegmentationName
+    kind: Literal["customer", "custom", "rfm"]
+    description: Description | None = None
+    features: Annotated[list[FeatureDeclaration], Field(min_length=1, max_length=50)] | None = Field(
+        None, description="kind custom: the columns to segment on, 1 to 50"
+    )
+    id_column: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)] | None = Field(
+        None, description="kind custom: the customer id column, echoed back in batch CSVs"
+    )
+    columns: dict[str, str] | None = Field(None, description="kind rfm: the transaction log's column mapping")
+
+
+class SegmentationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"description": "Segments for ads"}]})
+
+    description: Description | None
+
+
+SEGMENTATION_EXAMPLE: dict[str, JsonValue] = {
+    "name": "crm",
+    "kind": "custom",
+    "description": "Segments for the CRM team",
+    "features": FEATURES_EXAMPLE,
+    "id_column": "customer_id",
+    "active_version": VERSION_EXAMPLE,
+    "n_clusters": 5,
+    "created_at": "2025-01-31T09:30:00Z",
+    "created_by": "analyst1",
+}
+
+
+class SegmentationPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [SEGMENTATION_EXAMPLE]})
+
+    name: str
+    kind: str
+    description: str | None
+    features: list[dict[str, Any]]
+    id_column: str | None = None
+    active_version: str | None
+    n_clusters: int | None
+    created_at: datetime | None
+    created_by: str | None
+
+
+class SegmentationDetail(SegmentationPublic):
+    customer_schema: dict[str, Any] = Field(description="The JSON schema of the `customer` body of its predict")
+
+
+class SegmentationList(BaseModel):
+    segmentations: list[SegmentationPublic]
+
+
+class NamedPredictBody(BaseModel):
+    """POST /segmentations/{name}/predict: one customer, as that segmentation's schema declares it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"customer": CUSTOMER_EXAMPLE}]})
+
+    customer: dict[str, JsonValue] = Field(
+        description="The segmentation's features (GET /segmentations/{name} shows their schema)"
+    )
+
+
+class NamedPredictionResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "cluster": 4,
+                    "cluster_name": "High income, high spending",
+                    "confidence": 0.62,
+                    "customer_data": CUSTOMER_EXAMPLE,
+                    "model_version": VERSION_EXAMPLE,
+                    "segmentation": "default",
+                    "warnings": [],
+                }
+            ]
+        }
+    )
+
+    cluster: int
+    cluster_name: str
+    confidence: float = Field(ge=0, le=1)
+    customer_data: dict[str, Any]
+    model_version: str
+    segmentation: str
+    warnings: list[str] = []
+
+
+class NamedBatchUpload(BaseModel):
+    """POST /segmentations/{name}/predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"customers": [CUSTOMER_EXAMPLE]}]})
+
+    customers: Annotated[list[dict[str, JsonValue]], Field(min_length=1, max_length=MAX_BATCH_ROWS)] | None = Field(
+        None, description="JSON only: the customers to score, each as the segmentation's schema declares"
+    )
+    file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
+
+
+class NamedTrainResult(TrainResult):
+    segmentation: str
+    skipped_rows: int = 0
+    missing_shares: dict[str, float] = {}
+
+
+NAMED_SEGMENT_EXAMPLE: dict[str, JsonValue] = {
+    **SEGMENT_EXAMPLE,
+    "means": {"age": 37.2, "annual_income": 118.4, "spending_score": 80.1, "purchase_frequency": 41.3},
+    "segment_key": "s-3fa2c1",
+    "generated_name": "High income, high spending",
+}
+
+
+class NamedSegmentStats(BaseModel):
+    """A segment of any kind; kind `customer` also carries its `avg_*` fields."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [NAMED_SEGMENT_EXAMPLE]})
+
+    cluster_id: int
+    cluster_name: str
+    size: int
+    percentage: float
+    description: str
+    means: dict[str, float | dict[str, float]] = Field(
+        description="Each feature's mean in its own units (categorical: the share of each level)"
+    )
+    segment_key: str
+    generated_name: str
+    avg_age: float | None = None
+    avg_income: float | None = None
+    avg_spending_score: float | None = None
+    avg_purchase_frequency: float | None = None
+
+
+class NamedClusterSummary(BaseModel):
+    total_customers: int
+    n_clusters: int
+    model_version: str
+    segmentation: str
+    clusters: list[NamedSegmentStats]
+
+
+class NamedModelVersionDetail(ModelVersionPublic):
+    clusters: list[dict[str, Any]] = []
+    k_selection: dict[str, Any] | None = None
+    features: list[str] = []
+    trained_at: str | None = None
+    library_versions: dict[str, str] = {}
+    missing_shares: dict[str, float] = {}
+
+
+class ModelPageQuery(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    skip: int = Field(0, ge=0, le=2**31 - 1)
+    limit: int = Field(50, ge=1, le=200)
+
+
+class ModelPage(BaseModel):
+    models: list[ModelVersionPublic]
+    active_version: str | None
+    total: int
+    skip: int
+    limit: int
+
+
+def _category(value: Any) -> Any:
+    # A level may come as a number in JSON (region 7); it is compared as text, as in a CSV.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    return value
+
+
+def declared_customer_model(schema: FeatureSchema, title: str) -> type[BaseModel]:
+    """The `customer` body of a declared schema as a Pydantic model: each feature required, typed, bounded.
+
+    Fields are named by position and aliased by the feature's name, so any column name works
+    (even one that a BaseModel attribute has); dump with `by_alias=True`.
+    """
+    fields: dict[str, Any] = {}
+    for i, feature in enumerate(schema.features):
+        if feature.type == "numeric":
+            bounds = {k: v for k, v in (("ge", feature.min), ("le", feature.max)) if v is not None}
+            annotation: Any = Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+        else:
+            annotation = Annotated[str, BeforeValidator(_category), StringConstraints(max_length=200)]
+        fields[f"f{i}"] = (annotation, Field(alias=feature.name))
+    if schema.id_column and schema.id_column not in schema.names:
+        id_type: Any = Annotated[str | None, BeforeValidator(_category)]
+        fields["customer_id_"] = (id_type, Field(None, alias=schema.id_column))
+    return create_model(title, __config__=ConfigDict(extra="ignore", populate_by_name=False), **fields)

@@ -1,0 +1,323 @@
+"""What the routes ask of one segmentation: train it, score customers with it, describe its segments.
+
+Both doors call these: the seed's routes (`/train`, `/predict`, ...), which act on `default`,
+and `/segmentations/{name}/...`, which act on the segmentation named. What differs between
+kinds (the customer features, or a declared schema) is decided here, from the segmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+from cachetools import LRUCache
+from fastapi import UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
+
+from app.errors import Conflict, InvalidInput
+from app.preprocess import DataValidationError
+from app.schema import CustomerFeatures
+from app.segmentation_schema import declared_customer_model
+from app.services import predictions as prediction_service
+from app.services import segmentation
+from app.services.models import ModelStore, ServedModel
+from app.services.registry import feature_schema
+
+CUSTOMER_KIND = "customer"
+_BODY_MODELS: LRUCache[tuple[int, str], type[BaseModel]] = LRUCache(maxsize=256)
+
+
+def customer_model(store: ModelStore) -> type[BaseModel]:
+    """The Pydantic model of this segmentation's `customer` body (built once per schema)."""
+    info = store.segmentation
+    if info.kind == CUSTOMER_KIND:
+        return CustomerFeatures
+    key = (info.id, json.dumps(info.feature_schema, sort_keys=True))
+    model = _BODY_MODELS.get(key)
+    if model is None:
+        model = _BODY_MODELS[key] = declared_customer_model(feature_schema(info), f"Customer_{info.name}")
+    return model
+
+
+def customer_json_schema(store: ModelStore) -> dict[str, Any]:
+    return customer_model(store).model_json_schema(by_alias=True)
+
+
+def _invalid(exc: ValidationError, *where: Any) -> RequestValidationError:
+    return RequestValidationError(
+        [{**e, "loc": ("body", *where, *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+    )
+
+
+def validate_customers(store: ModelStore, customers: Sequence[Any], *where: str) -> list[Any]:
+    """Each customer checked against the segmentation's schema; any breach is FastAPI's 422 naming it."""
+    model = customer_model(store)
+    valid: list[Any] = []
+    errors: list[Any] = []
+    for i, customer in enumerate(customers):
+        try:
+            valid.append(model.model_validate(customer))
+        except ValidationError as exc:
+            loc = (*where, i) if len(customers) > 1 or where[-1:] == ("customers",) else where
+            errors.extend(_invalid(exc, *loc).errors())
+    if errors:
+        raise RequestValidationError(errors)
+    return valid
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+async def train(
+    state: State, store: ModelStore, *, file: UploadFile | None, n_clusters: int | None, random_state: int, by: str
+) -> ServedModel:
+    """Train a new version of `store`'s segmentation on the upload (or, kind customer, the default dataset)."""
+    info = store.segmentation
+    if info.kind == CUSTOMER_KIND:
+        features = await segmentation.training_matrix(state.settings, file)
+        return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
+    if file is None:
+        raise InvalidInput(f"A segmentation of kind {info.kind} trains on an uploaded CSV: send it as `file`")
+    from app.ml.schema import read_training_frame
+
+    schema = feature_schema(info)
+    file.file.seek(0)
+    frame = await run_in_threadpool(read_training_frame, file.file, schema)
+    return await store.train(
+        frame, schema=schema.to_dict(), n_clusters=n_clusters, random_state=random_state, created_by=by
+    )
+
+
+def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
+    meta = served.metadata
+    return {
+        "message": f"Model trained with {meta['n_clusters']} segments",
+        "n_clusters": meta["n_clusters"],
+        "silhouette_score": meta.get("silhouette_score"),
+        "inertia": meta["inertia"],
+        "model_version": served.version,
+        "n_samples": meta["n_samples"],
+        "duration_seconds": meta.get("duration_seconds", 0.0),
+        "cluster_sizes": {str(s["cluster_id"]): s["size"] for s in served.segments},
+        "segmentation": store.segmentation.name,
+        "skipped_rows": int(meta.get("skipped_rows", 0)),
+        "missing_shares": meta.get("missing_shares", {}),
+    }
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+async def record_prediction(
+    state: State,
+    *,
+    user_id: int,
+    store: ModelStore,
+    served: ServedModel,
+    customer: dict[str, Any],
+    cluster: int,
+    name: str,
+    confidence: float,
+) -> None:
+    """Count one prediction and keep it in the caller's history (returns once it is committed)."""
+    info = store.segmentation
+    state.metrics.count_predictions(served.names, cluster, "single", info.name)
+    await state.history_writer.add(
+        prediction_service.history_row(
+            user_id=user_id,
+            customer=customer,
+            cluster=cluster,
+            cluster_name=name,
+            confidence=confidence,
+            model_version=served.version,
+            segmentation_id=info.id,
+            segmentation=info.name,
+        )
+    )
+
+
+async def predict(state: State, *, user_id: int, store: ModelStore, customer: Any) -> dict[str, Any]:
+    """One customer (raw JSON of the segmentation's schema) → the answer of POST .../predict."""
+    (checked,) = validate_customers(store, [customer], "customer")
+    served = store.require()
+    warnings: list[str] = []
+    if store.segmentation.kind == CUSTOMER_KIND:
+        cluster, name, confidence = served.assign([checked])[0]
+        data = checked.model_dump()
+    else:
+        data = checked.model_dump(by_alias=True, exclude_none=True)
+        cluster, name, confidence, warnings = served.assign_declared([data])[0]
+    await record_prediction(
+        state,
+        user_id=user_id,
+        store=store,
+        served=served,
+        customer=data,
+        cluster=cluster,
+        name=name,
+        confidence=confidence,
+    )
+    return {
+        "cluster": cluster,
+        "cluster_name": name,
+        "confidence": confidence,
+        "customer_data": data,
+        "model_version": served.version,
+        "segmentation": store.segmentation.name,
+        "warnings": warnings,
+    }
+
+
+async def score_batch(
+    state: State, store: ModelStore, *, file: UploadFile | None, customers: list[Any] | None, as_csv: bool
+) -> tuple[ServedModel, segmentation.ScoredBatch]:
+    """Score a CSV upload or a JSON list of customers (already validated for kind customer)."""
+    declared = store.segmentation.kind != CUSTOMER_KIND
+    if file is not None:
+        served = store.require()
+        if declared:
+            file.file.seek(0)
+            fh = file.file
+            scored = await run_in_threadpool(lambda: score_declared_csv(served, fh, as_csv=as_csv))
+        else:
+            scored = await segmentation.score_csv(served, file, as_csv=as_csv)
+    elif customers is not None:
+        limit = state.settings.max_batch_rows
+        if len(customers) > limit:
+            raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
+        served = store.require()
+        rows = customers
+        if declared:
+            checked = [
+                c.model_dump(by_alias=True, exclude_none=True) for c in validate_customers(store, rows, "customers")
+            ]
+            scored = await run_in_threadpool(lambda: score_declared_records(served, checked, as_csv=as_csv))
+        else:
+            scored = await run_in_threadpool(lambda: segmentation.score_records(served, rows, as_csv=as_csv))
+    else:
+        raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
+    if scored.n_failed and not as_csv:
+        first = scored.problems[0] if scored.problems else {}
+        raise DataValidationError(
+            f"{scored.n_failed} of {scored.n_rows} rows break a rule (first: row {first.get('row')}: "
+            f"{first.get('reason')}); ask for text/csv to get every row marked",
+            scored.problems,
+            scored.n_failed,
+        )
+    return served, scored
+
+
+async def record_batch(
+    state: State, *, user_id: int, store: ModelStore, served: ServedModel, scored: segmentation.ScoredBatch
+) -> None:
+    await prediction_service.record_batch(
+        sessionmaker=state.database.sessionmaker,
+        user_id=user_id,
+        model_version=served.version,
+        labels=scored.labels,
+        n_failed=scored.n_failed,
+        segmentation_id=store.segmentation.id,
+    )
+    state.metrics.count_predictions(served.names, scored.labels, "batch", store.segmentation.name)
+
+
+def score_declared_records(
+    served: ServedModel, records: list[dict[str, Any]], *, as_csv: bool
+) -> segmentation.ScoredBatch:
+    result = served.model.score_records(records)
+    n = len(records)
+    answer = None
+    if as_csv:
+        frame = pd.DataFrame(records).astype(str)
+        csv_answer = segmentation.CsvAnswer(list(frame.columns), served.names)
+        csv_answer.add(frame, np.ones(n, dtype=bool), result.labels, result.confidence, [None] * n)
+        answer = csv_answer.finish()
+    return segmentation.ScoredBatch(
+        model=served, labels=result.labels, confidence=result.confidence, n_rows=n, csv_answer=answer
+    )
+
+
+def score_declared_csv(served: ServedModel, fh: IO[bytes], *, as_csv: bool) -> segmentation.ScoredBatch:
+    """A batch CSV of a declared schema, chunk by chunk: bad rows marked, the rest scored."""
+    labels: list[np.ndarray] = []
+    confidence: list[np.ndarray] = []
+    problems: list[dict[str, Any]] = []
+    answer: segmentation.CsvAnswer | None = None
+    seen = 0
+    for frame in segmentation.csv_frames(fh, check_columns=lambda _columns: None):
+        result = served.model.score_frame(frame)
+        if as_csv:
+            if answer is None:
+                answer = segmentation.CsvAnswer(list(frame.columns), served.names)
+            answer.add(frame, result.valid, result.labels, result.confidence, result.errors)
+        labels.append(result.labels)
+        confidence.append(result.confidence)
+        if len(problems) < segmentation.MAX_LISTED_ROWS:
+            for i in np.flatnonzero(~result.valid)[: segmentation.MAX_LISTED_ROWS - len(problems)].tolist():
+                problems.append({"row": seen + i + 1, "line": seen + i + 2, "reason": result.errors[i]})
+        seen += len(frame)
+    if seen == 0:
+        raise DataValidationError(
+            "the CSV has a header but no data rows",
+            [{"row": None, "line": None, "column": None, "reason": "no data rows"}],
+        )
+    return segmentation.ScoredBatch(
+        model=served,
+        labels=np.concatenate(labels),
+        confidence=np.concatenate(confidence),
+        n_rows=seen,
+        problems=problems,
+        csv_answer=answer.finish() if answer is not None else None,
+    )
+
+
+# --- describing ---------------------------------------------------------------------------------
+
+
+def clusters_json(store: ModelStore, served: ServedModel) -> bytes:
+    """GET .../clusters as JSON, built once per version."""
+    from app.segmentation_schema import NamedClusterSummary
+
+    def build() -> BaseModel:
+        return NamedClusterSummary(
+            total_customers=served.metadata["total_customers"],
+            n_clusters=served.metadata["n_clusters"],
+            model_version=served.version,
+            segmentation=store.segmentation.name,
+            clusters=served.segment_details(),  # type: ignore[arg-type]
+        )
+
+    # Kinds other than customer have no avg_* fields: they are left out rather than null.
+    return served.response_json("named-clusters", build, exclude_none=True)
+
+
+async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict[str, Any]:
+    """The elbow figures: of the default dataset (kind customer), else of the active version's training sample."""
+    if store.segmentation.kind == CUSTOMER_KIND:
+        return await state.elbow.get(k_min, k_max)
+    served = store.require()
+    selection = served.metadata.get("k_selection") or {}
+    if selection.get("method") != "silhouette":
+        raise Conflict(
+            "The active version was trained with a fixed n_clusters, so no range of k was compared: "
+            "train without n_clusters to get the elbow figures"
+        )
+    ks = [k for k in selection["k_range"] if k_min <= k <= k_max]
+    if not ks:
+        raise InvalidInput(f"The active version compared k = {selection['k_range'][0]}..{selection['k_range'][-1]}")
+    picked = [selection["k_range"].index(k) for k in ks]
+    scores = [selection["silhouette_scores"][i] for i in picked]
+    ranked = [s if s is not None else -1.0 for s in scores]
+    return {
+        "optimal_k": ks[int(np.argmax(ranked))],
+        "k_range": ks,
+        "inertias": [selection["inertias"][i] for i in picked],
+        "silhouette_scores": [s if s is not None else 0.0 for s in scores],
+        "method": "silhouette",
+    }
