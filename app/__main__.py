@@ -1,4 +1,4 @@
-"""Command line: `python -m app train|predict|models`.
+"""Command line: `python -m app train|predict|models`, each for one segmentation (`--segmentation`).
 
 It uses the same database and model folder as the service, so a model trained here
 becomes the active version the running service switches to.
@@ -49,32 +49,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def segmentation_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--segmentation", default="default", metavar="NAME", help="which segmentation (default: default)"
+        )
+
     train = commands.add_parser("train", help="train a new model version and make it active")
-    train.add_argument("--csv", type=Path, default=None, help="training CSV (default: DATA_PATH)")
+    segmentation_option(train)
+    train.add_argument(
+        "--input", "--csv", dest="csv", type=Path, default=None, help="training CSV (default: DATA_PATH)"
+    )
     train.add_argument("--k", type=int, default=None, help="number of segments, 2..20 (default: chosen by silhouette)")
     train.add_argument("--random-state", type=int, default=42, help="seed for reproducible segments (default: 42)")
 
     predict = commands.add_parser("predict", help="which segment is one customer in")
+    segmentation_option(predict)
+    predict.add_argument(
+        "--customer", default=None, metavar="JSON", help="the customer as JSON (segmentations other than customer kind)"
+    )
     predict.add_argument("--sex", default="Other", help="Male, Female or Other")
-    predict.add_argument("--age", type=int, required=True, help="age in years, 18..100")
-    predict.add_argument("--income", type=float, required=True, help="annual income in thousands")
-    predict.add_argument("--spending", type=int, required=True, help="spending score 1..100")
-    predict.add_argument("--frequency", type=int, required=True, help="purchases per year")
+    predict.add_argument("--age", type=int, help="age in years, 18..100")
+    predict.add_argument("--income", type=float, help="annual income in thousands")
+    predict.add_argument("--spending", type=int, help="spending score 1..100")
+    predict.add_argument("--frequency", type=int, help="purchases per year")
 
-    commands.add_parser("models", help="list model versions, newest first")
+    models = commands.add_parser("models", help="list model versions, newest first")
+    segmentation_option(models)
     return parser
 
 
-async def _with_store(action):
+async def _with_store(name: str, action):
     from app.services.models import ModelStore
+    from app.services.registry import SegmentationRegistry
 
     settings = get_settings()
     database = Database(settings.database_url)
     try:
         await upgrade_database(database)
-        store = ModelStore(settings=settings, database=database)
-        await store.start(follow=False)
-        return await action(store, settings)
+        default = ModelStore(settings=settings, database=database)
+        if name == "default":
+            await default.start(follow=False)
+        registry = SegmentationRegistry(settings=settings, database=database, default=default)
+        await registry.start(follow=False)
+        return await action(await registry.get(name), settings)
     finally:
         await database.dispose()
 
@@ -102,8 +119,9 @@ class _ProgressFile(io.FileIO):
         return data
 
 
-def read_training_csv(path: Path, *, progress: bool | None = None):
-    """The validated feature matrix of `path`, with a bar over the bytes read (chunk by chunk)."""
+def read_training_csv(path: Path, *, progress: bool | None = None, schema=None):
+    """The validated feature matrix of `path` (with `schema`, a declared FeatureSchema: its training frame),
+    with a bar over the bytes read (chunk by chunk)."""
     total = path.stat().st_size
     with tqdm(
         total=total,
@@ -115,7 +133,12 @@ def read_training_csv(path: Path, *, progress: bool | None = None):
         file=sys.stderr,
     ) as bar:
         with io.BufferedReader(_ProgressFile(path, bar)) as fh:
-            features = load_training_matrix(fh)
+            if schema is None:
+                features = load_training_matrix(fh)
+            else:
+                from app.ml.schema import read_training_frame
+
+                features = read_training_frame(fh, schema)
         bar.update(total - bar.n)
     return features
 
@@ -145,8 +168,14 @@ async def _train(args, store, settings) -> int:
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
     print(f"Reading {source} ...")
+    info = store.segmentation
+    schema = None
+    if info.kind != "customer":
+        from app.services.registry import feature_schema
+
+        schema = feature_schema(info)
     try:
-        features = await asyncio.to_thread(read_training_csv, source)
+        features = await asyncio.to_thread(read_training_csv, source, schema=schema)
     except OSError as exc:
         print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -161,7 +190,14 @@ async def _train(args, store, settings) -> int:
     print(f"Training on {len(features):,} rows" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
     try:
         served = await _with_timer(
-            "Training", store.train(features, n_clusters=args.k, random_state=args.random_state, created_by="cli")
+            "Training",
+            store.train(
+                features,
+                n_clusters=args.k,
+                random_state=args.random_state,
+                created_by="cli",
+                schema=schema.to_dict() if schema is not None else None,
+            ),
         )
     except DataValidationError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -183,6 +219,26 @@ async def _predict(args, store, _settings) -> int:
     from app.schema import CustomerFeatures
 
     served = store.require()
+    if store.segmentation.kind != "customer" or args.customer is not None:
+        from app.services.segmentations import customer_model
+
+        if args.customer is None:
+            print("error: give the customer with --customer JSON", file=sys.stderr)
+            return 2
+        checked = customer_model(store).model_validate_json(args.customer)
+        if store.segmentation.kind == "customer":
+            cluster, name, confidence = served.assign([checked])[0]
+            warnings: list[str] = []
+        else:
+            data = checked.model_dump(by_alias=True, exclude_none=True)
+            cluster, name, confidence, warnings = served.assign_declared([data])[0]
+        answer = {"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4)}
+        print(json.dumps({**answer, "model_version": served.version, "warnings": warnings}))
+        return 0
+    missing = [f"--{o}" for o in ("age", "income", "spending", "frequency") if getattr(args, o) is None]
+    if missing:
+        print(f"error: missing {', '.join(missing)}", file=sys.stderr)
+        return 2
     customer = CustomerFeatures.model_validate(
         {
             "sex": args.sex,
@@ -226,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(get_settings())
         if not args.verbose:
             logging.getLogger("app").setLevel(max(logging.getLogger("app").level, logging.WARNING))
-        return asyncio.run(_with_store(lambda store, settings: handler(args, store, settings)))
+        return asyncio.run(_with_store(args.segmentation, lambda store, settings: handler(args, store, settings)))
     except AppError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

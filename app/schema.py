@@ -300,8 +300,12 @@ class HistoryQuery(BaseModel):
             "`skip` then counts from that row. An id that is not in this history is a 404."
         ),
     )
-    segmentation: str | None = Field(
-        None, min_length=1, max_length=40, description="Only the predictions made with this segmentation"
+    segmentation: Annotated[str | None, NotNull] = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        description="Only the predictions made with this segmentation",
+        json_schema_extra=omittable,
     )
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, S
 from app.schema import (
     CUSTOMER_EXAMPLE,
     MAX_BATCH_ROWS,
+    MODEL_VERSION_EXAMPLE,
     SEGMENT_EXAMPLE,
     VERSION_EXAMPLE,
     ModelVersionPublic,
@@ -113,6 +114,8 @@ class SegmentationDetail(SegmentationPublic):
 
 
 class SegmentationList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"segmentations": [SEGMENTATION_EXAMPLE]}]})
+
     segmentations: list[SegmentationPublic]
 
 
@@ -199,6 +202,20 @@ class NamedSegmentStats(BaseModel):
 
 
 class NamedClusterSummary(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                    "model_version": VERSION_EXAMPLE,
+                    "segmentation": "default",
+                    "clusters": [NAMED_SEGMENT_EXAMPLE],
+                }
+            ]
+        }
+    )
+
     total_customers: int
     n_clusters: int
     model_version: str
@@ -223,6 +240,20 @@ class ModelPageQuery(BaseModel):
 
 
 class ModelPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "models": [MODEL_VERSION_EXAMPLE],
+                    "active_version": VERSION_EXAMPLE,
+                    "total": 1,
+                    "skip": 0,
+                    "limit": 50,
+                }
+            ]
+        }
+    )
+
     models: list[ModelVersionPublic]
     active_version: str | None
     total: int

@@ -80,7 +80,12 @@ async def _store(request: Request, name: str) -> ModelStore:
     return await request.app.state.segmentations.get(name)
 
 
-@router.get("", summary="Every segmentation", responses=errors(401, 403))
+@router.get(
+    "",
+    summary="Every segmentation",
+    description="Each with its kind, declared features and the version it serves; `default` first.",
+    responses=errors(401, 403),
+)
 async def list_segmentations(request: Request, _: CurrentUser) -> SegmentationList:
     stores = request.app.state.segmentations.stores()
     return SegmentationList(segmentations=[SegmentationPublic(**_public(store)) for store in stores])
@@ -109,13 +114,19 @@ async def create_segmentation(request: Request, analyst: AnalystUser, body: Segm
 @router.get(
     "/{name}",
     summary="One segmentation, with the JSON schema of its customers",
+    description="`customer_schema` is the JSON schema of the `customer` body its predict takes. Unknown: 404.",
     responses=errors(401, 403, 404),
 )
 async def get_segmentation(request: Request, _: CurrentUser, name: Name) -> SegmentationDetail:
     return _detail(await _store(request, name))
 
 
-@router.patch("/{name}", summary="Edit a segmentation's description (analyst)", responses=errors(401, 403, 404, 422))
+@router.patch(
+    "/{name}",
+    summary="Edit a segmentation's description (analyst)",
+    description="Only the description changes; a null one clears it.",
+    responses=errors(401, 403, 404, 422),
+)
 async def edit_segmentation(
     request: Request, _: AnalystUser, name: Name, body: SegmentationUpdate
 ) -> SegmentationDetail:
@@ -206,6 +217,7 @@ router.add_api_route(
 @router.get(
     "/{name}/clusters",
     summary="The segments of a segmentation's active version",
+    description="Size, share, name and description of every segment, `means` per feature in its own units (categorical: the share of each level); kind customer keeps its `avg_*` fields. 409 before training.",
     response_model=NamedClusterSummary,
     responses=errors(401, 403, 404, 409),
 )
@@ -228,7 +240,12 @@ async def elbow(request: Request, _: CurrentUser, name: Name, k: Annotated[Elbow
     return ElbowResult(**await segmentations.elbow(request.app.state, store, k.k_min, k.k_max))
 
 
-@router.get("/{name}/charts/clusters", summary="Segment charts as PNG data URIs", responses=errors(401, 403, 404, 409))
+@router.get(
+    "/{name}/charts/clusters",
+    summary="Segment charts as PNG data URIs",
+    description="As GET /charts/clusters, for this segmentation's active version.",
+    responses=errors(401, 403, 404, 409),
+)
 async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> ClusterCharts:
     served = (await _store(request, name)).require()
     return ClusterCharts(
@@ -238,7 +255,12 @@ async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> Cluste
     )
 
 
-@router.get("/{name}/charts/elbow", summary="The elbow chart as a PNG data URI", responses=errors(401, 403, 404, 409))
+@router.get(
+    "/{name}/charts/elbow",
+    summary="The elbow chart as a PNG data URI",
+    description="The figures of GET .../elbow drawn as a `data:image/png;base64,...` URI.",
+    responses=errors(401, 403, 404, 409),
+)
 async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChart:
     store = await _store(request, name)
     if store.segmentation.kind == "customer":
@@ -257,6 +279,7 @@ async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChar
 @router.get(
     "/{name}/history",
     summary="Prediction history made with this segmentation, newest first",
+    description="As GET /history, only this segmentation's rows (a deleted one of the same name keeps its own).",
     response_model=HistoryPage,
     responses=errors(401, 403, 404, 422),
 )
@@ -279,7 +302,10 @@ async def history(request: Request, user: CurrentUser, name: Name, query: Annota
 
 
 @router.get(
-    "/{name}/models", summary="A segmentation's versions, newest first (analyst)", responses=errors(401, 403, 404)
+    "/{name}/models",
+    summary="A segmentation's versions, newest first (analyst)",
+    description="A page of versions (`skip`, `limit`) with `total` and the active version.",
+    responses=errors(401, 403, 404),
 )
 async def list_models(
     request: Request, _: AnalystUser, name: Name, page: Annotated[ModelPageQuery, Query()]
@@ -295,7 +321,12 @@ async def list_models(
     )
 
 
-@router.get("/{name}/models/{version}", summary="One version (analyst)", responses=errors(401, 403, 404, 422))
+@router.get(
+    "/{name}/models/{version}",
+    summary="One version (analyst)",
+    description="A version's segments, how k was chosen, its features and the missing shares of its training data.",
+    responses=errors(401, 403, 404, 422),
+)
 async def get_model(request: Request, _: AnalystUser, name: Name, version: Version) -> NamedModelVersionDetail:
     store = await _store(request, name)
     return NamedModelVersionDetail(**await store.get_version(version))
@@ -304,6 +335,7 @@ async def get_model(request: Request, _: AnalystUser, name: Name, version: Versi
 @router.post(
     "/{name}/models/{version}/activate",
     summary="Make a version the active one (analyst)",
+    description="Rollback or roll forward; every worker switches within about a second.",
     responses=errors(401, 403, 404, 409, 422),
 )
 async def activate_model(request: Request, _: AnalystUser, name: Name, version: Version) -> ModelVersionPublic:
@@ -316,6 +348,7 @@ async def activate_model(request: Request, _: AnalystUser, name: Name, version: 
     "/{name}/models/{version}",
     status_code=204,
     summary="Delete a version that is not the active one (analyst)",
+    description="The active version cannot be deleted (409): activate another one first.",
     responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_model(request: Request, _: AnalystUser, name: Name, version: Version) -> Response:
