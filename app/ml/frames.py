@@ -20,6 +20,7 @@ from app.preprocess import (
     _shown,
     _sniff,
     _wrap_read_error,
+    resolve_columns,
 )
 
 if TYPE_CHECKING:
@@ -34,27 +35,13 @@ def match_columns(columns: Iterable[Any], wanted: Iterable[str], *, required: It
     Raises one DataValidationError naming every missing required column, or a
     name that two columns claim.
     """
-    keys = {name.strip().casefold(): name for name in wanted}
-    found: dict[str, Any] = {}
-    raw_columns = list(columns)
-    for raw in raw_columns:
-        name = keys.get(str(raw).strip().casefold())
-        if name is None:
-            continue
-        if name in found:
-            raise DataValidationError(
-                f"columns {found[name]!r} and {raw!r} both mean {name}; keep only one",
-                [_problem(None, name, "duplicate column")],
-            )
-        found[name] = raw
-    missing = [name for name in required if name not in found]
-    if missing:
-        shown = ", ".join(repr(str(c)) for c in raw_columns[:12]) or "none"
-        raise DataValidationError(
-            f"missing required column(s): {', '.join(missing)} (found: {shown})",
-            [_problem(None, name, "missing column") for name in missing],
-        )
-    return found
+    required = tuple(required)
+    optional = [name for name in wanted if name not in required]
+    return resolve_columns(columns, required=required, optional=optional, key=_header_key)
+
+
+def _header_key(name: Any) -> str:
+    return str(name).strip().casefold()
 
 
 def numeric_values(series: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -190,7 +190,9 @@ def segment_statistics(
         else:
             levels = feature.levels_ or ()
             idx, _, _ = level_indices(feature, frame[feature.name])
-            counts = np.bincount(labels * len(levels) + idx, minlength=k * len(levels)).reshape(k, len(levels))
+            coded = idx >= 0  # every training cell has a level; kept defensive for hand-made frames
+            cells = labels[coded] * len(levels) + idx[coded]
+            counts = np.bincount(cells, minlength=k * len(levels)).reshape(k, len(levels))
             for i in range(k):
                 stats[i][feature.name] = {
                     level: round(float(c / sizes[i]), 4) for level, c in zip(levels, counts[i], strict=True)
