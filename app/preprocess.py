@@ -19,7 +19,7 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -107,22 +107,23 @@ def resolve_columns(
     *,
     required: Iterable[str] = FEATURES,
     optional: Iterable[str] = (SEX_COLUMN,),
+    key: Callable[[Any], str] = normalize_header,
 ) -> dict[str, Any]:
     """Map canonical feature names to the matching raw column names.
 
-    Headers match case-insensitively with surrounding whitespace ignored, so
-    both the dataset's ``Annual_Income`` and ``annual_income`` work; columns
-    that are neither required nor optional are ignored. Raises
-    DataValidationError naming every missing required column, or a name
-    that two columns claim.
+    A header means a name when both give the same ``key``: by default
+    :func:`normalize_header`, so both the dataset's ``Annual_Income`` and
+    ``annual_income`` work. Columns that are neither required nor optional
+    are ignored. Raises DataValidationError naming every missing required
+    column, or a name that two columns claim.
     """
     required = tuple(required)
-    wanted = set(required) | set(optional)
+    wanted = {key(name): name for name in (*required, *optional)}
     found: dict[str, Any] = {}
     raw_columns = list(columns)
     for raw in raw_columns:
-        canonical = normalize_header(raw)
-        if canonical not in wanted:
+        canonical = wanted.get(key(raw))
+        if canonical is None:
             continue
         if canonical in found:
             raise DataValidationError(

@@ -160,6 +160,9 @@ def test_metadata_and_segment_statistics(model, X):
     ):
         assert key in meta, key
     assert meta["features"] == list(FEATURES)
+    assert meta["kind"] == "customer" and meta["schema"]["kind"] == "customer"
+    assert meta["missing_shares"] == dict.fromkeys(FEATURES, 0.0)
+    assert len({s["segment_key"] for s in meta["segments"]}) == len(meta["segments"])
     assert meta["n_samples"] == meta["total_customers"] == len(X)
     assert set(meta["library_versions"]) >= {"sklearn", "numpy", "pandas"}
     assert set(meta["elbow"]) >= {"optimal_k", "k_range", "inertias", "silhouette_scores", "method"}
@@ -181,7 +184,13 @@ def test_metadata_and_segment_statistics(model, X):
             "avg_spending_score",
             "avg_purchase_frequency",
             "description",
+            "means",
+            "segment_key",
+            "generated_name",
         }
+        assert segment["generated_name"] == segment["cluster_name"]
+        assert segment["means"]["age"] == pytest.approx(segment["avg_age"], abs=0.01)
+        assert segment["means"]["purchase_frequency"] == pytest.approx(segment["avg_purchase_frequency"], abs=0.01)
         members = X[labels == segment["cluster_id"]]
         assert segment["size"] == len(members)
         assert segment["avg_age"] == pytest.approx(members[:, 0].mean(), abs=0.01)

@@ -8,50 +8,47 @@ is never mutated by prediction, so one instance can serve concurrent calls.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import persistence, selection
+from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
 from app.ml.persistence import ModelLoadError
-from app.ml.schema import customer_matrix
-from app.ml.scoring import CentroidScorer
-from app.ml.training import TrainedParts, train_customer
-from app.preprocess import FEATURES, DataValidationError
+from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
+from app.ml.scoring import CentroidScorer, ScoredFrame, ScoredRecords
+from app.ml.training import train_custom, train_customer
+from app.preprocess import FEATURES, DataValidationError, features_matrix
+from app.preprocess import score_frame as score_customer_frame
 
 
 class SegmentationModel:
-    """A fitted StandardScaler + K-Means pair with its description.
+    """A fitted K-Means over a feature schema, with its description.
 
-    ``scaler`` and ``kmeans`` are the scikit-learn estimators (the ones saved
-    as scaler.pkl and kmeans.pkl); ``metadata`` is a JSON-ready dict with the
-    segment statistics and training details. Cluster ids are ordered by
-    centroid income, then spending (original units), so the same data and
-    ``random_state`` always give the same ids and names.
+    ``kmeans`` is the scikit-learn estimator (saved as kmeans.pkl);
+    ``metadata`` a JSON-ready dict with the segment statistics, the learned
+    schema and training details; ``schema`` the :class:`FeatureSchema`.
+    Kind ``customer`` scales with ``scaler`` (a StandardScaler, saved as
+    scaler.pkl) and orders ids by centroid income, then spending. Kind
+    ``custom`` has no scaler: its schema encodes rows straight into the
+    K-Means space, and ids are ordered by size, then centroid. Either way
+    the same data and ``random_state`` give the same ids and names.
     """
 
-    def __init__(self, scaler: StandardScaler, kmeans: KMeans | MiniBatchKMeans, metadata: dict[str, Any]):
+    def __init__(self, scaler: StandardScaler | None, kmeans: KMeans | MiniBatchKMeans, metadata: dict[str, Any]):
         self.scaler = scaler
         self.kmeans = kmeans
         self.metadata = metadata
         self.training_labels: np.ndarray | None = None
         """Cluster id of each training row (only on a freshly trained model)."""
-        mean = np.asarray(scaler.mean_, dtype=np.float64)
-        scale = np.asarray(scaler.scale_, dtype=np.float64)
-        centers = np.asarray(kmeans.cluster_centers_, dtype=np.float64)
-        if (
-            mean.shape != (len(FEATURES),)
-            or scale.shape != mean.shape
-            or centers.ndim != 2
-            or centers.shape[1] != len(FEATURES)
-            or centers.shape[0] < 2
-        ):
-            raise ModelLoadError("scaler and K-Means do not fit the four customer features")
-        self._scorer = CentroidScorer(centers, mean, scale)
+        self.schema = _schema_of(metadata)
+        self._scorer = _scorer_for(self.schema, scaler, kmeans)
+        centers = self._scorer.folded_centers
         segments = metadata.get("segments") or []
         self._names = tuple(str(s["cluster_name"]) for s in segments)
         if len(self._names) != centers.shape[0]:
@@ -64,26 +61,31 @@ class SegmentationModel:
     @classmethod
     def train(
         cls,
-        X: Any,
+        data: Any,
         *,
+        schema: FeatureSchema | None = None,
         n_clusters: int | None = None,
         random_state: int = 42,
         k_range: tuple[int, int] = selection.DEFAULT_K_RANGE,
     ) -> SegmentationModel:
-        """Fit a model on X, an (n, 4) matrix in FEATURES order, original units.
+        """Fit a model on ``data``.
 
+        Kind ``customer`` (no schema, or ``FeatureSchema.customer()``): data is
+        an (n, 4) matrix in FEATURES order, original units, or a DataFrame
+        with those columns. Kind ``custom``: the DataFrame from
+        :func:`app.ml.schema.read_training_frame` for that schema.
         With ``n_clusters=None`` k is the best sampled silhouette over
         ``k_range`` (inclusive), with the inertia knee reported beside it.
-        Raises DataValidationError when X is malformed or has too few
-        (distinct) customers for the requested segments.
+        Raises DataValidationError when the data is malformed or has too few
+        (distinct) rows for the requested segments.
         """
+        options = {"n_clusters": n_clusters, "random_state": random_state, "k_range": k_range}
         with selection.SingleThreaded():
-            parts = train_customer(X, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
-        return cls._from_training(parts)
-
-    @classmethod
-    def _from_training(cls, parts: TrainedParts) -> SegmentationModel:
-        model = cls(parts.scaler, parts.kmeans, parts.metadata)  # type: ignore[arg-type]
+            if schema is None or schema.kind == "customer":
+                parts = train_customer(data, **options)  # type: ignore[arg-type]
+            else:
+                parts = train_custom(data, schema, **options)  # type: ignore[arg-type]
+        model = cls(parts.scaler, parts.kmeans, parts.metadata)
         model.training_labels = parts.labels
         return model
 
@@ -126,8 +128,10 @@ class SegmentationModel:
         Returns (cluster ids int64, confidence float64 in [0, 1]) where
         confidence is 1 - d_nearest / d_second: 1 at a centroid, 0 on the
         boundary with the next-nearest segment. Pure NumPy; same ids as
-        ``kmeans.predict(scaler.transform(X))``.
+        ``kmeans.predict(scaler.transform(X))``. Customer kind only (custom:
+        :meth:`score_records`, :meth:`score_frame`).
         """
+        self._require_customer("predict")
         return self._scorer.predict(customer_matrix(X))
 
     def predict_one(self, *values: Any, **features: Any) -> tuple[int, str, float]:
@@ -138,6 +142,7 @@ class SegmentationModel:
         mapping or object carrying those fields. Plain Python arithmetic
         over the folded centroids: a few microseconds, no array set-up.
         """
+        self._require_customer("predict_one")
         if len(values) == 4:
             a, b, c, d = values
         elif len(values) == 1 and not features:
@@ -156,6 +161,60 @@ class SegmentationModel:
         best_id, confidence = scored
         return best_id, self._names[best_id], confidence
 
+    def _require_customer(self, method: str) -> None:
+        if self.schema.kind != "customer":
+            raise TypeError(f"{method} takes the four customer features; score a custom model with score_records")
+
+    def score_records(self, records: Sequence[Mapping[str, Any]]) -> ScoredRecords:
+        """Segments of records (mappings from feature name to value), already type-checked.
+
+        Unseen categories are accepted and warned about, empty values imputed
+        as at training. An out-of-range value raises DataValidationError
+        naming the record and feature. Works for both kinds.
+        """
+        if self.schema.kind == "customer":
+            labels, confidence = self.predict(features_matrix(records))
+            return ScoredRecords(labels, confidence, [[] for _ in records])
+        checked = check_records(self.schema, records)
+        raise_for_records(checked)
+        labels, confidence = self._scorer.predict(encode(self.schema, checked.frame))
+        return ScoredRecords(labels, confidence, checked.warnings)
+
+    def score_frame(self, frame: pd.DataFrame) -> ScoredFrame:
+        """Segments of a batch read as text (``dtype=str, keep_default_na=False``), row by row.
+
+        A row with a bad value gets an error instead of a segment; empty cells
+        are imputed and unseen categories accepted, both with a warning. A
+        declared column missing from the frame raises DataValidationError.
+        Works for both kinds (the customer kind follows
+        :func:`app.preprocess.score_frame`).
+        """
+        if self.schema.kind == "customer":
+            batch = score_customer_frame(frame)
+            labels, confidence = self.predict(batch.features)
+            return ScoredFrame(batch.valid, labels, confidence, batch.errors, [None] * len(batch))
+        checked = check_text_frame(self.schema, frame)
+        valid = checked.valid
+        labels, confidence = self._scorer.predict(encode(self.schema, checked.frame[valid]))
+        return ScoredFrame(
+            valid,
+            labels,
+            confidence,
+            ["; ".join(e) if e else None for e in checked.errors],
+            ["; ".join(w) if w else None for w in checked.warnings],
+        )
+
+    def encode(self, data: Any) -> np.ndarray:
+        """The K-Means input for ``data``: ``kmeans.predict(model.encode(data))`` are the served ids.
+
+        Custom kind: a frame as read for training; customer kind: the customer
+        features, scaled.
+        """
+        if self.schema.kind == "customer":
+            assert self.scaler is not None
+            return self.scaler.transform(customer_matrix(data))
+        return encode(self.schema, data)
+
     # -- persistence ------------------------------------------------------- #
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -168,7 +227,7 @@ class SegmentationModel:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SegmentationModel:
         """Load a model saved by :meth:`save`; any problem raises ModelLoadError."""
-        return cls._from_parts(*persistence.read_directory(directory))
+        return _from_parts(*persistence.read_directory(directory))
 
     def to_bytes(self) -> bytes:
         """The whole model (both estimators and metadata) as one blob."""
@@ -177,28 +236,69 @@ class SegmentationModel:
     @classmethod
     def from_bytes(cls, blob: bytes) -> SegmentationModel:
         """Inverse of :meth:`to_bytes`; any problem raises ModelLoadError."""
-        return cls._from_parts(*persistence.from_bytes(blob))
+        return _from_parts(*persistence.from_bytes(blob))
 
-    @classmethod
-    def _from_parts(cls, kmeans: Any, scaler: Any, metadata: Any) -> SegmentationModel:
-        if not isinstance(kmeans, (KMeans, MiniBatchKMeans)) or not hasattr(kmeans, "cluster_centers_"):
-            raise ModelLoadError("kmeans artifact is not a fitted scikit-learn K-Means model")
-        if not isinstance(scaler, StandardScaler) or not hasattr(scaler, "scale_"):
-            raise ModelLoadError("scaler artifact is not a fitted StandardScaler")
-        if not isinstance(metadata, dict):
-            raise ModelLoadError("model metadata is not a dict")
-        if list(metadata.get("features") or []) != list(FEATURES):
-            raise ModelLoadError(f"model was trained on {metadata.get('features')}, expected {list(FEATURES)}")
-        segments = metadata.get("segments")
-        if not isinstance(segments, list) or not all(isinstance(s, dict) and "cluster_name" in s for s in segments):
-            raise ModelLoadError("model metadata has no segment descriptions")
-        if [s.get("cluster_id") for s in segments] != list(range(len(segments))):
-            raise ModelLoadError("segment ids in metadata are not 0..k-1")
-        metadata = dict(metadata)
-        metadata.pop("artifacts", None)
-        try:
-            return cls(scaler, kmeans, metadata)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a corrupt estimator can fail in many ways
-            raise ModelLoadError(f"inconsistent model artifacts: {exc}") from exc
+
+def _schema_of(metadata: dict[str, Any]) -> FeatureSchema:
+    """The fitted schema a model's metadata records; models from before kinds existed are customer models."""
+    if metadata.get("kind", "customer") == "customer":
+        return FeatureSchema.customer()
+    try:
+        schema = FeatureSchema.from_dict(metadata.get("schema"))  # type: ignore[arg-type]
+    except SchemaError as exc:
+        raise ModelLoadError(f"model metadata holds an unusable schema: {exc}") from exc
+    if schema.kind != "custom" or not schema.fitted:
+        raise ModelLoadError("model metadata holds a schema that was never fitted")
+    return schema
+
+
+def _from_parts(kmeans: Any, scaler: Any, metadata: Any) -> SegmentationModel:
+    """A model from loaded artifacts, checked for consistency; any problem raises ModelLoadError."""
+    if not isinstance(kmeans, (KMeans, MiniBatchKMeans)) or not hasattr(kmeans, "cluster_centers_"):
+        raise ModelLoadError("kmeans artifact is not a fitted scikit-learn K-Means model")
+    if not isinstance(metadata, dict):
+        raise ModelLoadError("model metadata is not a dict")
+    schema = _schema_of(metadata)
+    if schema.kind == "customer" and (not isinstance(scaler, StandardScaler) or not hasattr(scaler, "scale_")):
+        raise ModelLoadError("scaler artifact is not a fitted StandardScaler")
+    if schema.kind == "custom" and scaler is not None:
+        raise ModelLoadError("a custom model has no scaler artifact")
+    if list(metadata.get("features") or []) != schema.names:
+        raise ModelLoadError(f"model was trained on {metadata.get('features')}, expected {schema.names}")
+    segments = metadata.get("segments")
+    if not isinstance(segments, list) or not all(isinstance(s, dict) and "cluster_name" in s for s in segments):
+        raise ModelLoadError("model metadata has no segment descriptions")
+    if [s.get("cluster_id") for s in segments] != list(range(len(segments))):
+        raise ModelLoadError("segment ids in metadata are not 0..k-1")
+    metadata = dict(metadata)
+    metadata.pop("artifacts", None)
+    try:
+        return SegmentationModel(scaler, kmeans, metadata)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt estimator can fail in many ways
+        raise ModelLoadError(f"inconsistent model artifacts: {exc}") from exc
+
+
+def _scorer_for(
+    schema: FeatureSchema, scaler: StandardScaler | None, kmeans: KMeans | MiniBatchKMeans
+) -> CentroidScorer:
+    """The NumPy scorer of a model: scaling folded into the centroids (customer) or none (custom)."""
+    centers = np.asarray(kmeans.cluster_centers_, dtype=np.float64)
+    if schema.kind == "custom":
+        if centers.ndim != 2 or centers.shape[1] != schema.width or centers.shape[0] < 2:
+            raise ModelLoadError(f"K-Means centroids {centers.shape} do not fit the schema's {schema.width} columns")
+        return CentroidScorer(centers)
+    if scaler is None:
+        raise ModelLoadError("a customer model needs its scaler")
+    mean = np.asarray(scaler.mean_, dtype=np.float64)
+    scale = np.asarray(scaler.scale_, dtype=np.float64)
+    if (
+        mean.shape != (len(FEATURES),)
+        or scale.shape != mean.shape
+        or centers.ndim != 2
+        or centers.shape[1] != len(FEATURES)
+        or centers.shape[0] < 2
+    ):
+        raise ModelLoadError("scaler and K-Means do not fit the four customer features")
+    return CentroidScorer(centers, mean, scale)

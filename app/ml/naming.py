@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from app.preprocess import FEATURES
+
+if TYPE_CHECKING:
+    from app.ml.schema import FeatureSchema
 
 _INCOME, _SPENDING, _FREQUENCY, _AGE = (
     FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")
@@ -152,3 +159,108 @@ def describe_customer_segment(center: np.ndarray, zc: np.ndarray, percentage: fl
         f"{center[_SPENDING]:.0f} ({_relative(zc[_SPENDING])} average) and "
         f"{center[_FREQUENCY]:.0f} purchases a year ({_relative(zc[_FREQUENCY])} average)."
     )
+
+
+# --------------------------------------------------------------------------- #
+# Declared (custom) schemas: names from the features that set a centroid apart
+
+
+@dataclass(frozen=True)
+class Trait:
+    """One way a segment stands out: a numeric feature high or low, or a categorical level over-represented."""
+
+    score: float
+    """How far from the population, in standard deviations (z of the centroid, or of the level's share)."""
+    feature: int
+    words: str
+
+
+def segment_traits(
+    schema: FeatureSchema, z: np.ndarray, shares: list[dict[str, dict[str, float]]]
+) -> list[list[Trait]]:
+    """Each segment's traits, most distinguishing first (ties by feature order).
+
+    ``z[i, j]`` is segment i's centroid on numeric feature j's standardized
+    column (NaN for categoricals); ``shares[i][feature][level]`` the level's
+    share within segment i. A categorical feature offers its one most
+    over-represented level.
+    """
+    traits: list[list[Trait]] = []
+    for i in range(len(z)):
+        found = []
+        for j, feature in enumerate(schema.features):
+            if feature.numeric:
+                found.append(Trait(abs(float(z[i, j])), j, f"{'High' if z[i, j] > 0 else 'Low'} {feature.name}"))
+                continue
+            best: Trait | None = None
+            for level, p in zip(feature.levels_ or (), feature.shares_ or (), strict=True):
+                if not 0 < p < 1:
+                    continue
+                score = (shares[i][feature.name].get(level, 0.0) - p) / math.sqrt(p * (1 - p))
+                if score > 0 and (best is None or score > best.score):
+                    best = Trait(score, j, f"{feature.name}: {level}")
+            if best is not None:
+                found.append(best)
+        found.sort(key=lambda t: (-t.score, t.feature))
+        traits.append(found)
+    return traits
+
+
+def custom_segment_names(traits: list[list[Trait]]) -> list[str]:
+    """Names from the one or two most distinguishing traits, unique within the model.
+
+    Colliding names take each member's next trait in turn; a number is the
+    last resort. Deterministic throughout.
+    """
+    taken = []
+    for found in traits:
+        notable = [t for t in found if t.score >= _NOTABLE_Z][:2]
+        taken.append(len(notable))
+
+    def names() -> list[str]:
+        return [
+            ", ".join(t.words for t in found[:count]) or "Close to average"
+            for found, count in zip(traits, taken, strict=True)
+        ]
+
+    while True:
+        current = names()
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(current):
+            groups.setdefault(name, []).append(i)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        grown = False
+        for group in clashes:
+            for i in group:
+                if taken[i] < len(traits[i]):
+                    taken[i] += 1
+                    grown = True
+        if not clashes or not grown:
+            break
+
+    current = names()
+    counter: dict[str, int] = {}
+    unique = []
+    for name in current:
+        if current.count(name) > 1:
+            counter[name] = counter.get(name, 0) + 1
+            name = f"{name} ({counter[name]})"
+        unique.append(name)
+    return unique
+
+
+def describe_custom_segment(
+    schema: FeatureSchema, traits: list[Trait], means: dict[str, Any], z: np.ndarray, percentage: float
+) -> str:
+    """One sentence: the segment's share and its three most distinguishing features."""
+    parts = []
+    for trait in traits[:3]:
+        feature = schema.features[trait.feature]
+        if feature.numeric:
+            parts.append(f"{feature.name} {means[feature.name]:.4g} ({_relative(float(z[trait.feature]))} average)")
+        else:
+            level = trait.words.split(": ", 1)[1]
+            overall = dict(zip(feature.levels_ or (), feature.shares_ or (), strict=True))[level]
+            parts.append(f"{means[feature.name][level]:.0%} {feature.name} {level} (vs {overall:.0%} overall)")
+    detail = ", ".join(parts) if parts else "close to the average on every feature"
+    return f"{percentage:.1f}% of customers: {detail}."

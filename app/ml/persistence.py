@@ -29,7 +29,7 @@ class ModelLoadError(Exception):
 
 
 def write_directory(directory: str | os.PathLike, kmeans: Any, scaler: Any, metadata: dict[str, Any]) -> Path:
-    """Write kmeans.pkl, scaler.pkl and metadata.json into directory.
+    """Write kmeans.pkl, scaler.pkl (unless ``scaler`` is None) and metadata.json into directory.
 
     Each file is written to a temporary file in the same directory, fsynced
     and moved into place with os.replace, metadata last, so a crash never
@@ -39,21 +39,15 @@ def write_directory(directory: str | os.PathLike, kmeans: Any, scaler: Any, meta
     """
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    kmeans_bytes = _dump(kmeans)
-    scaler_bytes = _dump(scaler)
+    pickles = {KMEANS_FILE: _dump(kmeans)}
+    if scaler is not None:
+        pickles[SCALER_FILE] = _dump(scaler)
     metadata = dict(metadata)
-    metadata["artifacts"] = {
-        KMEANS_FILE: hashlib.sha256(kmeans_bytes).hexdigest(),
-        SCALER_FILE: hashlib.sha256(scaler_bytes).hexdigest(),
-    }
-    metadata_bytes = json.dumps(metadata, indent=2, sort_keys=False).encode("utf-8")
+    metadata["artifacts"] = {name: hashlib.sha256(payload).hexdigest() for name, payload in pickles.items()}
+    files = [*pickles.items(), (METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=False).encode("utf-8"))]
     staged: list[tuple[str, str]] = []
     try:
-        for name, payload in (
-            (KMEANS_FILE, kmeans_bytes),
-            (SCALER_FILE, scaler_bytes),
-            (METADATA_FILE, metadata_bytes),
-        ):
+        for name, payload in files:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target)
             staged.append((tmp, name))
             with os.fdopen(fd, "wb") as fh:
@@ -74,29 +68,41 @@ def write_directory(directory: str | os.PathLike, kmeans: Any, scaler: Any, meta
 
 
 def read_directory(directory: str | os.PathLike) -> tuple[Any, Any, Any]:
-    """(kmeans, scaler, metadata) as saved by :func:`write_directory`; any problem raises ModelLoadError."""
+    """(kmeans, scaler, metadata) as saved by :func:`write_directory`; any problem raises ModelLoadError.
+
+    The scaler is None for a model whose metadata says kind ``custom`` (it has none).
+    """
     source = Path(directory)
-    blobs: dict[str, bytes] = {}
-    for name in (KMEANS_FILE, SCALER_FILE, METADATA_FILE):
-        try:
-            blobs[name] = (source / name).read_bytes()
-        except FileNotFoundError as exc:
-            raise ModelLoadError(f"model file missing: {source / name}") from exc
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read {source / name}: {exc}") from exc
+    kmeans_blob = _read(source / KMEANS_FILE)
+    scaler_blob = None
+    metadata_blob = _read(source / METADATA_FILE)
     try:
-        metadata = json.loads(blobs[METADATA_FILE].decode("utf-8"))
+        metadata = json.loads(metadata_blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{METADATA_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(metadata, dict):
         raise ModelLoadError(f"{METADATA_FILE} does not hold a JSON object")
+    blobs = {KMEANS_FILE: kmeans_blob}
+    if metadata.get("kind", "customer") != "custom":
+        scaler_blob = blobs[SCALER_FILE] = _read(source / SCALER_FILE)
     artifacts = metadata.pop("artifacts", None)
     if isinstance(artifacts, dict):
-        for name in (KMEANS_FILE, SCALER_FILE):
+        for name, blob in blobs.items():
             expected = artifacts.get(name)
-            if expected and hashlib.sha256(blobs[name]).hexdigest() != expected:
+            if expected and hashlib.sha256(blob).hexdigest() != expected:
                 raise ModelLoadError(f"{name} does not match {METADATA_FILE} (interrupted save or mixed versions)")
-    return _undump(blobs[KMEANS_FILE], KMEANS_FILE), _undump(blobs[SCALER_FILE], SCALER_FILE), metadata
+    kmeans = _undump(kmeans_blob, KMEANS_FILE)
+    scaler = None if scaler_blob is None else _undump(scaler_blob, SCALER_FILE)
+    return kmeans, scaler, metadata
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"model file missing: {path}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
 def to_bytes(kmeans: Any, scaler: Any, metadata: dict[str, Any]) -> bytes:

@@ -1,13 +1,241 @@
-"""The feature schema: which columns a segmentation clusters on, and the matrix they make."""
+"""The feature schema: which columns a segmentation clusters on, their types, transforms and levels.
+
+A :class:`FeatureSchema` is declared (kind ``custom``: the analyst's own
+columns) or fixed (kind ``customer``: the four customer features). Training
+fills in what it learns about each feature (median, transform, scaling,
+levels) in attributes ending in ``_``; :meth:`FeatureSchema.to_dict` and
+:meth:`FeatureSchema.from_dict` carry both into model metadata and back.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
 
-from app.preprocess import FEATURES, DataValidationError, resolve_columns
+from app.ml.frames import read_training_frame
+from app.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
+
+MAX_FEATURES = 50
+MAX_NAME_LENGTH = 64
+MAX_LEVELS = 50
+"""Most frequent categorical levels kept at training; rarer ones are pooled as OTHER_LEVEL."""
+OTHER_LEVEL = "other"
+MISSING_LEVEL = "missing"
+
+FeatureType = Literal["numeric", "categorical"]
+Transform = Literal["none", "log", "auto"]
+_DECLARED_KEYS = ("name", "type", "transform", "min", "max")
+
+
+class SchemaError(ValueError):
+    """A feature declaration that cannot be used; the message is one sentence naming the problem."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One clustering feature as declared, plus what training learned about it.
+
+    The learned attributes (ending in ``_``) are None on a declared schema.
+    Numeric: ``median_`` (imputes missing values), ``log_`` (whether log1p
+    applies), ``mean_``/``std_`` (standard scaling of the transformed column).
+    Categorical: ``levels_`` (one indicator column each, in order), their
+    training ``shares_`` and the indicator ``weight_`` that makes the feature
+    as a whole count as much as one standardized numeric feature.
+    """
+
+    name: str
+    type: FeatureType
+    transform: Transform = "auto"
+    min: float | None = None
+    max: float | None = None
+    integer: bool = False
+    median_: float | None = None
+    log_: bool | None = None
+    mean_: float | None = None
+    std_: float | None = None
+    levels_: tuple[str, ...] | None = None
+    shares_: tuple[float, ...] | None = None
+    weight_: float | None = None
+
+    @property
+    def numeric(self) -> bool:
+        return self.type == "numeric"
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean_ is not None if self.numeric else self.levels_ is not None
+
+    @property
+    def width(self) -> int:
+        """Columns this feature takes in the encoded matrix."""
+        return 1 if self.numeric else len(self.levels_ or ())
+
+    def to_dict(self) -> dict[str, Any]:
+        declared = {key: getattr(self, key) for key in _DECLARED_KEYS}
+        if self.integer:
+            declared["integer"] = True
+        if self.fitted:
+            learned = {f.name[:-1]: getattr(self, f.name) for f in fields(self) if f.name.endswith("_")}
+            declared["fitted"] = {
+                key: list(value) if isinstance(value, tuple) else value
+                for key, value in learned.items()
+                if value is not None
+            }
+        return declared
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """The clustering features of a segmentation, in the column order of its matrices."""
+
+    kind: Literal["customer", "custom"]
+    features: tuple[Feature, ...]
+    id_column: str | None = None
+
+    @classmethod
+    def customer(cls) -> FeatureSchema:
+        """The four customer features with the contract's ranges, clustered untransformed."""
+        return cls(
+            "customer",
+            tuple(
+                Feature(
+                    name,
+                    "numeric",
+                    "none",
+                    float(FEATURE_RANGES[name][0]),
+                    float(FEATURE_RANGES[name][1]),
+                    name in INTEGER_FEATURES,
+                )
+                for name in FEATURES
+            ),
+        )
+
+    @classmethod
+    def declare(cls, features: list[dict[str, Any]], id_column: str | None = None) -> FeatureSchema:
+        """A kind ``custom`` schema from the analyst's declarations; raises SchemaError."""
+        if id_column is not None:
+            id_column = _clean_name(id_column, "id_column")
+        if not isinstance(features, (list, tuple)) or not features:
+            raise SchemaError("declare at least one feature")
+        if len(features) > MAX_FEATURES:
+            raise SchemaError(f"at most {MAX_FEATURES} features can be declared, got {len(features)}")
+        declared: list[Feature] = []
+        seen: dict[str, str] = {}
+        for number, spec in enumerate(features, start=1):
+            feature = _declared_feature(spec, number)
+            key = feature.name.casefold()
+            if key in seen:
+                raise SchemaError(f"feature {feature.name!r} is declared twice (also as {seen[key]!r})")
+            if id_column is not None and key == id_column.casefold():
+                raise SchemaError(f"feature {feature.name!r} is also the id_column; the id is not a feature")
+            seen[key] = feature.name
+            declared.append(feature)
+        return cls("custom", tuple(declared), id_column)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def fitted(self) -> bool:
+        return self.kind == "customer" or all(f.fitted for f in self.features)
+
+    @property
+    def width(self) -> int:
+        """Columns of the encoded matrix."""
+        return sum(f.width for f in self.features)
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "id_column": self.id_column, "features": [f.to_dict() for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSchema:
+        """Inverse of :meth:`to_dict`; raises SchemaError for anything it did not write."""
+        if not isinstance(data, dict) or data.get("kind") not in ("customer", "custom"):
+            raise SchemaError("a schema needs kind 'customer' or 'custom'")
+        if data["kind"] == "customer":
+            return cls.customer()
+        specs = data.get("features")
+        if not isinstance(specs, list):
+            raise SchemaError("a schema needs a list of features")
+        declared = cls.declare([{k: s.get(k) for k in _DECLARED_KEYS} for s in specs], data.get("id_column"))
+        learned = []
+        for feature, spec in zip(declared.features, specs, strict=True):
+            fitted = spec.get("fitted")
+            learned.append(feature if fitted is None else _with_learned(feature, fitted))
+        return cls("custom", tuple(learned), declared.id_column)
+
+
+def _clean_name(raw: Any, what: str) -> str:
+    if not isinstance(raw, str):
+        raise SchemaError(f"{what} must be a string, got {type(raw).__name__}")
+    name = raw.strip()
+    if not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise SchemaError(f"{what} {raw!r} must be 1 to {MAX_NAME_LENGTH} characters long")
+    if any(not ch.isprintable() for ch in name):
+        raise SchemaError(f"{what} {raw!r} contains control characters")
+    return name
+
+
+def _bound(spec: dict[str, Any], key: str, name: str) -> float | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SchemaError(f"feature {name!r}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _declared_feature(spec: Any, number: int) -> Feature:
+    if not isinstance(spec, dict):
+        raise SchemaError(f"feature {number} must be an object with a name and a type")
+    if "name" not in spec or spec["name"] is None:
+        raise SchemaError(f"feature {number} has no name")
+    name = _clean_name(spec["name"], f"feature {number}: name")
+    unknown = sorted(str(k) for k in spec if k not in _DECLARED_KEYS)
+    if unknown:
+        raise SchemaError(f"feature {name!r}: unknown field(s) {', '.join(unknown)}")
+    kind = spec.get("type")
+    if kind not in ("numeric", "categorical"):
+        raise SchemaError(f"feature {name!r}: type must be 'numeric' or 'categorical', got {kind!r}")
+    transform = spec.get("transform")
+    low, high = _bound(spec, "min", name), _bound(spec, "max", name)
+    if kind == "categorical":
+        if transform not in (None, "none"):
+            raise SchemaError(f"feature {name!r}: a categorical feature takes no transform, got {transform!r}")
+        if low is not None or high is not None:
+            raise SchemaError(f"feature {name!r}: min and max only apply to numeric features")
+        return Feature(name, "categorical", "none")
+    if transform is None:
+        transform = "auto"
+    if transform not in ("none", "log", "auto"):
+        raise SchemaError(f"feature {name!r}: transform must be 'none', 'log' or 'auto', got {transform!r}")
+    if low is not None and high is not None and low > high:
+        raise SchemaError(f"feature {name!r}: min {low:g} is above max {high:g}")
+    return Feature(name, "numeric", cast(Transform, transform), low, high)
+
+
+def _with_learned(feature: Feature, fitted: Any) -> Feature:
+    if not isinstance(fitted, dict):
+        raise SchemaError(f"feature {feature.name!r}: fitted state must be an object")
+    values = {f"{key}_": tuple(v) if isinstance(v, list) else v for key, v in fitted.items()}
+    known = {f.name for f in fields(Feature) if f.name.endswith("_")}
+    if not set(values) <= known:
+        raise SchemaError(f"feature {feature.name!r}: unknown fitted state {sorted(set(values) - known)}")
+    learned = Feature(**(asdict(feature) | values))
+    if not learned.fitted:
+        raise SchemaError(f"feature {feature.name!r}: incomplete fitted state")
+    return learned
 
 
 def customer_matrix(X: Any) -> np.ndarray:
@@ -32,3 +260,15 @@ def customer_matrix(X: Any) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DataValidationError("features must be finite numbers (no NaN or infinity)")
     return arr
+
+
+__all__ = [
+    "MAX_LEVELS",
+    "MISSING_LEVEL",
+    "OTHER_LEVEL",
+    "Feature",
+    "FeatureSchema",
+    "SchemaError",
+    "customer_matrix",
+    "read_training_frame",
+]

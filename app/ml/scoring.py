@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,3 +95,33 @@ class CentroidScorer:
                 second = dist
         confidence = 1.0 - math.sqrt(best / second) if second > 0 else 0.0
         return best_id, min(1.0, max(0.0, confidence))
+
+
+@dataclass(frozen=True)
+class ScoredRecords:
+    """Segments of a list of records, one entry per record in order."""
+
+    labels: np.ndarray
+    """Cluster ids, int64."""
+    confidence: np.ndarray
+    """1 - d_nearest / d_second, float64 in [0, 1]."""
+    warnings: list[list[str]]
+    """Per record: unseen categories, imputed values."""
+
+
+@dataclass(frozen=True)
+class ScoredFrame:
+    """Segments of a batch table: rows with errors are left out of labels/confidence."""
+
+    valid: np.ndarray
+    """bool per input row: True where the row was scored."""
+    labels: np.ndarray
+    """Cluster ids of the valid rows, in input order."""
+    confidence: np.ndarray
+    errors: list[str | None]
+    """Per input row: None, or e.g. "tenure_months: not a number: 'abc'; basket: out of range 0..500: 900"."""
+    warnings: list[str | None]
+    """Per input row: None, or e.g. "plan: unseen category 'gold'; tenure_months: missing, imputed"."""
+
+    def __len__(self) -> int:
+        return len(self.errors)

@@ -6,6 +6,7 @@ import hashlib
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,9 +19,17 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import selection
-from app.ml.naming import describe_customer_segment, segment_names
+from app.ml.encoding import encode, fit_schema, level_indices
+from app.ml.frames import match_columns
+from app.ml.naming import (
+    custom_segment_names,
+    describe_custom_segment,
+    describe_customer_segment,
+    segment_names,
+    segment_traits,
+)
 from app.ml.persistence import FORMAT_VERSION
-from app.ml.schema import customer_matrix
+from app.ml.schema import FeatureSchema, customer_matrix
 from app.ml.scoring import CentroidScorer
 from app.preprocess import FEATURES, DataValidationError
 
@@ -57,13 +66,10 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
     centers = scaler.inverse_transform(centers_scaled)
     order = np.lexsort((centers[:, _SPENDING], centers[:, _INCOME]))
     centers = centers[order]
-    labels = _reorder(
-        fit.kmeans,
-        centers_scaled,
-        order,
-        n,
-        lambda: CentroidScorer(centers_scaled[order], scaler.mean_, scaler.scale_).predict(arr)[0],
+    labels = _fitted_labels(
+        fit.kmeans, n, lambda: CentroidScorer(centers_scaled, scaler.mean_, scaler.scale_).predict(arr)[0]
     )
+    labels = _renumber(fit.kmeans, centers_scaled, order, labels)
     z = fit.kmeans.cluster_centers_
     sizes = _sizes(labels, len(order))
 
@@ -92,42 +98,164 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
                 "avg_spending_score": round(float(means[i, _SPENDING]), 2),
                 "avg_purchase_frequency": round(float(means[i, _FREQUENCY]), 2),
                 "description": describe_customer_segment(means[i], z[i], pct),
+                "means": {feature: round(float(means[i, j]), 4) for j, feature in enumerate(FEATURES)},
             }
         )
     centroids = [
         {feature: round(float(centers[i, j]), 4) for j, feature in enumerate(FEATURES)} for i in range(len(sizes))
     ]
     fingerprint = hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
-    metadata = _metadata(
-        fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint, features=list(FEATURES)
-    )
+    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
     metadata["segments"] = segments
     metadata["centroids"] = centroids
-    _finish_metadata(metadata, fit.selection, started)
+    _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
     return TrainedParts(scaler, fit.kmeans, metadata, labels)
 
 
-def _reorder(
-    kmeans: KMeans | MiniBatchKMeans, centers_scaled: np.ndarray, order: np.ndarray, n: int, assign: Any
-) -> np.ndarray:
-    """Renumber the fitted clusters so cluster i is ``order[i]``; return every training row's new id.
+def train_custom(
+    frame: pd.DataFrame,
+    schema: FeatureSchema,
+    *,
+    n_clusters: int | None,
+    random_state: int,
+    k_range: tuple[int, int],
+) -> TrainedParts:
+    """Fit a declared schema on ``frame`` (from read_training_frame): learn the features, encode, cluster.
 
-    ``centers_scaled`` are the fitted centroids in float64. Only the public
-    ``cluster_centers_`` is replaced (by them, permuted), so the saved estimator's
-    own ``predict`` returns the new ids. Training labels are dropped from the
-    estimator: a 1M-row model would otherwise carry 4 MB of them into every
-    saved version. ``assign()`` labels the rows when the estimator kept none.
+    Cluster ids are ordered by size (largest first), then by centroid, so
+    the same data and ``random_state`` give the same ids.
     """
-    k = len(order)
-    new_id = np.empty(k, dtype=np.int64)
-    new_id[order] = np.arange(k)
-    kmeans.cluster_centers_ = centers_scaled[order]
+    started = time.perf_counter()
+    if not isinstance(frame, pd.DataFrame):
+        raise DataValidationError("a custom segmentation trains on a DataFrame with one column per declared feature")
+    found = match_columns(frame.columns, schema.names, required=schema.names)
+    frame = frame.rename(columns={raw: name for name, raw in found.items()})
+    fitted, missing_shares = fit_schema(schema, frame)
+    n = len(frame)
+    Xs = encode(fitted, frame, np.float32 if selection.is_large(n) else np.float64)
+    fit = selection.fit_kmeans(Xs, Xs, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+
+    centers_scaled = np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64)
+    k = len(centers_scaled)
+    labels = _fitted_labels(fit.kmeans, n, lambda: CentroidScorer(centers_scaled).predict(Xs)[0])
+    keys = [centers_scaled[:, j] for j in reversed(range(centers_scaled.shape[1]))]
+    order = np.lexsort((*keys, -np.bincount(labels, minlength=k)))
+    labels = _renumber(fit.kmeans, centers_scaled, order, labels)
+    centers = centers_scaled[order]
+    sizes = _sizes(labels, k)
+
+    stats = segment_statistics(fitted, frame, labels, sizes)
+    z = np.full((k, len(fitted.features)), np.nan)
+    col = 0
+    for j, feature in enumerate(fitted.features):
+        if feature.numeric:
+            z[:, j] = centers[:, col]
+        col += feature.width
+    traits = segment_traits(fitted, z, stats)
+    names = custom_segment_names(traits)
+    segments = [
+        {
+            "cluster_id": i,
+            "cluster_name": names[i],
+            "size": int(sizes[i]),
+            "percentage": round(100.0 * sizes[i] / n, 2),
+            "description": describe_custom_segment(fitted, traits[i], stats[i], z[i], 100.0 * sizes[i] / n),
+            "means": stats[i],
+        }
+        for i in range(k)
+    ]
+    fingerprint = hashlib.sha256(np.ascontiguousarray(Xs, dtype=np.float32).tobytes()).hexdigest()
+    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
+    metadata["segments"] = segments
+    metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
+    _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
+    return TrainedParts(None, fit.kmeans, metadata, labels)
+
+
+def segment_statistics(
+    schema: FeatureSchema, frame: pd.DataFrame, labels: np.ndarray, sizes: np.ndarray
+) -> list[dict[str, Any]]:
+    """Per segment: numeric means in the feature's own units (over non-empty cells), level shares."""
+    k = len(sizes)
+    stats: list[dict[str, Any]] = [{} for _ in range(k)]
+    for feature in schema.features:
+        if feature.numeric:
+            values = frame[feature.name].to_numpy(dtype=np.float64, na_value=np.nan)
+            seen = ~np.isnan(values)
+            counts = np.bincount(labels[seen], minlength=k)
+            sums = np.bincount(labels[seen], weights=values[seen], minlength=k)
+            for i in range(k):
+                mean = sums[i] / counts[i] if counts[i] else (feature.median_ or 0.0)
+                stats[i][feature.name] = round(float(mean), 4)
+        else:
+            levels = feature.levels_ or ()
+            idx, _, _ = level_indices(feature, frame[feature.name])
+            coded = idx >= 0  # every training cell has a level; kept defensive for hand-made frames
+            cells = labels[coded] * len(levels) + idx[coded]
+            counts = np.bincount(cells, minlength=k * len(levels)).reshape(k, len(levels))
+            for i in range(k):
+                stats[i][feature.name] = {
+                    level: round(float(c / sizes[i]), 4) for level, c in zip(levels, counts[i], strict=True)
+                }
+    return stats
+
+
+def decode_centroid(schema: FeatureSchema, center: np.ndarray) -> dict[str, Any]:
+    """A centroid in the features' own units: numeric values back through scaling and log1p, level shares."""
+    decoded: dict[str, Any] = {}
+    col = 0
+    for feature in schema.features:
+        if feature.numeric:
+            assert feature.mean_ is not None and feature.std_ is not None
+            value = float(center[col]) * feature.std_ + feature.mean_
+            decoded[feature.name] = round(math.expm1(value) if feature.log_ else value, 4)
+        else:
+            weight = feature.weight_ or 1.0
+            cells = center[col : col + feature.width] / weight
+            decoded[feature.name] = {
+                level: round(float(v), 4) for level, v in zip(feature.levels_ or (), cells, strict=True)
+            }
+        col += feature.width
+    return decoded
+
+
+def _segment_keys(fingerprint: str, k: int) -> list[str]:
+    """Short keys, stable for the same data and k, unique within the model."""
+    digests = [hashlib.sha256(f"{fingerprint}:{k}:{i}".encode()).hexdigest() for i in range(k)]
+    size = 10
+    while len({d[:size] for d in digests}) < k:
+        size += 2
+    return [d[:size] for d in digests]
+
+
+def _fitted_labels(kmeans: KMeans | MiniBatchKMeans, n: int, assign: Callable[[], np.ndarray]) -> np.ndarray:
+    """Each training row's cluster as fitted; ``assign()`` labels them when the estimator kept none.
+
+    Training labels are dropped from the estimator: a 1M-row model would
+    otherwise carry 4 MB of them into every saved version.
+    """
     labels = getattr(kmeans, "labels_", None)
     if hasattr(kmeans, "labels_"):
         del kmeans.labels_
     if labels is None or len(labels) != n:
         return np.asarray(assign(), dtype=np.int64)
-    return new_id[np.asarray(labels)]
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _renumber(
+    kmeans: KMeans | MiniBatchKMeans, centers_scaled: np.ndarray, order: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Renumber the fitted clusters so new cluster i is old ``order[i]``; return the labels renumbered.
+
+    ``centers_scaled`` are the fitted centroids in float64. Only the public
+    ``cluster_centers_`` is replaced (by them, permuted), so the saved
+    estimator's own ``predict`` returns the new ids.
+    """
+    k = len(order)
+    new_id = np.empty(k, dtype=np.int64)
+    new_id[order] = np.arange(k)
+    kmeans.cluster_centers_ = centers_scaled[order]
+    return new_id[labels]
 
 
 def _sizes(labels: np.ndarray, k: int) -> np.ndarray:
@@ -145,7 +273,6 @@ def _metadata(
     n: int,
     random_state: int,
     fingerprint: str,
-    features: list[str],
 ) -> dict[str, Any]:
     """The metadata every kind shares, up to (not including) segments and centroids."""
     rows = fit.silhouette_rows
@@ -159,7 +286,7 @@ def _metadata(
         "format_version": FORMAT_VERSION,
         "version": f"{trained_at:%Y%m%dT%H%M%S}Z-{fingerprint[:8]}-k{k}",
         "trained_at": trained_at.isoformat(timespec="seconds"),
-        "features": features,
+        "features": None,  # filled in by _finish_metadata, kept here for the key order
         "n_samples": n,
         "total_customers": n,
         "n_clusters": k,
@@ -173,7 +300,22 @@ def _metadata(
     }
 
 
-def _finish_metadata(metadata: dict[str, Any], report: dict[str, Any], started: float) -> None:
+def _finish_metadata(
+    metadata: dict[str, Any],
+    schema: FeatureSchema,
+    missing_shares: dict[str, float],
+    report: dict[str, Any],
+    started: float,
+) -> None:
+    """Add what every kind shares after the segments: schema, keys, library versions, elbow, duration."""
+    metadata["features"] = schema.names
+    metadata["kind"] = schema.kind
+    metadata["schema"] = schema.to_dict()
+    metadata["missing_shares"] = {name: round(float(share), 6) for name, share in missing_shares.items()}
+    keys = _segment_keys(metadata["data_fingerprint"], len(metadata["segments"]))
+    for segment, key in zip(metadata["segments"], keys, strict=True):
+        segment["segment_key"] = key
+        segment["generated_name"] = segment["cluster_name"]
     metadata["library_versions"] = {
         "python": platform.python_version(),
         "sklearn": sklearn.__version__,
