@@ -279,8 +279,7 @@ def declared_customer_model(schema: FeatureSchema, title: str) -> type[BaseModel
     fields: dict[str, Any] = {}
     for i, feature in enumerate(schema.features):
         if feature.type == "numeric":
-            bounds = {k: v for k, v in (("ge", feature.min), ("le", feature.max)) if v is not None}
-            annotation: Any = Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+            annotation: Any = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=feature.min, le=feature.max)]
         else:
             annotation = Annotated[str, BeforeValidator(_category), StringConstraints(max_length=200)]
         fields[f"f{i}"] = (annotation, Field(alias=feature.name))
