@@ -21,7 +21,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ _BINARY_SNIFF_BYTES = 8192
 _SPOOL_BYTES = 16 * 1024 * 1024
 
 CsvSource = str | os.PathLike | bytes | IO[bytes]
+_T = TypeVar("_T")
 
 
 class DataValidationError(AppError, ValueError):
@@ -304,9 +305,18 @@ def load_training_matrix(source: CsvSource, *, chunksize: int = 200_000) -> np.n
     problems are reported for the first ten offending cells, with
     ``offending_rows`` counting all rows concerned.
     """
+    return read_source(source, lambda fh: _load_training_matrix(fh, chunksize))
+
+
+def read_source(source: CsvSource, read: Callable[[IO[bytes]], _T]) -> _T:
+    """``read(fh)`` on a seekable binary file for any CsvSource, whatever goes wrong a DataValidationError.
+
+    Only DataValidationError (and MemoryError) escape: pandas' own errors
+    become one a user can act on.
+    """
     try:
         with _OpenedSource(source) as fh:
-            return _load_training_matrix(fh, chunksize)
+            return read(fh)
     except (DataValidationError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - contract: only DataValidationError escapes
@@ -515,6 +525,7 @@ __all__ = [
     "load_training_matrix",
     "normalize_header",
     "read_csv_frame",
+    "read_source",
     "resolve_columns",
     "score_frame",
 ]

@@ -7,14 +7,22 @@ worker threads.
 from app.ml.estimator import SegmentationModel
 from app.ml.naming import segment_names
 from app.ml.persistence import KMEANS_FILE, METADATA_FILE, SCALER_FILE, ModelLoadError
+from app.ml.schema import Feature, FeatureSchema, SchemaError, read_training_frame
+from app.ml.scoring import ScoredFrame, ScoredRecords
 from app.ml.selection import elbow
 
 __all__ = [
     "KMEANS_FILE",
     "METADATA_FILE",
     "SCALER_FILE",
+    "Feature",
+    "FeatureSchema",
     "ModelLoadError",
+    "SchemaError",
+    "ScoredFrame",
+    "ScoredRecords",
     "SegmentationModel",
     "elbow",
+    "read_training_frame",
     "segment_names",
 ]

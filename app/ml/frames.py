@@ -14,12 +14,11 @@ from app.preprocess import (
     MAX_LISTED_PROBLEMS,
     CsvSource,
     DataValidationError,
-    _OpenedSource,
     _problem,
     _read_header,
     _shown,
     _sniff,
-    _wrap_read_error,
+    read_source,
     resolve_columns,
 )
 
@@ -101,13 +100,7 @@ def read_training_frame(source: CsvSource, schema: FeatureSchema) -> pd.DataFram
     (all named at once), a header with no data rows, or numeric cells that
     hold text or an infinity (the first ten listed, every row counted).
     """
-    try:
-        with _OpenedSource(source) as fh:
-            return _read(fh, schema)
-    except (DataValidationError, MemoryError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - contract: only DataValidationError escapes
-        raise _wrap_read_error(exc) from exc
+    return read_source(source, lambda fh: _read(fh, schema))
 
 
 def _read(fh: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:

@@ -87,11 +87,7 @@ def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
         return [f"{b} ({', '.join(q)})" if q else b for b, q in zip(base, qualifiers, strict=True)]
 
     def clashes() -> list[list[int]]:
-        current = names()
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(current):
-            groups.setdefault(name, []).append(i)
-        return [g for g in groups.values() if len(g) > 1]
+        return _clashes(names())
 
     # 1. Absolute traits the base name left out, if they tell the group apart.
     for trait, front in (
@@ -133,11 +129,23 @@ def segment_names(z: np.ndarray, centers: np.ndarray) -> list[str]:
                 used[i].add(j)
 
     # 3. Identical centroids (or nearly): number them.
-    current = names()
+    return _numbered(names())
+
+
+def _clashes(names: list[str]) -> list[list[int]]:
+    """Groups of positions that share a name, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Names still shared get a number: "X (1)", "X (2)"..."""
     counter: dict[str, int] = {}
     unique = []
-    for name in current:
-        if current.count(name) > 1:
+    for name in names:
+        if names.count(name) > 1:
             counter[name] = counter.get(name, 0) + 1
             name = f"{name} ({counter[name]})"
         unique.append(name)
@@ -224,11 +232,7 @@ def custom_segment_names(traits: list[list[Trait]]) -> list[str]:
         ]
 
     while True:
-        current = names()
-        groups: dict[str, list[int]] = {}
-        for i, name in enumerate(current):
-            groups.setdefault(name, []).append(i)
-        clashes = [g for g in groups.values() if len(g) > 1]
+        clashes = _clashes(names())
         grown = False
         for group in clashes:
             for i in group:
@@ -238,15 +242,7 @@ def custom_segment_names(traits: list[list[Trait]]) -> list[str]:
         if not clashes or not grown:
             break
 
-    current = names()
-    counter: dict[str, int] = {}
-    unique = []
-    for name in current:
-        if current.count(name) > 1:
-            counter[name] = counter.get(name, 0) + 1
-            name = f"{name} ({counter[name]})"
-        unique.append(name)
-    return unique
+    return _numbered(names())
 
 
 def describe_custom_segment(
