@@ -269,3 +269,55 @@ async def test_the_app_starts_on_a_migrated_database(client, app):
     assert (await client.get("/")).status_code == 200
     async with app.state.database.engine.connect() as conn:
         assert await conn.run_sync(current_revisions) == head_revisions()
+
+
+async def test_an_existing_database_keeps_its_versions_and_history_as_defaults(database, database_url, tmp_path):
+    """A database from before named segmentations: its versions and history become `default`'s."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    def to_second_revision(connection) -> None:
+        command.upgrade(alembic_config(connection), "0002")
+
+    versions = table(
+        "model_versions",
+        *(column(name) for name in ("version", "created_by", "n_clusters", "silhouette_score", "inertia")),
+        *(column(name) for name in ("n_samples", "data_fingerprint", "artifact")),
+        column("details", JSON),
+        column("created_at", UTCDateTime),
+    )
+    async with database.engine.begin() as conn:
+        await conn.run_sync(to_second_revision)
+        await conn.execute(
+            insert(versions).values(
+                version="v-old",
+                created_by="someone",
+                n_clusters=3,
+                silhouette_score=0.5,
+                inertia=10.0,
+                n_samples=100,
+                data_fingerprint=None,
+                artifact=b"",
+                details={},
+                created_at=utcnow(),
+            )
+        )
+    settings = make_settings(tmp_path, database_url)
+    app = create_app(settings)
+    async with (
+        LifespanManager(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        from app.database import Role
+        from tests.conftest import create_user_direct, login_headers
+
+        await create_user_direct(app, role=Role.analyst, username="keeper")
+        headers = await login_headers(client, "keeper")
+        listed = (await client.get("/segmentations/default/models", headers=headers)).json()
+        assert [m["version"] for m in listed["models"]] == ["v-old"]
+        assert [m["version"] for m in (await client.get("/models", headers=headers)).json()["models"]] == ["v-old"]
+        names = [s["name"] for s in (await client.get("/segmentations", headers=headers)).json()["segmentations"]]
+        assert names == ["default"]

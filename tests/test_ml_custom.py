@@ -383,3 +383,49 @@ def test_customer_kind_scores_through_the_same_interface():
     records = [{"age": 30, "annual_income": 40.0, "spending_score": 70, "purchase_frequency": 20}]
     by_records = model.score_records(records)
     assert by_records.labels.tolist() == [model.predict_one(records[0])[0]] and by_records.warnings == [[]]
+
+
+def test_one_record_is_scored_as_the_batch_path_scores_it():
+    """The one-record fast path gives the batch path's ids, confidences and warnings, every case."""
+    from app.ml.encoding import check_records, encode
+
+    frame = _training_frame_for_records()
+    schema = FeatureSchema.declare(
+        [
+            {"name": "spend", "type": "numeric", "min": 0},
+            {"name": "visits", "type": "numeric", "transform": "none"},
+            {"name": "plan", "type": "categorical"},
+        ]
+    )
+    model = SegmentationModel.train(read_training_frame(frame.to_csv(index=False).encode(), schema), schema=schema)
+    records = [
+        {"spend": 120.0, "visits": 3.0, "plan": "pro"},
+        {"spend": 5.0, "visits": 30.0, "plan": " free "},
+        {"spend": None, "visits": 10.0, "plan": "gold"},
+        {"spend": 40.0, "visits": 1.0, "plan": ""},
+    ]
+    fitted = model.schema
+    for record in records:
+        one = model.score_records([record])
+        checked = check_records(fitted, [record])
+        labels, confidence = model._scorer.predict(encode(fitted, checked.frame))
+        assert one.labels.tolist() == labels.tolist()
+        assert one.confidence.tolist() == pytest.approx(confidence.tolist(), abs=1e-12)
+        assert one.warnings == checked.warnings
+    with pytest.raises(DataValidationError, match="spend"):
+        model.score_records([{"spend": -1.0, "visits": 1.0, "plan": "pro"}])
+
+
+def _training_frame_for_records() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 300
+    group = rng.integers(0, 3, n)
+    frame = pd.DataFrame(
+        {
+            "spend": np.exp(rng.normal(np.array([2.0, 4.0, 5.5])[group], 0.3)).round(2),
+            "visits": rng.poisson(np.array([2, 10, 30])[group]).astype(float),
+            "plan": np.array(["free", "pro", "team"])[group],
+        }
+    )
+    frame.loc[3, "plan"] = None
+    return frame

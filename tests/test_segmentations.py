@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import numpy as np
 import pandas as pd
@@ -386,3 +387,64 @@ async def test_training_uploads_have_their_own_cap(client, analyst_headers):
         "/segmentations/crm/train", files={"file": ("crm.csv", big, "text/csv")}, headers=analyst_headers
     )
     assert trained.status_code == 200, trained.text
+
+
+# --- across workers -----------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_another_worker_follows_created_trained_and_deleted_segmentations(
+    app, client, crm, settings, analyst_headers, tmp_path
+):
+    """A second server on the same database: it finds a segmentation made elsewhere, follows its active
+    version (train, rollback) and lets go of it when it is deleted."""
+    from tests.test_lifecycle import eventually, running
+
+    other_settings = settings.model_copy(update={"model_dir": tmp_path / "other-worker"})
+    async with running(other_settings, 50002) as (other_app, _http):
+        registry = other_app.state.segmentations
+
+        def serves(version: str | None):
+            def check() -> bool:
+                store = registry._stores.get("crm")
+                current = store.current.version if store is not None and store.current is not None else None
+                return current == version
+
+            return check
+
+        await eventually(serves(crm["model_version"]))
+        second = await client.post(
+            "/segmentations/crm/train",
+            params={"n_clusters": 3},
+            files={"file": ("crm.csv", as_csv(crm_table(seed=5)), "text/csv")},
+            headers=analyst_headers,
+        )
+        await eventually(serves(second.json()["model_version"]))
+        await client.post(f"/segmentations/crm/models/{crm['model_version']}/activate", headers=analyst_headers)
+        await eventually(serves(crm["model_version"]))
+        await client.delete("/segmentations/crm", headers=analyst_headers)
+        await eventually(lambda: "crm" not in registry._stores)
+
+
+@pytest.mark.postgres
+async def test_one_training_at_a_time_per_segmentation(app, client, crm, dataset, analyst_headers):
+    """Another process holding crm's training lease makes crm's training wait its turn (409), not default's."""
+    from sqlalchemy import update
+
+    from app.database import ServiceState, utcnow
+    from app.services.models import HOST_ID
+
+    store = await app.state.segmentations.get("crm")
+    held = f"{HOST_ID}:{os.getppid()}:live"
+    async with app.state.database.sessionmaker() as session:
+        await session.execute(
+            update(ServiceState).where(ServiceState.key == store.lease.key).values(value=held, updated_at=utcnow())
+        )
+        await session.commit()
+    busy = await client.post(
+        "/segmentations/crm/train",
+        files={"file": ("crm.csv", as_csv(crm_table()), "text/csv")},
+        headers=analyst_headers,
+    )
+    assert busy.status_code == 409 and "already running" in busy.json()["detail"]
+    assert (await client.post("/train", params={"n_clusters": 3}, headers=analyst_headers)).status_code == 200

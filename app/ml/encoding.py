@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from app.ml.frames import bad_number_reason, categorical_values, match_columns, numeric_values
 from app.ml.schema import MAX_LEVELS, MISSING_LEVEL, OTHER_LEVEL, Feature, FeatureSchema
@@ -49,9 +50,9 @@ def fit_schema(schema: FeatureSchema, frame: pd.DataFrame) -> tuple[FeatureSchem
 
 def skewness(values: np.ndarray) -> float:
     """Sample skewness (Fisher-Pearson, not bias-corrected); 0 for a constant column."""
-    centred = values - values.mean()
-    m2 = float(np.mean(centred**2))
-    return float(np.mean(centred**3)) / m2**1.5 if m2 > 0 else 0.0
+    if values.size < 2 or float(np.ptp(values)) == 0.0:
+        return 0.0
+    return float(stats.skew(values, bias=True))
 
 
 def _no_values(feature: Feature) -> DataValidationError:

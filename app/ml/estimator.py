@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from app.ml import persistence, selection
 from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
 from app.ml.persistence import ModelLoadError
+from app.ml.records import RecordEncoder
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
 from app.ml.scoring import CentroidScorer, ScoredFrame, ScoredRecords
 from app.ml.training import train_custom, train_customer
@@ -48,6 +49,7 @@ class SegmentationModel:
         """Cluster id of each training row (only on a freshly trained model)."""
         self.schema = _schema_of(metadata)
         self._scorer = _scorer_for(self.schema, scaler, kmeans)
+        self._records = RecordEncoder(self.schema) if self.schema.kind == "custom" else None
         centers = self._scorer.folded_centers
         segments = metadata.get("segments") or []
         self._names = tuple(str(s["cluster_name"]) for s in segments)
@@ -175,6 +177,12 @@ class SegmentationModel:
         if self.schema.kind == "customer":
             labels, confidence = self.predict(features_matrix(records))
             return ScoredRecords(labels, confidence, [[] for _ in records])
+        if len(records) == 1 and self._records is not None:
+            encoded = self._records.encode(records[0])
+            if encoded is not None:  # else the batch path words the error
+                row, warnings = encoded
+                labels, confidence = self._scorer.predict(row[None, :])
+                return ScoredRecords(labels, confidence, [warnings])
         checked = check_records(self.schema, records)
         raise_for_records(checked)
         labels, confidence = self._scorer.predict(encode(self.schema, checked.frame))
