@@ -44,8 +44,12 @@ class FeatureDeclaration(BaseModel):
     transform: Literal["none", "log", "auto"] | None = Field(
         None, description="numeric only: `auto` (the default) takes log1p of a skewed non-negative column"
     )
-    min: float | None = Field(None, allow_inf_nan=False, description="numeric only: lowest value predict accepts")
-    max: float | None = Field(None, allow_inf_nan=False, description="numeric only: highest value predict accepts")
+    min: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="numeric only: lowest value predict accepts"
+    )
+    max: float | None = Field(
+        None, strict=True, allow_inf_nan=False, description="numeric only: highest value predict accepts"
+    )
 
 
 class SegmentationCreate(BaseModel):
