@@ -221,6 +221,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
     app.router.routes.extend(segmentation_routes.router.routes)
+    # A named segmentation's predict is as hot as /predict: it is tried right after it.
+    named_predict = next(r for r in app.router.routes if getattr(r, "path", "") == "/segmentations/{name}/predict")
+    app.router.routes.remove(named_predict)
+    seed_predict = next(i for i, r in enumerate(app.router.routes) if getattr(r, "path", "") == "/predict")
+    app.router.routes.insert(seed_predict + 1, named_predict)
 
     @app.get(
         "/",

@@ -128,7 +128,8 @@ class NamedPredictBody(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"customer": CUSTOMER_EXAMPLE}]})
 
-    customer: dict[str, JsonValue] = Field(
+    # Any JSON value: the segmentation's own schema checks each one next.
+    customer: dict[str, Any] = Field(
         description="The segmentation's features (GET /segmentations/{name} shows their schema)"
     )
 

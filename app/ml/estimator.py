@@ -181,8 +181,8 @@ class SegmentationModel:
             encoded = self._records.encode(records[0])
             if encoded is not None:  # else the batch path words the error
                 row, warnings = encoded
-                labels, confidence = self._scorer.predict(row[None, :])
-                return ScoredRecords(labels, confidence, [warnings])
+                label, score = self._scorer.predict_row(row)
+                return ScoredRecords(np.array([label]), np.array([score]), [warnings])
         checked = check_records(self.schema, records)
         raise_for_records(checked)
         labels, confidence = self._scorer.predict(encode(self.schema, checked.frame))

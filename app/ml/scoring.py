@@ -35,6 +35,8 @@ class CentroidScorer:
             arr.setflags(write=False)
         self.inv_scale = inv_scale
         self.folded_centers = folded
+        self._scaled = not np.array_equal(inv_scale, np.ones(width))
+        self._center_norms = np.einsum("kf,kf->k", folded, folded)
         # Plain tuples for the four-column fast path of predict_four.
         self._inv_scale_tuple = tuple(float(v) for v in inv_scale)
         self._center_rows = tuple(tuple(float(v) for v in row) for row in folded)
@@ -74,6 +76,22 @@ class CentroidScorer:
             labels[lo:hi] = best
             confidence[lo:hi] = np.clip(conf, 0.0, 1.0)
         return labels, confidence
+
+    def predict_row(self, x: np.ndarray) -> tuple[int, float]:
+        """(cluster id, confidence) of one row: as `predict`, without its chunking set-up (the predict hot path).
+
+        |x - c|^2 = |c|^2 - 2 c.x + |x|^2, from one matrix-vector product; the k distances are then
+        compared as plain floats.
+        """
+        if self._scaled:
+            x = x * self.inv_scale
+        d2 = (self._center_norms - 2.0 * (self.folded_centers @ x) + float(x @ x)).tolist()
+        best = min(range(len(d2)), key=d2.__getitem__)
+        nearest = max(d2[best], 0.0)
+        d2[best] = math.inf
+        second = max(min(d2), 0.0)
+        confidence = 1.0 - math.sqrt(nearest / second) if second > 0 else 0.0
+        return best, min(1.0, max(0.0, confidence))
 
     def predict_four(self, a: float, b: float, c: float, d: float) -> tuple[int, float] | None:
         """(cluster id, confidence) of one four-column row in plain Python arithmetic.

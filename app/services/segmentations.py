@@ -7,13 +7,11 @@ kinds (the customer features, or a declared schema) is decided here, from the se
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import IO, Any
 
 import numpy as np
 import pandas as pd
-from cachetools import LRUCache
 from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -30,18 +28,16 @@ from app.services.models import ModelStore, ServedModel
 from app.services.registry import feature_schema
 
 CUSTOMER_KIND = "customer"
-_BODY_MODELS: LRUCache[tuple[int, str], type[BaseModel]] = LRUCache(maxsize=256)
 
 
 def customer_model(store: ModelStore) -> type[BaseModel]:
-    """The Pydantic model of this segmentation's `customer` body (built once per schema)."""
+    """The Pydantic model of this segmentation's `customer` body (built once per segmentation)."""
     info = store.segmentation
     if info.kind == CUSTOMER_KIND:
         return CustomerFeatures
-    key = (info.id, json.dumps(info.feature_schema, sort_keys=True))
-    model = _BODY_MODELS.get(key)
+    model = store.body_model
     if model is None:
-        model = _BODY_MODELS[key] = declared_customer_model(feature_schema(info), f"Customer_{info.name}")
+        model = store.body_model = declared_customer_model(feature_schema(info), f"Customer_{info.name}")
     return model
 
 
@@ -58,6 +54,11 @@ def _invalid(exc: ValidationError, *where: Any) -> RequestValidationError:
 def validate_customers(store: ModelStore, customers: Sequence[Any], *where: str) -> list[Any]:
     """Each customer checked against the segmentation's schema; any breach is FastAPI's 422 naming it."""
     model = customer_model(store)
+    if len(customers) == 1 and where == ("customer",):
+        try:
+            return [model.model_validate(customers[0])]
+        except ValidationError as exc:
+            raise _invalid(exc, *where) from None
     valid: list[Any] = []
     errors: list[Any] = []
     for i, customer in enumerate(customers):

@@ -51,6 +51,9 @@ class ServedModel:
     def assign_declared(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[int, str, float, list[str]]]:
         """(cluster, cluster_name, confidence, warnings) for records of a declared (custom) schema."""
         scored = self.model.score_records(records)
+        if len(records) == 1:
+            cluster = int(scored.labels[0])
+            return [(cluster, self.names[cluster], float(scored.confidence[0]), scored.warnings[0])]
         return [
             (int(c), self.names[int(c)], float(p), list(w))
             for c, p, w in zip(scored.labels.tolist(), scored.confidence.tolist(), scored.warnings, strict=True)
