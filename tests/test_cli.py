@@ -200,3 +200,68 @@ def test_progress_bar_draws_on_a_terminal_stream(tmp_path):
                 pass
         assert bar.n == 10_000
     assert "100%" in out.getvalue()
+
+
+def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
+    """`--segmentation NAME` points train, models and predict at a custom segmentation; --input is --csv."""
+    import asyncio
+
+    from app.database import Database
+    from app.migrations import upgrade_database
+    from app.services.models import ModelStore
+    from app.services.registry import SegmentationRegistry
+    from generate_dataset import generate_mixed, mixed_features
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, cli_env["DATABASE_URL"])
+
+    async def create() -> None:
+        database = Database(settings.database_url)
+        try:
+            await upgrade_database(database)
+            registry = SegmentationRegistry(
+                settings=settings, database=database, default=ModelStore(settings=settings, database=database)
+            )
+            await registry.start(follow=False)
+            await registry.create(
+                name="mixed",
+                kind="custom",
+                description=None,
+                features=mixed_features(),
+                id_column="customer_id",
+                created_by="test",
+            )
+        finally:
+            await database.dispose()
+
+    asyncio.run(create())
+    mixed = generate_mixed(rows=1500, seed=3)
+    source = tmp_path / "mixed.csv"
+    mixed.to_csv(source, index=False)
+
+    trained = run(cli_env, tmp_path, "-m", "app", "train", "--segmentation", "mixed", "--input", str(source))
+    assert trained.returncode == 0, trained.stderr
+    version = re.search(r"Model (\S+): k=(\d+)", trained.stdout).group(1)
+    assert not (tmp_path / "models" / "kmeans.pkl").exists()  # only `default` keeps files in models/
+    listed = run(cli_env, tmp_path, "-m", "app", "models", "--segmentation", "mixed")
+    assert re.search(rf"^\* {re.escape(version)}\s", listed.stdout, re.MULTILINE), listed.stdout
+    assert "No model versions" in run(cli_env, tmp_path, "-m", "app", "models").stdout
+
+    customer = mixed.drop(columns=["customer_id"]).iloc[0].to_dict()
+    customer["plan"] = "platinum-unheard-of"
+    predicted = run(
+        cli_env,
+        tmp_path,
+        "-m",
+        "app",
+        "predict",
+        "--segmentation",
+        "mixed",
+        "--customer",
+        json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in customer.items()}),
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    answer = json.loads(predicted.stdout)
+    assert answer["model_version"] == version and any("platinum" in w for w in answer["warnings"])
+    unknown = run(cli_env, tmp_path, "-m", "app", "models", "--segmentation", "nope")
+    assert unknown.returncode == 2 and "not found" in unknown.stderr

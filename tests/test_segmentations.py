@@ -13,6 +13,9 @@ import pytest
 from app.database import Role
 from tests.conftest import CUSTOMER
 
+# Every case runs on SQLite, and on PostgreSQL too when TEST_DATABASE_URL is set.
+pytestmark = pytest.mark.postgres
+
 CRM_FEATURES = [
     {"name": "tenure_months", "type": "numeric", "min": 0, "max": 600},
     {"name": "basket", "type": "numeric", "transform": "none"},
@@ -87,7 +90,6 @@ async def test_default_is_always_there_with_the_customer_schema(client, user_hea
     assert (await client.get("/segmentations/nope", headers=user_headers)).status_code == 404
 
 
-@pytest.mark.postgres
 async def test_create_list_edit_and_delete(client, analyst_headers, user_headers):
     created = await create(client, analyst_headers, description="For the CRM team")
     assert created.status_code == 201, created.text
@@ -158,7 +160,6 @@ async def test_at_most_max_segmentations(client, analyst_headers):
 # --- kind custom end to end ---------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_train_a_custom_segmentation_and_read_its_segments(client, crm, user_headers):
     assert crm["segmentation"] == "crm" and crm["n_samples"] == 600
     assert crm["missing_shares"]["basket"] == pytest.approx(1 / 600, abs=1e-5)
@@ -269,7 +270,6 @@ async def test_batch_scoring_echoes_the_id_column(client, crm, user_headers):
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "customers", 1, "visits"]
 
 
-@pytest.mark.postgres
 async def test_versions_are_paged_rolled_back_and_deleted(client, crm, analyst_headers, user_headers):
     second = await client.post(
         "/segmentations/crm/train",
@@ -340,7 +340,6 @@ async def test_a_deleted_segmentation_keeps_its_history_and_a_new_one_does_not_i
 # --- default through both doors ------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_default_answers_the_same_through_both_doors(client, trained_model, user_headers, analyst_headers):
     seed = (await client.post("/predict", json=CUSTOMER, headers=user_headers)).json()
     named = await client.post("/segmentations/default/predict", json={"customer": CUSTOMER}, headers=user_headers)
@@ -392,7 +391,6 @@ async def test_training_uploads_have_their_own_cap(client, analyst_headers):
 # --- across workers -----------------------------------------------------------------------------
 
 
-@pytest.mark.postgres
 async def test_another_worker_follows_created_trained_and_deleted_segmentations(
     app, client, crm, settings, analyst_headers, tmp_path
 ):
@@ -426,7 +424,6 @@ async def test_another_worker_follows_created_trained_and_deleted_segmentations(
         await eventually(lambda: "crm" not in registry._stores)
 
 
-@pytest.mark.postgres
 async def test_one_training_at_a_time_per_segmentation(app, client, crm, dataset, analyst_headers):
     """Another process holding crm's training lease makes crm's training wait its turn (409), not default's."""
     from sqlalchemy import update

@@ -7,9 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
-from app.database import Role
 from app.deps import AnalystUser, CurrentUser
-from app.errors import Forbidden, InvalidInput
+from app.errors import InvalidInput
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.routes.responses import errors, file_errors
 from app.schema import (
@@ -31,7 +30,6 @@ from app.schema import (
 )
 from app.services import segmentation, segmentations
 from app.services.models import ModelStore
-from app.storage.history import segmentation_page
 
 # Routes are matched in the order they are declared here, at a cost for every route tried:
 # the four that carry the traffic come first, the cheapest reads before /predict. They are
@@ -75,30 +73,13 @@ async def elbow(request: Request, _: CurrentUser, k: Annotated[ElbowRange, Query
 @router.get(
     "/history",
     summary="Prediction history, newest first",
-    description="The caller's own; analysts and admins may pass `user_id` to read another user's.",
+    description="The caller's own; analysts and admins may pass `user_id` to read another user's. Every row "
+    "says its `segmentation`; `segmentation=NAME` keeps that segmentation's rows only (unknown: 404).",
     response_model=HistoryPage,
     responses=errors(401, 403, 404, 422),
 )
 async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQuery, Query()]) -> Response:
-    target = user.id
-    if query.user_id is not None and query.user_id != user.id:
-        if user.role not in (Role.analyst.value, Role.admin.value):
-            raise Forbidden("Only analysts and admins may read another user's history")
-        target = query.user_id
-    if query.segmentation is not None:
-        store = await request.app.state.segmentations.get(query.segmentation)
-        body = await segmentation_page(
-            request.app.state.database,
-            user_id=target,
-            segmentation_id=store.segmentation.id,
-            skip=query.skip,
-            limit=query.limit,
-            before_id=query.before_id,
-        )
-    else:
-        body = await request.app.state.history_reader.page(
-            user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
-        )
+    body = await segmentations.history_page(request.app.state, user=user, query=query, segmentation=None)
     return Response(body, media_type="application/json")
 
 

@@ -10,9 +10,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, Response
 
-from app.database import Role
 from app.deps import AnalystUser, CurrentUser
-from app.errors import Forbidden, InvalidInput
+from app.errors import InvalidInput
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.routes.ml import CsvFile, _is_multipart, answer_batch
 from app.routes.responses import errors, file_errors
@@ -44,7 +43,6 @@ from app.segmentation_schema import (
 from app.services import segmentations
 from app.services.models import ModelStore
 from app.services.registry import feature_schema
-from app.storage.history import segmentation_page
 
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
 
@@ -284,20 +282,7 @@ async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChar
     responses=errors(401, 403, 404, 422),
 )
 async def history(request: Request, user: CurrentUser, name: Name, query: Annotated[HistoryQuery, Query()]) -> Response:
-    store = await _store(request, name)
-    target = user.id
-    if query.user_id is not None and query.user_id != user.id:
-        if user.role not in (Role.analyst.value, Role.admin.value):
-            raise Forbidden("Only analysts and admins may read another user's history")
-        target = query.user_id
-    body = await segmentation_page(
-        request.app.state.database,
-        user_id=target,
-        segmentation_id=store.segmentation.id,
-        skip=query.skip,
-        limit=query.limit,
-        before_id=query.before_id,
-    )
+    body = await segmentations.history_page(request.app.state, user=user, query=query, segmentation=name)
     return Response(body, media_type="application/json")
 
 

@@ -18,14 +18,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
-from app.errors import Conflict, InvalidInput
+from app.database import Role
+from app.errors import Conflict, Forbidden, InvalidInput
 from app.preprocess import DataValidationError
-from app.schema import CustomerFeatures
+from app.schema import CustomerFeatures, HistoryQuery
 from app.segmentation_schema import declared_customer_model
 from app.services import predictions as prediction_service
 from app.services import segmentation
+from app.services.auth import Caller
 from app.services.models import ModelStore, ServedModel
 from app.services.registry import feature_schema
+from app.storage.history import segmentation_page
 
 CUSTOMER_KIND = "customer"
 
@@ -275,6 +278,33 @@ def score_declared_csv(served: ServedModel, fh: IO[bytes], *, as_csv: bool) -> s
         n_rows=seen,
         problems=problems,
         csv_answer=answer.finish() if answer is not None else None,
+    )
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+async def history_page(state: State, *, user: Caller, query: HistoryQuery, segmentation: str | None) -> bytes:
+    """A page of history as JSON: the caller's, or (analysts and admins) `query.user_id`'s; of one
+    segmentation when one is named (by the route or by `query.segmentation`), else of them all."""
+    target = user.id
+    if query.user_id is not None and query.user_id != user.id:
+        if user.role not in (Role.analyst.value, Role.admin.value):
+            raise Forbidden("Only analysts and admins may read another user's history")
+        target = query.user_id
+    name = segmentation if segmentation is not None else query.segmentation
+    if name is None:
+        return await state.history_reader.page(
+            user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
+        )
+    store = await state.segmentations.get(name)
+    return await segmentation_page(
+        state.database,
+        user_id=target,
+        segmentation_id=store.segmentation.id,
+        skip=query.skip,
+        limit=query.limit,
+        before_id=query.before_id,
     )
 
 
