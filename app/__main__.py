@@ -220,18 +220,17 @@ async def _predict(args, store, _settings) -> int:
 
     served = store.require()
     if store.segmentation.kind != "customer" or args.customer is not None:
-        from app.services.segmentations import customer_model
+        from app.services.segmentations import customer_adapter
 
         if args.customer is None:
             print("error: give the customer with --customer JSON", file=sys.stderr)
             return 2
-        checked = customer_model(store).model_validate_json(args.customer)
+        checked = customer_adapter(store).validate_json(args.customer)
         if store.segmentation.kind == "customer":
             cluster, name, confidence = served.assign([checked])[0]
             warnings: list[str] = []
         else:
-            data = checked.model_dump(by_alias=True, exclude_none=True)
-            cluster, name, confidence, warnings = served.assign_declared([data])[0]
+            cluster, name, confidence, warnings = served.assign_declared([checked])[0]
         answer = {"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4)}
         print(json.dumps({**answer, "model_version": served.version, "warnings": warnings}))
         return 0

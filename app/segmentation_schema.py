@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 from fastapi import UploadFile
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter
+from typing_extensions import TypedDict
 
 from app.schema import (
     CUSTOMER_EXAMPLE,
@@ -275,20 +276,24 @@ def _category(value: Any) -> Any:
     return value
 
 
-def declared_customer_model(schema: FeatureSchema, title: str) -> type[BaseModel]:
-    """The `customer` body of a declared schema as a Pydantic model: each feature required, typed, bounded.
+def declared_customer_adapter(schema: FeatureSchema, title: str) -> TypeAdapter[dict[str, Any]]:
+    """The `customer` body of a declared schema: each feature required, typed and bounded.
 
-    Fields are named by position and aliased by the feature's name, so any column name works
-    (even one that a BaseModel attribute has); dump with `by_alias=True`.
+    A TypedDict keyed by the features' own names (any column name works), so a checked
+    customer is a plain dict, with nothing to convert before it is scored or stored.
     """
     fields: dict[str, Any] = {}
-    for i, feature in enumerate(schema.features):
+    for feature in schema.features:
         if feature.type == "numeric":
-            annotation: Any = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=feature.min, le=feature.max)]
+            fields[feature.name] = Annotated[
+                float, Field(strict=True, allow_inf_nan=False, ge=feature.min, le=feature.max)
+            ]
         else:
-            annotation = Annotated[str, BeforeValidator(_category), StringConstraints(max_length=200)]
-        fields[f"f{i}"] = (annotation, Field(alias=feature.name))
-    if schema.id_column and schema.id_column not in schema.names:
-        id_type: Any = Annotated[str | None, BeforeValidator(_category)]
-        fields["customer_id_"] = (id_type, Field(None, alias=schema.id_column))
-    return create_model(title, __config__=ConfigDict(extra="ignore", populate_by_name=False), **fields)
+            fields[feature.name] = Annotated[str, BeforeValidator(_category), StringConstraints(max_length=200)]
+    if schema.id_column and schema.id_column not in fields:
+        fields[schema.id_column] = NotRequired[Annotated[str | None, BeforeValidator(_category)]]
+    # The functional form, as feature names need not be identifiers (built at run time, so typed loosely).
+    make_typed_dict: Any = TypedDict
+    customer: Any = make_typed_dict(title, fields)
+    customer.__pydantic_config__ = ConfigDict(extra="ignore")
+    return TypeAdapter(customer)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
@@ -131,8 +131,8 @@ class ModelStore:
             f"POST /segmentations/{segmentation.name}/train"
         )
         self.current: ServedModel | None = None
-        # The Pydantic model of this segmentation's `customer` body, made on first use (its schema never changes).
-        self.body_model: type[BaseModel] | None = None
+        # How this segmentation's `customer` body is checked, made on first use (its schema never changes).
+        self.body_adapter: TypeAdapter[Any] | None = None
         self._train_lock = asyncio.Lock()
         self._switch_lock = asyncio.Lock()
         self._sync_task: asyncio.Task | None = None

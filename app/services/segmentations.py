@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
@@ -22,7 +22,7 @@ from app.database import Role
 from app.errors import Conflict, Forbidden, InvalidInput
 from app.preprocess import DataValidationError
 from app.schema import CustomerFeatures, HistoryQuery
-from app.segmentation_schema import declared_customer_model
+from app.segmentation_schema import declared_customer_adapter
 from app.services import predictions as prediction_service
 from app.services import segmentation
 from app.services.auth import Caller
@@ -33,19 +33,22 @@ from app.storage.history import segmentation_page
 CUSTOMER_KIND = "customer"
 
 
-def customer_model(store: ModelStore) -> type[BaseModel]:
-    """The Pydantic model of this segmentation's `customer` body (built once per segmentation)."""
-    info = store.segmentation
-    if info.kind == CUSTOMER_KIND:
-        return CustomerFeatures
-    model = store.body_model
-    if model is None:
-        model = store.body_model = declared_customer_model(feature_schema(info), f"Customer_{info.name}")
-    return model
+def customer_adapter(store: ModelStore) -> TypeAdapter[Any]:
+    """How this segmentation's `customer` body is checked (made once per segmentation): the customer
+    features as CustomerFeatures, a declared schema as a plain dict of its features."""
+    adapter = store.body_adapter
+    if adapter is None:
+        info = store.segmentation
+        if info.kind == CUSTOMER_KIND:
+            adapter = TypeAdapter(CustomerFeatures)
+        else:
+            adapter = declared_customer_adapter(feature_schema(info), f"Customer_{info.name}")
+        store.body_adapter = adapter
+    return adapter
 
 
 def customer_json_schema(store: ModelStore) -> dict[str, Any]:
-    return customer_model(store).model_json_schema(by_alias=True)
+    return customer_adapter(store).json_schema(by_alias=True)
 
 
 def _invalid(exc: ValidationError, *where: Any) -> RequestValidationError:
@@ -56,20 +59,19 @@ def _invalid(exc: ValidationError, *where: Any) -> RequestValidationError:
 
 def validate_customers(store: ModelStore, customers: Sequence[Any], *where: str) -> list[Any]:
     """Each customer checked against the segmentation's schema; any breach is FastAPI's 422 naming it."""
-    model = customer_model(store)
+    adapter = customer_adapter(store)
     if len(customers) == 1 and where == ("customer",):
         try:
-            return [model.model_validate(customers[0])]
+            return [adapter.validate_python(customers[0])]
         except ValidationError as exc:
             raise _invalid(exc, *where) from None
     valid: list[Any] = []
     errors: list[Any] = []
     for i, customer in enumerate(customers):
         try:
-            valid.append(model.model_validate(customer))
+            valid.append(adapter.validate_python(customer))
         except ValidationError as exc:
-            loc = (*where, i) if len(customers) > 1 or where[-1:] == ("customers",) else where
-            errors.extend(_invalid(exc, *loc).errors())
+            errors.extend(_invalid(exc, *where, i).errors())
     if errors:
         raise RequestValidationError(errors)
     return valid
@@ -155,7 +157,7 @@ async def predict(state: State, *, user_id: int, store: ModelStore, customer: An
         cluster, name, confidence = served.assign([checked])[0]
         data = checked.model_dump()
     else:
-        data = checked.model_dump(by_alias=True, exclude_none=True)
+        data = checked
         cluster, name, confidence, warnings = served.assign_declared([data])[0]
     await record_prediction(
         state,
@@ -198,9 +200,7 @@ async def score_batch(
         served = store.require()
         rows = customers
         if declared:
-            checked = [
-                c.model_dump(by_alias=True, exclude_none=True) for c in validate_customers(store, rows, "customers")
-            ]
+            checked = validate_customers(store, rows, "customers")
             scored = await run_in_threadpool(lambda: score_declared_records(served, checked, as_csv=as_csv))
         else:
             scored = await run_in_threadpool(lambda: segmentation.score_records(served, rows, as_csv=as_csv))
