@@ -11,7 +11,9 @@ and trained on a generated CSV, `default` on the default dataset. Then:
 
 1. wrk drives POST /segmentations/mixed/predict and POST /predict (default) with the same
    settings, in rounds that alternate them, each right after the bare app (bench/run.py's
-   measure_endpoints). named/default is the median over rounds of the two paired ratios.
+   measure_endpoints). named/default is the median over rounds of named req/s over default
+   req/s in the same round (the two a few seconds apart on the same server); the same
+   through each row's own bare run, and the CPU per request of each, are printed beside it.
 2. A --rows mixed CSV goes up to POST /segmentations/mixed/train, streamed from disk:
    seconds from the first byte sent to the 200 (the new version active), and the peak of
    the RSS summed over the server and its children (the training fork server and its
@@ -213,10 +215,19 @@ def measure_predict(load, bare, service, tokens, bodies: Path, args, mode) -> be
     return report
 
 
-def named_over_default(report: bench.Report) -> float:
-    """Median over rounds of (named / bare) / (default / bare), each measured in the same round."""
+def named_over_default(report: bench.Report) -> list[float]:
+    """named req/s over default req/s, round by round: the same server, measured one right after the other.
+
+    Going through each row's own bare run instead ((named / bare) / (default / bare)) adds the
+    bare app's swings on a shared machine to the figure; both are printed.
+    """
+    named, default = report.round_rps.get(NAMED_LABEL, []), report.round_rps.get(DEFAULT_LABEL, [])
+    return [n / d for n, d in zip(named, default, strict=False) if d]
+
+
+def named_over_default_via_bare(report: bench.Report) -> list[float]:
     named, default = report.round_ratios.get(NAMED_LABEL, []), report.round_ratios.get(DEFAULT_LABEL, [])
-    return bench.median([n / d for n, d in zip(named, default, strict=False) if d])
+    return [n / d for n, d in zip(named, default, strict=False) if d]
 
 
 def print_summary(report: bench.Report | None, training: dict | None, rows: int, csv_mb: float, args) -> list:
@@ -229,13 +240,17 @@ def print_summary(report: bench.Report | None, training: dict | None, rows: int,
                 f"{label:<40}{row['rps']:>9,.0f}{row['p50']:>9.1f}{row['p99']:>9.1f}{row['ratio']:>9.2f}"
                 f"{row['cpu_us']:>12,.0f}"
             )
-        ratio = named_over_default(report)
-        rounds = ", ".join(
-            f"{n / d:.2f}"
-            for n, d in zip(report.round_ratios[NAMED_LABEL], report.round_ratios[DEFAULT_LABEL], strict=False)
-            if d
+        direct = named_over_default(report)
+        via_bare = named_over_default_via_bare(report)
+        ratio = bench.median(direct)
+        print(f"named / default req/s per round: {', '.join(f'{r:.2f}' for r in direct)} (median {ratio:.2f})")
+        print(
+            f"the same through each row's bare run: {', '.join(f'{r:.2f}' for r in via_bare)} "
+            f"(median {bench.median(via_bare):.2f})"
         )
-        print(f"named / default per round: {rounds}")
+        named_cpu, default_cpu = report.rows[NAMED_LABEL]["cpu_us"], report.rows[DEFAULT_LABEL]["cpu_us"]
+        if named_cpu:
+            print(f"CPU per request, default / named: {default_cpu / named_cpu:.2f}")
         checks.append(
             (f"named/default predict req/s >= {TARGET_NAMED_RATIO}", f"{ratio:.2f}", ratio >= TARGET_NAMED_RATIO)
         )

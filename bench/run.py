@@ -732,6 +732,7 @@ class Report:
     failures: list[str] = field(default_factory=list)
     # Each row's ratio to the bare app, round by round (rows in the same round are paired).
     round_ratios: dict[str, list[float]] = field(default_factory=dict)
+    round_rps: dict[str, list[float]] = field(default_factory=dict)  # each row's req/s, round by round
 
 
 def median(values: list[float]) -> float:
@@ -788,6 +789,7 @@ def measure_endpoints(
                 report.answered += result.requests - result.status_errors
     report.committed = history_total_now() - history_before
     report.round_ratios = ratios
+    report.round_rps = {label: [run.rps for run in runs] for label, runs in results.items()}
     for label, runs in results.items():
         row = median_result(runs)
         report.rows[label] = {

@@ -36,7 +36,6 @@ class CentroidScorer:
         self.inv_scale = inv_scale
         self.folded_centers = folded
         self._scaled = not np.array_equal(inv_scale, np.ones(width))
-        self._center_norms = np.einsum("kf,kf->k", folded, folded)
         # Plain tuples for the four-column fast path of predict_four.
         self._inv_scale_tuple = tuple(float(v) for v in inv_scale)
         self._center_rows = tuple(tuple(float(v) for v in row) for row in folded)
@@ -80,16 +79,17 @@ class CentroidScorer:
     def predict_row(self, x: np.ndarray) -> tuple[int, float]:
         """(cluster id, confidence) of one row: as `predict`, without its chunking set-up (the predict hot path).
 
-        |x - c|^2 = |c|^2 - 2 c.x + |x|^2, from one matrix-vector product; the k distances are then
-        compared as plain floats.
+        The k distances are compared as plain floats. No BLAS call: for one row its thread pool
+        costs more than the arithmetic, and under load it competes with the event loop.
         """
         if self._scaled:
             x = x * self.inv_scale
-        d2 = (self._center_norms - 2.0 * (self.folded_centers @ x) + float(x @ x)).tolist()
+        diff = self.folded_centers - x
+        d2 = np.einsum("kf,kf->k", diff, diff).tolist()
         best = min(range(len(d2)), key=d2.__getitem__)
-        nearest = max(d2[best], 0.0)
+        nearest = d2[best]
         d2[best] = math.inf
-        second = max(min(d2), 0.0)
+        second = min(d2)
         confidence = 1.0 - math.sqrt(nearest / second) if second > 0 else 0.0
         return best, min(1.0, max(0.0, confidence))
 
