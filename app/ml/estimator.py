@@ -177,16 +177,27 @@ class SegmentationModel:
         if self.schema.kind == "customer":
             labels, confidence = self.predict(features_matrix(records))
             return ScoredRecords(labels, confidence, [[] for _ in records])
-        if len(records) == 1 and self._records is not None:
-            encoded = self._records.encode(records[0])
-            if encoded is not None:  # else the batch path words the error
-                row, warnings = encoded
-                label, score = self._scorer.predict_row(row)
-                return ScoredRecords(np.array([label]), np.array([score]), [warnings])
+        if len(records) == 1:
+            one = self.score_one(records[0])
+            if one is not None:
+                return ScoredRecords(np.array([one[0]]), np.array([one[1]]), [one[2]])
         checked = check_records(self.schema, records)
         raise_for_records(checked)
         labels, confidence = self._scorer.predict(encode(self.schema, checked.frame))
         return ScoredRecords(labels, confidence, checked.warnings)
+
+    def score_one(self, record: Mapping[str, Any]) -> tuple[int, float, list[str]] | None:
+        """(cluster id, confidence, warnings) of one record of a custom schema, in plain Python (the predict
+        hot path); None when the record breaks a rule (score_records then words the error) or for the
+        customer kind."""
+        if self._records is None:
+            return None
+        encoded = self._records.encode(record)
+        if encoded is None:
+            return None
+        row, warnings = encoded
+        label, score = self._scorer.predict_row(row)
+        return label, score, warnings
 
     def score_frame(self, frame: pd.DataFrame) -> ScoredFrame:
         """Segments of a batch read as text (``dtype=str, keep_default_na=False``), row by row.

@@ -50,10 +50,11 @@ class ServedModel:
 
     def assign_declared(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[int, str, float, list[str]]]:
         """(cluster, cluster_name, confidence, warnings) for records of a declared (custom) schema."""
-        scored = self.model.score_records(records)
         if len(records) == 1:
-            cluster = int(scored.labels[0])
-            return [(cluster, self.names[cluster], float(scored.confidence[0]), scored.warnings[0])]
+            one = self.model.score_one(records[0])
+            if one is not None:
+                return [(one[0], self.names[one[0]], one[1], one[2])]
+        scored = self.model.score_records(records)
         return [
             (int(c), self.names[int(c)], float(p), list(w))
             for c, p, w in zip(scored.labels.tolist(), scored.confidence.tolist(), scored.warnings, strict=True)
