@@ -260,18 +260,8 @@ async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> Cluste
     responses=errors(401, 403, 404, 409),
 )
 async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChart:
-    store = await _store(request, name)
-    if store.segmentation.kind == "customer":
-        chart, optimal_k = await request.app.state.elbow.chart()
-        return ElbowChart(chart=chart, optimal_k=optimal_k)
-    figures = await segmentations.elbow(request.app.state, store, 2, 15)
-    from starlette.concurrency import run_in_threadpool
-
-    from app.charts import render_elbow_chart
-    from app.services.served import data_uri
-
-    png = await run_in_threadpool(render_elbow_chart, figures)
-    return ElbowChart(chart=data_uri(png), optimal_k=figures["optimal_k"])
+    chart, optimal_k = await segmentations.elbow_chart(request.app.state, await _store(request, name))
+    return ElbowChart(chart=chart, optimal_k=optimal_k)
 
 
 @router.get(

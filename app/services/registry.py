@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
@@ -215,7 +216,7 @@ class SegmentationRegistry:
                 update(Segmentation).where(Segmentation.id == store.segmentation.id).values(description=description)
             )
             await session.commit()
-        store.segmentation = _replace(store.segmentation, description=description)
+        store.segmentation = replace(store.segmentation, description=description)
         return store
 
     async def delete(self, name: str) -> None:
@@ -243,12 +244,6 @@ class SegmentationRegistry:
             if self._stores.get(name) is store:
                 del self._stores[name]
         logger.info("deleted segmentation %s", name)
-
-
-def _replace(info: SegmentationInfo, **changes: Any) -> SegmentationInfo:
-    from dataclasses import replace
-
-    return replace(info, **changes)
 
 
 def _declared_schema(kind: str, features: list[dict[str, Any]] | None, id_column: str | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from app.segmentation_schema import declared_customer_adapter
 from app.services import predictions as prediction_service
 from app.services import segmentation
 from app.services.auth import Caller
-from app.services.models import ModelStore, ServedModel
+from app.services.models import ModelStore, ServedModel, data_uri
 from app.services.registry import feature_schema
 from app.storage.history import segmentation_page
 
@@ -352,3 +352,19 @@ async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict
         "silhouette_scores": [s if s is not None else 0.0 for s in scores],
         "method": "silhouette",
     }
+
+
+async def elbow_chart(state: State, store: ModelStore) -> tuple[str, int]:
+    """The elbow chart as a PNG data URI and the k it marks: of the default dataset (kind customer),
+    else of the active version's choice of k, drawn once per version."""
+    if store.segmentation.kind == CUSTOMER_KIND:
+        return await state.elbow.chart()
+    served = store.require()
+    figures = await elbow(state, store, 2, 15)
+
+    def draw() -> str:
+        from app.charts import render_elbow_chart
+
+        return data_uri(render_elbow_chart(figures))
+
+    return await served.drawn("elbow", draw), int(figures["optimal_k"])

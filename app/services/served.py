@@ -30,6 +30,7 @@ class ServedModel:
         self._charts: dict[str, str] | None = None
         self._charts_lock = asyncio.Lock()
         self._responses: dict[str, bytes] = {}
+        self._drawn: dict[str, str] = {}
 
     def response_json(self, name: str, build: Callable[[], BaseModel], *, exclude_none: bool = False) -> bytes:
         """A response body that only depends on this version, serialized on first use."""
@@ -76,6 +77,14 @@ class ServedModel:
             entry.setdefault("generated_name", entry["cluster_name"])
             details.append(entry)
         return details
+
+    async def drawn(self, name: str, draw: Callable[[], str]) -> str:
+        """A chart of this version (a data URI), drawn in a worker thread on first use and kept."""
+        async with self._charts_lock:
+            chart = self._drawn.get(name)
+            if chart is None:
+                chart = self._drawn[name] = await run_in_threadpool(draw)
+        return chart
 
     async def charts(self) -> dict[str, str]:
         async with self._charts_lock:
