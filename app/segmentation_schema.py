@@ -16,6 +16,7 @@ from app.schema import (
     SEGMENT_EXAMPLE,
     VERSION_EXAMPLE,
     ModelVersionPublic,
+    SegmentAssignment,
     TrainResult,
 )
 
@@ -135,7 +136,7 @@ class NamedPredictBody(BaseModel):
     )
 
 
-class NamedPredictionResult(BaseModel):
+class NamedPredictionResult(SegmentAssignment):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -152,9 +153,6 @@ class NamedPredictionResult(BaseModel):
         }
     )
 
-    cluster: int
-    cluster_name: str
-    confidence: float = Field(ge=0, le=1)
     customer_data: dict[str, Any]
     model_version: str
     segmentation: str

@@ -287,16 +287,33 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     return features, valid, errors
 
 
-def _score_csv_file(model: ServedModel, fh: IO[bytes], *, as_csv: bool) -> ScoredBatch:
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None]]
+"""A chunk's (valid rows, their cluster ids, their confidences, each row's error or None)."""
+
+
+def _score_customer_chunk(model: ServedModel, frame: pd.DataFrame) -> ChunkScores:
+    features, valid, errors = _check_frame(frame, resolve_columns(frame.columns))
+    labels, confidence = model.predict_matrix(features[valid])
+    return valid, labels, confidence, errors
+
+
+def score_csv_file(
+    model: ServedModel,
+    fh: IO[bytes],
+    *,
+    as_csv: bool,
+    score_chunk: Callable[[ServedModel, pd.DataFrame], ChunkScores] = _score_customer_chunk,
+    check_columns: Callable[[Any], Any] = resolve_columns,
+) -> ScoredBatch:
+    """A batch CSV chunk by chunk: each chunk scored by `score_chunk` (the customer features by
+    default), bad rows marked, the first of them listed, the CSV answer written as it goes."""
     labels: list[np.ndarray] = []
     confidence: list[np.ndarray] = []
     problems: list[dict[str, Any]] = []
     answer: CsvAnswer | None = None
     seen = 0
-    for frame in csv_frames(fh):
-        columns = resolve_columns(frame.columns)
-        features, valid, errors = _check_frame(frame, columns)
-        chunk_labels, chunk_confidence = model.predict_matrix(features[valid])
+    for frame in csv_frames(fh, check_columns):
+        valid, chunk_labels, chunk_confidence, errors = score_chunk(model, frame)
         if as_csv:
             if answer is None:
                 answer = CsvAnswer(list(frame.columns), model.names)
@@ -325,7 +342,7 @@ def _score_csv_file(model: ServedModel, fh: IO[bytes], *, as_csv: bool) -> Score
 async def score_csv(model: ServedModel, upload: UploadFile, *, as_csv: bool) -> ScoredBatch:
     """Score an uploaded CSV (already spooled to a temporary file) in a worker thread."""
     upload.file.seek(0)
-    return await run_in_threadpool(lambda: _score_csv_file(model, upload.file, as_csv=as_csv))
+    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv))
 
 
 def cluster_summary(model: ServedModel) -> ClusterSummary:

@@ -247,37 +247,15 @@ def score_declared_records(
     )
 
 
+def _score_declared_chunk(served: ServedModel, frame: pd.DataFrame) -> segmentation.ChunkScores:
+    result = served.model.score_frame(frame)
+    return result.valid, result.labels, result.confidence, result.errors
+
+
 def score_declared_csv(served: ServedModel, fh: IO[bytes], *, as_csv: bool) -> segmentation.ScoredBatch:
-    """A batch CSV of a declared schema, chunk by chunk: bad rows marked, the rest scored."""
-    labels: list[np.ndarray] = []
-    confidence: list[np.ndarray] = []
-    problems: list[dict[str, Any]] = []
-    answer: segmentation.CsvAnswer | None = None
-    seen = 0
-    for frame in segmentation.csv_frames(fh, check_columns=lambda _columns: None):
-        result = served.model.score_frame(frame)
-        if as_csv:
-            if answer is None:
-                answer = segmentation.CsvAnswer(list(frame.columns), served.names)
-            answer.add(frame, result.valid, result.labels, result.confidence, result.errors)
-        labels.append(result.labels)
-        confidence.append(result.confidence)
-        if len(problems) < segmentation.MAX_LISTED_ROWS:
-            for i in np.flatnonzero(~result.valid)[: segmentation.MAX_LISTED_ROWS - len(problems)].tolist():
-                problems.append({"row": seen + i + 1, "line": seen + i + 2, "reason": result.errors[i]})
-        seen += len(frame)
-    if seen == 0:
-        raise DataValidationError(
-            "the CSV has a header but no data rows",
-            [{"row": None, "line": None, "column": None, "reason": "no data rows"}],
-        )
-    return segmentation.ScoredBatch(
-        model=served,
-        labels=np.concatenate(labels),
-        confidence=np.concatenate(confidence),
-        n_rows=seen,
-        problems=problems,
-        csv_answer=answer.finish() if answer is not None else None,
+    """A batch CSV of a declared schema (the model's score_frame names a missing column), chunk by chunk."""
+    return segmentation.score_csv_file(
+        served, fh, as_csv=as_csv, score_chunk=_score_declared_chunk, check_columns=lambda _columns: None
     )
 
 
