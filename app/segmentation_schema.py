@@ -6,7 +6,16 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 from fastapi import UploadFile
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 from typing_extensions import TypedDict
 
 from app.schema import (
@@ -22,6 +31,9 @@ from app.schema import (
 
 if TYPE_CHECKING:
     from app.ml.schema import FeatureSchema
+
+MAX_TRANSACTIONS = 10_000
+"""Transactions one predict of kind rfm may carry."""
 
 SegmentationName = Annotated[
     str,
@@ -79,7 +91,11 @@ class SegmentationCreate(BaseModel):
     id_column: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)] | None = Field(
         None, description="kind custom: the customer id column, echoed back in batch CSVs"
     )
-    columns: dict[str, str] | None = Field(None, description="kind rfm: the transaction log's column mapping")
+    columns: dict[str, str] | None = Field(
+        None,
+        description="kind rfm: the log's headers for customer_id, date, amount (or quantity and price), "
+        "order_id (optional) and a strftime date_format (optional); matched case-insensitively",
+    )
 
 
 class SegmentationUpdate(BaseModel):
@@ -109,6 +125,7 @@ class SegmentationPublic(BaseModel):
     description: str | None
     features: list[dict[str, Any]]
     id_column: str | None = None
+    columns: dict[str, str] | None = Field(None, description="kind rfm: how the transaction log's headers map")
     active_version: str | None
     n_clusters: int | None
     created_at: datetime | None
@@ -125,15 +142,49 @@ class SegmentationList(BaseModel):
     segmentations: list[SegmentationPublic]
 
 
-class NamedPredictBody(BaseModel):
-    """POST /segmentations/{name}/predict: one customer, as that segmentation's schema declares it."""
+class Transaction(BaseModel):
+    """One line of a customer's transaction log (kind rfm)."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"customer": CUSTOMER_EXAMPLE}]})
+    model_config = ConfigDict(extra="forbid")
+
+    date: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)] | int = Field(
+        description="ISO 8601 (with or without a time) or YYYYMMDD", examples=["2025-03-01"]
+    )
+    amount: float = Field(allow_inf_nan=False, description="The line's amount; a return is negative")
+    order_id: Annotated[str, StringConstraints(max_length=100)] | int | None = None
+
+
+class NamedPredictBody(BaseModel):
+    """POST /segmentations/{name}/predict: one customer, as that segmentation's schema declares it
+    (kind rfm: their RFM values, or their transactions)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"customer": CUSTOMER_EXAMPLE},
+                {"transactions": [{"date": "2025-03-01", "amount": 42.5, "order_id": "A-1001"}], "as_of": "2025-04-01"},
+            ]
+        }
+    )
 
     # Any JSON value: the segmentation's own schema checks each one next.
-    customer: dict[str, Any] = Field(
-        description="The segmentation's features (GET /segmentations/{name} shows their schema)"
+    customer: dict[str, Any] | None = Field(
+        None, description="The segmentation's features (GET /segmentations/{name} shows their schema)"
     )
+    transactions: Annotated[list[Transaction], Field(min_length=1, max_length=MAX_TRANSACTIONS)] | None = Field(
+        None, description="Kind rfm only: one customer's transactions, instead of `customer`"
+    )
+    as_of: Annotated[str, StringConstraints(strip_whitespace=True, max_length=40)] | None = Field(
+        None, description="Kind rfm, with `transactions`: the day RFM is computed as of (default today, UTC)"
+    )
+
+    @model_validator(mode="after")
+    def _one_customer(self) -> NamedPredictBody:
+        if (self.customer is None) == (self.transactions is None):
+            raise ValueError("send the customer as `customer` (or, kind rfm, as `transactions`), exactly one of them")
+        if self.as_of is not None and self.transactions is None:
+            raise ValueError("`as_of` goes with `transactions`")
+        return self
 
 
 class NamedPredictionResult(SegmentAssignment):
@@ -174,6 +225,11 @@ class NamedTrainResult(TrainResult):
     segmentation: str
     skipped_rows: int = 0
     missing_shares: dict[str, float] = {}
+    n_transactions: int | None = Field(None, description="Kind rfm: the log's rows (n_samples counts customers)")
+    skipped_customers: int | None = Field(None, description="Kind rfm: customers without a counted purchase")
+    rows_after_as_of: int | None = Field(None, description="Kind rfm: rows dated after as_of, left out")
+    as_of: str | None = Field(None, description="Kind rfm: the day RFM was computed as of")
+    columns: dict[str, str] | None = Field(None, description="Kind rfm: the headers the log's fields were read from")
 
 
 NAMED_SEGMENT_EXAMPLE: dict[str, JsonValue] = {
@@ -203,6 +259,9 @@ class NamedSegmentStats(BaseModel):
     avg_income: float | None = None
     avg_spending_score: float | None = None
     avg_purchase_frequency: float | None = None
+    revenue_share: float | None = Field(
+        None, description="Kind rfm: the segment's share of the training customers' revenue, 0..100"
+    )
 
 
 class NamedClusterSummary(BaseModel):

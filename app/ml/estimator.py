@@ -23,7 +23,7 @@ from app.ml.persistence import ModelLoadError
 from app.ml.records import RecordEncoder
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
 from app.ml.scoring import CentroidScorer, ScoredFrame, ScoredRecords
-from app.ml.training import train_custom, train_customer
+from app.ml.training import train_custom, train_customer, train_rfm
 from app.preprocess import FEATURES, DataValidationError, features_matrix
 from app.preprocess import score_frame as score_customer_frame
 
@@ -66,6 +66,7 @@ class SegmentationModel:
         data: Any,
         *,
         schema: FeatureSchema | None = None,
+        kind: str | None = None,
         n_clusters: int | None = None,
         random_state: int = 42,
         k_range: tuple[int, int] = selection.DEFAULT_K_RANGE,
@@ -75,7 +76,9 @@ class SegmentationModel:
         Kind ``customer`` (no schema, or ``FeatureSchema.customer()``): data is
         an (n, 4) matrix in FEATURES order, original units, or a DataFrame
         with those columns. Kind ``custom``: the DataFrame from
-        :func:`app.ml.schema.read_training_frame` for that schema.
+        :func:`app.ml.schema.read_training_frame` for that schema. Kind
+        ``rfm`` (``kind="rfm"``, no schema): the per-customer table of
+        :func:`app.ml.rfm.read_log`.
         With ``n_clusters=None`` k is the best sampled silhouette over
         ``k_range`` (inclusive), with the inertia knee reported beside it.
         Raises DataValidationError when the data is malformed or has too few
@@ -83,7 +86,9 @@ class SegmentationModel:
         """
         options = {"n_clusters": n_clusters, "random_state": random_state, "k_range": k_range}
         with selection.SingleThreaded():
-            if schema is None or schema.kind == "customer":
+            if kind == "rfm":
+                parts = train_rfm(data, **options)  # type: ignore[arg-type]
+            elif schema is None or schema.kind == "customer":
                 parts = train_customer(data, **options)  # type: ignore[arg-type]
             else:
                 parts = train_custom(data, schema, **options)  # type: ignore[arg-type]
@@ -222,6 +227,15 @@ class SegmentationModel:
             ["; ".join(e) if e else None for e in checked.errors],
             ["; ".join(w) if w else None for w in checked.warnings],
         )
+
+    def score_table(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster ids, confidences) of a clean frame as read for training (kinds other than customer)."""
+        self._require_declared("score_table")
+        return self._scorer.predict(encode(self.schema, frame))
+
+    def _require_declared(self, method: str) -> None:
+        if self.schema.kind == "customer":
+            raise TypeError(f"{method} scores a declared schema; score the customer kind with predict")
 
     def encode(self, data: Any) -> np.ndarray:
         """The K-Means input for ``data``: ``kmeans.predict(model.encode(data))`` are the served ids.

@@ -328,3 +328,62 @@ def _finish_metadata(
             key: report[key] for key in ("optimal_k", "k_range", "inertias", "silhouette_scores", "method")
         } | {"knee_k": report["knee_k"]}
     metadata["duration_seconds"] = round(time.perf_counter() - started, 4)
+
+
+def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: tuple[int, int]) -> TrainedParts:
+    """Fit kind ``rfm`` on a per-customer RFM table (an app.ml.rfm.RfmTable, or its frame).
+
+    K-Means runs on recency_days, log1p(frequency) and log1p(max(monetary, 0)),
+    standardized; the quintile cut points are learned here and kept in the
+    metadata, segments are named in RFM words and carry their revenue share.
+    """
+    from app.ml import rfm
+
+    started = time.perf_counter()
+    facts = getattr(data, "facts", None)
+    frame = data.frame if facts is not None else data
+    if len(frame) == 0:
+        raise DataValidationError(
+            "no customer in the log has a counted purchase (every order nets to a negative amount)",
+            [{"row": None, "line": None, "column": None, "reason": "no customers"}],
+        )
+    parts = train_custom(
+        rfm.clustering_frame(frame), rfm.rfm_schema(), n_clusters=n_clusters, random_state=random_state, k_range=k_range
+    )
+    metadata, labels = parts.metadata, parts.labels
+    k = len(metadata["segments"])
+    cuts = rfm.fit_cuts(frame)
+    got = rfm.scores(frame, cuts)
+    sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    mean_scores = np.stack(
+        [np.bincount(labels, weights=got[name], minlength=k) / sizes for name in ("r_score", "f_score", "m_score")],
+        axis=1,
+    )
+    names = rfm.segment_names(mean_scores)
+    monetary = frame["monetary"].to_numpy(dtype=np.float64)
+    revenue = np.bincount(labels, weights=monetary, minlength=k)
+    total = float(monetary.sum())
+    columns = ("recency_days", "frequency", "monetary", "tenure_days", "avg_order_value")
+    means = {
+        name: np.bincount(labels, weights=frame[name].to_numpy(dtype=np.float64), minlength=k) / sizes
+        for name in columns
+    }
+    n = len(frame)
+    for i, segment in enumerate(metadata["segments"]):
+        share = 100.0 * float(revenue[i]) / total if total > 0 else 0.0
+        segment_means = {name: round(float(means[name][i]), 4) for name in columns}
+        segment["cluster_name"] = segment["generated_name"] = names[i]
+        segment["revenue_share"] = round(share, 2)
+        segment["means"] = segment_means
+        segment["mean_scores"] = {
+            name: round(float(mean_scores[i, j]), 4) for j, name in enumerate(("r_score", "f_score", "m_score"))
+        }
+        segment["description"] = rfm.describe_segment(int(sizes[i]), 100.0 * sizes[i] / n, share, segment_means)
+    metadata["kind"] = "rfm"
+    metadata["rfm"] = {"cuts": cuts, "quantiles": list(rfm.QUANTILES)}
+    if facts is not None:
+        metadata["rfm"]["log"] = facts.to_dict()
+        metadata["skipped_rows"] = facts.skipped_rows
+        metadata["n_transactions"] = facts.n_transactions
+    metadata["duration_seconds"] = round(time.perf_counter() - started, 4)
+    return TrainedParts(None, parts.kmeans, metadata, labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
@@ -157,12 +158,20 @@ async def predict_batch(request: Request, user: CurrentUser, batch: Annotated[Ba
 
 
 async def answer_batch(
-    request: Request, user_id: int, store: ModelStore, file: UploadFile | None, customers: list[Any] | None
+    request: Request,
+    user_id: int,
+    store: ModelStore,
+    file: UploadFile | None,
+    customers: list[Any] | None,
+    *,
+    as_of: date | None = None,
 ) -> Response:
     """The answer of a batch (either door): JSON, or CSV when the client asks for text/csv."""
     as_csv = _wants_csv(request)
     state = request.app.state
-    served, scored = await segmentations.score_batch(state, store, file=file, customers=customers, as_csv=as_csv)
+    served, scored = await segmentations.score_batch(
+        state, store, file=file, customers=customers, as_csv=as_csv, as_of=as_of
+    )
     await segmentations.record_batch(state, user_id=user_id, store=store, served=served, scored=scored)
     if as_csv:
         return StreamingResponse(

@@ -40,6 +40,7 @@ from app.segmentation_schema import (
     SegmentationPublic,
     SegmentationUpdate,
 )
+from app.services import rfm as rfm_service
 from app.services import segmentations
 from app.services.models import ModelStore
 from app.services.registry import feature_schema
@@ -48,6 +49,14 @@ router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_conte
 
 Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
 Version = Annotated[str, Path(max_length=64)]
+AsOf = Annotated[
+    str | None,
+    Query(
+        max_length=40,
+        description="Kind rfm: the day RFM is computed as of, YYYY-MM-DD or YYYYMMDD (default the day after "
+        "the log's last date); rows dated later are left out and counted",
+    ),
+]
 
 
 def _public(store: ModelStore) -> dict[str, Any]:
@@ -63,6 +72,7 @@ def _public(store: ModelStore) -> dict[str, Any]:
             for f in schema.features
         ],
         "id_column": schema.id_column,
+        "columns": info.feature_schema.get("columns") if info.kind == "rfm" else None,
         "active_version": current.version if current is not None else None,
         "n_clusters": current.metadata.get("n_clusters") if current is not None else None,
         "created_at": info.created_at,
@@ -94,7 +104,8 @@ async def list_segmentations(request: Request, _: CurrentUser) -> SegmentationLi
     status_code=201,
     summary="Create a segmentation (analyst)",
     description="Kind `customer` segments the customer features; kind `custom` the columns declared in "
-    "`features`. At most MAX_SEGMENTATIONS exist at once.",
+    "`features`; kind `rfm` recency, frequency and monetary value from a transaction log whose headers "
+    "`columns` maps. At most MAX_SEGMENTATIONS exist at once.",
     responses=errors(401, 403, 409, 422),
 )
 async def create_segmentation(request: Request, analyst: AnalystUser, body: SegmentationCreate) -> SegmentationDetail:
@@ -104,6 +115,7 @@ async def create_segmentation(request: Request, analyst: AnalystUser, body: Segm
         description=body.description,
         features=[f.model_dump(exclude_none=True) for f in body.features] if body.features else None,
         id_column=body.id_column,
+        columns=body.columns,
         created_by=analyst.username,
     )
     return _detail(store)
@@ -160,13 +172,20 @@ async def train_segmentation(
     name: Name,
     n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
     random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+    as_of: AsOf = None,
     file: CsvFile = None,
 ) -> NamedTrainResult:
     store = await _store(request, name)
     if file is None and _is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
     served = await segmentations.train(
-        request.app.state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=analyst.username
+        request.app.state,
+        store,
+        file=file,
+        n_clusters=n_clusters,
+        random_state=random_state,
+        by=analyst.username,
+        as_of=rfm_service.as_of_date(as_of),
     )
     return NamedTrainResult(**segmentations.train_result(store, served))
 
@@ -180,18 +199,25 @@ async def train_segmentation(
 )
 async def predict(request: Request, user: CurrentUser, name: Name, body: NamedPredictBody) -> NamedPredictionResult:
     store = await _store(request, name)
-    answer = await segmentations.predict(request.app.state, user_id=user.id, store=store, customer=body.customer)
+    answer = await segmentations.predict(
+        request.app.state,
+        user_id=user.id,
+        store=store,
+        customer=body.customer,
+        transactions=body.transactions,
+        as_of=body.as_of,
+    )
     return NamedPredictionResult(**answer)
 
 
 async def predict_batch(
-    request: Request, user: CurrentUser, name: Name, batch: Annotated[NamedBatchUpload, File()]
+    request: Request, user: CurrentUser, name: Name, batch: Annotated[NamedBatchUpload, File()], as_of: AsOf = None
 ) -> Response:
     store = await _store(request, name)
     customers: list[Any] | None = batch.customers
     if customers is not None and store.segmentation.kind == "customer":
         customers = segmentations.validate_customers(store, customers, "customers")
-    return await answer_batch(request, user.id, store, batch.file, customers)
+    return await answer_batch(request, user.id, store, batch.file, customers, as_of=rfm_service.as_of_date(as_of))
 
 
 router.add_api_route(

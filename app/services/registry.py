@@ -38,7 +38,7 @@ logger = logging.getLogger("app.segmentations")
 
 NAME_RULE = re.compile(r"[a-z0-9_-]{2,40}")
 KINDS = ("customer", "custom", "rfm")
-AVAILABLE_KINDS = ("customer", "custom")
+AVAILABLE_KINDS = KINDS
 DEFAULT_DESCRIPTION = "The seed's customer features: age, annual income, spending score, purchase frequency"
 
 
@@ -48,6 +48,10 @@ def feature_schema(info: SegmentationInfo) -> FeatureSchema:
 
     if info.kind == "customer":
         return FeatureSchema.customer()
+    if info.kind == "rfm":
+        from app.ml.rfm import rfm_schema
+
+        return rfm_schema()
     return FeatureSchema.from_dict(info.feature_schema)
 
 
@@ -177,10 +181,11 @@ class SegmentationRegistry:
         features: list[dict[str, Any]] | None,
         id_column: str | None,
         created_by: str | None,
+        columns: dict[str, Any] | None = None,
     ) -> ModelStore:
         if kind not in AVAILABLE_KINDS:
             raise InvalidInput(f"Segmentations of kind {kind} are not available in this version of the service")
-        declared = _declared_schema(kind, features, id_column)
+        declared = _declared_schema(kind, features, id_column, columns)
         async with self.database.sessionmaker() as session:
             live = (
                 await session.execute(
@@ -246,7 +251,20 @@ class SegmentationRegistry:
         logger.info("deleted segmentation %s", name)
 
 
-def _declared_schema(kind: str, features: list[dict[str, Any]] | None, id_column: str | None) -> dict[str, Any]:
+def _declared_schema(
+    kind: str, features: list[dict[str, Any]] | None, id_column: str | None, columns: dict[str, Any] | None
+) -> dict[str, Any]:
+    if columns is not None and kind != "rfm":
+        raise InvalidInput("`columns` maps a transaction log's headers: it is for segmentations of kind rfm")
+    if kind == "rfm":
+        if features or id_column:
+            raise InvalidInput(
+                "A segmentation of kind rfm clusters recency, frequency and monetary value computed from a "
+                "transaction log: leave `features` and `id_column` out, map the log's headers in `columns`"
+            )
+        from app.services.rfm import declared_schema
+
+        return declared_schema(columns)
     if kind == "customer":
         if features:
             raise InvalidInput("A segmentation of kind customer has the customer features: leave `features` out")

@@ -119,12 +119,14 @@ class CsvAnswer:
     Input cells are echoed back; any that a spreadsheet would evaluate is made inert first.
     """
 
-    def __init__(self, input_columns: Sequence[str], names: Sequence[str]) -> None:
+    def __init__(self, input_columns: Sequence[str], names: Sequence[str], *, with_error: bool = True) -> None:
         # An input column named like a result column is replaced by the result.
         self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
         self.names = np.array(list(names), dtype=object)
+        self.with_error = with_error
         self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
-        self._write_rows([[*(_inert(str(c)) for c in self.columns), *RESULT_COLUMNS]])
+        results = RESULT_COLUMNS if with_error else RESULT_COLUMNS[:-1]
+        self._write_rows([[*(_inert(str(c)) for c in self.columns), *results]])
 
     def _write_rows(self, rows) -> None:
         text = io.StringIO()
@@ -147,9 +149,10 @@ class CsvAnswer:
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
         inputs = [_inert_column(frame[c]) for c in self.columns]
-        self._write_rows(
-            zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors], strict=True)
-        )
+        results = [cluster.tolist(), name.tolist(), score.tolist()]
+        if self.with_error:
+            results.append([e or "" for e in errors])
+        self._write_rows(zip(*inputs, *results, strict=True))
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -171,6 +174,8 @@ class ScoredBatch:
     n_rows: int
     problems: list[dict[str, Any]] = field(default_factory=list)
     csv_answer: IO[bytes] | None = None
+    fields: pd.DataFrame | None = None
+    """Per scored row, fields the JSON answer carries before its cluster (kind rfm: the RFM row)."""
 
     @property
     def n_failed(self) -> int:
@@ -183,6 +188,10 @@ class ScoredBatch:
             for i, name in enumerate(self.model.names)
         ]
         yield b'{"predictions":['
+        if self.fields is not None:
+            yield from self._field_rows()
+            yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
+            return
         for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
             hi = lo + SCORE_CHUNK_ROWS
             rows = ",".join(
@@ -191,6 +200,17 @@ class ScoredBatch:
             )
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
+
+    def _field_rows(self) -> Iterator[bytes]:
+        assert self.fields is not None
+        names = np.array(self.model.names, dtype=object)
+        for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
+            hi = lo + SCORE_CHUNK_ROWS
+            part = self.fields.iloc[lo:hi].reset_index(drop=True)
+            labels = self.labels[lo:hi]
+            part = part.assign(cluster=labels, cluster_name=names[labels], confidence=self.confidence[lo:hi])
+            body = part.to_json(orient="records", double_precision=10)
+            yield (("," if lo else "") + body[1:-1]).encode("utf-8")
 
     def csv_chunks(self) -> Iterator[bytes]:
         if self.csv_answer is None:

@@ -8,6 +8,7 @@ kinds (the customer features, or a declared schema) is decided here, from the se
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 from typing import IO, Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from app.preprocess import DataValidationError
 from app.schema import CustomerFeatures, HistoryQuery
 from app.segmentation_schema import declared_customer_adapter
 from app.services import predictions as prediction_service
+from app.services import rfm as rfm_service
 from app.services import segmentation
 from app.services.auth import Caller
 from app.services.models import ModelStore, ServedModel, data_uri
@@ -31,6 +33,7 @@ from app.services.registry import feature_schema
 from app.storage.history import segmentation_page
 
 CUSTOMER_KIND = "customer"
+RFM_KIND = rfm_service.RFM_KIND
 
 
 def customer_adapter(store: ModelStore) -> TypeAdapter[Any]:
@@ -81,10 +84,24 @@ def validate_customers(store: ModelStore, customers: Sequence[Any], *where: str)
 
 
 async def train(
-    state: State, store: ModelStore, *, file: UploadFile | None, n_clusters: int | None, random_state: int, by: str
+    state: State,
+    store: ModelStore,
+    *,
+    file: UploadFile | None,
+    n_clusters: int | None,
+    random_state: int,
+    by: str,
+    as_of: date | None = None,
 ) -> ServedModel:
-    """Train a new version of `store`'s segmentation on the upload (or, kind customer, the default dataset)."""
+    """Train a new version of `store`'s segmentation on the upload (or, kind customer, the default dataset;
+    kind rfm: a transaction log, aggregated as of `as_of`)."""
     info = store.segmentation
+    if as_of is not None and info.kind != RFM_KIND:
+        raise InvalidInput("`as_of` is for segmentations of kind rfm")
+    if info.kind == RFM_KIND:
+        return await rfm_service.train(
+            store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
+        )
     if info.kind == CUSTOMER_KIND:
         features = await segmentation.training_matrix(state.settings, file)
         return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
@@ -114,7 +131,7 @@ def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
         "segmentation": store.segmentation.name,
         "skipped_rows": int(meta.get("skipped_rows", 0)),
         "missing_shares": meta.get("missing_shares", {}),
-    }
+    } | (rfm_service.train_facts(served) if store.segmentation.kind == RFM_KIND else {})
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -148,12 +165,32 @@ async def record_prediction(
     )
 
 
-async def predict(state: State, *, user_id: int, store: ModelStore, customer: Any) -> dict[str, Any]:
-    """One customer (raw JSON of the segmentation's schema) → the answer of POST .../predict."""
-    (checked,) = validate_customers(store, [customer], "customer")
+async def predict(
+    state: State,
+    *,
+    user_id: int,
+    store: ModelStore,
+    customer: Any,
+    transactions: Sequence[Any] | None = None,
+    as_of: str | None = None,
+) -> dict[str, Any]:
+    """One customer (raw JSON of the segmentation's schema; kind rfm: or their transactions) → the answer
+    of POST .../predict."""
+    kind = store.segmentation.kind
+    if transactions is not None and kind != RFM_KIND:
+        raise InvalidInput("`transactions` are for segmentations of kind rfm: send the customer as `customer`")
+    checked: Any = None
+    if customer is not None:
+        (checked,) = validate_customers(store, [customer], "customer")
     served = store.require()
     warnings: list[str] = []
-    if store.segmentation.kind == CUSTOMER_KIND:
+    if kind == RFM_KIND:
+        rows = rfm_service.customer_row(
+            served, customer=checked, transactions=transactions, as_of=rfm_service.as_of_date(as_of)
+        )
+        data: dict[str, Any] = rows
+        cluster, name, confidence, warnings = served.assign_declared([rfm_service.clustering_record(rows)])[0]
+    elif kind == CUSTOMER_KIND:
         cluster, name, confidence = served.assign([checked])[0]
         data = checked.model_dump()
     else:
@@ -181,13 +218,29 @@ async def predict(state: State, *, user_id: int, store: ModelStore, customer: An
 
 
 async def score_batch(
-    state: State, store: ModelStore, *, file: UploadFile | None, customers: list[Any] | None, as_csv: bool
+    state: State,
+    store: ModelStore,
+    *,
+    file: UploadFile | None,
+    customers: list[Any] | None,
+    as_csv: bool,
+    as_of: date | None = None,
 ) -> tuple[ServedModel, segmentation.ScoredBatch]:
-    """Score a CSV upload or a JSON list of customers (already validated for kind customer)."""
-    declared = store.segmentation.kind != CUSTOMER_KIND
+    """Score a CSV upload or a JSON list of customers (already validated for kind customer). Kind rfm: the
+    CSV is a transaction log (aggregated as of `as_of`), the customers their RFM values."""
+    kind = store.segmentation.kind
+    declared = kind != CUSTOMER_KIND
+    if as_of is not None and kind != RFM_KIND:
+        raise InvalidInput("`as_of` is for segmentations of kind rfm")
     if file is not None:
         served = store.require()
-        if declared:
+        if kind == RFM_KIND:
+            file.file.seek(0)
+            log, columns = file.file, rfm_service.log_columns(store)
+            scored = await run_in_threadpool(
+                lambda: rfm_service.score_log(served, log, columns, as_of=as_of, as_csv=as_csv)
+            )
+        elif declared:
             file.file.seek(0)
             fh = file.file
             scored = await run_in_threadpool(lambda: score_declared_csv(served, fh, as_csv=as_csv))
@@ -199,7 +252,10 @@ async def score_batch(
             raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
         served = store.require()
         rows = customers
-        if declared:
+        if kind == RFM_KIND:
+            checked = validate_customers(store, rows, "customers")
+            scored = await run_in_threadpool(lambda: rfm_service.score_rows(served, checked, as_csv=as_csv))
+        elif declared:
             checked = validate_customers(store, rows, "customers")
             scored = await run_in_threadpool(lambda: score_declared_records(served, checked, as_csv=as_csv))
         else:

@@ -78,6 +78,8 @@ def _fit_in_child(
 def _schema_argument(schema: dict[str, Any] | None) -> dict[str, Any]:
     if schema is None:
         return {}
+    if schema.get("kind") == "rfm":  # a fixed schema: the data is the log's RFM table
+        return {"kind": "rfm"}
     from app.ml.schema import FeatureSchema
 
     return {"schema": FeatureSchema.from_dict(schema)}
@@ -110,7 +112,8 @@ async def fit_in_subprocess(
     """Train in a child process; return the model and its artifact blob. Killed after `time_limit` seconds.
 
     `data` is the customer feature matrix, or for a declared schema (`schema`, a
-    FeatureSchema.to_dict()) the training frame read from the upload.
+    FeatureSchema.to_dict()) the training frame read from the upload, or for
+    `schema={"kind": "rfm"}` the RFM table of the uploaded log.
     """
     context = _training_context()
     parent_end, child_end = context.Pipe()

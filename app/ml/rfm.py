@@ -1,0 +1,687 @@
+"""Transaction log -> per-customer RFM table, quintile scores and the classic RFM segment names.
+
+A log is read in blocks with pyarrow (its CSV reader and compute kernels:
+no Python per row), each block reduced to one row per customer and purchase
+(an order, or a purchase day), and those partial sums merged at the end, so
+memory follows the number of purchases, not the size of the file.
+
+Per customer, as of ``as_of`` (the contract's definitions):
+
+- a purchase is an order (distinct ``order_id``) or, without that column, a
+  purchase day; it counts when its net amount is not negative; its date is
+  the first date among its rows;
+- ``recency_days``: days from the last counted purchase to ``as_of``;
+- ``frequency``: counted purchases;
+- ``monetary``: the sum of every row's amount (returns netted);
+- ``tenure_days``: days from the first counted purchase to ``as_of``;
+- ``avg_order_value``: ``monetary / frequency``.
+
+Rows dated after ``as_of`` are left out and counted; rows without a customer
+id are skipped and counted; customers without a counted purchase are left out
+of the table and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from app.ml.frames import match_columns
+from app.ml.schema import Feature, FeatureSchema, SchemaError
+from app.preprocess import (
+    MAX_LISTED_PROBLEMS,
+    CsvSource,
+    DataValidationError,
+    _problem,
+    _read_header,
+    _shown,
+    _sniff,
+    read_source,
+)
+
+RFM_FEATURES = ("recency_days", "frequency", "monetary")
+"""What K-Means clusters on: recency_days as it is, log1p(frequency), log1p(max(monetary, 0))."""
+TABLE_COLUMNS = ("customer_id", "recency_days", "frequency", "monetary", "tenure_days", "avg_order_value")
+SCORE_COLUMNS = ("r_score", "f_score", "m_score", "rfm_segment")
+QUANTILES = (0.2, 0.4, 0.6, 0.8)
+MAX_TRANSACTIONS = 10_000
+"""Transactions one POST .../predict may carry."""
+BLOCK_BYTES = 8 << 20
+"""Bytes of CSV parsed at a time: a few hundred thousand rows."""
+_EPOCH = date(1970, 1, 1)
+_LOG_KEYS = ("customer_id", "date", "amount", "order_id", "quantity", "price", "date_format")
+
+# r_score (rows, 1..5) x f_score (columns, 1..5) -> the classic segment names.
+SEGMENT_GRID: tuple[tuple[str, ...], ...] = (
+    ("Hibernating", "Hibernating", "At risk", "At risk", "Cannot lose them"),
+    ("Hibernating", "Hibernating", "At risk", "At risk", "Cannot lose them"),
+    ("About to sleep", "About to sleep", "Need attention", "Loyal customers", "Loyal customers"),
+    ("Promising", "Potential loyalists", "Potential loyalists", "Loyal customers", "Loyal customers"),
+    ("New customers", "Potential loyalists", "Potential loyalists", "Champions", "Champions"),
+)
+
+
+# --------------------------------------------------------------------------- #
+# The column mapping
+
+
+@dataclass(frozen=True)
+class LogColumns:
+    """Which header of a transaction log holds what (matched trimmed and case-insensitively).
+
+    ``amount`` is the line's value; a log without it maps ``quantity`` and
+    ``price`` (amount = quantity x price). ``order_id`` is optional, and so
+    is ``date_format`` (a strftime pattern; without it dates are ISO 8601,
+    with or without a time, or ``YYYYMMDD``).
+    """
+
+    customer_id: str = "customer_id"
+    date: str = "date"
+    amount: str | None = "amount"
+    order_id: str | None = None
+    quantity: str | None = None
+    price: str | None = None
+    date_format: str | None = None
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> LogColumns:
+        """The mapping a segmentation declares (None: the defaults); raises SchemaError."""
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, Mapping):
+            raise SchemaError("columns must be an object mapping customer_id, date, amount, ... to headers")
+        unknown = sorted(str(k) for k in mapping if k not in _LOG_KEYS)
+        if unknown:
+            raise SchemaError(f"columns: unknown key(s) {', '.join(unknown)}; known: {', '.join(_LOG_KEYS)}")
+        values: dict[str, str | None] = {}
+        for key, raw in mapping.items():
+            if raw is None:
+                values[key] = None
+                continue
+            if not isinstance(raw, str) or not raw.strip() or len(raw.strip()) > 64:
+                raise SchemaError(f"columns.{key} must be a header of 1 to 64 characters")
+            values[key] = raw if key == "date_format" else raw.strip()
+        if values.get("customer_id", "") is None or values.get("date", "") is None:
+            raise SchemaError("columns.customer_id and columns.date cannot be null")
+        priced = [values.get("quantity"), values.get("price")]
+        if any(priced) and not all(priced):
+            raise SchemaError("columns: map both quantity and price (amount = quantity x price), or neither")
+        if all(priced):
+            if values.get("amount"):
+                raise SchemaError("columns: map either amount, or quantity and price, not both")
+            values["amount"] = None
+        fmt = values.get("date_format")
+        if fmt is not None and "%" not in fmt:
+            raise SchemaError(f"columns.date_format {fmt!r} is not a strftime pattern (e.g. %d/%m/%Y)")
+        headers = [v for k, v in values.items() if k != "date_format" and v]
+        if len({h.casefold() for h in headers}) != len(headers):
+            raise SchemaError("columns: two fields are mapped to the same header")
+        return cls(**values)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @property
+    def priced(self) -> bool:
+        return self.amount is None
+
+
+def rfm_schema() -> FeatureSchema:
+    """The clustering features of kind ``rfm``: log1p of frequency and monetary (clipped at 0)."""
+    return FeatureSchema(
+        "custom",
+        (
+            Feature("recency_days", "numeric", "none", 0.0),
+            Feature("frequency", "numeric", "log", 0.0),
+            Feature("monetary", "numeric", "log"),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Reading and aggregating a log
+
+
+@dataclass
+class LogFacts:
+    """What reading a log counted, reported with the training result or a batch."""
+
+    as_of: date
+    n_transactions: int = 0
+    skipped_rows: int = 0
+    rows_after_as_of: int = 0
+    skipped_customers: int = 0
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"as_of": self.as_of.isoformat()}
+
+
+@dataclass
+class RfmTable:
+    """One row per customer with a counted purchase, in order of first appearance in the log."""
+
+    frame: pd.DataFrame
+    facts: LogFacts
+
+
+class _Aggregator:
+    """Block by block: parse, check and reduce to (customer, purchase) sums; merge at the end."""
+
+    def __init__(self, columns: LogColumns, as_of: date | None) -> None:
+        self.columns = columns
+        self.as_of = as_of
+        self.as_of_day = None if as_of is None else (as_of - _EPOCH).days
+        self.by_order = columns.order_id is not None
+        self.partials: list[pa.Table] = []
+        self.rows = 0
+        self.skipped = 0
+        self.after = 0
+        self.last_day: int | None = None
+        self.problems: list[dict[str, Any]] = []
+        self.offending = 0
+
+    def add(self, block: pa.Table | pa.RecordBatch) -> None:
+        """One block with the canonical column names (text), rows numbered on from the last block."""
+        n = block.num_rows
+        first_row = self.rows + 1
+        self.rows += n
+        if n == 0:
+            return
+        customer = pc.utf8_trim_whitespace(block.column("customer_id"))
+        has_id = pc.fill_null(pc.not_equal(customer, ""), False)
+        kept = int(pc.sum(has_id).as_py() or 0)
+        self.skipped += n - kept
+        if kept == 0:
+            return
+        row = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+        table = pa.table(
+            {name: block.column(name) for name in block.column_names if name != "customer_id"}
+            | {"customer_id": customer, "row": row}
+        )
+        if kept < n:
+            table = table.filter(has_id)
+        days, bad_date = _days(table.column("date"), self.columns.date_format)
+        if self.columns.priced:
+            quantity, bad_quantity = _numbers(table.column("quantity"))
+            price, bad_price = _numbers(table.column("price"))
+            amount = pc.multiply(quantity, price)
+            bad_checks = [("date", bad_date), ("quantity", bad_quantity), ("price", bad_price)]
+        else:
+            amount, bad_amount = _numbers(table.column("amount"))
+            bad_checks = [("date", bad_date), ("amount", bad_amount)]
+        bad = bad_checks[0][1]
+        for _, mask in bad_checks[1:]:
+            bad = pc.or_(bad, mask)
+        n_bad = int(pc.sum(bad).as_py() or 0)
+        if n_bad:
+            self._note_problems(table, bad_checks, n_bad)
+        if self.offending:
+            return  # the log is refused: no need to aggregate any further
+        block_last = pc.max(days).as_py()
+        if block_last is not None:
+            self.last_day = block_last if self.last_day is None else max(self.last_day, block_last)
+        parts: dict[str, Any] = {"customer_id": table.column("customer_id"), "row": table.column("row")}
+        parts |= {"day": days, "amount": amount}
+        if self.by_order:
+            order = pc.utf8_trim_whitespace(table.column("order_id"))
+            no_order = pc.equal(order, "")
+            # A row without an order id is a purchase of its day, as in a log without the column.
+            parts["order"] = pc.if_else(no_order, pa.scalar("", pa.string()), order)
+            parts["unit_day"] = pc.if_else(no_order, days, pa.scalar(-(1 << 30), pa.int32()))
+        reduced = pa.table(parts)
+        if self.as_of_day is not None:
+            future = pc.greater(reduced.column("day"), self.as_of_day)
+            n_future = int(pc.sum(future).as_py() or 0)
+            if n_future:
+                self.after += n_future
+                reduced = reduced.filter(pc.invert(future))
+        keys = ["customer_id", "order", "unit_day"] if self.by_order else ["customer_id", "day"]
+        aggregates = [("amount", "sum"), ("row", "min")]
+        if self.by_order:
+            aggregates.append(("day", "min"))
+        grouped = reduced.group_by(keys, use_threads=True).aggregate(aggregates)
+        if not self.by_order:
+            grouped = grouped.append_column("day_min", grouped.column("day"))
+        self.partials.append(grouped.select(["customer_id", *keys[1:], "amount_sum", "row_min", "day_min"]))
+
+    def _note_problems(self, table: pa.Table, checks: list[tuple[str, pa.Array]], n_bad: int) -> None:
+        self.offending += n_bad
+        if len(self.problems) >= MAX_LISTED_PROBLEMS:
+            return
+        rows = table.column("row").to_numpy()
+        for name, mask in checks:
+            flagged = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+            raw = table.column(name)
+            for i in flagged[:MAX_LISTED_PROBLEMS].tolist():
+                value = raw[i].as_py()
+                what = "a date (ISO 8601 or YYYYMMDD)" if name == "date" else "a number"
+                if name == "date" and self.columns.date_format:
+                    what = f"a date in the format {self.columns.date_format}"
+                reason = f"empty {name}" if not str(value).strip() else f"not {what}: {_shown(value)}"
+                self.problems.append(_problem(int(rows[i]), name, reason))
+        self.problems.sort(key=lambda p: (p["row"], p["column"]))
+        del self.problems[MAX_LISTED_PROBLEMS:]
+
+    def finish(self, header: Mapping[str, str] | None = None) -> RfmTable:
+        if self.rows == 0:
+            raise DataValidationError("the log has a header but no rows", [_problem(None, None, "no data rows")])
+        if self.offending:
+            first = "; ".join(f"row {p['row']} {p['column']}: {p['reason']}" for p in self.problems[:3])
+            raise DataValidationError(
+                f"{self.offending} of {self.rows} rows have a date or amount that cannot be read (first: {first})",
+                self.problems,
+                self.offending,
+            )
+        if self.as_of is not None:
+            as_of = self.as_of
+        elif self.last_day is not None:
+            as_of = _EPOCH + timedelta(days=self.last_day + 1)
+        else:
+            as_of = datetime.now(UTC).date()
+        facts = LogFacts(
+            as_of=as_of,
+            n_transactions=self.rows,
+            skipped_rows=self.skipped,
+            rows_after_as_of=self.after,
+            columns=dict(header or {}),
+        )
+        frame = self._customers(facts)
+        return RfmTable(frame, facts)
+
+    def _customers(self, facts: LogFacts) -> pd.DataFrame:
+        as_of_day = (facts.as_of - _EPOCH).days
+        if not self.partials:
+            return _empty_table()
+        merged = pa.concat_tables(self.partials)
+        self.partials = []
+        keys = ["customer_id", "order", "unit_day"] if self.by_order else ["customer_id", "day"]
+        if len(keys) == 2:
+            merged = merged.drop_columns(["day"])
+            keys = ["customer_id", "day_min"]
+            units = merged.group_by(keys, use_threads=True).aggregate([("amount_sum", "sum"), ("row_min", "min")])
+            units = units.rename_columns(
+                {"amount_sum_sum": "net", "row_min_min": "row", "day_min": "day", "customer_id": "customer_id"}
+            )
+        else:
+            units = merged.group_by(keys, use_threads=True).aggregate(
+                [("amount_sum", "sum"), ("row_min", "min"), ("day_min", "min")]
+            )
+            units = units.rename_columns(
+                {"amount_sum_sum": "net", "row_min_min": "row", "day_min_min": "day"} | {k: k for k in keys}
+            )
+        del merged
+        counted = pc.greater_equal(units.column("net"), 0.0)
+        per_unit = pa.table(
+            {
+                "customer_id": units.column("customer_id"),
+                "net": units.column("net"),
+                "row": units.column("row"),
+                "counted": pc.cast(counted, pa.int64()),
+                "counted_day": pc.if_else(counted, units.column("day"), pa.scalar(None, pa.int32())),
+            }
+        )
+        del units
+        customers = per_unit.group_by("customer_id", use_threads=True).aggregate(
+            [("net", "sum"), ("row", "min"), ("counted", "sum"), ("counted_day", "max"), ("counted_day", "min")]
+        )
+        del per_unit
+        frequency = customers.column("counted_sum").to_numpy().astype(np.int64)
+        buying = frequency > 0
+        facts.skipped_customers = int((~buying).sum())
+        order = np.argsort(customers.column("row_min").to_numpy(), kind="stable")
+        order = order[buying[order]]
+        picked = pa.array(order)
+        ids = customers.column("customer_id").take(picked)
+        frequency = frequency[order]
+        monetary = np.round(customers.column("net_sum").to_numpy()[order], 6)
+        last = customers.column("counted_day_max").take(picked).to_numpy().astype(np.int64)
+        first = customers.column("counted_day_min").take(picked).to_numpy().astype(np.int64)
+        frame = pd.DataFrame(
+            {
+                "customer_id": ids.to_numpy(zero_copy_only=False).astype(object),
+                "recency_days": as_of_day - last,
+                "frequency": frequency,
+                "monetary": monetary,
+                "tenure_days": as_of_day - first,
+                "avg_order_value": np.round(monetary / frequency, 6),
+            }
+        )
+        return frame
+
+
+def _empty_table() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "customer_id": pd.Series([], dtype=object),
+            "recency_days": pd.Series([], dtype=np.int64),
+            "frequency": pd.Series([], dtype=np.int64),
+            "monetary": pd.Series([], dtype=np.float64),
+            "tenure_days": pd.Series([], dtype=np.int64),
+            "avg_order_value": pd.Series([], dtype=np.float64),
+        }
+    )
+
+
+def _days(text: pa.ChunkedArray | pa.Array, date_format: str | None) -> tuple[pa.Array, pa.Array]:
+    """(days since 1970-01-01 as int32, null where unreadable; the unreadable mask)."""
+    text = pc.utf8_trim_whitespace(text)
+    if date_format is not None:
+        stamps = pc.strptime(text, format=date_format, unit="s", error_is_null=True)
+    else:
+        length = pc.utf8_length(text)
+        compact = pc.fill_null(pc.and_(pc.equal(length, 8), pc.utf8_is_digit(text)), False)
+        n_compact = int(pc.sum(compact).as_py() or 0)
+        iso = None
+        if n_compact < len(text):
+            separator = pc.utf8_slice_codeunits(text, 10, 11)
+            shaped = pc.or_(
+                pc.equal(length, 10),
+                pc.and_(pc.greater(length, 10), pc.is_in(separator, value_set=pa.array(["T", "t", " "]))),
+            )
+            head = pc.utf8_slice_codeunits(text, 0, 10)
+            parsed = _real_dates(head, pc.strptime(head, format="%Y-%m-%d", unit="s", error_is_null=True), "%Y-%m-%d")
+            iso = pc.if_else(shaped, parsed, pa.scalar(None, parsed.type))
+        if n_compact:
+            packed = _real_dates(text, pc.strptime(text, format="%Y%m%d", unit="s", error_is_null=True), "%Y%m%d")
+            stamps = packed if iso is None else pc.if_else(compact, packed, iso)
+        else:
+            assert iso is not None
+            stamps = iso
+    days = pc.cast(pc.cast(stamps, pa.date32()), pa.int32())
+    return days, pc.is_null(days)
+
+
+def _real_dates(text: Any, stamps: Any, fmt: str) -> Any:
+    """``stamps`` where they write back as ``text``: strptime rolls 2024-02-30 over to March, which is no date."""
+    same = pc.fill_null(pc.equal(pc.strftime(stamps, format=fmt), text), False)
+    return pc.if_else(same, stamps, pa.scalar(None, stamps.type))
+
+
+def _numbers(text: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(float64 values, null where unreadable; the unreadable mask): empty, text or not finite."""
+    text = pc.utf8_trim_whitespace(text)
+    try:
+        values = pc.cast(text, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raw = pd.Series(text.to_numpy(zero_copy_only=False), dtype=object)
+        values = pa.array(pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64), from_pandas=True)
+    values = pc.if_else(pc.fill_null(pc.is_finite(values), False), values, pa.scalar(None, pa.float64()))
+    return values, pc.is_null(values)
+
+
+def _log_header(fh: IO[bytes], columns: LogColumns) -> dict[str, str]:
+    """canonical name -> the header that holds it; an unmapped order_id (or quantity and price when the
+    log has no amount) is taken when a column of that name is there."""
+    header = _read_header(fh)
+    wanted = {"customer_id": columns.customer_id, "date": columns.date}
+    optional: dict[str, str] = {}
+    if columns.priced:
+        wanted |= {"quantity": columns.quantity or "quantity", "price": columns.price or "price"}
+    else:
+        wanted["amount"] = columns.amount or "amount"
+    if columns.order_id is not None:
+        wanted["order_id"] = columns.order_id
+    else:
+        optional["order_id"] = "order_id"
+    keys = {str(h).strip().casefold() for h in header}
+    if not columns.priced and columns.amount == "amount" and "amount" not in keys:
+        if {"quantity", "price"} <= keys:  # a log of lines: amount = quantity x price
+            del wanted["amount"]
+            wanted |= {"quantity": "quantity", "price": "price"}
+    for name, raw in optional.items():
+        if raw.casefold() in keys:
+            wanted[name] = raw
+    found = match_columns(header, list(wanted.values()), required=list(wanted.values()))
+    return {name: str(found[raw]) for name, raw in wanted.items()}
+
+
+def read_log(
+    source: CsvSource,
+    columns: LogColumns,
+    *,
+    as_of: date | None = None,
+    progress: Callable[[int], None] | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> RfmTable:
+    """The RFM table of a transaction log CSV (a path, bytes or a binary file object).
+
+    Raises DataValidationError, and nothing else, for a file that is not a
+    readable CSV, mapped columns that are missing (all named at once), or
+    rows whose date or amount cannot be read (the first ten listed, all
+    counted). ``progress`` is called with the bytes read so far.
+    """
+    return read_source(source, lambda fh: _read_log(fh, columns, as_of, progress, block_bytes))
+
+
+def _read_log(
+    fh: IO[bytes],
+    columns: LogColumns,
+    as_of: date | None,
+    progress: Callable[[int], None] | None,
+    block_bytes: int,
+) -> RfmTable:
+    _sniff(fh)
+    header = _log_header(fh, columns)
+    used = LogColumns(
+        customer_id=header["customer_id"],
+        date=header["date"],
+        amount=header.get("amount"),
+        order_id=header.get("order_id"),
+        quantity=header.get("quantity"),
+        price=header.get("price"),
+        date_format=columns.date_format,
+    )
+    rename = {raw: name for name, raw in header.items()}
+    aggregator = _Aggregator(used, as_of)
+    start = fh.tell()
+    try:
+        reader = pacsv.open_csv(
+            fh,
+            read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=True),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(header.values()),
+                column_types=dict.fromkeys(header.values(), pa.string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        for batch in reader:
+            block = pa.Table.from_batches([batch]).rename_columns([rename[c] for c in batch.schema.names])
+            aggregator.add(block)
+            if progress is not None:
+                progress(fh.tell() - start)
+    except pa.ArrowInvalid as exc:
+        raise DataValidationError(
+            f"the log could not be read as CSV after row {aggregator.rows}: {_arrow_reason(exc)}",
+            [_problem(aggregator.rows + 1 if aggregator.rows else None, None, _arrow_reason(exc))],
+        ) from None
+    return aggregator.finish(header)
+
+
+def _arrow_reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "UTF8" in text or "UTF-8" in text:
+        return "the file is not UTF-8 text"
+    return text[:200]
+
+
+def transactions_table(transactions: Sequence[Mapping[str, Any]], *, as_of: date | None) -> RfmTable:
+    """One customer's RFM row from their transactions (``date``, ``amount``, ``order_id``?).
+
+    ``as_of`` defaults to today (UTC). Raises DataValidationError naming the
+    transactions (``row`` = 1-based position) whose date or amount cannot be read.
+    """
+    has_order = any(t.get("order_id") not in (None, "") for t in transactions)
+    columns = LogColumns(order_id="order_id" if has_order else None)
+    aggregator = _Aggregator(columns, as_of or datetime.now(UTC).date())
+    block = {
+        "customer_id": pa.array(["customer"] * len(transactions), pa.string()),
+        "date": pa.array([_text(t.get("date")) for t in transactions], pa.string()),
+        "amount": pa.array([_text(t.get("amount")) for t in transactions], pa.string()),
+    }
+    if has_order:
+        block["order_id"] = pa.array([_text(t.get("order_id")) for t in transactions], pa.string())
+    aggregator.add(pa.table(block))
+    return aggregator.finish()
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return repr(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- #
+# Scores and segments
+
+
+def fit_cuts(frame: pd.DataFrame) -> dict[str, list[float]]:
+    """The 20/40/60/80 % quantiles of recency_days, frequency and monetary over the training customers."""
+    return {
+        name: [round(float(q), 6) for q in np.quantile(frame[name].to_numpy(dtype=np.float64), QUANTILES)]
+        for name in RFM_FEATURES
+    }
+
+
+def scores(values: Mapping[str, Any], cuts: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    """r/f/m scores 1..5 of arrays of recency_days, frequency and monetary.
+
+    f and m: 1 + the number of cut points below the value; r: 1 + the
+    number of cut points above it (tied cuts leave some scores unused).
+    """
+    recency = np.asarray(values["recency_days"], dtype=np.float64)
+    frequency = np.asarray(values["frequency"], dtype=np.float64)
+    monetary = np.asarray(values["monetary"], dtype=np.float64)
+    r_cuts, f_cuts, m_cuts = (np.asarray(cuts[name], dtype=np.float64) for name in RFM_FEATURES)
+    return {
+        "r_score": 1 + len(r_cuts) - np.searchsorted(r_cuts, recency, side="right"),
+        "f_score": 1 + np.searchsorted(f_cuts, frequency, side="left"),
+        "m_score": 1 + np.searchsorted(m_cuts, monetary, side="left"),
+    }
+
+
+_GRID = np.array(SEGMENT_GRID, dtype=object)
+
+
+def rfm_segments(r_score: np.ndarray, f_score: np.ndarray) -> np.ndarray:
+    """The classic segment name of each (r_score, f_score)."""
+    return _GRID[np.asarray(r_score, dtype=np.int64) - 1, np.asarray(f_score, dtype=np.int64) - 1]
+
+
+def scored_table(frame: pd.DataFrame, cuts: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    """``frame`` with r_score, f_score, m_score and rfm_segment added."""
+    out = frame.copy()
+    got = scores(frame, cuts)
+    for name, value in got.items():
+        out[name] = value
+    out["rfm_segment"] = rfm_segments(got["r_score"], got["f_score"])
+    return out
+
+
+def one_customer(record: Mapping[str, Any], cuts: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """One customer's RFM values with their scores and segment (avg_order_value when it is defined)."""
+    got = {name: int(v[0]) for name, v in scores({k: [record[k]] for k in RFM_FEATURES}, cuts).items()}
+    row: dict[str, Any] = {name: record[name] for name in RFM_FEATURES}
+    for name in ("tenure_days", "avg_order_value"):
+        if record.get(name) is not None:
+            row[name] = record[name]
+    if "avg_order_value" not in row and record["frequency"]:
+        row["avg_order_value"] = round(float(record["monetary"]) / float(record["frequency"]), 6)
+    return row | got | {"rfm_segment": SEGMENT_GRID[got["r_score"] - 1][got["f_score"] - 1]}
+
+
+def clustering_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """What K-Means sees (before its log1p and scaling): monetary clipped at 0."""
+    return pd.DataFrame(
+        {
+            "recency_days": frame["recency_days"].to_numpy(dtype=np.float64),
+            "frequency": frame["frequency"].to_numpy(dtype=np.float64),
+            "monetary": np.maximum(frame["monetary"].to_numpy(dtype=np.float64), 0.0),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Segment names in RFM words
+
+_SPEND_WORDS = ("big spenders", "low spenders", "mid spenders")
+
+
+def segment_names(mean_scores: np.ndarray) -> list[str]:
+    """A name per segment from its members' mean (r, f, m) scores, unique within the model.
+
+    The base is the classic name of the rounded (r, f); segments that share
+    it get a further word from their spending ("At risk, big spenders").
+    """
+    k = len(mean_scores)
+    rounded = np.clip(np.floor(mean_scores + 0.5).astype(np.int64), 1, 5)
+    base = [SEGMENT_GRID[r - 1][f - 1] for r, f, _ in rounded.tolist()]
+    names = list(base)
+    for name in set(base):
+        members = [i for i in range(k) if base[i] == name]
+        if len(members) < 2:
+            continue
+        ranked = sorted(members, key=lambda i: (-mean_scores[i, 2], i))
+        words = [_SPEND_WORDS[0], *([_SPEND_WORDS[2]] * (len(ranked) - 2)), _SPEND_WORDS[1]]
+        for i, word in zip(ranked, words, strict=True):
+            names[i] = f"{name}, {word}"
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name} {seen[name]}"
+    return names
+
+
+def describe_segment(size: int, share: float, revenue_share: float, means: Mapping[str, float]) -> str:
+    return (
+        f"{size:,} customers ({share:.1f}%) bringing {revenue_share:.1f}% of revenue: last purchase "
+        f"{means['recency_days']:.0f} days ago on average, {means['frequency']:.1f} purchases, "
+        f"{means['monetary']:,.2f} spent in all ({means['avg_order_value']:,.2f} a purchase)."
+    )
+
+
+def parse_as_of(value: str | date | None) -> date | None:
+    """An ``as_of`` query value: an ISO date (a time part is ignored) or YYYYMMDD; raises ValueError."""
+    if value is None or isinstance(value, date):
+        return value
+    text = value.strip()
+    if len(text) == 8 and text.isdigit():
+        return datetime.strptime(text, "%Y%m%d").date()
+    return date.fromisoformat(text[:10])
+
+
+__all__ = [
+    "MAX_TRANSACTIONS",
+    "QUANTILES",
+    "RFM_FEATURES",
+    "SCORE_COLUMNS",
+    "SEGMENT_GRID",
+    "TABLE_COLUMNS",
+    "LogColumns",
+    "LogFacts",
+    "RfmTable",
+    "clustering_frame",
+    "describe_segment",
+    "fit_cuts",
+    "one_customer",
+    "parse_as_of",
+    "read_log",
+    "rfm_schema",
+    "rfm_segments",
+    "scored_table",
+    "scores",
+    "segment_names",
+    "transactions_table",
+]

@@ -1,0 +1,187 @@
+"""Kind `rfm` in the service: a transaction log in; per-customer RFM rows and their segments out.
+
+`app/services/segmentations.py` hands a segmentation of kind rfm to these functions; the log
+itself is read and aggregated by `app.ml.rfm` (pyarrow, block by block) in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import date
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+from fastapi import UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import InvalidInput
+from app.ml import rfm
+from app.ml.schema import SchemaError
+from app.preprocess import DataValidationError
+from app.services.models import ModelStore, ServedModel
+from app.services.segmentation import CsvAnswer, ScoredBatch
+
+RFM_KIND = "rfm"
+ANSWER_COLUMNS = (*rfm.TABLE_COLUMNS, *rfm.SCORE_COLUMNS)
+"""A scored log's columns before cluster, cluster_name and confidence."""
+
+
+def log_columns(store: ModelStore) -> rfm.LogColumns:
+    return rfm.LogColumns.from_mapping(store.segmentation.feature_schema.get("columns"))
+
+
+def declared_schema(columns: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the `segmentations` row keeps for a new rfm segmentation: its column mapping."""
+    try:
+        mapping = rfm.LogColumns.from_mapping(columns)
+    except SchemaError as exc:
+        raise InvalidInput(str(exc)) from None
+    return {"kind": RFM_KIND, "columns": mapping.to_dict()}
+
+
+def as_of_date(value: str | None) -> date | None:
+    """The `as_of` query value as a date; a 422 naming the format otherwise."""
+    try:
+        return rfm.parse_as_of(value)
+    except ValueError:
+        raise InvalidInput(f"as_of {value!r} is not a date: give YYYY-MM-DD or YYYYMMDD") from None
+
+
+def _no_customers(facts: rfm.LogFacts) -> DataValidationError:
+    return DataValidationError(
+        f"no customer in the log has a counted purchase as of {facts.as_of.isoformat()} "
+        f"({facts.skipped_customers} customers whose purchases net to a negative amount, "
+        f"{facts.skipped_rows} rows without a customer id, {facts.rows_after_as_of} rows after as_of)",
+        [{"row": None, "line": None, "column": None, "reason": "no customer with a counted purchase"}],
+    )
+
+
+async def train(
+    store: ModelStore,
+    *,
+    file: UploadFile | None,
+    n_clusters: int | None,
+    random_state: int,
+    by: str,
+    as_of: date | None,
+) -> ServedModel:
+    """A new version trained on the uploaded log: aggregated here (a worker thread), fitted in the child."""
+    if file is None:
+        raise InvalidInput("A segmentation of kind rfm trains on a transaction log: send it as `file`")
+    file.file.seek(0)
+    table = await run_in_threadpool(rfm.read_log, file.file, log_columns(store), as_of=as_of)
+    return await train_table(store, table, n_clusters=n_clusters, random_state=random_state, by=by)
+
+
+async def train_table(
+    store: ModelStore, table: rfm.RfmTable, *, n_clusters: int | None, random_state: int, by: str
+) -> ServedModel:
+    if table.frame.empty:
+        raise _no_customers(table.facts)
+    # The child needs the numbers only: customer ids stay here.
+    numbers = rfm.RfmTable(table.frame.drop(columns="customer_id"), table.facts)
+    return await store.train(
+        numbers, schema={"kind": RFM_KIND}, n_clusters=n_clusters, random_state=random_state, created_by=by
+    )
+
+
+def train_facts(served: ServedModel) -> dict[str, Any]:
+    """The log's counts for the train result."""
+    log = (served.metadata.get("rfm") or {}).get("log") or {}
+    return {
+        "n_transactions": log.get("n_transactions"),
+        "skipped_customers": log.get("skipped_customers", 0),
+        "rows_after_as_of": log.get("rows_after_as_of", 0),
+        "as_of": log.get("as_of"),
+        "columns": log.get("columns"),
+    }
+
+
+def cuts(served: ServedModel) -> dict[str, list[float]]:
+    return served.metadata["rfm"]["cuts"]
+
+
+# --- one customer -------------------------------------------------------------------------------
+
+
+def customer_row(
+    served: ServedModel, *, customer: Mapping[str, Any] | None, transactions: Sequence[Any] | None, as_of: date | None
+) -> dict[str, Any]:
+    """The RFM row of one customer, from their RFM values or from their transactions."""
+    if transactions is not None:
+        items = [t if isinstance(t, Mapping) else t.model_dump() for t in transactions]
+        table = rfm.transactions_table(items, as_of=as_of)
+        if table.frame.empty:
+            raise DataValidationError(
+                "these transactions hold no counted purchase as of "
+                f"{table.facts.as_of.isoformat()} (each order nets to a negative amount, or all are later)",
+                [{"row": None, "line": None, "column": None, "reason": "no counted purchase"}],
+            )
+        record = table.frame.iloc[0].to_dict()
+        record.pop("customer_id", None)
+        values = {
+            "recency_days": int(record["recency_days"]),
+            "frequency": int(record["frequency"]),
+            "monetary": float(record["monetary"]),
+            "tenure_days": int(record["tenure_days"]),
+            "avg_order_value": float(record["avg_order_value"]),
+        }
+    else:
+        assert customer is not None
+        values = dict(customer)
+    return rfm.one_customer(values, cuts(served))
+
+
+def clustering_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What the scorer takes from an RFM row: monetary clipped at 0, as at training."""
+    monetary = row["monetary"]
+    return {
+        "recency_days": row["recency_days"],
+        "frequency": row["frequency"],
+        "monetary": max(float(monetary), 0.0),
+    }
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+def _score(served: ServedModel, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return served.model.score_table(rfm.clustering_frame(frame))
+
+
+def _batch(served: ServedModel, table: pd.DataFrame, *, as_csv: bool) -> ScoredBatch:
+    scored = rfm.scored_table(table, cuts(served))
+    labels, confidence = _score(served, scored)
+    answer = None
+    if as_csv:
+        columns = [c for c in ANSWER_COLUMNS if c in scored.columns]
+        csv_answer = CsvAnswer(columns, served.names, with_error=False)
+        csv_answer.add(scored[columns], np.ones(len(scored), dtype=bool), labels, confidence, [None] * len(scored))
+        answer = csv_answer.finish()
+    return ScoredBatch(
+        model=served,
+        labels=labels,
+        confidence=confidence,
+        n_rows=len(scored),
+        csv_answer=answer,
+        fields=scored,
+    )
+
+
+def score_log(served: ServedModel, fh: IO[bytes], columns: rfm.LogColumns, *, as_of: date | None, as_csv: bool):
+    """A transaction log → one scored row per customer, in order of first appearance (blocking)."""
+    table = rfm.read_log(fh, columns, as_of=as_of)
+    if table.frame.empty:
+        raise _no_customers(table.facts)
+    return _batch(served, table.frame, as_csv=as_csv)
+
+
+def score_rows(served: ServedModel, rows: Sequence[Mapping[str, Any]], *, as_csv: bool) -> ScoredBatch:
+    """Customers given by their RFM values (a JSON batch, already checked), scored (blocking)."""
+    frame = pd.DataFrame({name: np.asarray([row[name] for row in rows], dtype=np.float64) for name in rfm.RFM_FEATURES})
+    frame["avg_order_value"] = np.round(
+        np.divide(frame["monetary"], frame["frequency"], out=np.full(len(frame), np.nan), where=frame["frequency"] > 0),
+        6,
+    )
+    return _batch(served, frame, as_csv=as_csv)
