@@ -23,7 +23,9 @@ of the table and counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import IO, Any
@@ -33,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.ipc
 
 from app.ml.frames import match_columns
 from app.ml.schema import Feature, FeatureSchema, SchemaError
@@ -181,7 +184,7 @@ class _Aggregator:
         self.as_of = as_of
         self.as_of_day = None if as_of is None else (as_of - _EPOCH).days
         self.by_order = columns.order_id is not None
-        self.partials: list[pa.Table] = []
+        self.parts = _Parts()
         self.rows = 0
         self.skipped = 0
         self.after = 0
@@ -229,29 +232,31 @@ class _Aggregator:
         block_last = pc.max(days).as_py()
         if block_last is not None:
             self.last_day = block_last if self.last_day is None else max(self.last_day, block_last)
-        parts: dict[str, Any] = {"customer_id": table.column("customer_id"), "row": table.column("row")}
-        parts |= {"day": days, "amount": amount}
         if self.by_order:
-            order = pc.utf8_trim_whitespace(table.column("order_id"))
-            no_order = pc.equal(order, "")
-            # A row without an order id is a purchase of its day, as in a log without the column.
-            parts["order"] = pc.if_else(no_order, pa.scalar("", pa.string()), order)
-            parts["unit_day"] = pc.if_else(no_order, days, pa.scalar(-(1 << 30), pa.int32()))
-        reduced = pa.table(parts)
+            unit = pc.utf8_trim_whitespace(table.column("order_id"))
+            no_order = pc.equal(unit, "")
+            if pc.any(no_order).as_py():
+                # A row without an order id is a purchase of its day, as in a log without the column.
+                day_key = pc.binary_join_element_wise("\x00", pc.cast(days, pa.string()), "")
+                unit = pc.if_else(no_order, day_key, unit)
+        else:
+            unit = days
+        reduced = pa.table(
+            {
+                "customer_id": table.column("customer_id"),
+                "unit": unit,
+                "amount": amount,
+                "row": table.column("row"),
+                "day": days,
+            }
+        )
         if self.as_of_day is not None:
             future = pc.greater(reduced.column("day"), self.as_of_day)
             n_future = int(pc.sum(future).as_py() or 0)
             if n_future:
                 self.after += n_future
                 reduced = reduced.filter(pc.invert(future))
-        keys = ["customer_id", "order", "unit_day"] if self.by_order else ["customer_id", "day"]
-        aggregates = [("amount", "sum"), ("row", "min")]
-        if self.by_order:
-            aggregates.append(("day", "min"))
-        grouped = reduced.group_by(keys, use_threads=True).aggregate(aggregates)
-        if not self.by_order:
-            grouped = grouped.append_column("day_min", grouped.column("day"))
-        self.partials.append(grouped.select(["customer_id", *keys[1:], "amount_sum", "row_min", "day_min"]))
+        self.parts.add(reduced)
 
     def _note_problems(self, table: pa.Table, checks: list[tuple[str, pa.Array]], n_bad: int) -> None:
         self.offending += n_bad
@@ -299,41 +304,11 @@ class _Aggregator:
 
     def _customers(self, facts: LogFacts) -> pd.DataFrame:
         as_of_day = (facts.as_of - _EPOCH).days
-        if not self.partials:
+        totals = [_customer_totals(_purchases(rows)) for rows in self.parts.drain()]
+        if not totals:
             return _empty_table()
-        merged = pa.concat_tables(self.partials)
-        self.partials = []
-        keys = ["customer_id", "order", "unit_day"] if self.by_order else ["customer_id", "day"]
-        if len(keys) == 2:
-            merged = merged.drop_columns(["day"])
-            keys = ["customer_id", "day_min"]
-            units = merged.group_by(keys, use_threads=True).aggregate([("amount_sum", "sum"), ("row_min", "min")])
-            units = units.rename_columns(
-                {"amount_sum_sum": "net", "row_min_min": "row", "day_min": "day", "customer_id": "customer_id"}
-            )
-        else:
-            units = merged.group_by(keys, use_threads=True).aggregate(
-                [("amount_sum", "sum"), ("row_min", "min"), ("day_min", "min")]
-            )
-            units = units.rename_columns(
-                {"amount_sum_sum": "net", "row_min_min": "row", "day_min_min": "day"} | {k: k for k in keys}
-            )
-        del merged
-        counted = pc.greater_equal(units.column("net"), 0.0)
-        per_unit = pa.table(
-            {
-                "customer_id": units.column("customer_id"),
-                "net": units.column("net"),
-                "row": units.column("row"),
-                "counted": pc.cast(counted, pa.int64()),
-                "counted_day": pc.if_else(counted, units.column("day"), pa.scalar(None, pa.int32())),
-            }
-        )
-        del units
-        customers = per_unit.group_by("customer_id", use_threads=True).aggregate(
-            [("net", "sum"), ("row", "min"), ("counted", "sum"), ("counted_day", "max"), ("counted_day", "min")]
-        )
-        del per_unit
+        customers = pa.concat_tables(totals)
+        del totals
         frequency = customers.column("counted_sum").to_numpy().astype(np.int64)
         buying = frequency > 0
         facts.skipped_customers = int((~buying).sum())
@@ -358,6 +333,127 @@ class _Aggregator:
         return frame
 
 
+SPILL_ROWS = 1_000_000
+"""Rows of a log held in memory; beyond them the rows go to part files on disk, by customer."""
+PARTS = 64
+
+
+class _Parts:
+    """A log's parsed rows, split by customer into parts that are aggregated one at a time.
+
+    Up to SPILL_ROWS rows stay in memory as one part. Beyond that every block is split by a
+    hash of the customer id into PARTS Arrow files in a temporary directory, so aggregating
+    needs memory for one part (a PARTS-th of the log), never the whole log. A customer's rows
+    are all in one part, so the parts are aggregated independently.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[pa.Table] = []
+        self.held_rows = 0
+        self.directory: tempfile.TemporaryDirectory[str] | None = None
+        self.writers: list[pa.ipc.RecordBatchFileWriter] = []
+
+    def add(self, rows: pa.Table) -> None:
+        if self.directory is None:
+            self.held.append(rows)
+            self.held_rows += rows.num_rows
+            if self.held_rows <= SPILL_ROWS:
+                return
+            self._open(rows.schema)
+            rows = pa.concat_tables(self.held)
+            self.held, self.held_rows = [], 0
+        self._spill(rows)
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.directory = tempfile.TemporaryDirectory(prefix="rfm-")
+        self.writers = [
+            pa.ipc.new_file(os.path.join(self.directory.name, f"part-{i:03d}.arrow"), schema) for i in range(PARTS)
+        ]
+
+    def _spill(self, rows: pa.Table) -> None:
+        bucket = _buckets(rows.column("customer_id"), PARTS)
+        rows = rows.take(pa.array(np.argsort(bucket, kind="stable")))
+        ends = np.cumsum(np.bincount(bucket, minlength=PARTS)).tolist()
+        for writer, start, end in zip(self.writers, [0, *ends[:-1]], ends, strict=True):
+            if end > start:
+                writer.write_table(rows.slice(start, end - start))
+
+    def drain(self) -> Iterator[pa.Table]:
+        """Each part's rows in turn (the held ones, or one file at a time); the files go afterwards."""
+        if self.directory is None:
+            if self.held:
+                yield pa.concat_tables(self.held).combine_chunks()
+            self.held = []
+            return
+        try:
+            for writer in self.writers:
+                writer.close()
+            for i in range(PARTS):
+                path = os.path.join(self.directory.name, f"part-{i:03d}.arrow")
+                with pa.memory_map(path) as source:
+                    rows = pa.ipc.open_file(source).read_all()
+                if rows.num_rows:
+                    yield rows
+        finally:
+            self.directory.cleanup()
+            self.directory = None
+
+
+def _buckets(ids: pa.ChunkedArray, parts: int) -> np.ndarray:
+    """A part number 0..parts-1 for each customer id, from its length and last four bytes (vectorized)."""
+    out = []
+    for chunk in ids.chunks:
+        if pa.types.is_large_string(chunk.type):
+            width: type = np.int64
+        else:
+            chunk = chunk.cast(pa.string())
+            width = np.int32
+        n = len(chunk)
+        offsets: np.ndarray = np.frombuffer(
+            chunk.buffers()[1], dtype=width, count=n + 1, offset=chunk.offset * np.dtype(width).itemsize
+        )
+        data_buffer = chunk.buffers()[2]
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+        starts, ends = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
+        mixed = (ends - starts).astype(np.uint64)
+        for back in (1, 2, 3, 4):
+            at = ends - back
+            inside = at >= starts
+            byte = np.where(inside, data[np.where(inside, at, 0).clip(0, len(data) - 1)], 0).astype(np.uint64)
+            mixed = mixed * np.uint64(1_000_003) + byte
+        out.append((mixed % np.uint64(parts)).astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _customer_totals(units: pa.Table) -> pa.Table:
+    """Per customer: net total, first row, counted purchases and the first and last counted day."""
+    counted = pc.greater_equal(units.column("amount"), 0.0)
+    per_unit = pa.table(
+        {
+            "customer_id": units.column("customer_id"),
+            "net": units.column("amount"),
+            "row": units.column("row"),
+            "counted": pc.cast(counted, pa.int64()),
+            "counted_day": pc.if_else(counted, units.column("day"), pa.scalar(None, pa.int32())),
+        }
+    )
+    return per_unit.group_by("customer_id", use_threads=False).aggregate(
+        [("net", "sum"), ("row", "min"), ("counted", "sum"), ("counted_day", "max"), ("counted_day", "min")]
+    )
+
+
+def _purchases(rows: pa.Table) -> pa.Table:
+    """One row per (customer_id, unit): the amounts summed, the first row and the first day kept.
+
+    Single-threaded: the threaded hash aggregation merges its partial tables at about three
+    times the cost here.
+    """
+    grouped = rows.group_by(["customer_id", "unit"], use_threads=False).aggregate(
+        [("amount", "sum"), ("row", "min"), ("day", "min")]
+    )
+    return grouped.rename_columns({"amount_sum": "amount", "row_min": "row", "day_min": "day"})
+
+
 def _empty_table() -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -374,6 +470,9 @@ def _empty_table() -> pd.DataFrame:
 def _days(text: pa.ChunkedArray | pa.Array, date_format: str | None) -> tuple[pa.Array, pa.Array]:
     """(days since 1970-01-01 as int32, null where unreadable; the unreadable mask)."""
     text = pc.utf8_trim_whitespace(text)
+    fast = None if date_format is not None else _iso_days(text)
+    if fast is not None:
+        return fast, pc.is_null(fast)
     if date_format is not None:
         stamps = pc.strptime(text, format=date_format, unit="s", error_is_null=True)
     else:
@@ -398,6 +497,32 @@ def _days(text: pa.ChunkedArray | pa.Array, date_format: str | None) -> tuple[pa
             stamps = iso
     days = pc.cast(pc.cast(stamps, pa.date32()), pa.int32())
     return days, pc.is_null(days)
+
+
+def _iso_days(text: Any) -> Any:
+    """Days of a block whose dates all have one shape (YYYY-MM-DD, with or without a time, or YYYYMMDD)
+    and are all real dates, in one strict cast; None when any is not, for the slower path to sort out."""
+    length = pc.utf8_length(text)
+    if pc.all(pc.equal(length, 10)).as_py():
+        head = text
+    elif pc.all(pc.equal(length, 8)).as_py():
+        head = pc.binary_join_element_wise(
+            pc.utf8_slice_codeunits(text, 0, 4),
+            pc.utf8_slice_codeunits(text, 4, 6),
+            pc.utf8_slice_codeunits(text, 6, 8),
+            "-",
+        )
+    elif (
+        pc.all(pc.greater(length, 10)).as_py()
+        and pc.all(pc.is_in(pc.utf8_slice_codeunits(text, 10, 11), value_set=pa.array(["T", "t", " "]))).as_py()
+    ):
+        head = pc.utf8_slice_codeunits(text, 0, 10)
+    else:
+        return None
+    try:
+        return pc.cast(pc.cast(head, pa.date32()), pa.int32())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
 
 
 def _real_dates(text: Any, stamps: Any, fmt: str) -> Any:

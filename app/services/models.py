@@ -135,6 +135,7 @@ class ModelStore:
         self.body_adapter: TypeAdapter[Any] | None = None
         self._train_lock = asyncio.Lock()
         self._switch_lock = asyncio.Lock()
+        self._switched_at = float("-inf")  # time.monotonic() of the last switch made here
         self._sync_task: asyncio.Task | None = None
         self._unloadable: dict[str, float] = {}  # version -> when loading it last failed
 
@@ -296,16 +297,20 @@ class ModelStore:
 
     # --- switching -------------------------------------------------------------------------
 
-    async def sync(self, *, candidate: SegmentationModel | None = None, active: Any = _UNSET) -> ServedModel | None:
+    async def sync(
+        self, *, candidate: SegmentationModel | None = None, active: Any = _UNSET, read_at: float | None = None
+    ) -> ServedModel | None:
         """Serve the version the database says is active; `candidate` is used when it is that version.
 
         Reading the active version and swapping happen under one lock, so a slower switch can
         never put back a version the database has already moved on from. `active`, when given,
-        is the active version as the caller just read it (the registry reads every segmentation's
-        in one statement).
+        is the active version as the caller read it at `read_at` (time.monotonic(); the registry
+        reads every segmentation's in one statement); a reading older than this store's last
+        switch is read again rather than trusted.
         """
         async with self._switch_lock:
-            if active is _UNSET or candidate is not None:
+            stale = read_at is not None and read_at <= self._switched_at
+            if active is _UNSET or candidate is not None or stale:
                 active = await self._active_version()
             if active is None or (self.current is not None and self.current.version == active):
                 return self.current
@@ -324,6 +329,7 @@ class ModelStore:
             await self._write_local(model)
             served = ServedModel(model)
             self.current = served
+            self._switched_at = time.monotonic()
             logger.info("now serving model version %s of %s", active, self.segmentation.name)
             return served
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -115,18 +116,23 @@ class SegmentationRegistry:
 
     async def refresh(self) -> None:
         """Bring this worker's stores in line with the table, and each one to its active version."""
-        async with self.database.sessionmaker() as session:
-            rows = (
-                (await session.execute(select(Segmentation).where(Segmentation.deleted_at.is_(None)))).scalars().all()
-            )
-            actives = dict(
-                (
-                    await session.execute(
-                        select(ServiceState.key, ServiceState.value).where(ServiceState.key.like(f"{ACTIVE_KEY}:%"))
-                    )
-                ).all()
-            )
+        # The table is read under the lock that `create` takes to add its store: a snapshot read
+        # before a segmentation was created here can then never drop that segmentation's store.
         async with self._lock:
+            read_at = time.monotonic()
+            async with self.database.sessionmaker() as session:
+                rows = (
+                    (await session.execute(select(Segmentation).where(Segmentation.deleted_at.is_(None))))
+                    .scalars()
+                    .all()
+                )
+                actives = dict(
+                    (
+                        await session.execute(
+                            select(ServiceState.key, ServiceState.value).where(ServiceState.key.like(f"{ACTIVE_KEY}:%"))
+                        )
+                    ).all()
+                )
             live = {row.name: SegmentationInfo.from_row(row) for row in rows}
             for name in list(self._stores):
                 if name != DEFAULT_SEGMENTATION and (
@@ -147,7 +153,7 @@ class SegmentationRegistry:
             if store is self.default:
                 continue  # it follows the database itself
             try:
-                await store.sync(active=actives.get(store.active_key))
+                await store.sync(active=actives.get(store.active_key), read_at=read_at)
             except Exception:  # one broken version must not hold up the others
                 logger.warning("could not load the active version of %s", store.segmentation.name, exc_info=True)
 
