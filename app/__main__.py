@@ -57,10 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a new model version and make it active")
     segmentation_option(train)
     train.add_argument(
-        "--input", "--csv", dest="csv", type=Path, default=None, help="training CSV (default: DATA_PATH)"
+        "--input",
+        "--csv",
+        dest="csv",
+        type=Path,
+        default=None,
+        help="training CSV, or a transaction log for kind rfm (default: DATA_PATH)",
     )
     train.add_argument("--k", type=int, default=None, help="number of segments, 2..20 (default: chosen by silhouette)")
     train.add_argument("--random-state", type=int, default=42, help="seed for reproducible segments (default: 42)")
+    train.add_argument(
+        "--as-of", default=None, metavar="DATE", help="kind rfm: RFM as of this day (default: the day after the last)"
+    )
 
     predict = commands.add_parser("predict", help="which segment is one customer in")
     segmentation_option(predict)
@@ -169,6 +177,11 @@ async def _train(args, store, settings) -> int:
         return 2
     print(f"Reading {source} ...")
     info = store.segmentation
+    if info.kind == "rfm":
+        return await _train_rfm(args, store, source)
+    if args.as_of is not None:
+        print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
+        return 2
     schema = None
     if info.kind != "customer":
         from app.services.registry import feature_schema
@@ -180,12 +193,7 @@ async def _train(args, store, settings) -> int:
         print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except DataValidationError as exc:
-        print(f"error: {source}: {exc.message}", file=sys.stderr)
-        for problem in exc.problems:
-            where = ", ".join(
-                str(p) for p in (problem.get("line") and f"line {problem['line']}", problem.get("column")) if p
-            )
-            print(f"  {where + ': ' if where else ''}{problem['reason']}", file=sys.stderr)
+        _print_problems(source, exc)
         return 2
     print(f"Training on {len(features):,} rows" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
     try:
@@ -202,16 +210,84 @@ async def _train(args, store, settings) -> int:
     except DataValidationError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    _print_model(served)
+    return 0
+
+
+def _print_model(served) -> None:
     meta = served.metadata
     print(
         f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, "
         f"{meta.get('duration_seconds')} s"
     )
     for segment in served.segments:
+        revenue = f", {segment['revenue_share']}% of revenue" if "revenue_share" in segment else ""
         print(
             f"  {segment['cluster_id']}: {segment['cluster_name']} ({segment['size']} customers, "
-            f"{segment['percentage']}%)"
+            f"{segment['percentage']}%{revenue})"
         )
+
+
+def _print_problems(source: Path, exc: DataValidationError) -> None:
+    print(f"error: {source}: {exc.message}", file=sys.stderr)
+    for problem in exc.problems:
+        where = ", ".join(
+            str(p) for p in (problem.get("line") and f"line {problem['line']}", problem.get("column")) if p
+        )
+        print(f"  {where + ': ' if where else ''}{problem['reason']}", file=sys.stderr)
+
+
+def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = None):
+    """The RFM table of a transaction log, with a bar over the bytes read (block by block)."""
+    from app.ml.rfm import read_log
+
+    total = path.stat().st_size
+    with tqdm(
+        total=total,
+        desc="Reading log",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if progress is None else not progress,
+        file=sys.stderr,
+    ) as bar:
+
+        def advance(done: int) -> None:
+            bar.update(max(0, min(done, total) - bar.n))
+
+        table = read_log(path, columns, as_of=as_of, progress=advance)
+        bar.update(total - bar.n)
+    return table
+
+
+async def _train_rfm(args, store, source: Path) -> int:
+    from app.services import rfm as rfm_service
+
+    try:
+        as_of = rfm_service.as_of_date(args.as_of)
+        table = await asyncio.to_thread(read_log_file, source, rfm_service.log_columns(store), as_of=as_of)
+    except OSError as exc:
+        print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except DataValidationError as exc:
+        _print_problems(source, exc)
+        return 2
+    facts = table.facts
+    print(
+        f"{facts.n_transactions:,} rows: {len(table.frame):,} customers as of {facts.as_of.isoformat()} "
+        f"({facts.skipped_rows:,} rows without a customer id, {facts.rows_after_as_of:,} after as_of, "
+        f"{facts.skipped_customers:,} customers without a counted purchase)"
+    )
+    print(f"Training on {len(table.frame):,} customers" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")
+    try:
+        served = await _with_timer(
+            "Training",
+            rfm_service.train_table(store, table, n_clusters=args.k, random_state=args.random_state, by="cli"),
+        )
+    except DataValidationError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    _print_model(served)
     return 0
 
 
@@ -226,6 +302,14 @@ async def _predict(args, store, _settings) -> int:
             print("error: give the customer with --customer JSON", file=sys.stderr)
             return 2
         checked = customer_adapter(store).validate_json(args.customer)
+        if store.segmentation.kind == "rfm":
+            from app.services import rfm as rfm_service
+
+            row = rfm_service.customer_row(served, customer=checked, transactions=None, as_of=None)
+            cluster, name, confidence, _ = served.assign_declared([rfm_service.clustering_record(row)])[0]
+            answer = {"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4)}
+            print(json.dumps({**answer, "customer_data": row, "model_version": served.version}))
+            return 0
         if store.segmentation.kind == "customer":
             cluster, name, confidence = served.assign([checked])[0]
             warnings: list[str] = []

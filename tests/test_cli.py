@@ -265,3 +265,75 @@ def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
     assert answer["model_version"] == version and any("platinum" in w for w in answer["warnings"])
     unknown = run(cli_env, tmp_path, "-m", "app", "models", "--segmentation", "nope")
     assert unknown.returncode == 2 and "not found" in unknown.stderr
+
+
+def test_train_an_rfm_segmentation_from_a_log_and_predict(tmp_path, cli_env):
+    """`python -m app train --segmentation NAME --input LOG` aggregates a transaction log with a bar."""
+    import asyncio
+
+    from app.database import Database
+    from app.migrations import upgrade_database
+    from app.services.models import ModelStore
+    from app.services.registry import SegmentationRegistry
+    from generate_transactions import generate
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, cli_env["DATABASE_URL"])
+
+    async def create() -> None:
+        database = Database(settings.database_url)
+        try:
+            await upgrade_database(database)
+            registry = SegmentationRegistry(
+                settings=settings, database=database, default=ModelStore(settings=settings, database=database)
+            )
+            await registry.start(follow=False)
+            await registry.create(
+                name="shop", kind="rfm", description=None, features=None, id_column=None, created_by="test"
+            )
+        finally:
+            await database.dispose()
+
+    asyncio.run(create())
+    log, _ = generate(2000, 5)
+    source = tmp_path / "orders.csv"
+    log.to_pandas().to_csv(source, index=False)
+
+    trained = run(
+        cli_env,
+        tmp_path,
+        "-m",
+        "app",
+        "train",
+        "--segmentation",
+        "shop",
+        "--input",
+        str(source),
+        "--as-of",
+        "2026-01-01",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert f"{log.num_rows:,} rows: 2,000 customers as of 2026-01-01" in trained.stdout
+    assert "% of revenue" in trained.stdout
+    version = re.search(r"Model (\S+): k=(\d+)", trained.stdout).group(1)
+
+    predicted = run(
+        cli_env,
+        tmp_path,
+        "-m",
+        "app",
+        "predict",
+        "--segmentation",
+        "shop",
+        "--customer",
+        json.dumps({"recency_days": 3, "frequency": 25, "monetary": 1800.0}),
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    answer = json.loads(predicted.stdout)
+    assert answer["model_version"] == version
+    assert answer["customer_data"]["f_score"] == 5 and answer["customer_data"]["rfm_segment"]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("customer_id,date,amount\n1,2024-01-01,five\n")
+    refused = run(cli_env, tmp_path, "-m", "app", "train", "--segmentation", "shop", "--input", str(bad))
+    assert refused.returncode == 2 and "line 2, amount: not a number" in refused.stderr

@@ -743,15 +743,25 @@ def clustering_frame(frame: pd.DataFrame) -> pd.DataFrame:
 _SPEND_WORDS = ("big spenders", "low spenders", "mid spenders")
 
 
-def segment_names(mean_scores: np.ndarray) -> list[str]:
+NEW_TENURE_DAYS = 90
+"""A recent segment whose customers first bought this many days ago or less, on average, is new."""
+
+
+def segment_names(mean_scores: np.ndarray, mean_tenure: np.ndarray | None = None) -> list[str]:
     """A name per segment from its members' mean (r, f, m) scores, unique within the model.
 
-    The base is the classic name of the rounded (r, f); segments that share
-    it get a further word from their spending ("At risk, big spenders").
+    The base is the classic name of the rounded (r, f), except that a recent
+    segment (r 4 or 5) of short tenure (``NEW_TENURE_DAYS``) is "New
+    customers" whatever its frequency; segments that share a base get a
+    further word from their spending ("At risk, big spenders").
     """
     k = len(mean_scores)
     rounded = np.clip(np.floor(mean_scores + 0.5).astype(np.int64), 1, 5)
     base = [SEGMENT_GRID[r - 1][f - 1] for r, f, _ in rounded.tolist()]
+    if mean_tenure is not None:
+        for i in range(k):
+            if rounded[i, 0] >= 4 and mean_tenure[i] <= NEW_TENURE_DAYS:
+                base[i] = "New customers"
     names = list(base)
     for name in set(base):
         members = [i for i in range(k) if base[i] == name]

@@ -359,7 +359,6 @@ def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: 
         [np.bincount(labels, weights=got[name], minlength=k) / sizes for name in ("r_score", "f_score", "m_score")],
         axis=1,
     )
-    names = rfm.segment_names(mean_scores)
     monetary = frame["monetary"].to_numpy(dtype=np.float64)
     revenue = np.bincount(labels, weights=monetary, minlength=k)
     total = float(monetary.sum())
@@ -368,6 +367,7 @@ def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: 
         name: np.bincount(labels, weights=frame[name].to_numpy(dtype=np.float64), minlength=k) / sizes
         for name in columns
     }
+    names = rfm.segment_names(mean_scores, means["tenure_days"])
     n = len(frame)
     for i, segment in enumerate(metadata["segments"]):
         share = 100.0 * float(revenue[i]) / total if total > 0 else 0.0

@@ -6,12 +6,15 @@ itself is read and aggregated by `app.ml.rfm` (pyarrow, block by block) in a wor
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import date
 from typing import IO, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -20,7 +23,7 @@ from app.ml import rfm
 from app.ml.schema import SchemaError
 from app.preprocess import DataValidationError
 from app.services.models import ModelStore, ServedModel
-from app.services.segmentation import CsvAnswer, ScoredBatch
+from app.services.segmentation import SPOOL_BYTES, ScoredBatch, inert_column
 
 RFM_KIND = "rfm"
 ANSWER_COLUMNS = (*rfm.TABLE_COLUMNS, *rfm.SCORE_COLUMNS)
@@ -153,12 +156,7 @@ def _score(served: ServedModel, frame: pd.DataFrame) -> tuple[np.ndarray, np.nda
 def _batch(served: ServedModel, table: pd.DataFrame, *, as_csv: bool) -> ScoredBatch:
     scored = rfm.scored_table(table, cuts(served))
     labels, confidence = _score(served, scored)
-    answer = None
-    if as_csv:
-        columns = [c for c in ANSWER_COLUMNS if c in scored.columns]
-        csv_answer = CsvAnswer(columns, served.names, with_error=False)
-        csv_answer.add(scored[columns], np.ones(len(scored), dtype=bool), labels, confidence, [None] * len(scored))
-        answer = csv_answer.finish()
+    answer = _csv_answer(served, scored, labels, confidence) if as_csv else None
     return ScoredBatch(
         model=served,
         labels=labels,
@@ -167,6 +165,24 @@ def _batch(served: ServedModel, table: pd.DataFrame, *, as_csv: bool) -> ScoredB
         csv_answer=answer,
         fields=scored,
     )
+
+
+def _csv_answer(served: ServedModel, scored: pd.DataFrame, labels: np.ndarray, confidence: np.ndarray) -> IO[bytes]:
+    """The per-customer table with its segments as CSV, written by pyarrow (a million rows in about a second)."""
+    columns = [c for c in ANSWER_COLUMNS if c in scored.columns]
+    table = pa.table(
+        {c: inert_column(scored[c]) if c == "customer_id" else scored[c].to_numpy() for c in columns}
+        | {
+            "cluster": labels,
+            "cluster_name": np.asarray(served.names, dtype=object)[labels],
+            "confidence": np.round(confidence, 6),
+        }
+    )
+    out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+    out.write((",".join(table.column_names) + "\n").encode())
+    pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+    out.seek(0)
+    return out
 
 
 def score_log(served: ServedModel, fh: IO[bytes], columns: rfm.LogColumns, *, as_of: date | None, as_csv: bool):

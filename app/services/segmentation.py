@@ -51,7 +51,7 @@ SCORE_CHUNK_ROWS = 50_000
 """A batch CSV is read, checked and scored this many rows at a time, so memory stays flat."""
 RESULT_COLUMNS = ("cluster", "cluster_name", "confidence", "error")
 _HEAD_BYTES = 64 * 1024
-_SPOOL_BYTES = 8 * 1024 * 1024
+SPOOL_BYTES = 8 * 1024 * 1024
 _KNOWN_SEXES = [value.lower() for value in SEX_VALUES]
 MAX_LISTED_ROWS = 10
 
@@ -95,7 +95,7 @@ def _inert(cell: Any) -> Any:
 _SUSPECT_START = re.compile(r"\n" + _FORMULA_START)
 
 
-def _inert_column(values: pd.Series) -> list:
+def inert_column(values: pd.Series) -> list:
     """The column's cells made safe to open in a spreadsheet (see _inert); only suspects pay for it.
 
     One regular-expression pass over the joined column finds whether any cell needs a look, so a
@@ -124,7 +124,7 @@ class CsvAnswer:
         self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
         self.names = np.array(list(names), dtype=object)
         self.with_error = with_error
-        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
         results = RESULT_COLUMNS if with_error else RESULT_COLUMNS[:-1]
         self._write_rows([[*(_inert(str(c)) for c in self.columns), *results]])
 
@@ -148,7 +148,7 @@ class CsvAnswer:
         name[valid] = self.names[labels]
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
-        inputs = [_inert_column(frame[c]) for c in self.columns]
+        inputs = [inert_column(frame[c]) for c in self.columns]
         results = [cluster.tolist(), name.tolist(), score.tolist()]
         if self.with_error:
             results.append([e or "" for e in errors])
