@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from app.deps import AnalystUser
 from app.errors import InvalidInput
@@ -23,7 +23,7 @@ from app.services.models import ModelStore, ServedModel
 
 router = APIRouter(tags=["segmentation"], strict_content_type=False)
 
-ClusterId = Annotated[int, Path(ge=0, le=10_000, description="The segment's cluster_id in the active version")]
+ClusterId = Annotated[int, Path(ge=0, le=2**31 - 1, description="The segment's cluster_id in the active version")]
 Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
 VersionQuery = Annotated[str, Query(min_length=1, max_length=64)]
 
@@ -38,6 +38,14 @@ COMPARE_DESCRIPTION = (
     "`matrix[i][j]` counts customers in segment i of `from_version` and j of `to_version`; `unchanged` is "
     "the share that kept its cluster_id. Unknown version: 404; a CSV with unusable rows: 422 naming them."
 )
+
+
+async def _segmentation(request: Request, name: Name) -> ModelStore:
+    return await request.app.state.segmentations.get(name)
+
+
+# A dependency: an unknown segmentation is a 404 before the query is checked.
+Segmentation = Annotated[ModelStore, Depends(_segmentation)]
 
 
 async def _rename(store: ModelStore, cluster_id: int, body: SegmentRename) -> ServedModel:
@@ -113,10 +121,9 @@ async def rename_segment(
 async def compare_segmentation_versions(
     request: Request,
     _: AnalystUser,
-    name: Name,
+    store: Segmentation,
     from_version: VersionQuery,
     to_version: VersionQuery,
     file: CsvFile = None,
 ) -> VersionComparison:
-    store = await request.app.state.segmentations.get(name)
     return await _compare(request, store, from_version, to_version, file)

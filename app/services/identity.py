@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from app.database import ModelVersion, ServiceState, utcnow
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import AppError, Conflict, InvalidInput, NotFound
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer
 from app.model import SegmentationModel
@@ -76,8 +76,8 @@ async def rename_segment(
     """
     for _ in range(RENAME_ATTEMPTS):
         active, marker = await store.active_state()
-        if active is None:
-            raise Conflict(store.no_model_message)
+        if active is None:  # no version, so no segment of that id
+            raise AppError(store.no_model_message, status_code=404)
         async with store.database.sessionmaker() as session:
             row = (
                 await session.execute(
