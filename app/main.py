@@ -24,6 +24,7 @@ from app.middleware import ServiceMiddleware, document_body_limit, hardening_hea
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
 from app.routes import admin, auth, ml, profiles, users
+from app.routes import identity as identity_routes
 from app.routes import segmentations as segmentation_routes
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
@@ -221,6 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # dependencies are on its routes from the moment they are made.
     app.router.routes.extend(ml.router.routes)
     app.router.routes.extend(segmentation_routes.router.routes)
+    app.router.routes.extend(identity_routes.router.routes)
     # A named segmentation's predict is as hot as /predict: it is tried right after it.
     named_predict = next(r for r in app.router.routes if getattr(r, "path", "") == "/segmentations/{name}/predict")
     app.router.routes.remove(named_predict)

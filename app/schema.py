@@ -9,6 +9,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from app.identity_schema import SegmentMatch
 from app.preprocess import FEATURE_RANGES, SEX_VALUES
 
 MAX_BATCH_ROWS = 10_000
@@ -391,6 +392,13 @@ class TrainResult(BaseModel):
     n_samples: int
     duration_seconds: float
     cluster_sizes: dict[str, int]
+    previous_version: str | None = Field(
+        None, description="The version this one was matched to (the active one when it was trained); null if none"
+    )
+    matching: list[SegmentMatch] = []
+    retired_cluster_ids: list[int] = Field(
+        [], description="Ids of the previous version's segments that no segment of this version continues"
+    )
 
 
 HISTORY_EXAMPLE: dict[str, JsonValue] = {
@@ -469,6 +477,13 @@ class ModelVersionDetail(ModelVersionPublic):
     features: list[str] = []
     trained_at: str | None = None
     library_versions: dict[str, str] = {}
+    previous_version: str | None = Field(
+        None, description="The version this one was matched to (the active one when it was trained); null if none"
+    )
+    matching: list[SegmentMatch] = []
+    retired_cluster_ids: list[int] = Field(
+        [], description="Ids of the previous version's segments that no segment of this version continues"
+    )
 
 
 class ModelList(BaseModel):

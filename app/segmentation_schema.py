@@ -18,6 +18,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from app.identity_schema import SegmentMatch
 from app.schema import (
     CUSTOMER_EXAMPLE,
     MAX_BATCH_ROWS,
@@ -293,6 +294,13 @@ class NamedModelVersionDetail(ModelVersionPublic):
     trained_at: str | None = None
     library_versions: dict[str, str] = {}
     missing_shares: dict[str, float] = {}
+    previous_version: str | None = Field(
+        None, description="The version this one was matched to (the active one when it was trained); null if none"
+    )
+    matching: list[SegmentMatch] = []
+    retired_cluster_ids: list[int] = Field(
+        [], description="Ids of the previous version's segments that no segment of this version continues"
+    )
 
 
 class ModelPageQuery(BaseModel):

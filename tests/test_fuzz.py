@@ -182,6 +182,8 @@ SEMANTIC_422 = {
     "POST /segmentations/{name}/predict": "the customer must follow the segmentation's own schema",
     "POST /segmentations/{name}/predict/batch": "customers or a CSV, following the segmentation's own schema",
     "GET /segmentations/{name}/elbow": "k_min must not exceed k_max",
+    "POST /models/compare": "the uploaded file must be a CSV with the customer columns",
+    "POST /segmentations/{name}/compare": "the uploaded file must be a CSV with the segmentation's columns",
 }
 
 

@@ -457,3 +457,25 @@ async def test_the_public_cdnow_log_equals_an_independent_computation(client, an
     assert len(want) == 23_570 - int((raw.groupby("customer_id")["dollars"].sum() < 0).sum()) or len(want) > 23_000
     assert_same_rfm(got, want)
     assert got["customer_id"].iloc[0] == "00001"
+
+
+async def test_retraining_next_month_keeps_segment_ids_and_names(client, analyst_headers, shop):
+    data, _, first = shop
+    before = await score_csv(client, analyst_headers, data)
+    named = await client.put(
+        "/segmentations/shop/segments/0", json={"cluster_name": "Key accounts"}, headers=analyst_headers
+    )
+    assert named.status_code == 200, named.text
+    # Next month: the same customers a month on, retrained with another seed.
+    retrained = await train(client, analyst_headers, data, random_state=11, as_of="2026-02-01")
+    assert retrained.status_code == 200, retrained.text
+    body = retrained.json()
+    assert body["previous_version"] == first["model_version"]
+    assert all(m["previous_cluster_id"] == m["cluster_id"] for m in body["matching"])
+    after = await score_csv(client, analyst_headers, data, as_of="2026-02-01")
+    assert (after["recency_days"] == before["recency_days"] + 31).all()
+    kept = (after["cluster"] == before["cluster"]).mean()
+    assert kept >= 0.95
+    clusters = (await client.get("/segmentations/shop/clusters", headers=analyst_headers)).json()["clusters"]
+    assert clusters[0]["cluster_name"] == "Key accounts"
+    assert after.loc[after["cluster"] == 0, "cluster_name"].eq("Key accounts").all()

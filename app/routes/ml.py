@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.deps import AnalystUser, CurrentUser
 from app.errors import InvalidInput
@@ -39,6 +40,16 @@ from app.services.models import ModelStore
 router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)
 
 CsvFile = Annotated[UploadFile | None, File(description="A CSV file of customers")]
+
+
+class ModelVersionConvertor(StringConvertor):
+    """A version id in a path: any segment but `compare`, which is POST /models/compare's own (so a GET
+    there is a 405 naming POST, not a search for a version called "compare")."""
+
+    regex = r"(?!compare$)[^/]+"
+
+
+register_url_convertor("model_version", ModelVersionConvertor())
 
 
 @router.get(
@@ -244,7 +255,7 @@ async def list_models(request: Request, _: AnalystUser) -> ModelList:
 
 
 @router.get(
-    "/models/{version}",
+    "/models/{version:model_version}",
     summary="One model version (analyst)",
     description="A version's segments, how k was chosen, its features and library versions.",
     responses=errors(401, 403, 404, 422),

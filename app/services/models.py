@@ -38,6 +38,7 @@ from app.database import (
     utcnow,
 )
 from app.errors import Conflict, NotFound
+from app.ml.matching import identify, identity_fields, renamed_since
 from app.model import ModelLoadError, SegmentationModel
 from app.services.lease import HOST_ID, TRAINING_RUNNING_MESSAGE, TrainingLease, rows_updated
 from app.services.local_copy import load_local_copy, save_local_copy
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("app.models")
 
 ACTIVE_KEY = "active_model_version"
+NAMES_KEY = "segment_names"
+"""`segment_names:{segmentation id}` holds `{version}:{names_revision}` of the last rename, so every
+worker sees an analyst's rename of the version it serves (app.services.identity)."""
 TRAINING_KEY = "training_lease"
 RETRY_UNLOADABLE_SECONDS = 30
 NO_MODEL_MESSAGE = "No trained model yet: train one first with POST /train"
@@ -123,6 +127,7 @@ class ModelStore:
         self.segmentation = segmentation
         default = segmentation.is_default
         self.active_key = ACTIVE_KEY if default else f"{ACTIVE_KEY}:{segmentation.id}"
+        self.names_key = f"{NAMES_KEY}:{segmentation.id}"
         self.lease = TrainingLease(database, TRAINING_KEY if default else f"{TRAINING_KEY}:{segmentation.id}")
         self.no_model_message = (
             NO_MODEL_MESSAGE
@@ -236,6 +241,30 @@ class ModelStore:
                 await session.execute(select(ServiceState.value).where(ServiceState.key == self.active_key))
             ).scalar_one_or_none()
 
+    async def active_state(self) -> tuple[str | None, str | None]:
+        """The active version and the last rename's `{version}:{names_revision}`, in one statement."""
+        async with self.database.sessionmaker() as session:
+            rows = dict(
+                (
+                    await session.execute(
+                        select(ServiceState.key, ServiceState.value).where(
+                            ServiceState.key.in_([self.active_key, self.names_key])
+                        )
+                    )
+                ).all()
+            )
+        return rows.get(self.active_key), rows.get(self.names_key)
+
+    async def version_model(self, version: str) -> SegmentationModel:
+        """The model of one of this segmentation's versions: the served one, else loaded (unknown: 404)."""
+        current = self.current
+        if current is not None and current.version == version:
+            return current.model
+        try:
+            return await self._load_version(version)
+        except ModelLoadError as exc:
+            raise Conflict(f"Model version {version} cannot be loaded: {exc}") from None
+
     async def list_versions(self) -> tuple[list[dict[str, Any]], str | None]:
         versions, active, _ = await self.page_versions()
         return versions, active
@@ -278,6 +307,7 @@ class ModelStore:
             "trained_at": details.get("trained_at"),
             "library_versions": details.get("library_versions", {}),
             "missing_shares": details.get("missing_shares", {}),
+            **identity_fields(details),
         }
 
     async def _load_version(self, version: str) -> SegmentationModel:
@@ -298,23 +328,31 @@ class ModelStore:
     # --- switching -------------------------------------------------------------------------
 
     async def sync(
-        self, *, candidate: SegmentationModel | None = None, active: Any = _UNSET, read_at: float | None = None
+        self,
+        *,
+        candidate: SegmentationModel | None = None,
+        active: Any = _UNSET,
+        names: Any = None,
+        read_at: float | None = None,
     ) -> ServedModel | None:
         """Serve the version the database says is active; `candidate` is used when it is that version.
 
         Reading the active version and swapping happen under one lock, so a slower switch can
         never put back a version the database has already moved on from. `active`, when given,
         is the active version as the caller read it at `read_at` (time.monotonic(); the registry
-        reads every segmentation's in one statement); a reading older than this store's last
-        switch is read again rather than trusted.
+        reads every segmentation's in one statement), `names` the rename marker beside it: a
+        version renamed since it was loaded is loaded again. A reading older than this store's
+        last switch is read again rather than trusted.
         """
         async with self._switch_lock:
             stale = read_at is not None and read_at <= self._switched_at
             if active is _UNSET or candidate is not None or stale:
-                active = await self._active_version()
-            if active is None or (self.current is not None and self.current.version == active):
+                active, names = await self.active_state()
+            if active is None:
                 return self.current
-            if candidate is not None and candidate.version == active:
+            if self.current is not None and self.current.version == active and not renamed_since(self.current, names):
+                return self.current
+            if candidate is not None and candidate.version == active and not renamed_since(candidate, names):
                 model = candidate
             else:
                 failed_at = self._unloadable.get(active)
@@ -417,6 +455,21 @@ class ModelStore:
 
     # --- training --------------------------------------------------------------------------
 
+    async def _matched_to_active(self, model: SegmentationModel, blob: bytes) -> tuple[SegmentationModel, bytes]:
+        """The new model renumbered to keep the active version's ids, keys and names (app.ml.matching).
+
+        The active version is read from the database, so a rename or an activation made by
+        another worker a moment ago counts.
+        """
+        active, _ = await self.active_state()
+        previous = None
+        if active is not None:
+            try:
+                previous = await self._load_version(active)
+            except (ModelLoadError, NotFound):
+                logger.warning("active version %s not loadable: %s is trained unmatched", active, model.version)
+        return await run_in_threadpool(identify, model, previous)
+
     async def train(
         self,
         data: Any,
@@ -448,6 +501,7 @@ class ModelStore:
                     version=new_version_id(),
                     time_limit=self.settings.train_timeout_seconds,
                 )
+                model, blob = await self._matched_to_active(model, blob)
                 model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 await self._record_version(model, blob, created_by=created_by)
                 served = await self.sync(candidate=model)
@@ -475,6 +529,7 @@ class ModelStore:
 
 __all__ = [
     "ACTIVE_KEY",
+    "NAMES_KEY",
     "DEFAULT_INFO",
     "HOST_ID",
     "NO_MODEL_MESSAGE",

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.config import Settings
@@ -29,7 +29,7 @@ from app.database import (
     utcnow,
 )
 from app.errors import Conflict, InvalidInput, NotFound
-from app.services.models import ACTIVE_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
+from app.services.models import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 
 if TYPE_CHECKING:
     from app.ml.schema import FeatureSchema
@@ -129,7 +129,9 @@ class SegmentationRegistry:
                 actives = dict(
                     (
                         await session.execute(
-                            select(ServiceState.key, ServiceState.value).where(ServiceState.key.like(f"{ACTIVE_KEY}:%"))
+                            select(ServiceState.key, ServiceState.value).where(
+                                or_(ServiceState.key.like(f"{ACTIVE_KEY}:%"), ServiceState.key.like(f"{NAMES_KEY}:%"))
+                            )
                         )
                     ).all()
                 )
@@ -153,7 +155,9 @@ class SegmentationRegistry:
             if store is self.default:
                 continue  # it follows the database itself
             try:
-                await store.sync(active=actives.get(store.active_key), read_at=read_at)
+                await store.sync(
+                    active=actives.get(store.active_key), names=actives.get(store.names_key), read_at=read_at
+                )
             except Exception:  # one broken version must not hold up the others
                 logger.warning("could not load the active version of %s", store.segmentation.name, exc_info=True)
 
@@ -247,7 +251,7 @@ class SegmentationRegistry:
             await session.execute(delete(ModelVersion).where(ModelVersion.segmentation_id == info.id))
             await session.execute(
                 delete(ServiceState).where(
-                    ServiceState.key.in_([f"{ACTIVE_KEY}:{info.id}", f"{TRAINING_KEY}:{info.id}"])
+                    ServiceState.key.in_([f"{ACTIVE_KEY}:{info.id}", f"{TRAINING_KEY}:{info.id}", store.names_key])
                 )
             )
             await session.commit()

@@ -21,6 +21,7 @@ from starlette.datastructures import State
 
 from app.database import Role
 from app.errors import Conflict, Forbidden, InvalidInput
+from app.ml.matching import identity_fields
 from app.preprocess import DataValidationError
 from app.schema import CustomerFeatures, HistoryQuery
 from app.segmentation_schema import declared_customer_adapter
@@ -131,6 +132,7 @@ def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
         "segmentation": store.segmentation.name,
         "skipped_rows": int(meta.get("skipped_rows", 0)),
         "missing_shares": meta.get("missing_shares", {}),
+        **identity_fields(meta),
     } | (rfm_service.train_facts(served) if store.segmentation.kind == RFM_KIND else {})
 
 
