@@ -182,6 +182,8 @@ async def _train(args, store, settings) -> int:
     if args.as_of is not None:
         print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
         return 2
+    if info.kind == "customer" and await asyncio.to_thread(_out_of_core, source):
+        return await _train_file(args, store, settings, source)
     schema = None
     if info.kind != "customer":
         from app.services.registry import feature_schema
@@ -210,6 +212,41 @@ async def _train(args, store, settings) -> int:
     except DataValidationError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    _print_model(served)
+    return 0
+
+
+def _out_of_core(source: Path) -> bool:
+    from app.services.segmentation import out_of_core_upload
+
+    with source.open("rb") as fh:
+        return out_of_core_upload(fh)
+
+
+async def _train_file(args, store, settings, source: Path) -> int:
+    """A Parquet file, or a CSV too large to read here: the training process reads it in chunks."""
+    from app.ml.outofcore import TrainingFile
+
+    training = TrainingFile(
+        source, in_memory_rows=settings.train_in_memory_rows, sample_rows=settings.train_sample_rows
+    )
+    print(
+        "Training from the file in chunks" + (f" with k={args.k}" if args.k else " (choosing k on a sample)") + " ..."
+    )
+    try:
+        served = await _with_timer(
+            "Training",
+            store.train(training, n_clusters=args.k, random_state=args.random_state, created_by="cli"),
+        )
+    except DataValidationError as exc:
+        _print_problems(source, exc)
+        return 2
+    streamed = served.metadata.get("out_of_core")
+    if streamed:
+        print(
+            f"Out of core: k chosen on a sample of {streamed['sample_rows']:,} rows, "
+            f"{streamed['lloyd_passes']} passes over {served.metadata['n_samples']:,} rows"
+        )
     _print_model(served)
     return 0
 

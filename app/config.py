@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=50, gt=0)
     # Training uploads (POST .../train with a file) have a cap of their own: training sets are big.
     max_train_upload_mb: float = Field(default=1024, gt=0)
+    # Training files (Parquet, or CSV uploads above 256 MB) with more rows than this are trained out of
+    # core: k chosen on a sample of TRAIN_SAMPLE_ROWS rows, then K-Means refined over the file in chunks.
+    train_in_memory_rows: int = Field(default=5_000_000, ge=1000)
+    train_sample_rows: int = Field(default=200_000, ge=1000, le=5_000_000)
     # Named segmentations that may exist at once (`default` included).
     max_segmentations: int = Field(default=100, ge=1, le=10_000)
     max_json_body_mb: float = Field(default=10, gt=0)

@@ -19,7 +19,7 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -324,6 +324,18 @@ def read_source(source: CsvSource, read: Callable[[IO[bytes]], _T]) -> _T:
 
 
 def _load_training_matrix(fh: IO[bytes], chunksize: int) -> np.ndarray:
+    blocks = list(iter_training_blocks(fh, chunksize))
+    return np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+
+
+def iter_training_blocks(fh: IO[bytes], chunksize: int = 200_000) -> Iterator[np.ndarray]:
+    """The training CSV's customer features, float32 (n, 4) in FEATURES order, block by block.
+
+    Every block is checked as it is read. Blocks stop at the first one with a
+    problem; once the file has been read to its end, one DataValidationError
+    lists the first problems and counts every row concerned (as
+    :func:`load_training_matrix` reports them).
+    """
     _sniff(fh)
     columns = resolve_columns(_read_header(fh), optional=())
     raw_names = [columns[name] for name in FEATURES]
@@ -336,31 +348,36 @@ def _load_training_matrix(fh: IO[bytes], chunksize: int) -> np.ndarray:
         keep_default_na=False,
         na_values=[""],
     )
-    blocks: list[np.ndarray] = []
+    with reader:
+        yield from check_feature_blocks(chunk[raw_names] for chunk in reader)
+
+
+def check_feature_blocks(frames: Iterable[pd.DataFrame]) -> Iterator[np.ndarray]:
+    """Check frames holding the four customer features (in FEATURES order, any dtype), block by block;
+    see :func:`iter_training_blocks`."""
     problems: list[dict[str, Any]] = []
     offending = 0
     seen = 0
-    with reader:
-        for chunk in reader:
-            block = np.empty((len(chunk), len(FEATURES)), dtype=np.float32)
-            codes = np.zeros((len(chunk), len(FEATURES)), dtype=np.int8)
-            for j, (feature, raw_name) in enumerate(zip(FEATURES, raw_names, strict=True)):
-                values, codes[:, j] = _check_column(chunk[raw_name], feature)
-                block[:, j] = values
-            bad_rows = np.flatnonzero(codes.any(axis=1))
-            offending += len(bad_rows)
-            for i in bad_rows:
-                if len(problems) >= MAX_LISTED_PROBLEMS:
-                    break
-                for col in np.flatnonzero(codes[i]).tolist():
-                    feature = FEATURES[col]
-                    raw = chunk[raw_names[col]].iloc[i]
-                    problems.append(
-                        _problem(seen + int(i) + 1, feature, _reason(codes[i, col], feature, raw, float(block[i, col])))
-                    )
-            if not offending:
-                blocks.append(block)
-            seen += len(chunk)
+    for chunk in frames:
+        block = np.empty((len(chunk), len(FEATURES)), dtype=np.float32)
+        codes = np.zeros((len(chunk), len(FEATURES)), dtype=np.int8)
+        for j, feature in enumerate(FEATURES):
+            values, codes[:, j] = _check_column(chunk.iloc[:, j], feature)
+            block[:, j] = values
+        bad_rows = np.flatnonzero(codes.any(axis=1))
+        offending += len(bad_rows)
+        for i in bad_rows:
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+            for col in np.flatnonzero(codes[i]).tolist():
+                feature = FEATURES[col]
+                raw = chunk.iloc[int(i), col]
+                problems.append(
+                    _problem(seen + int(i) + 1, feature, _reason(codes[i, col], feature, raw, float(block[i, col])))
+                )
+        if not offending:
+            yield block
+        seen += len(chunk)
     if seen == 0:
         raise DataValidationError("the CSV has a header but no data rows", [_problem(None, None, "no data rows")])
     if offending:
@@ -369,7 +386,6 @@ def _load_training_matrix(fh: IO[bytes], chunksize: int) -> np.ndarray:
         raise DataValidationError(
             f"{offending} of {seen} rows have invalid values (first: {first})", problems, offending
         )
-    return np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
 
 def read_csv_frame(source: CsvSource, *, max_rows: int | None = None) -> pd.DataFrame:

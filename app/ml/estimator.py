@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from app.ml import persistence, selection
 from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
+from app.ml.outofcore import TrainingFile, train_customer_file
 from app.ml.persistence import ModelLoadError
 from app.ml.records import RecordEncoder
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
@@ -78,7 +79,8 @@ class SegmentationModel:
         with those columns. Kind ``custom``: the DataFrame from
         :func:`app.ml.schema.read_training_frame` for that schema. Kind
         ``rfm`` (``kind="rfm"``, no schema): the per-customer table of
-        :func:`app.ml.rfm.read_log`.
+        :func:`app.ml.rfm.read_log`. Kind customer also trains on a
+        :class:`app.ml.outofcore.TrainingFile` (CSV or Parquet of any size).
         With ``n_clusters=None`` k is the best sampled silhouette over
         ``k_range`` (inclusive), with the inertia knee reported beside it.
         Raises DataValidationError when the data is malformed or has too few
@@ -88,12 +90,14 @@ class SegmentationModel:
         with selection.SingleThreaded():
             if kind == "rfm":
                 parts = train_rfm(data, **options)  # type: ignore[arg-type]
+            elif isinstance(data, TrainingFile) and (schema is None or schema.kind == "customer"):
+                parts = train_customer_file(data, **options)  # type: ignore[arg-type]
             elif schema is None or schema.kind == "customer":
                 parts = train_customer(data, **options)  # type: ignore[arg-type]
             else:
                 parts = train_custom(data, schema, **options)  # type: ignore[arg-type]
         model = cls(parts.scaler, parts.kmeans, parts.metadata)
-        model.training_labels = parts.labels
+        model.training_labels = parts.labels if len(parts.labels) or not parts.metadata["n_samples"] else None
         return model
 
     # -- description ------------------------------------------------------- #

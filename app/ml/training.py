@@ -83,6 +83,20 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
         )
         / sizes[:, None]
     )
+    segments, centroids = customer_segments(z, centers, sizes, means, n)
+    fingerprint = hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
+    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
+    metadata["segments"] = segments
+    metadata["centroids"] = centroids
+    _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
+    return TrainedParts(scaler, fit.kmeans, metadata, labels)
+
+
+def customer_segments(
+    z: np.ndarray, centers: np.ndarray, sizes: np.ndarray, means: np.ndarray, n: int
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """The customer kind's segment descriptions and centroids from the ordered centroids (scaled ``z``,
+    original units ``centers``), each segment's size and feature means (rows in id order)."""
     names = segment_names(z, centers)
     segments = []
     for i in range(len(sizes)):
@@ -104,12 +118,7 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
     centroids = [
         {feature: round(float(centers[i, j]), 4) for j, feature in enumerate(FEATURES)} for i in range(len(sizes))
     ]
-    fingerprint = hashlib.sha256(np.ascontiguousarray(arr, dtype=np.float32).tobytes()).hexdigest()
-    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
-    metadata["segments"] = segments
-    metadata["centroids"] = centroids
-    _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
-    return TrainedParts(scaler, fit.kmeans, metadata, labels)
+    return segments, centroids
 
 
 def train_custom(

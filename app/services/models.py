@@ -307,6 +307,8 @@ class ModelStore:
             "trained_at": details.get("trained_at"),
             "library_versions": details.get("library_versions", {}),
             "missing_shares": details.get("missing_shares", {}),
+            "algorithm": details.get("algorithm"),
+            "out_of_core": details.get("out_of_core"),
             **identity_fields(details),
         }
 

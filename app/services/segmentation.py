@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import re
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -62,6 +64,38 @@ async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.n
         upload.file.seek(0)
         return await run_in_threadpool(load_training_matrix, upload.file)
     return await run_in_threadpool(_default_training_matrix, Path(settings.data_path))
+
+
+OUT_OF_CORE_BYTES = 256 * 1024 * 1024
+"""A customer CSV upload larger than this is trained out of core, read by the training process from disk."""
+_PARQUET_MAGIC = b"PAR1"
+
+
+def out_of_core_upload(fh: IO[bytes]) -> bool:
+    """Whether an upload goes to the out-of-core trainer: a Parquet file, or a CSV above OUT_OF_CORE_BYTES."""
+    fh.seek(0)
+    magic = fh.read(len(_PARQUET_MAGIC))
+    size = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    return magic == _PARQUET_MAGIC or size > OUT_OF_CORE_BYTES
+
+
+@contextlib.asynccontextmanager
+async def upload_on_disk(settings: Settings, upload: UploadFile) -> AsyncIterator[Any]:
+    """The upload copied to a named temporary file (the training process opens it), removed afterwards."""
+    from app.ml.outofcore import TrainingFile
+
+    def copy() -> Path:
+        upload.file.seek(0)
+        with tempfile.NamedTemporaryFile(prefix="train-", suffix=".upload", delete=False) as out:
+            shutil.copyfileobj(upload.file, out, 1 << 20)
+        return Path(out.name)
+
+    path = await run_in_threadpool(copy)
+    try:
+        yield TrainingFile(path, in_memory_rows=settings.train_in_memory_rows, sample_rows=settings.train_sample_rows)
+    finally:
+        await run_in_threadpool(path.unlink, missing_ok=True)
 
 
 def _default_training_matrix(path: Path) -> np.ndarray:

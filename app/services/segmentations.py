@@ -104,6 +104,10 @@ async def train(
             store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
         )
     if info.kind == CUSTOMER_KIND:
+        if file is not None and await run_in_threadpool(segmentation.out_of_core_upload, file.file):
+            # Parquet, or a CSV too large to parse here: the training process reads it from disk.
+            async with segmentation.upload_on_disk(state.settings, file) as source:
+                return await store.train(source, n_clusters=n_clusters, random_state=random_state, created_by=by)
         features = await segmentation.training_matrix(state.settings, file)
         return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
     if file is None:

@@ -1,0 +1,267 @@
+"""Training beyond memory: a CSV or Parquet file read in chunks, k chosen on a bounded sample, and
+Lloyd's iterations streamed over the chunks.
+
+The first pass checks every row, fits the scaler incrementally, keeps a uniform random sample of
+at most ``SAMPLE_ROWS`` rows and spills the checked features (float32) to a temporary file. A
+file of at most ``IN_MEMORY_ROWS`` rows is then trained exactly as an upload is (in memory).
+A larger one has k chosen and K-Means seeded on the sample (as in memory: silhouette over the
+range, ``n_init`` starts), then refined by full Lloyd passes over the spilled rows until the
+inertia improves by less than ``TOLERANCE`` (relative) or ``MAX_PASSES`` passes; a last pass
+counts each segment's size and feature means. Memory holds a chunk, the sample and k x d sums,
+whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from sklearn.preprocessing import StandardScaler
+
+from app.ml import selection
+from app.ml.schema import FeatureSchema
+from app.ml.training import (
+    _INCOME,
+    _SPENDING,
+    TrainedParts,
+    _finish_metadata,
+    _metadata,
+    customer_segments,
+    train_customer,
+)
+from app.preprocess import (
+    FEATURES,
+    DataValidationError,
+    _wrap_read_error,
+    check_feature_blocks,
+    iter_training_blocks,
+    resolve_columns,
+)
+
+SAMPLE_ROWS = 200_000
+"""k is chosen, and K-Means seeded, on a uniform random sample of at most this many rows."""
+IN_MEMORY_ROWS = 5_000_000
+"""Files of at most this many rows are trained in memory, exactly as an upload."""
+CHUNK_ROWS = 1_000_000
+MAX_PASSES = 30
+TOLERANCE = 1e-5
+"""Lloyd passes stop when the inertia improves by less than this share."""
+_WIDTH = len(FEATURES)
+
+
+@dataclass(frozen=True)
+class TrainingFile:
+    """A training file on disk: CSV, or Parquet (by its suffix or its PAR1 magic)."""
+
+    path: Path
+    chunk_rows: int = CHUNK_ROWS
+    in_memory_rows: int = IN_MEMORY_ROWS
+    sample_rows: int = SAMPLE_ROWS
+
+    @property
+    def is_parquet(self) -> bool:
+        if self.path.suffix.lower() in (".parquet", ".pq"):
+            return True
+        with open(self.path, "rb") as fh:
+            return fh.read(4) == b"PAR1"
+
+    def customer_blocks(self) -> Iterator[np.ndarray]:
+        """Checked float32 (n, 4) blocks of the customer features; DataValidationError for bad data."""
+        try:
+            if self.is_parquet:
+                yield from self._parquet_blocks()
+            else:
+                with open(self.path, "rb") as fh:
+                    yield from iter_training_blocks(fh, self.chunk_rows)
+        except (DataValidationError, MemoryError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's own errors become one a user can act on
+            raise _wrap_read_error(exc) from exc
+
+    def _parquet_blocks(self) -> Iterator[np.ndarray]:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.path)
+        columns = resolve_columns(parquet.schema_arrow.names, optional=())
+        raw = [columns[name] for name in FEATURES]
+        batches = parquet.iter_batches(batch_size=self.chunk_rows, columns=raw)
+        yield from check_feature_blocks(batch.to_pandas()[raw] for batch in batches)
+
+
+class _Spill:
+    """Checked float32 rows written to an unnamed temporary file, read back chunk by chunk."""
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=directory)
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        self.rows += len(block)
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        self.file.seek(0)
+        left = self.rows
+        while left:
+            take = min(rows, left)
+            data = self.file.read(take * _WIDTH * 4)
+            yield np.frombuffer(data, dtype=np.float32).reshape(take, _WIDTH)
+            left -= take
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Reservoir:
+    """A uniform random sample of at most `size` rows of a stream: the rows with the smallest random keys."""
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size = size
+        self.rng = rng
+        self.keys = np.empty(0)
+        self.rows = np.empty((0, _WIDTH), dtype=np.float32)
+
+    def add(self, block: np.ndarray) -> None:
+        keys = np.concatenate([self.keys, self.rng.random(len(block))])
+        rows = np.concatenate([self.rows, block])
+        if len(keys) > self.size:
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            keep.sort()
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
+
+
+def _nearest(Xs: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centroid and squared distance to it."""
+    d2 = (Xs * Xs).sum(axis=1)[:, None] - 2.0 * (Xs @ centers.T) + (centers * centers).sum(axis=1)[None, :]
+    labels = np.argmin(d2, axis=1)
+    return labels, np.maximum(d2[np.arange(len(Xs)), labels], 0.0)
+
+
+def train_customer_file(
+    source: TrainingFile,
+    *,
+    n_clusters: int | None,
+    random_state: int,
+    k_range: tuple[int, int],
+) -> TrainedParts:
+    """Fit the customer kind on a file of any size (see the module docstring)."""
+    started = time.perf_counter()
+    sample_rows, in_memory_rows = source.sample_rows, source.in_memory_rows
+    rng = np.random.default_rng(random_state)
+    scaler = StandardScaler()
+    sample = _Reservoir(sample_rows, rng)
+    hasher = hashlib.sha256()
+    spill = _Spill(os.environ.get("TMPDIR"))
+    try:
+        for block in source.customer_blocks():
+            scaler.partial_fit(block.astype(np.float64))
+            hasher.update(np.ascontiguousarray(block).tobytes())
+            spill.write(block)
+            sample.add(block)
+        n = spill.rows
+        if n <= in_memory_rows:
+            arr = np.concatenate(list(spill.blocks(n))) if n else np.empty((0, _WIDTH), dtype=np.float32)
+            spill.close()
+            return train_customer(arr, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+        return _streamed(
+            spill, scaler, sample.rows, hasher.hexdigest(), source, n_clusters, random_state, k_range, started
+        )
+    finally:
+        spill.close()
+
+
+def _streamed(
+    spill: _Spill,
+    scaler: StandardScaler,
+    sample: np.ndarray,
+    fingerprint: str,
+    source: TrainingFile,
+    n_clusters: int | None,
+    random_state: int,
+    k_range: tuple[int, int],
+    started: float,
+) -> TrainedParts:
+    n = spill.rows
+    mean, scale = np.asarray(scaler.mean_, dtype=np.float64), np.asarray(scaler.scale_, dtype=np.float64)
+    sample_scaled = (sample.astype(np.float64) - mean) / scale
+    fit = selection.fit_kmeans(sample, sample_scaled, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+    centers = np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64)
+    k = len(centers)
+    previous: float | None = None
+    passes = 0
+    while passes < MAX_PASSES:
+        passes += 1
+        sums = np.zeros((k, _WIDTH))
+        counts = np.zeros(k)
+        inertia = 0.0
+        for block in spill.blocks(source.chunk_rows):
+            Xs = (block.astype(np.float64) - mean) / scale
+            labels, d2 = _nearest(Xs, centers)
+            counts += np.bincount(labels, minlength=k)
+            for j in range(_WIDTH):
+                sums[:, j] += np.bincount(labels, weights=Xs[:, j], minlength=k)
+            inertia += float(d2.sum())
+        centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
+        if previous is not None and previous - inertia <= TOLERANCE * previous:
+            break
+        previous = inertia
+
+    # The last pass: sizes, feature means in original units and the inertia of the final centroids.
+    sizes = np.zeros(k)
+    raw_sums = np.zeros((k, _WIDTH))
+    inertia = 0.0
+    for block in spill.blocks(source.chunk_rows):
+        raw = block.astype(np.float64)
+        labels, d2 = _nearest((raw - mean) / scale, centers)
+        sizes += np.bincount(labels, minlength=k)
+        for j in range(_WIDTH):
+            raw_sums[:, j] += np.bincount(labels, weights=raw[:, j], minlength=k)
+        inertia += float(d2.sum())
+    if (sizes == 0).any():
+        raise DataValidationError(f"could not form {k} distinct segments from this data (too few distinct customers)")
+
+    original = scaler.inverse_transform(centers)
+    order = np.lexsort((original[:, _SPENDING], original[:, _INCOME]))
+    kmeans = fit.kmeans
+    kmeans.cluster_centers_ = centers[order]
+    kmeans.inertia_ = inertia
+    if hasattr(kmeans, "labels_"):
+        del kmeans.labels_
+    sizes, means = sizes[order], (raw_sums / sizes[:, None])[order]
+    segments, centroids = customer_segments(kmeans.cluster_centers_, original[order], sizes.astype(np.int64), means, n)
+    sample_labels, _ = _nearest(sample_scaled, kmeans.cluster_centers_)
+    streamed_fit = dataclasses.replace(fit, algorithm="streamed_kmeans", known_silhouette=None)
+    metadata = _metadata(
+        streamed_fit, sample_scaled, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint
+    )
+    metadata["segments"] = segments
+    metadata["centroids"] = centroids
+    metadata["out_of_core"] = {
+        "source": "parquet" if source.is_parquet else "csv",
+        "sample_rows": int(len(sample)),
+        "chunk_rows": source.chunk_rows,
+        "lloyd_passes": passes,
+    }
+    _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
+    return TrainedParts(scaler, kmeans, metadata, np.empty(0, dtype=np.int64))
+
+
+def file_rows(source: TrainingFile) -> int | None:
+    """Rows of a Parquet file from its footer; None for a CSV (it is counted while read)."""
+    if not source.is_parquet:
+        return None
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(source.path).metadata.num_rows)
+
+
+__all__: list[Any] = ["CHUNK_ROWS", "IN_MEMORY_ROWS", "SAMPLE_ROWS", "TrainingFile", "train_customer_file"]
