@@ -9,6 +9,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints, TypeAdapter
 from typing_extensions import TypedDict
 
+from app.explain_schema import Explanation, ExplanationField
 from app.schema import (
     CUSTOMER_EXAMPLE,
     MAX_BATCH_ROWS,
@@ -157,6 +158,7 @@ class NamedPredictionResult(SegmentAssignment):
     model_version: str
     segmentation: str
     warnings: list[str] = []
+    explanation: Explanation | None = ExplanationField
 
 
 class NamedBatchUpload(BaseModel):

@@ -7,6 +7,7 @@ is never mutated by prediction, so one instance can serve concurrent calls.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,9 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import persistence, selection
+from app.ml.drift import DriftReference, fit_reference
 from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
+from app.ml.explain import Explainer, Explanation
 from app.ml.persistence import ModelLoadError
 from app.ml.records import RecordEncoder
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
@@ -89,6 +92,7 @@ class SegmentationModel:
                 parts = train_custom(data, schema, **options)  # type: ignore[arg-type]
         model = cls(parts.scaler, parts.kmeans, parts.metadata)
         model.training_labels = parts.labels
+        model.metadata["drift_reference"] = _drift_reference(model.schema, data, parts.labels, model.n_clusters)
         return model
 
     # -- description ------------------------------------------------------- #
@@ -221,7 +225,38 @@ class SegmentationModel:
             confidence,
             ["; ".join(e) if e else None for e in checked.errors],
             ["; ".join(w) if w else None for w in checked.warnings],
+            checked.frame,
         )
+
+    # -- explanations and drift -------------------------------------------------------------- #
+
+    @functools.cached_property
+    def explainer(self) -> Explainer:
+        return Explainer(self._scorer, self.schema, self._names)
+
+    @functools.cached_property
+    def drift_reference(self) -> DriftReference | None:
+        """The training bins drift is measured against; None for a version saved before they were kept."""
+        return DriftReference.from_dict(self.metadata.get("drift_reference"))
+
+    def explain_one(self, record: Mapping[str, Any]) -> Explanation | None:
+        """Why one record (feature name -> value, already type-checked) is in its segment; None when it
+        breaks a rule (scoring words the error)."""
+        if self._records is None:
+            row = np.array([float(record[name]) for name in FEATURES])
+        else:
+            encoded = self._records.encode(record)
+            if encoded is None:
+                return None
+            row = encoded[0]
+        return self.explainer.explain_row(row)
+
+    def scorer_rows(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """The rows the scorer takes for checked feature columns (the customer features in their units,
+        or a declared schema's values encoded)."""
+        if self.schema.kind == "customer":
+            return np.column_stack([np.asarray(columns[name], dtype=np.float64) for name in FEATURES])
+        return encode(self.schema, pd.DataFrame({name: columns[name] for name in self.schema.names}))
 
     def encode(self, data: Any) -> np.ndarray:
         """The K-Means input for ``data``: ``kmeans.predict(model.encode(data))`` are the served ids.
@@ -256,6 +291,20 @@ class SegmentationModel:
     def from_bytes(cls, blob: bytes) -> SegmentationModel:
         """Inverse of :meth:`to_bytes`; any problem raises ModelLoadError."""
         return _from_parts(*persistence.from_bytes(blob))
+
+
+def _drift_reference(schema: FeatureSchema, data: Any, labels: np.ndarray, k: int) -> dict[str, Any]:
+    """The drift reference of a freshly trained model, from its training data in the features' own units."""
+    columns: dict[str, Any]
+    if schema.kind == "customer":
+        arr = customer_matrix(data)
+        columns = {name: arr[:, j] for j, name in enumerate(FEATURES)}
+    else:
+        columns = {
+            f.name: data[f.name].to_numpy(dtype=np.float64, na_value=np.nan) if f.numeric else data[f.name]
+            for f in schema.features
+        }
+    return fit_reference(schema, columns, labels, k).to_dict()
 
 
 def _schema_of(metadata: dict[str, Any]) -> FeatureSchema:

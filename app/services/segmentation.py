@@ -40,6 +40,7 @@ from app.preprocess import (
 )
 from app.schema import ClusterSummary, ElbowResult, SegmentStats
 from app.services.models import ServedModel, data_uri
+from app.services.observed import BatchObserver, ExplainColumns
 
 # How long the dataset file is taken as unchanged before it is looked at again.
 DATASET_CHECK_SECONDS = 1.0
@@ -50,6 +51,7 @@ NO_DATASET = "No training dataset at {path}: run generate_dataset.py, or train o
 SCORE_CHUNK_ROWS = 50_000
 """A batch CSV is read, checked and scored this many rows at a time, so memory stays flat."""
 RESULT_COLUMNS = ("cluster", "cluster_name", "confidence", "error")
+EXPLAIN_COLUMNS = ("top_feature", "margin")
 _HEAD_BYTES = 64 * 1024
 _SPOOL_BYTES = 8 * 1024 * 1024
 _KNOWN_SEXES = [value.lower() for value in SEX_VALUES]
@@ -119,12 +121,14 @@ class CsvAnswer:
     Input cells are echoed back; any that a spreadsheet would evaluate is made inert first.
     """
 
-    def __init__(self, input_columns: Sequence[str], names: Sequence[str]) -> None:
+    def __init__(self, input_columns: Sequence[str], names: Sequence[str], *, explain: bool = False) -> None:
         # An input column named like a result column is replaced by the result.
-        self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
+        results = (*RESULT_COLUMNS[:3], *EXPLAIN_COLUMNS, RESULT_COLUMNS[3]) if explain else RESULT_COLUMNS
+        self.columns = [c for c in input_columns if str(c).strip().lower() not in results]
         self.names = np.array(list(names), dtype=object)
+        self.explain = explain
         self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
-        self._write_rows([[*(_inert(str(c)) for c in self.columns), *RESULT_COLUMNS]])
+        self._write_rows([[*(_inert(str(c)) for c in self.columns), *results]])
 
     def _write_rows(self, rows) -> None:
         text = io.StringIO()
@@ -138,6 +142,7 @@ class CsvAnswer:
         labels: np.ndarray,
         confidence: np.ndarray,
         errors: Sequence[str | None],
+        explained: ExplainColumns | None = None,
     ) -> None:
         n = len(frame)
         cluster = np.full(n, "", dtype=object)
@@ -146,10 +151,16 @@ class CsvAnswer:
         name[valid] = self.names[labels]
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
+        results = [cluster.tolist(), name.tolist(), score.tolist()]
+        if self.explain:
+            top = np.full(n, "", dtype=object)
+            margin = np.full(n, "", dtype=object)
+            if explained is not None:
+                top[valid] = explained[0]
+                margin[valid] = np.round(explained[1], 6).tolist()
+            results += [_inert_column(pd.Series(top.tolist(), dtype=str)), margin.tolist()]
         inputs = [_inert_column(frame[c]) for c in self.columns]
-        self._write_rows(
-            zip(*inputs, cluster.tolist(), name.tolist(), score.tolist(), [e or "" for e in errors], strict=True)
-        )
+        self._write_rows(zip(*inputs, *results, [e or "" for e in errors], strict=True))
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -171,6 +182,8 @@ class ScoredBatch:
     n_rows: int
     problems: list[dict[str, Any]] = field(default_factory=list)
     csv_answer: IO[bytes] | None = None
+    observer: BatchObserver | None = None
+    """What went along with the scoring: explanation columns (`explain=true`) and drift counts."""
 
     @property
     def n_failed(self) -> int:
@@ -182,13 +195,20 @@ class ScoredBatch:
             json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1] + ',"confidence":'
             for i, name in enumerate(self.model.names)
         ]
+        explained = self.observer is not None and self.observer.explain
+        top = self.observer.top_feature if self.observer is not None and explained else None
+        margin = self.observer.margin if self.observer is not None and explained else None
         yield b'{"predictions":['
         for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
             hi = lo + SCORE_CHUNK_ROWS
-            rows = ",".join(
-                prefixes[c] + repr(p) + "}"
-                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist(), strict=True)
-            )
+            labels, scores = self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist()
+            if top is not None and margin is not None:
+                rows = ",".join(
+                    prefixes[c] + repr(p) + ',"top_feature":' + json.dumps(t) + ',"margin":' + repr(m) + "}"
+                    for c, p, t, m in zip(labels, scores, top[lo:hi].tolist(), margin[lo:hi].tolist(), strict=True)
+                )
+            else:
+                rows = ",".join(prefixes[c] + repr(p) + "}" for c, p in zip(labels, scores, strict=True))
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
 
@@ -200,17 +220,27 @@ class ScoredBatch:
                 yield block
 
 
-def score_records(model: ServedModel, customers: Sequence[Any], *, as_csv: bool) -> ScoredBatch:
+def score_records(
+    model: ServedModel, customers: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None = None
+) -> ScoredBatch:
     """Score validated customers (API bodies); blocking, run it in a thread for big batches."""
-    labels, confidence = model.predict_matrix(features_matrix(customers))
+    features = features_matrix(customers)
+    labels, confidence = model.predict_matrix(features)
+    explained = observer.observe(_customer_columns(features), labels) if observer is not None else None
     n = len(customers)
     csv_answer = None
     if as_csv:
         frame = pd.DataFrame([c.model_dump() for c in customers])
-        answer = CsvAnswer(list(frame.columns), model.names)
-        answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n)
+        answer = CsvAnswer(list(frame.columns), model.names, explain=explained is not None)
+        answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n, explained)
         csv_answer = answer.finish()
-    return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer)
+    return ScoredBatch(
+        model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer, observer=observer
+    )
+
+
+def _customer_columns(features: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: features[:, j] for j, name in enumerate(FEATURES)}
 
 
 def _complete_lines(head: bytes) -> bytes:
@@ -287,14 +317,16 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     return features, valid, errors
 
 
-ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None]]
-"""A chunk's (valid rows, their cluster ids, their confidences, each row's error or None)."""
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None], Any]
+"""A chunk's (valid rows, their cluster ids, their confidences, each row's error or None, the valid rows'
+checked values per feature name, for explanations and drift, or None)."""
 
 
 def _score_customer_chunk(model: ServedModel, frame: pd.DataFrame) -> ChunkScores:
     features, valid, errors = _check_frame(frame, resolve_columns(frame.columns))
-    labels, confidence = model.predict_matrix(features[valid])
-    return valid, labels, confidence, errors
+    scored = features[valid]
+    labels, confidence = model.predict_matrix(scored)
+    return valid, labels, confidence, errors, _customer_columns(scored)
 
 
 def score_csv_file(
@@ -304,6 +336,7 @@ def score_csv_file(
     as_csv: bool,
     score_chunk: Callable[[ServedModel, pd.DataFrame], ChunkScores] = _score_customer_chunk,
     check_columns: Callable[[Any], Any] = resolve_columns,
+    observer: BatchObserver | None = None,
 ) -> ScoredBatch:
     """A batch CSV chunk by chunk: each chunk scored by `score_chunk` (the customer features by
     default), bad rows marked, the first of them listed, the CSV answer written as it goes."""
@@ -313,11 +346,12 @@ def score_csv_file(
     answer: CsvAnswer | None = None
     seen = 0
     for frame in csv_frames(fh, check_columns):
-        valid, chunk_labels, chunk_confidence, errors = score_chunk(model, frame)
+        valid, chunk_labels, chunk_confidence, errors, values = score_chunk(model, frame)
+        explained = observer.observe(values, chunk_labels) if observer is not None and values is not None else None
         if as_csv:
             if answer is None:
-                answer = CsvAnswer(list(frame.columns), model.names)
-            answer.add(frame, valid, chunk_labels, chunk_confidence, errors)
+                answer = CsvAnswer(list(frame.columns), model.names, explain=observer is not None and observer.explain)
+            answer.add(frame, valid, chunk_labels, chunk_confidence, errors, explained)
         labels.append(chunk_labels)
         confidence.append(chunk_confidence)
         if len(problems) < MAX_LISTED_ROWS:
@@ -336,13 +370,16 @@ def score_csv_file(
         n_rows=seen,
         problems=problems,
         csv_answer=answer.finish() if answer is not None else None,
+        observer=observer,
     )
 
 
-async def score_csv(model: ServedModel, upload: UploadFile, *, as_csv: bool) -> ScoredBatch:
+async def score_csv(
+    model: ServedModel, upload: UploadFile, *, as_csv: bool, observer: BatchObserver | None = None
+) -> ScoredBatch:
     """Score an uploaded CSV (already spooled to a temporary file) in a worker thread."""
     upload.file.seek(0)
-    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv))
+    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv, observer=observer))
 
 
 def cluster_summary(model: ServedModel) -> ClusterSummary:
