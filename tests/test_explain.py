@@ -12,9 +12,24 @@ import pytest
 
 from app.preprocess import FEATURES
 from tests.conftest import CUSTOMER
-from tests.test_segmentations import CRM_CUSTOMER, as_csv, crm, crm_table  # noqa: F401 - crm is a fixture
+from tests.test_segmentations import CRM_CUSTOMER, as_csv, create, crm_table
 
 pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def crm_trained(client, analyst_headers) -> dict:
+    """The CRM segmentation of tests/test_segmentations.py (numeric and categorical features), trained."""
+    assert (await create(client, analyst_headers)).status_code == 201
+    trained = await client.post(
+        "/segmentations/crm/train",
+        params={"random_state": 1},
+        files={"file": ("crm.csv", as_csv(crm_table()), "text/csv")},
+        headers=analyst_headers,
+    )
+    assert trained.status_code == 200, trained.text
+    return trained.json()
+
 
 CUSTOMERS = [
     CUSTOMER,
@@ -55,9 +70,10 @@ async def test_predict_explains_with_the_runner_up_and_shares_summing_to_one(app
         check_explanation(body, scaled_distances(app, customer), 4)
         contributions = {c["feature"]: c["value"] for c in body["explanation"]["contributions"]}
         assert contributions == {name: customer[name] for name in FEATURES}  # values as sent, no `sex`
-        assert body["explanation"]["runner_up"]["cluster_name"] == trained_model_names(app)[
-            body["explanation"]["runner_up"]["cluster"]
-        ]
+        assert (
+            body["explanation"]["runner_up"]["cluster_name"]
+            == trained_model_names(app)[body["explanation"]["runner_up"]["cluster"]]
+        )
 
 
 def trained_model_names(app) -> tuple[str, ...]:
@@ -96,7 +112,9 @@ async def test_the_named_door_explains_default_too(app, client, trained_model, u
     check_explanation(response.json(), scaled_distances(app, CUSTOMER), 4)
 
 
-async def test_a_custom_segmentation_with_categoricals_explains_per_declared_feature(app, client, crm, user_headers):
+async def test_a_custom_segmentation_with_categoricals_explains_per_declared_feature(
+    app, client, crm_trained, user_headers
+):
     customers = [
         CRM_CUSTOMER,
         {"tenure_months": 5.0, "basket": 22.0, "visits": 2, "plan": "free", "region": "north"},
@@ -147,13 +165,14 @@ async def test_batch_explain_adds_top_feature_and_margin_in_json_and_csv(app, cl
     assert table[-1]["error"] and table[-1]["top_feature"] == "" and table[-1]["margin"] == ""
 
     as_json = await client.post(
-        "/predict/batch?explain=true", files={"file": ("c.csv", upload[: upload.rfind(b"\n", 0, -1) + 1])},
+        "/predict/batch?explain=true",
+        files={"file": ("c.csv", upload[: upload.rfind(b"\n", 0, -1) + 1])},
         headers=user_headers,
     )
     assert [r["top_feature"] for r in as_json.json()["predictions"]] == [r["top_feature"] for r in rows]
 
 
-async def test_batch_explain_on_a_custom_segmentation_by_both_bodies(app, client, crm, user_headers):
+async def test_batch_explain_on_a_custom_segmentation_by_both_bodies(app, client, crm_trained, user_headers):
     table = crm_table(rows=40, seed=11)
     upload = await client.post(
         "/segmentations/crm/predict/batch?explain=true",
