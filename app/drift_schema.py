@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DriftStatus = Literal["stable", "moderate", "significant", "insufficient_data"]
 
@@ -20,6 +20,17 @@ class DriftQuery(BaseModel):
         None,
         description="Count what was scored from then on (ISO 8601, UTC when no offset); default the version's activation",
     )
+
+    @field_validator("since", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: object) -> object:
+        # Pydantic would also read a bare number as Unix seconds: only a written date is meant here.
+        if isinstance(value, str):
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("since must be an ISO 8601 date and time, e.g. 2026-12-01T08:00:00Z") from None
+        return value
 
 
 class FeatureDrift(BaseModel):
