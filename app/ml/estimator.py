@@ -243,13 +243,9 @@ class SegmentationModel:
         """Why one record (feature name -> value, already type-checked) is in its segment; None when it
         breaks a rule (scoring words the error)."""
         if self._records is None:
-            row = np.array([float(record[name]) for name in FEATURES])
-        else:
-            encoded = self._records.encode(record)
-            if encoded is None:
-                return None
-            row = encoded[0]
-        return self.explainer.explain_row(row)
+            return self.explainer.explain_row([float(record[name]) for name in FEATURES])
+        encoded = self._records.encode(record)
+        return None if encoded is None else self.explainer.explain_row(encoded[0])
 
     def scorer_rows(self, columns: Mapping[str, Any]) -> np.ndarray:
         """The rows the scorer takes for checked feature columns (the customer features in their units,

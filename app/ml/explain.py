@@ -24,6 +24,8 @@ DECIDING_SHARE = 0.75
 """The summary names the largest positive shares until together they reach this much (at most three)."""
 MAX_NAMED = 3
 _CELLS_PER_CHUNK = 4_000_000
+_PLAIN_PYTHON_CELLS = 256
+"""Up to this many centroid cells (k x columns), one row is explained in plain Python: no array set-up."""
 """Batch explanations work on rows x centroids x columns blocks of at most this many cells."""
 
 
@@ -62,17 +64,41 @@ class Explainer:
         self.centers = scorer.folded_centers
         self.inv_scale = scorer.inv_scale
         self.names = tuple(cluster_names)
+        self._plain = self.centers.size <= _PLAIN_PYTHON_CELLS
+        self._center_rows = tuple(tuple(float(v) for v in row) for row in self.centers)
+        self._inv_scale_row = tuple(float(v) for v in self.inv_scale)
+        self._columns = tuple(
+            tuple(range(int(start), int(start) + width)) for start, width in zip(self.starts, widths, strict=True)
+        )
 
     # -- one customer ---------------------------------------------------------------------------
 
-    def explain_row(self, row: np.ndarray) -> Explanation:
+    def explain_row(self, row: Any) -> Explanation:
         """The nearest centroid, the second-nearest and the per-feature split of the margin."""
-        diff = self.centers - np.asarray(row, dtype=np.float64) * self.inv_scale
-        squares = diff * diff
-        d2 = squares.sum(axis=1).tolist()
-        best = min(range(len(d2)), key=d2.__getitem__)
-        second = min((i for i in range(len(d2)) if i != best), key=d2.__getitem__)
-        per_feature = np.add.reduceat(squares[second] - squares[best], self.starts).tolist()
+        if self._plain:
+            x = [float(v) * s for v, s in zip(row, self._inv_scale_row, strict=True)]
+            d2 = []
+            for center in self._center_rows:
+                total = 0.0
+                for a, c in zip(x, center, strict=True):
+                    total += (a - c) * (a - c)
+                d2.append(total)
+            best = min(range(len(d2)), key=d2.__getitem__)
+            second = min((i for i in range(len(d2)) if i != best), key=d2.__getitem__)
+            near, far = self._center_rows[best], self._center_rows[second]
+            per_feature = []
+            for columns in self._columns:
+                part = 0.0
+                for j in columns:
+                    part += (x[j] - far[j]) * (x[j] - far[j]) - (x[j] - near[j]) * (x[j] - near[j])
+                per_feature.append(part)
+        else:
+            diff = self.centers - np.asarray(row, dtype=np.float64) * self.inv_scale
+            squares = diff * diff
+            d2 = squares.sum(axis=1).tolist()
+            best = min(range(len(d2)), key=d2.__getitem__)
+            second = min((i for i in range(len(d2)) if i != best), key=d2.__getitem__)
+            per_feature = np.add.reduceat(squares[second] - squares[best], self.starts).tolist()
         shares = _shares(per_feature)
         ranked = sorted(zip(self.features, shares, strict=True), key=lambda item: -item[1])
         return Explanation(best, math.sqrt(d2[best]), second, math.sqrt(d2[second]), tuple(ranked))
