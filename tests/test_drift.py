@@ -182,7 +182,9 @@ async def test_since_and_version_choose_what_is_read(client, trained_model, data
     assert len(current["segment_mix"]["reference"]) == 4
     old = await drift(client, analyst_headers, version=first)
     assert old["model_version"] == first and old["n_observed"] == 42
-    # Back to the first version: counted from its new activation on, unless `since` says otherwise.
+    # Back to the first version: counted from its new activation on (to the bucket: so one later
+    # than its last counts), unless `since` says otherwise.
+    await asyncio.sleep(1.1)
     assert (await client.post(f"/models/{first}/activate", headers=analyst_headers)).status_code == 200
     assert (await drift(client, analyst_headers))["n_observed"] == 0
     assert (await drift(client, analyst_headers, since="2000-01-01T00:00:00Z"))["n_observed"] == 42
