@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     # How long a worker may trust its cached view of a user and its revoked tokens.
     auth_cache_seconds: float = Field(default=0.5, ge=0, le=1.0)
 
+    # Drift: every scored customer is counted per model version in memory, and each worker writes
+    # its counts to the database every drift_flush_seconds (and when it stops), into buckets of
+    # drift_bucket_seconds (how finely `since` is honoured). drift_gauge_seconds: how often the
+    # segmentation_feature_psi gauge is recomputed for the active versions.
+    drift_enabled: bool = True
+    drift_flush_seconds: float = Field(default=5.0, gt=0, le=300)
+    drift_bucket_seconds: int = Field(default=60, ge=1, le=86_400)
+    drift_gauge_seconds: float = Field(default=60.0, gt=0)
+
     metrics_enabled: bool = True
     # When set, GET /metrics answers only requests with `Authorization: Bearer <metrics_token>`.
     metrics_token: str = ""

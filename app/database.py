@@ -300,6 +300,31 @@ class ModelVersion(Base):
     artifact: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class DriftCount(Base):
+    """What one worker process counted for one model version within one time bucket (app.services.drift).
+
+    `counts` is the flat bin vector of app.ml.drift (every feature's bins, then one per cluster),
+    `sums` each feature's sum of observed values. A process rewrites its own row of the current
+    bucket at each flush, so rows grow with buckets and processes, not with requests.
+    """
+
+    __tablename__ = "drift_counts"
+    __table_args__ = (
+        Index("ix_drift_counts_version_bucket", "model_version", "bucket_start"),
+        Index("ux_drift_counts_writer", "model_version", "bucket_start", "writer", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    segmentation_id: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str] = mapped_column(String(64))
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    writer: Mapped[str] = mapped_column(String(160))
+    n_rows: Mapped[int] = mapped_column(BigInteger)
+    counts: Mapped[list] = mapped_column(JSON)
+    sums: Mapped[list] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
 class ServiceState(Base):
     """Small shared key/value facts every worker reads, e.g. the active model version."""
 

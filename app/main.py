@@ -29,6 +29,7 @@ from app.routes import segmentations as segmentation_routes
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
+from app.services.drift import DriftCounter, refresh_gauges
 from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
@@ -183,6 +184,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.models.start()
         await app.state.segmentations.start()
         app.state.elbow = ElbowCache(settings)
+        app.state.drift = drift = DriftCounter(
+            database=database, settings=settings, metrics=app.state.metrics, enabled=settings.drift_enabled
+        )
+        await drift.start(lambda: refresh_gauges(drift, app.state.segmentations.stores))
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()
         # One repository; the routes name it by the side they use.
@@ -192,6 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await history.stop()
+            try:
+                await drift.stop()  # the last counts, so a clean shutdown loses none
+            except Exception:  # noqa: BLE001 - a database gone at shutdown must not stop the rest
+                logging.getLogger("app.drift").warning("drift counts not written at shutdown", exc_info=True)
             await app.state.segmentations.stop()
             await app.state.models.stop()
             await database.dispose()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import Scope
@@ -415,6 +415,12 @@ class Metrics:
             buckets=TRAINING_BUCKETS,
             registry=self.registry,
         )
+        self.feature_psi = Gauge(
+            "segmentation_feature_psi",
+            "Population stability index of each clustering feature of the active version, since its activation",
+            ["segmentation", "feature"],
+            registry=self.registry,
+        )
         self.login_failures = Counter(
             "auth_login_failures",
             "Failed logins by reason (invalid_credentials, inactive, throttled)",
@@ -468,6 +474,14 @@ class Metrics:
         self.training_runs.labels(outcome, segmentation).inc()
         if outcome == "success":
             self.training_duration.labels(segmentation).observe(seconds)
+
+    def drift_computed(self, segmentation: str, features: Sequence[dict[str, Any]]) -> None:
+        """Set segmentation_feature_psi from a drift report's `features` (those with a PSI)."""
+        if not self.enabled:
+            return
+        for feature in features:
+            if feature.get("psi") is not None:
+                self.feature_psi.labels(segmentation, feature["feature"]).set(feature["psi"])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

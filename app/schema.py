@@ -9,6 +9,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from app.explain_schema import Explanation, ExplanationField
 from app.identity_schema import SegmentMatch
 from app.preprocess import FEATURE_RANGES, SEX_VALUES
 
@@ -212,6 +213,7 @@ class PredictionResult(SegmentAssignment):
 
     customer_data: CustomerFeatures
     model_version: str
+    explanation: Explanation | None = ExplanationField
 
 
 class BatchUpload(BaseModel):

@@ -18,6 +18,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from app.explain_schema import Explanation, ExplanationField
 from app.identity_schema import SegmentMatch
 from app.schema import (
     CUSTOMER_EXAMPLE,
@@ -209,6 +210,7 @@ class NamedPredictionResult(SegmentAssignment):
     model_version: str
     segmentation: str
     warnings: list[str] = []
+    explanation: Explanation | None = ExplanationField
 
 
 class NamedBatchUpload(BaseModel):

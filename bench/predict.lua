@@ -2,6 +2,7 @@
 dofile(os.getenv("BENCH_DIR") .. "/report.lua")
 
 local token = os.getenv("BENCH_TOKEN")
+local path = os.getenv("BENCH_PATH") or "/predict"  -- e.g. /predict?explain=true
 local sexes = {"Male", "Female", "Other"}
 local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. token}
 
@@ -14,5 +15,5 @@ function request()
     '{"sex":"%s","age":%d,"annual_income":%.1f,"spending_score":%d,"purchase_frequency":%d}',
     sexes[math.random(3)], math.random(18, 80), math.random(150, 2000) / 10,
     math.random(1, 100), math.random(0, 120))
-  return wrk.format("POST", "/predict", headers, body)
+  return wrk.format("POST", path, headers, body)
 end

@@ -479,3 +479,29 @@ async def test_retraining_next_month_keeps_segment_ids_and_names(client, analyst
     clusters = (await client.get("/segmentations/shop/clusters", headers=analyst_headers)).json()["clusters"]
     assert clusters[0]["cluster_name"] == "Key accounts"
     assert after.loc[after["cluster"] == 0, "cluster_name"].eq("Key accounts").all()
+
+
+async def test_explanations_and_drift_cover_rfm(client, analyst_headers, shop):
+    data, _, _ = shop
+    explained = await client.post(
+        "/segmentations/shop/predict",
+        params={"explain": "true"},
+        json={"customer": {"recency_days": 40, "frequency": 6, "monetary": 2500.0}},
+        headers=analyst_headers,
+    )
+    assert explained.status_code == 200, explained.text
+    explanation = explained.json()["explanation"]
+    assert sorted(c["feature"] for c in explanation["contributions"]) == ["frequency", "monetary", "recency_days"]
+    assert sum(c["share"] for c in explanation["contributions"]) == pytest.approx(1.0, abs=1e-9)
+
+    table = await score_csv(client, analyst_headers, data, explain="true")
+    assert table.columns.tolist() == [*ANSWER, "top_feature", "margin"]
+    assert set(table["top_feature"]) <= {"recency_days", "frequency", "monetary"}
+    assert (table["margin"] >= 0).all()
+
+    drift = await client.get("/segmentations/shop/drift", headers=analyst_headers)
+    assert drift.status_code == 200, drift.text
+    report = drift.json()
+    assert report["n_observed"] == len(table) + 1
+    assert [f["feature"] for f in report["features"]] == ["recency_days", "frequency", "monetary"]
+    assert report["status"] == "stable"  # the training customers themselves

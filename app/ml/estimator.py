@@ -7,6 +7,7 @@ is never mutated by prediction, so one instance can serve concurrent calls.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,10 +19,13 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import persistence, selection
+from app.ml.drift import DriftReference, fit_reference
 from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
+from app.ml.explain import Explainer, Explanation
 from app.ml.outofcore import TrainingFile, train_customer_file
 from app.ml.persistence import ModelLoadError
 from app.ml.records import RecordEncoder
+from app.ml.rfm import RfmTable, clustering_frame
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
 from app.ml.scoring import CentroidScorer, ScoredFrame, ScoredRecords
 from app.ml.training import train_custom, train_customer, train_rfm
@@ -98,6 +102,7 @@ class SegmentationModel:
                 parts = train_custom(data, schema, **options)  # type: ignore[arg-type]
         model = cls(parts.scaler, parts.kmeans, parts.metadata)
         model.training_labels = parts.labels if len(parts.labels) or not parts.metadata["n_samples"] else None
+        model.metadata["drift_reference"] = _drift_reference(model.schema, data, parts, model.n_clusters)
         return model
 
     # -- description ------------------------------------------------------- #
@@ -230,6 +235,7 @@ class SegmentationModel:
             confidence,
             ["; ".join(e) if e else None for e in checked.errors],
             ["; ".join(w) if w else None for w in checked.warnings],
+            checked.frame,
         )
 
     def score_table(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -240,6 +246,32 @@ class SegmentationModel:
     def _require_declared(self, method: str) -> None:
         if self.schema.kind == "customer":
             raise TypeError(f"{method} scores a declared schema; score the customer kind with predict")
+
+    # -- explanations and drift -------------------------------------------------------------- #
+
+    @functools.cached_property
+    def explainer(self) -> Explainer:
+        return Explainer(self._scorer, self.schema, self._names)
+
+    @functools.cached_property
+    def drift_reference(self) -> DriftReference | None:
+        """The training bins drift is measured against; None for a version saved before they were kept."""
+        return DriftReference.from_dict(self.metadata.get("drift_reference"))
+
+    def explain_one(self, record: Mapping[str, Any]) -> Explanation | None:
+        """Why one record (feature name -> value, already type-checked) is in its segment; None when it
+        breaks a rule (scoring words the error)."""
+        if self._records is None:
+            return self.explainer.explain_row([float(record[name]) for name in FEATURES])
+        encoded = self._records.encode(record)
+        return None if encoded is None else self.explainer.explain_row(encoded[0])
+
+    def scorer_rows(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """The rows the scorer takes for checked feature columns (the customer features in their units,
+        or a declared schema's values encoded)."""
+        if self.schema.kind == "customer":
+            return np.column_stack([np.asarray(columns[name], dtype=np.float64) for name in FEATURES])
+        return encode(self.schema, pd.DataFrame({name: columns[name] for name in self.schema.names}))
 
     def encode(self, data: Any) -> np.ndarray:
         """The K-Means input for ``data``: ``kmeans.predict(model.encode(data))`` are the served ids.
@@ -274,6 +306,26 @@ class SegmentationModel:
     def from_bytes(cls, blob: bytes) -> SegmentationModel:
         """Inverse of :meth:`to_bytes`; any problem raises ModelLoadError."""
         return _from_parts(*persistence.from_bytes(blob))
+
+
+def _drift_reference(schema: FeatureSchema, data: Any, parts: Any, k: int) -> dict[str, Any] | None:
+    """The drift reference of a freshly trained model, from its training data in the features' own units
+    (kind rfm: the RFM values the scorer takes; a file trained out of core: its trainer's, from the sample)."""
+    labels = parts.labels
+    if isinstance(data, TrainingFile):
+        return parts.metadata.get("drift_reference")
+    if isinstance(data, RfmTable):
+        data = clustering_frame(data.frame)
+    columns: dict[str, Any]
+    if schema.kind == "customer":
+        arr = customer_matrix(data)
+        columns = {name: arr[:, j] for j, name in enumerate(FEATURES)}
+    else:
+        columns = {
+            f.name: data[f.name].to_numpy(dtype=np.float64, na_value=np.nan) if f.numeric else data[f.name]
+            for f in schema.features
+        }
+    return fit_reference(schema, columns, labels, k).to_dict()
 
 
 def _schema_of(metadata: dict[str, Any]) -> FeatureSchema:

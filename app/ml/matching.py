@@ -224,6 +224,10 @@ def renumbered(new: SegmentationModel, matching: Matching, previous: Segmentatio
     segments = [dict(meta["segments"][j]) for j in order]
     if isinstance(meta.get("centroids"), list) and len(meta["centroids"]) == len(order):
         meta["centroids"] = [meta["centroids"][j] for j in order]
+    reference = meta.get("drift_reference")
+    if isinstance(reference, dict) and len(reference.get("segment_mix") or ()) == len(order):
+        # The training segment mix is per cluster id: it follows the new ids too.
+        meta["drift_reference"] = reference | {"segment_mix": [reference["segment_mix"][j] for j in order]}
     previous_segments = previous.segments if previous is not None else []
     previous_version = matching.previous_version or ""
     for cluster_id, (segment, m) in enumerate(zip(segments, matching.matches, strict=True)):

@@ -27,6 +27,7 @@ import numpy as np
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import selection
+from app.ml.drift import fit_reference
 from app.ml.schema import FeatureSchema
 from app.ml.training import (
     _INCOME,
@@ -171,7 +172,12 @@ def train_customer_file(
         if n <= in_memory_rows:
             arr = np.concatenate(list(spill.blocks(n))) if n else np.empty((0, _WIDTH), dtype=np.float32)
             spill.close()
-            return train_customer(arr, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+            parts = train_customer(arr, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+            columns = {name: arr[:, j] for j, name in enumerate(FEATURES)}
+            parts.metadata["drift_reference"] = fit_reference(
+                FeatureSchema.customer(), columns, parts.labels, len(parts.metadata["segments"])
+            ).to_dict()
+            return parts
         return _streamed(
             spill, scaler, sample.rows, hasher.hexdigest(), source, n_clusters, random_state, k_range, started
         )
@@ -245,6 +251,9 @@ def _streamed(
     )
     metadata["segments"] = segments
     metadata["centroids"] = centroids
+    metadata["drift_reference"] = fit_reference(
+        FeatureSchema.customer(), {name: sample[:, j] for j, name in enumerate(FEATURES)}, sample_labels, k
+    ).to_dict()
     metadata["out_of_core"] = {
         "source": "parquet" if source.is_parquet else "csv",
         "sample_rows": int(len(sample)),

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 PREDICT_CHUNK_ROWS = 65_536
 
@@ -140,6 +141,8 @@ class ScoredFrame:
     """Per input row: None, or e.g. "tenure_months: not a number: 'abc'; basket: out of range 0..500: 900"."""
     warnings: list[str | None]
     """Per input row: None, or e.g. "plan: unseen category 'gold'; tenure_months: missing, imputed"."""
+    values: pd.DataFrame | None = None
+    """Every input row's checked values (numbers, NaN when empty; trimmed text), when the kind keeps them."""
 
     def __len__(self) -> int:
         return len(self.errors)

@@ -101,4 +101,6 @@ async def toggle_active(user_id: PrimaryKey, admin: AdminUser, session: SessionD
 )
 async def stats(session: SessionDep, request: Request) -> AdminStats:
     state = request.app.state
-    return await stats_service.collect(session=session, models=state.models, registry=state.segmentations)
+    return await stats_service.collect(
+        session=session, models=state.models, registry=state.segmentations, drift=state.drift
+    )

@@ -10,7 +10,9 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.deps import AnalystUser, CurrentUser
+from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
+from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.routes.responses import errors, file_errors
 from app.schema import (
@@ -30,6 +32,7 @@ from app.schema import (
     PredictionResult,
     TrainResult,
 )
+from app.services import drift as drift_service
 from app.services import segmentation, segmentations
 from app.services.models import ModelStore
 
@@ -95,22 +98,35 @@ async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQ
     return Response(body, media_type="application/json")
 
 
-async def predict(request: Request, user: CurrentUser, customer: CustomerFeatures) -> PredictionResult:
+async def predict(
+    request: Request, user: CurrentUser, customer: CustomerFeatures, options: Annotated[ExplainQuery, Query()]
+) -> PredictionResult:
     store = request.app.state.models
     served = store.require()
     cluster, name, confidence = served.assign([customer])[0]
+    data = customer.model_dump()
+    explanation = None
+    if options.explain:
+        explained = segmentations.explained(served, data)
+        if explained is not None:
+            cluster, name, confidence, explanation = explained
     await segmentations.record_prediction(
         request.app.state,
         user_id=user.id,
         store=store,
         served=served,
-        customer=customer.model_dump(),
+        customer=data,
         cluster=cluster,
         name=name,
         confidence=confidence,
     )
     return PredictionResult(
-        cluster=cluster, cluster_name=name, confidence=confidence, customer_data=customer, model_version=served.version
+        cluster=cluster,
+        cluster_name=name,
+        confidence=confidence,
+        customer_data=customer,
+        model_version=served.version,
+        explanation=explanation,  # type: ignore[arg-type]
     )
 
 
@@ -119,7 +135,9 @@ router.add_api_route(
     endpoint=predict,
     methods=["POST"],
     summary="Which segment is this customer in?",
-    description="Assigns one customer to a segment of the active model and records it in the caller's history.",
+    description="Assigns one customer to a segment of the active model and records it in the caller's history. "
+    "With `explain=true` the answer adds `explanation`: the runner-up segment and each feature's share of the "
+    "margin, in one sentence too.",
     responses=errors(401, 403, 409, 422),
 )
 
@@ -164,8 +182,13 @@ def _wants_csv(request: Request) -> bool:
     return "text/csv" in accept and "application/json" not in accept.split(",")[0]
 
 
-async def predict_batch(request: Request, user: CurrentUser, batch: Annotated[BatchUpload, File()]) -> Response:
-    return await answer_batch(request, user.id, request.app.state.models, batch.file, batch.customers)
+ExplainFlag = Annotated[bool, Query(description="Add each row's `top_feature` and `margin` (also as CSV columns)")]
+
+
+async def predict_batch(
+    request: Request, user: CurrentUser, batch: Annotated[BatchUpload, File()], explain: ExplainFlag = False
+) -> Response:
+    return await answer_batch(request, user.id, request.app.state.models, batch.file, batch.customers, explain=explain)
 
 
 async def answer_batch(
@@ -176,12 +199,13 @@ async def answer_batch(
     customers: list[Any] | None,
     *,
     as_of: date | None = None,
+    explain: bool = False,
 ) -> Response:
     """The answer of a batch (either door): JSON, or CSV when the client asks for text/csv."""
     as_csv = _wants_csv(request)
     state = request.app.state
     served, scored = await segmentations.score_batch(
-        state, store, file=file, customers=customers, as_csv=as_csv, as_of=as_of
+        state, store, file=file, customers=customers, as_csv=as_csv, as_of=as_of, explain=explain
     )
     await segmentations.record_batch(state, user_id=user_id, store=store, served=served, scored=scored)
     if as_csv:
@@ -277,3 +301,18 @@ async def activate_model(
 ) -> ModelVersionPublic:
     served = await request.app.state.models.activate(version)
     return ModelVersionPublic(**(await request.app.state.models.get_version(served.version)))
+
+
+@router.get(
+    "/drift",
+    summary="Has the population moved since training? (analyst)",
+    description="PSI per clustering feature and for the segment mix, between the version's training bins and "
+    "what it scored through /predict and /predict/batch (both doors, every worker) since `since`. "
+    "`insufficient_data` below 500 rows; 409 for a version trained before drift bins were kept.",
+    responses=errors(401, 403, 404, 409, 422),
+)
+async def drift(request: Request, _: AnalystUser, query: Annotated[DriftQuery, Query()]) -> DriftReport:
+    state = request.app.state
+    return DriftReport(
+        **await drift_service.report(state.drift, state.models, version=query.version, since=query.since)
+    )

@@ -11,9 +11,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Path, Query, Request, Response
 
 from app.deps import AnalystUser, CurrentUser
+from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
+from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.routes.ml import CsvFile, _is_multipart, answer_batch
+from app.routes.ml import CsvFile, ExplainFlag, _is_multipart, answer_batch
 from app.routes.responses import errors, file_errors
 from app.schema import (
     BatchResult,
@@ -40,6 +42,7 @@ from app.segmentation_schema import (
     SegmentationPublic,
     SegmentationUpdate,
 )
+from app.services import drift as drift_service
 from app.services import rfm as rfm_service
 from app.services import segmentations
 from app.services.models import ModelStore
@@ -194,10 +197,16 @@ async def train_segmentation(
     "/{name}/predict",
     summary="Which segment of this segmentation is the customer in?",
     description="`customer` holds the segmentation's features (its `customer_schema`). An unseen category is "
-    "accepted and named in `warnings`. Kept in the caller's history.",
+    "accepted and named in `warnings`. Kept in the caller's history. `explain=true` adds `explanation`.",
     responses=errors(401, 403, 404, 409, 422),
 )
-async def predict(request: Request, user: CurrentUser, name: Name, body: NamedPredictBody) -> NamedPredictionResult:
+async def predict(
+    request: Request,
+    user: CurrentUser,
+    name: Name,
+    body: NamedPredictBody,
+    options: Annotated[ExplainQuery, Query()],
+) -> NamedPredictionResult:
     store = await _store(request, name)
     answer = await segmentations.predict(
         request.app.state,
@@ -206,18 +215,26 @@ async def predict(request: Request, user: CurrentUser, name: Name, body: NamedPr
         customer=body.customer,
         transactions=body.transactions,
         as_of=body.as_of,
+        explain=options.explain,
     )
     return NamedPredictionResult(**answer)
 
 
 async def predict_batch(
-    request: Request, user: CurrentUser, name: Name, batch: Annotated[NamedBatchUpload, File()], as_of: AsOf = None
+    request: Request,
+    user: CurrentUser,
+    name: Name,
+    batch: Annotated[NamedBatchUpload, File()],
+    explain: ExplainFlag = False,
+    as_of: AsOf = None,
 ) -> Response:
     store = await _store(request, name)
     customers: list[Any] | None = batch.customers
     if customers is not None and store.segmentation.kind == "customer":
         customers = segmentations.validate_customers(store, customers, "customers")
-    return await answer_batch(request, user.id, store, batch.file, customers, as_of=rfm_service.as_of_date(as_of))
+    return await answer_batch(
+        request, user.id, store, batch.file, customers, as_of=rfm_service.as_of_date(as_of), explain=explain
+    )
 
 
 router.add_api_route(
@@ -355,3 +372,15 @@ async def activate_model(request: Request, _: AnalystUser, name: Name, version: 
 async def delete_model(request: Request, _: AnalystUser, name: Name, version: Version) -> Response:
     await (await _store(request, name)).delete_version(version)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{name}/drift",
+    summary="Has the population moved since training? (analyst)",
+    description="As GET /drift, for this segmentation: PSI per feature and for the segment mix since `since`.",
+    responses=errors(401, 403, 404, 409, 422),
+)
+async def drift(request: Request, _: AnalystUser, name: Name, query: Annotated[DriftQuery, Query()]) -> DriftReport:
+    store = await _store(request, name)
+    state = request.app.state
+    return DriftReport(**await drift_service.report(state.drift, store, version=query.version, since=query.since))

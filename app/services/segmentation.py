@@ -42,6 +42,7 @@ from app.preprocess import (
 )
 from app.schema import ClusterSummary, ElbowResult, SegmentStats
 from app.services.models import ServedModel, data_uri
+from app.services.observed import BatchObserver, ExplainColumns
 
 # How long the dataset file is taken as unchanged before it is looked at again.
 DATASET_CHECK_SECONDS = 1.0
@@ -52,6 +53,7 @@ NO_DATASET = "No training dataset at {path}: run generate_dataset.py, or train o
 SCORE_CHUNK_ROWS = 50_000
 """A batch CSV is read, checked and scored this many rows at a time, so memory stays flat."""
 RESULT_COLUMNS = ("cluster", "cluster_name", "confidence", "error")
+EXPLAIN_COLUMNS = ("top_feature", "margin")
 _HEAD_BYTES = 64 * 1024
 SPOOL_BYTES = 8 * 1024 * 1024
 _KNOWN_SEXES = [value.lower() for value in SEX_VALUES]
@@ -153,13 +155,13 @@ class CsvAnswer:
     Input cells are echoed back; any that a spreadsheet would evaluate is made inert first.
     """
 
-    def __init__(self, input_columns: Sequence[str], names: Sequence[str], *, with_error: bool = True) -> None:
+    def __init__(self, input_columns: Sequence[str], names: Sequence[str], *, explain: bool = False) -> None:
         # An input column named like a result column is replaced by the result.
-        self.columns = [c for c in input_columns if str(c).strip().lower() not in RESULT_COLUMNS]
+        results = (*RESULT_COLUMNS[:3], *EXPLAIN_COLUMNS, RESULT_COLUMNS[3]) if explain else RESULT_COLUMNS
+        self.columns = [c for c in input_columns if str(c).strip().lower() not in results]
         self.names = np.array(list(names), dtype=object)
-        self.with_error = with_error
+        self.explain = explain
         self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
-        results = RESULT_COLUMNS if with_error else RESULT_COLUMNS[:-1]
         self._write_rows([[*(_inert(str(c)) for c in self.columns), *results]])
 
     def _write_rows(self, rows) -> None:
@@ -174,6 +176,7 @@ class CsvAnswer:
         labels: np.ndarray,
         confidence: np.ndarray,
         errors: Sequence[str | None],
+        explained: ExplainColumns | None = None,
     ) -> None:
         n = len(frame)
         cluster = np.full(n, "", dtype=object)
@@ -182,11 +185,16 @@ class CsvAnswer:
         name[valid] = self.names[labels]
         score = np.full(n, "", dtype=object)
         score[valid] = np.round(confidence, 6).tolist()
-        inputs = [inert_column(frame[c]) for c in self.columns]
         results = [cluster.tolist(), name.tolist(), score.tolist()]
-        if self.with_error:
-            results.append([e or "" for e in errors])
-        self._write_rows(zip(*inputs, *results, strict=True))
+        if self.explain:
+            top = np.full(n, "", dtype=object)
+            margin = np.full(n, "", dtype=object)
+            if explained is not None:
+                top[valid] = explained[0]
+                margin[valid] = np.round(explained[1], 6).tolist()
+            results += [inert_column(pd.Series(top.tolist(), dtype=str)), margin.tolist()]
+        inputs = [inert_column(frame[c]) for c in self.columns]
+        self._write_rows(zip(*inputs, *results, [e or "" for e in errors], strict=True))
 
     def finish(self) -> IO[bytes]:
         self.file.seek(0)
@@ -210,6 +218,8 @@ class ScoredBatch:
     csv_answer: IO[bytes] | None = None
     fields: pd.DataFrame | None = None
     """Per scored row, fields the JSON answer carries before its cluster (kind rfm: the RFM row)."""
+    observer: BatchObserver | None = None
+    """What went along with the scoring: explanation columns (`explain=true`) and drift counts."""
 
     @property
     def n_failed(self) -> int:
@@ -221,6 +231,9 @@ class ScoredBatch:
             json.dumps({"cluster": i, "cluster_name": name}, separators=(",", ":"))[:-1] + ',"confidence":'
             for i, name in enumerate(self.model.names)
         ]
+        explained = self.observer is not None and self.observer.explain
+        top = self.observer.top_feature if self.observer is not None and explained else None
+        margin = self.observer.margin if self.observer is not None and explained else None
         yield b'{"predictions":['
         if self.fields is not None:
             yield from self._field_rows()
@@ -228,10 +241,14 @@ class ScoredBatch:
             return
         for lo in range(0, len(self.labels), SCORE_CHUNK_ROWS):
             hi = lo + SCORE_CHUNK_ROWS
-            rows = ",".join(
-                prefixes[c] + repr(p) + "}"
-                for c, p in zip(self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist(), strict=True)
-            )
+            labels, scores = self.labels[lo:hi].tolist(), self.confidence[lo:hi].tolist()
+            if top is not None and margin is not None:
+                rows = ",".join(
+                    prefixes[c] + repr(p) + ',"top_feature":' + json.dumps(t) + ',"margin":' + repr(m) + "}"
+                    for c, p, t, m in zip(labels, scores, top[lo:hi].tolist(), margin[lo:hi].tolist(), strict=True)
+                )
+            else:
+                rows = ",".join(prefixes[c] + repr(p) + "}" for c, p in zip(labels, scores, strict=True))
             yield (("," if lo else "") + rows).encode("utf-8")
         yield ('],"model_version":' + json.dumps(self.model.version) + "}").encode("utf-8")
 
@@ -243,6 +260,8 @@ class ScoredBatch:
             part = self.fields.iloc[lo:hi].reset_index(drop=True)
             labels = self.labels[lo:hi]
             part = part.assign(cluster=labels, cluster_name=names[labels], confidence=self.confidence[lo:hi])
+            if self.observer is not None and self.observer.explain:
+                part = part.assign(top_feature=self.observer.top_feature[lo:hi], margin=self.observer.margin[lo:hi])
             body = part.to_json(orient="records", double_precision=10)
             yield (("," if lo else "") + body[1:-1]).encode("utf-8")
 
@@ -254,17 +273,27 @@ class ScoredBatch:
                 yield block
 
 
-def score_records(model: ServedModel, customers: Sequence[Any], *, as_csv: bool) -> ScoredBatch:
+def score_records(
+    model: ServedModel, customers: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None = None
+) -> ScoredBatch:
     """Score validated customers (API bodies); blocking, run it in a thread for big batches."""
-    labels, confidence = model.predict_matrix(features_matrix(customers))
+    features = features_matrix(customers)
+    labels, confidence = model.predict_matrix(features)
+    explained = observer.observe(_customer_columns(features), labels) if observer is not None else None
     n = len(customers)
     csv_answer = None
     if as_csv:
         frame = pd.DataFrame([c.model_dump() for c in customers])
-        answer = CsvAnswer(list(frame.columns), model.names)
-        answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n)
+        answer = CsvAnswer(list(frame.columns), model.names, explain=explained is not None)
+        answer.add(frame, np.ones(n, dtype=bool), labels, confidence, [None] * n, explained)
         csv_answer = answer.finish()
-    return ScoredBatch(model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer)
+    return ScoredBatch(
+        model=model, labels=labels, confidence=confidence, n_rows=n, csv_answer=csv_answer, observer=observer
+    )
+
+
+def _customer_columns(features: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: features[:, j] for j, name in enumerate(FEATURES)}
 
 
 def _complete_lines(head: bytes) -> bytes:
@@ -341,14 +370,16 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     return features, valid, errors
 
 
-ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None]]
-"""A chunk's (valid rows, their cluster ids, their confidences, each row's error or None)."""
+ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None], Any]
+"""A chunk's (valid rows, their cluster ids, their confidences, each row's error or None, the valid rows'
+checked values per feature name, for explanations and drift, or None)."""
 
 
 def _score_customer_chunk(model: ServedModel, frame: pd.DataFrame) -> ChunkScores:
     features, valid, errors = _check_frame(frame, resolve_columns(frame.columns))
-    labels, confidence = model.predict_matrix(features[valid])
-    return valid, labels, confidence, errors
+    scored = features[valid]
+    labels, confidence = model.predict_matrix(scored)
+    return valid, labels, confidence, errors, _customer_columns(scored)
 
 
 def score_csv_file(
@@ -358,6 +389,7 @@ def score_csv_file(
     as_csv: bool,
     score_chunk: Callable[[ServedModel, pd.DataFrame], ChunkScores] = _score_customer_chunk,
     check_columns: Callable[[Any], Any] = resolve_columns,
+    observer: BatchObserver | None = None,
 ) -> ScoredBatch:
     """A batch CSV chunk by chunk: each chunk scored by `score_chunk` (the customer features by
     default), bad rows marked, the first of them listed, the CSV answer written as it goes."""
@@ -367,11 +399,12 @@ def score_csv_file(
     answer: CsvAnswer | None = None
     seen = 0
     for frame in csv_frames(fh, check_columns):
-        valid, chunk_labels, chunk_confidence, errors = score_chunk(model, frame)
+        valid, chunk_labels, chunk_confidence, errors, values = score_chunk(model, frame)
+        explained = observer.observe(values, chunk_labels) if observer is not None and values is not None else None
         if as_csv:
             if answer is None:
-                answer = CsvAnswer(list(frame.columns), model.names)
-            answer.add(frame, valid, chunk_labels, chunk_confidence, errors)
+                answer = CsvAnswer(list(frame.columns), model.names, explain=observer is not None and observer.explain)
+            answer.add(frame, valid, chunk_labels, chunk_confidence, errors, explained)
         labels.append(chunk_labels)
         confidence.append(chunk_confidence)
         if len(problems) < MAX_LISTED_ROWS:
@@ -390,13 +423,16 @@ def score_csv_file(
         n_rows=seen,
         problems=problems,
         csv_answer=answer.finish() if answer is not None else None,
+        observer=observer,
     )
 
 
-async def score_csv(model: ServedModel, upload: UploadFile, *, as_csv: bool) -> ScoredBatch:
+async def score_csv(
+    model: ServedModel, upload: UploadFile, *, as_csv: bool, observer: BatchObserver | None = None
+) -> ScoredBatch:
     """Score an uploaded CSV (already spooled to a temporary file) in a worker thread."""
     upload.file.seek(0)
-    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv))
+    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv, observer=observer))
 
 
 def cluster_summary(model: ServedModel) -> ClusterSummary:

@@ -30,6 +30,7 @@ from app.services import rfm as rfm_service
 from app.services import segmentation
 from app.services.auth import Caller
 from app.services.models import ModelStore, ServedModel, data_uri
+from app.services.observed import BatchObserver
 from app.services.registry import feature_schema
 from app.storage.history import segmentation_page
 
@@ -157,6 +158,7 @@ async def record_prediction(
     """Count one prediction and keep it in the caller's history (returns once it is committed)."""
     info = store.segmentation
     state.metrics.count_predictions(served.names, cluster, "single", info.name)
+    state.drift.count_one(served, info.id, customer, cluster)
     await state.history_writer.add(
         prediction_service.history_row(
             user_id=user_id,
@@ -171,6 +173,17 @@ async def record_prediction(
     )
 
 
+def explained(served: ServedModel, record: dict[str, Any]) -> tuple[int, str, float, dict[str, Any]] | None:
+    """(cluster, cluster_name, confidence, explanation) of one checked record, or None when it breaks a
+    rule. The segment and confidence are the explanation's own, so `confidence` is exactly
+    1 - distance / runner_up.distance."""
+    explanation = served.model.explain_one(record)
+    if explanation is None:
+        return None
+    cluster = explanation.cluster
+    return cluster, served.names[cluster], explanation.confidence, served.model.explainer.describe(explanation, record)
+
+
 async def predict(
     state: State,
     *,
@@ -179,6 +192,7 @@ async def predict(
     customer: Any,
     transactions: Sequence[Any] | None = None,
     as_of: str | None = None,
+    explain: bool = False,
 ) -> dict[str, Any]:
     """One customer (raw JSON of the segmentation's schema; kind rfm: or their transactions) → the answer
     of POST .../predict."""
@@ -202,6 +216,11 @@ async def predict(
     else:
         data = checked
         cluster, name, confidence, warnings = served.assign_declared([data])[0]
+    explanation = None
+    if explain:
+        scored = explained(served, rfm_service.clustering_record(data) if kind == RFM_KIND else data)
+        if scored is not None:
+            cluster, name, confidence, explanation = scored
     await record_prediction(
         state,
         user_id=user_id,
@@ -220,6 +239,7 @@ async def predict(
         "model_version": served.version,
         "segmentation": store.segmentation.name,
         "warnings": warnings,
+        "explanation": explanation,
     }
 
 
@@ -231,41 +251,51 @@ async def score_batch(
     customers: list[Any] | None,
     as_csv: bool,
     as_of: date | None = None,
+    explain: bool = False,
 ) -> tuple[ServedModel, segmentation.ScoredBatch]:
-    """Score a CSV upload or a JSON list of customers (already validated for kind customer). Kind rfm: the
-    CSV is a transaction log (aggregated as of `as_of`), the customers their RFM values."""
+    """Score a CSV upload or a JSON list of customers (already validated for kind customer); with
+    `explain`, each row also gets its top feature and margin. Kind rfm: the CSV is a transaction log
+    (aggregated as of `as_of`), the customers their RFM values."""
     kind = store.segmentation.kind
     declared = kind != CUSTOMER_KIND
     if as_of is not None and kind != RFM_KIND:
         raise InvalidInput("`as_of` is for segmentations of kind rfm")
     if file is not None:
         served = store.require()
+        observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
         if kind == RFM_KIND:
             file.file.seek(0)
             log, columns = file.file, rfm_service.log_columns(store)
             scored = await run_in_threadpool(
-                lambda: rfm_service.score_log(served, log, columns, as_of=as_of, as_csv=as_csv)
+                lambda: rfm_service.score_log(served, log, columns, as_of=as_of, as_csv=as_csv, observer=observer)
             )
         elif declared:
             file.file.seek(0)
             fh = file.file
-            scored = await run_in_threadpool(lambda: score_declared_csv(served, fh, as_csv=as_csv))
+            scored = await run_in_threadpool(lambda: score_declared_csv(served, fh, as_csv=as_csv, observer=observer))
         else:
-            scored = await segmentation.score_csv(served, file, as_csv=as_csv)
+            scored = await segmentation.score_csv(served, file, as_csv=as_csv, observer=observer)
     elif customers is not None:
         limit = state.settings.max_batch_rows
         if len(customers) > limit:
             raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
         served = store.require()
+        observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
         rows = customers
         if kind == RFM_KIND:
             checked = validate_customers(store, rows, "customers")
-            scored = await run_in_threadpool(lambda: rfm_service.score_rows(served, checked, as_csv=as_csv))
+            scored = await run_in_threadpool(
+                lambda: rfm_service.score_rows(served, checked, as_csv=as_csv, observer=observer)
+            )
         elif declared:
             checked = validate_customers(store, rows, "customers")
-            scored = await run_in_threadpool(lambda: score_declared_records(served, checked, as_csv=as_csv))
+            scored = await run_in_threadpool(
+                lambda: score_declared_records(served, checked, as_csv=as_csv, observer=observer)
+            )
         else:
-            scored = await run_in_threadpool(lambda: segmentation.score_records(served, rows, as_csv=as_csv))
+            scored = await run_in_threadpool(
+                lambda: segmentation.score_records(served, rows, as_csv=as_csv, observer=observer)
+            )
     else:
         raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
     if scored.n_failed and not as_csv:
@@ -291,33 +321,65 @@ async def record_batch(
         segmentation_id=store.segmentation.id,
     )
     state.metrics.count_predictions(served.names, scored.labels, "batch", store.segmentation.name)
+    observer = scored.observer
+    if observer is not None and observer.counts is not None and observer.sums is not None:
+        state.drift.add_batch(served, store.segmentation.id, observer.counts, observer.sums, observer.n_counted)
+
+
+def _record_columns(served: ServedModel, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checked records as columns: numbers (NaN when missing) and text per declared feature."""
+    columns: dict[str, Any] = {}
+    for feature in served.model.schema.features:
+        cells = [record.get(feature.name) for record in records]
+        if feature.numeric:
+            columns[feature.name] = np.array([np.nan if v is None else float(v) for v in cells], dtype=np.float64)
+        else:
+            columns[feature.name] = pd.Series(["" if v is None else str(v).strip() for v in cells], dtype=object)
+    return columns
 
 
 def score_declared_records(
-    served: ServedModel, records: list[dict[str, Any]], *, as_csv: bool
+    served: ServedModel, records: list[dict[str, Any]], *, as_csv: bool, observer: BatchObserver | None = None
 ) -> segmentation.ScoredBatch:
     result = served.model.score_records(records)
+    explained = observer.observe(_record_columns(served, records), result.labels) if observer is not None else None
     n = len(records)
     answer = None
     if as_csv:
         frame = pd.DataFrame(records).astype(str)
-        csv_answer = segmentation.CsvAnswer(list(frame.columns), served.names)
-        csv_answer.add(frame, np.ones(n, dtype=bool), result.labels, result.confidence, [None] * n)
+        csv_answer = segmentation.CsvAnswer(list(frame.columns), served.names, explain=explained is not None)
+        csv_answer.add(frame, np.ones(n, dtype=bool), result.labels, result.confidence, [None] * n, explained)
         answer = csv_answer.finish()
     return segmentation.ScoredBatch(
-        model=served, labels=result.labels, confidence=result.confidence, n_rows=n, csv_answer=answer
+        model=served,
+        labels=result.labels,
+        confidence=result.confidence,
+        n_rows=n,
+        csv_answer=answer,
+        observer=observer,
     )
 
 
 def _score_declared_chunk(served: ServedModel, frame: pd.DataFrame) -> segmentation.ChunkScores:
     result = served.model.score_frame(frame)
-    return result.valid, result.labels, result.confidence, result.errors
+    values = None
+    if result.values is not None:
+        scored = result.values[result.valid]
+        values = {name: scored[name] for name in served.model.schema.names}
+    return result.valid, result.labels, result.confidence, result.errors, values
 
 
-def score_declared_csv(served: ServedModel, fh: IO[bytes], *, as_csv: bool) -> segmentation.ScoredBatch:
+def score_declared_csv(
+    served: ServedModel, fh: IO[bytes], *, as_csv: bool, observer: BatchObserver | None = None
+) -> segmentation.ScoredBatch:
     """A batch CSV of a declared schema (the model's score_frame names a missing column), chunk by chunk."""
     return segmentation.score_csv_file(
-        served, fh, as_csv=as_csv, score_chunk=_score_declared_chunk, check_columns=lambda _columns: None
+        served,
+        fh,
+        as_csv=as_csv,
+        score_chunk=_score_declared_chunk,
+        check_columns=lambda _columns: None,
+        observer=observer,
     )
 
 

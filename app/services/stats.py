@@ -9,7 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import DEFAULT_SEGMENTATION_ID, BatchPrediction, PredictionHistory
 from app.schema import AdminStats
+from app.services import drift as drift_service
 from app.services import users as user_service
+from app.services.drift import DriftCounter
 from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 
@@ -61,7 +63,11 @@ async def predictions_by_segmentation(*, session: AsyncSession) -> Counter[int]:
 
 
 async def collect(
-    *, session: AsyncSession, models: ModelStore, registry: SegmentationRegistry | None = None
+    *,
+    session: AsyncSession,
+    models: ModelStore,
+    registry: SegmentationRegistry | None = None,
+    drift: DriftCounter | None = None,
 ) -> AdminStats:
     totals = await user_service.totals(session=session)
     by_cluster, batch_rows = await predictions_by_cluster(session=session)
@@ -72,7 +78,7 @@ async def collect(
             "kind": store.segmentation.kind,
             "active_version": store.current.version if store.current is not None else None,
             "predictions": by_segmentation.get(store.segmentation.id, 0),
-            "drift_status": None,
+            "drift_status": await drift_service.status(drift, store) if drift is not None else None,
         }
         for store in (registry.stores() if registry is not None else [models])
     ]
