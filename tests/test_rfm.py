@@ -505,3 +505,14 @@ async def test_explanations_and_drift_cover_rfm(client, analyst_headers, shop):
     assert report["n_observed"] == len(table) + 1
     assert [f["feature"] for f in report["features"]] == ["recency_days", "frequency", "monetary"]
     assert report["status"] == "stable"  # the training customers themselves
+
+
+async def test_a_parquet_log_gives_the_same_table_as_its_csv(client, analyst_headers, shop):
+    data, _, _ = shop
+    log = pd.read_csv(io.BytesIO(data), dtype={"customer_id": str, "order_id": str})
+    log["date"] = pd.to_datetime(log["date"]).dt.date  # a real date column, as warehouses export it
+    out = io.BytesIO()
+    log.to_parquet(out, index=False)
+    from_parquet = await score_csv(client, analyst_headers, out.getvalue())
+    from_csv = await score_csv(client, analyst_headers, data)
+    pd.testing.assert_frame_equal(from_parquet, from_csv)

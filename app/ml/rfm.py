@@ -59,6 +59,7 @@ MAX_TRANSACTIONS = 10_000
 """Transactions one POST .../predict may carry."""
 BLOCK_BYTES = 8 << 20
 """Bytes of CSV parsed at a time: a few hundred thousand rows."""
+PARQUET_BATCH_ROWS = 250_000
 _EPOCH = date(1970, 1, 1)
 _LOG_KEYS = ("customer_id", "date", "amount", "order_id", "quantity", "price", "date_format")
 
@@ -543,10 +544,9 @@ def _numbers(text: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
     return values, pc.is_null(values)
 
 
-def _log_header(fh: IO[bytes], columns: LogColumns) -> dict[str, str]:
+def _log_header(header: list[Any], columns: LogColumns) -> dict[str, str]:
     """canonical name -> the header that holds it; an unmapped order_id (or quantity and price when the
     log has no amount) is taken when a column of that name is there."""
-    header = _read_header(fh)
     wanted = {"customer_id": columns.customer_id, "date": columns.date}
     optional: dict[str, str] = {}
     if columns.priced:
@@ -577,7 +577,7 @@ def read_log(
     progress: Callable[[int], None] | None = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> RfmTable:
-    """The RFM table of a transaction log CSV (a path, bytes or a binary file object).
+    """The RFM table of a transaction log, CSV or Parquet (a path, bytes or a binary file object).
 
     Raises DataValidationError, and nothing else, for a file that is not a
     readable CSV, mapped columns that are missing (all named at once), or
@@ -594,8 +594,18 @@ def _read_log(
     progress: Callable[[int], None] | None,
     block_bytes: int,
 ) -> RfmTable:
-    _sniff(fh)
-    header = _log_header(fh, columns)
+    start = fh.tell()
+    parquet = fh.read(4) == b"PAR1"
+    fh.seek(start)
+    if not parquet:
+        _sniff(fh)
+    if parquet:
+        import pyarrow.parquet as pq
+
+        source = pq.ParquetFile(fh)
+        header = _log_header(source.schema_arrow.names, columns)
+    else:
+        header = _log_header(_read_header(fh), columns)
     used = LogColumns(
         customer_id=header["customer_id"],
         date=header["date"],
@@ -607,26 +617,35 @@ def _read_log(
     )
     rename = {raw: name for name, raw in header.items()}
     aggregator = _Aggregator(used, as_of)
-    start = fh.tell()
     try:
-        reader = pacsv.open_csv(
-            fh,
-            read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=True),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=list(header.values()),
-                column_types=dict.fromkeys(header.values(), pa.string()),
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-        for batch in reader:
-            block = pa.Table.from_batches([batch]).rename_columns([rename[c] for c in batch.schema.names])
-            aggregator.add(block)
-            if progress is not None:
-                progress(fh.tell() - start)
-    except pa.ArrowInvalid as exc:
+        if parquet:
+            batches = source.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(header.values()))
+            for done, batch in enumerate(batches, start=1):
+                # Every column as text, as a CSV reads it: dates, amounts and ids go through the same checks.
+                block = pa.table({rename[c]: pc.cast(batch.column(c), pa.string()) for c in batch.schema.names})
+                aggregator.add(block)
+                if progress is not None:
+                    progress(int(fh.tell() * done / max(source.num_row_groups, 1)))
+        else:
+            reader = pacsv.open_csv(
+                fh,
+                read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=True),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=list(header.values()),
+                    column_types=dict.fromkeys(header.values(), pa.string()),
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+            for batch in reader:
+                block = pa.Table.from_batches([batch]).rename_columns([rename[c] for c in batch.schema.names])
+                aggregator.add(block)
+                if progress is not None:
+                    progress(fh.tell() - start)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        kind = "Parquet" if parquet else "CSV"
         raise DataValidationError(
-            f"the log could not be read as CSV after row {aggregator.rows}: {_arrow_reason(exc)}",
+            f"the log could not be read as {kind} after row {aggregator.rows}: {_arrow_reason(exc)}",
             [_problem(aggregator.rows + 1 if aggregator.rows else None, None, _arrow_reason(exc))],
         ) from None
     return aggregator.finish(header)
