@@ -58,9 +58,9 @@ def hardening_headers(scope: Scope) -> dict[str, str]:
 
 
 def _takes_a_log(path: str) -> bool:
-    """A training upload, or a batch of a named segmentation (a transaction log is training-sized):
-    these take MAX_TRAIN_UPLOAD_MB rather than MAX_UPLOAD_MB."""
-    return path.endswith("/train") or (path.startswith("/segmentations/") and path.endswith("/predict/batch"))
+    """A batch of a named segmentation (a transaction log to score is as large as a training one): it
+    takes MAX_TRAIN_UPLOAD_MB rather than MAX_UPLOAD_MB."""
+    return path.startswith("/segmentations/") and path.endswith("/predict/batch")
 
 
 class _BodyTooLarge(Exception):
@@ -226,8 +226,10 @@ class ServiceMiddleware:
         facts: _RequestFacts = scope["service.request_facts"]
         if not facts.upload:
             limit, kind = self.json_limit, "JSON and form bodies (MAX_JSON_BODY_MB)"
+        elif scope["method"] == "POST" and scope["path"].endswith("/train"):
+            limit, kind = self.train_upload_limit, "training uploads (MAX_TRAIN_UPLOAD_MB)"
         elif scope["method"] == "POST" and _takes_a_log(scope["path"]):
-            limit, kind = self.train_upload_limit, "training uploads and logs to score (MAX_TRAIN_UPLOAD_MB)"
+            limit, kind = self.train_upload_limit, "batch uploads of named segmentations (MAX_TRAIN_UPLOAD_MB)"
         else:
             limit, kind = self.upload_limit, "uploads (MAX_UPLOAD_MB)"
         if facts.declared_length is not None and facts.declared_length > limit:

@@ -6,9 +6,11 @@ The routes under `/segmentations/{name}/...` are the second door into what the s
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, Response
+from pydantic import BeforeValidator
 
 from app.deps import AnalystUser, CurrentUser
 from app.drift_schema import DriftQuery, DriftReport
@@ -53,9 +55,9 @@ router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_conte
 Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
 Version = Annotated[str, Path(max_length=64)]
 AsOf = Annotated[
-    str | None,
+    date | None,
+    BeforeValidator(rfm_service.as_of_value),
     Query(
-        max_length=40,
         description="Kind rfm: the day RFM is computed as of, YYYY-MM-DD or YYYYMMDD (default the day after "
         "the log's last date); rows dated later are left out and counted",
     ),
@@ -188,7 +190,7 @@ async def train_segmentation(
         n_clusters=n_clusters,
         random_state=random_state,
         by=analyst.username,
-        as_of=rfm_service.as_of_date(as_of),
+        as_of=as_of,
     )
     return NamedTrainResult(**segmentations.train_result(store, served))
 
@@ -232,9 +234,7 @@ async def predict_batch(
     customers: list[Any] | None = batch.customers
     if customers is not None and store.segmentation.kind == "customer":
         customers = segmentations.validate_customers(store, customers, "customers")
-    return await answer_batch(
-        request, user.id, store, batch.file, customers, as_of=rfm_service.as_of_date(as_of), explain=explain
-    )
+    return await answer_batch(request, user.id, store, batch.file, customers, as_of=as_of, explain=explain)
 
 
 router.add_api_route(

@@ -44,6 +44,17 @@ def declared_schema(columns: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"kind": RFM_KIND, "columns": mapping.to_dict()}
 
 
+def as_of_value(value: Any) -> Any:
+    """An `as_of` query value for its declared date type: YYYYMMDD and a time part accepted too; a value
+    that is no date is left for the date type to refuse with FastAPI's 422."""
+    if isinstance(value, str):
+        try:
+            return rfm.parse_as_of(value)
+        except ValueError:
+            return value
+    return value
+
+
 def as_of_date(value: str | None) -> date | None:
     """The `as_of` query value as a date; a 422 naming the format otherwise."""
     try:
