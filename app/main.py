@@ -23,12 +23,13 @@ from app.errors import AppError
 from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
-from app.routes import admin, auth, ml, profiles, users
+from app.routes import admin, auth, jobs, ml, profiles, users
 from app.routes import identity as identity_routes
 from app.routes import segmentations as segmentation_routes
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
+from app.services.jobs import JobRunner
 from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
@@ -183,6 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.models.start()
         await app.state.segmentations.start()
         app.state.elbow = ElbowCache(settings)
+        app.state.jobs = JobRunner(state=app.state, settings=settings, database=database, metrics=app.state.metrics)
+        await app.state.jobs.start()
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()
         # One repository; the routes name it by the side they use.
@@ -191,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.jobs.stop()
             await history.stop()
             await app.state.segmentations.stop()
             await app.state.models.stop()
@@ -208,7 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
-            {"name": name} for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations")
+            {"name": name}
+            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs")
         ],
     )
     app.state.settings = settings
@@ -243,7 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (auth, users, profiles, admin):
+    for module in (auth, users, profiles, admin, jobs):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

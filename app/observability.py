@@ -415,6 +415,13 @@ class Metrics:
             buckets=TRAINING_BUCKETS,
             registry=self.registry,
         )
+        self.training_jobs = Counter(
+            "segmentation_training_jobs",
+            "Training jobs (wait=false) ended in this process, by outcome (succeeded, failed, cancelled) and "
+            "segmentation",
+            ["outcome", "segmentation"],
+            registry=self.registry,
+        )
         self.login_failures = Counter(
             "auth_login_failures",
             "Failed logins by reason (invalid_credentials, inactive, throttled)",
@@ -468,6 +475,10 @@ class Metrics:
         self.training_runs.labels(outcome, segmentation).inc()
         if outcome == "success":
             self.training_duration.labels(segmentation).observe(seconds)
+
+    def training_job_finished(self, outcome: str, segmentation: str = "default") -> None:
+        if self.enabled:
+            self.training_jobs.labels(outcome, segmentation).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
