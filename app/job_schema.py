@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.schema import NotNull, omittable
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -85,8 +87,16 @@ class JobPageQuery(BaseModel):
 
     skip: int = Field(0, ge=0, le=2**31 - 1)
     limit: int = Field(50, ge=1, le=200)
-    segmentation: str | None = Field(None, max_length=40, description="Only this segmentation's jobs (unknown: 404)")
-    state: JobState | None = Field(None, description="Only the jobs in this state")
+    segmentation: Annotated[str | None, NotNull] = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        description="Only this segmentation's jobs (unknown: 404)",
+        json_schema_extra=omittable,
+    )
+    state: Annotated[JobState | None, NotNull] = Field(
+        None, description="Only the jobs in this state", json_schema_extra=omittable
+    )
 
 
 class JobPage(BaseModel):
