@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from datetime import timedelta
 
@@ -155,6 +156,34 @@ async def test_a_job_with_an_upload_through_the_segmentation_door(client, analys
     assert (await client.get("/jobs", params={"segmentation": "default"}, headers=analyst_headers)).json()["jobs"] == []
     assert (await client.get("/jobs", params={"state": "failed"}, headers=analyst_headers)).json()["total"] == 0
     assert (await client.get("/jobs", params={"segmentation": "nope"}, headers=analyst_headers)).status_code == 404
+
+
+async def test_progress_tells_the_share_of_the_upload_read(client, dataset, analyst_headers, monkeypatch):
+    """While the reader is held halfway through the upload, the job shows phase reading and that share."""
+    from app.services import segmentation as segmentation_module
+
+    upload = dataset.read_bytes()
+    halfway, release = threading.Event(), threading.Event()
+    real = segmentation_module.load_training_matrix
+
+    def held_halfway(fh):
+        fh.read(len(upload) // 2)
+        halfway.set()
+        release.wait(DEADLINE)
+        fh.seek(0)
+        return real(fh)
+
+    monkeypatch.setattr(segmentation_module, "load_training_matrix", held_halfway)
+    job = await start(client, analyst_headers, params={"n_clusters": 3}, files={"file": ("c.csv", upload, "text/csv")})
+    await eventually(halfway.is_set, DEADLINE)
+    try:
+        reading = await poll(client, analyst_headers, job["job_id"], lambda j: j["progress"]["fraction"] is not None)
+    finally:
+        release.set()
+    assert reading["state"] == "running" and reading["progress"]["phase"] == "reading"
+    assert 0.4 <= reading["progress"]["fraction"] < 1
+    done = await finished(client, analyst_headers, job["job_id"])
+    assert done["state"] == "succeeded" and done["progress"]["fraction"] == 1.0
 
 
 async def test_a_bad_csv_ends_the_job_failed_with_the_synchronous_error_body(client, trained_model, analyst_headers):
