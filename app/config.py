@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,12 @@ class Settings(BaseSettings):
     max_json_body_mb: float = Field(default=10, gt=0)
     max_batch_rows: int = Field(default=10_000, ge=1)
     train_timeout_seconds: float = Field(default=300, gt=0)
+    # Training jobs (POST .../train?wait=false): how often the worker running one says it is alive
+    # (and looks for a cancel from another worker), and after how long without that it counts as gone.
+    job_heartbeat_seconds: float = Field(default=2.0, gt=0, le=60)
+    job_stale_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Where a job keeps its upload until it ends; empty: a folder in the system's temporary directory.
+    job_dir: str = ""
 
     # How often a worker checks the database for another active model version.
     model_sync_seconds: float = Field(default=1.0, gt=0)
@@ -110,6 +117,16 @@ class Settings(BaseSettings):
         elif not self.secret_key:
             self.secret_key = _development_secret(self.secret_key_file)
         return self
+
+    @model_validator(mode="after")
+    def _job_timing(self) -> Settings:
+        if self.job_stale_seconds <= self.job_heartbeat_seconds:
+            raise ValueError("JOB_STALE_SECONDS must be longer than JOB_HEARTBEAT_SECONDS")
+        return self
+
+    @property
+    def job_directory(self) -> Path:
+        return Path(self.job_dir) if self.job_dir else Path(tempfile.gettempdir()) / "segmentation-jobs"
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -335,6 +335,44 @@ class ServiceState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class TrainingJob(Base):
+    """A training started with `wait=false`: its state, progress and outcome (app.services.jobs).
+
+    `worker` names the process running it (`<host>:<pid>`), `heartbeat_at` when it last said it
+    was alive: a job whose worker is gone is marked failed, never left running.
+    """
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        Index("ix_training_jobs_created", "created_at", "id"),
+        Index("ix_training_jobs_state", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    segmentation_id: Mapped[int] = mapped_column(Integer, index=True)
+    # The segmentation's name as it was when the job started.
+    segmentation: Mapped[str] = mapped_column(String(40))
+    state: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[str] = mapped_column(String(32))
+    # 0..1 within the current phase, when it can be told (bytes read of the upload); else null.
+    fraction: Mapped[float | None] = mapped_column(Float)
+    # [{"phase", "at"}]: when each phase began.
+    phases: Mapped[list] = mapped_column(JSON)
+    # The request's query values and upload: {"n_clusters", "random_state", "as_of", "file", "bytes"}.
+    parameters: Mapped[dict] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[str | None] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The train result body (succeeded), or the error body with its HTTP status (failed, cancelled).
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[dict | None] = mapped_column(JSON)
+    error_status: Mapped[int | None] = mapped_column(Integer)
+
+
 # A pooled server connection used within this many seconds is handed out as it is; one idle
 # for longer is pinged first, and replaced if the server closed it meanwhile (a restart, an
 # idle timeout). SQLAlchemy's `pool_pre_ping` pings on every checkout: with asyncpg that is

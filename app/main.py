@@ -23,13 +23,14 @@ from app.errors import AppError
 from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
-from app.routes import admin, auth, ml, profiles, users
+from app.routes import admin, auth, jobs, ml, profiles, users
 from app.routes import identity as identity_routes
 from app.routes import segmentations as segmentation_routes
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.services.auth import AuthCache
 from app.services.drift import DriftCounter, refresh_gauges
+from app.services.jobs import JobRunner
 from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
@@ -188,6 +189,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             database=database, settings=settings, metrics=app.state.metrics, enabled=settings.drift_enabled
         )
         await drift.start(lambda: refresh_gauges(drift, app.state.segmentations.stores))
+        app.state.jobs = JobRunner(state=app.state, settings=settings, database=database, metrics=app.state.metrics)
+        await app.state.jobs.start()
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()
         # One repository; the routes name it by the side they use.
@@ -196,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.jobs.stop()
             await history.stop()
             try:
                 await drift.stop()  # the last counts, so a clean shutdown loses none
@@ -217,7 +221,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
-            {"name": name} for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations")
+            {"name": name}
+            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs")
         ],
     )
     app.state.settings = settings
@@ -252,7 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (auth, users, profiles, admin):
+    for module in (auth, users, profiles, admin, jobs):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

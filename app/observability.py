@@ -421,6 +421,13 @@ class Metrics:
             ["segmentation", "feature"],
             registry=self.registry,
         )
+        self.training_jobs = Counter(
+            "segmentation_training_jobs",
+            "Training jobs (wait=false) ended in this process, by outcome (succeeded, failed, cancelled) and "
+            "segmentation",
+            ["outcome", "segmentation"],
+            registry=self.registry,
+        )
         self.login_failures = Counter(
             "auth_login_failures",
             "Failed logins by reason (invalid_credentials, inactive, throttled)",
@@ -482,6 +489,10 @@ class Metrics:
         for feature in features:
             if feature.get("psi") is not None:
                 self.feature_psi.labels(segmentation, feature["feature"]).set(feature["psi"])
+
+    def training_job_finished(self, outcome: str, segmentation: str = "default") -> None:
+        if self.enabled:
+            self.training_jobs.labels(outcome, segmentation).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

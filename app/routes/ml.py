@@ -14,6 +14,7 @@ from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
 from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
+from app.routes.jobs import STARTED, Wait, accepted
 from app.routes.responses import errors, file_errors
 from app.schema import (
     BatchResult,
@@ -149,9 +150,12 @@ router.add_api_route(
         "Trains on `data/customers.csv`, or on the CSV sent as multipart `file`. `n_clusters` absent: k is "
         "chosen by silhouette over 2..10. The new version becomes active at once in every worker. "
         "A bad CSV gets 422 naming columns and rows and never changes the active model. A training that "
-        "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept."
+        "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept. "
+        "`wait=false`: 202 at once with a training job (GET /jobs/{job_id}) that ends with this result or error."
     ),
+    response_model=TrainResult,
     responses={
+        **STARTED,
         **errors(401, 403, 409, 413, 422),
         **file_errors("A bad CSV (`errors` names columns and rows), or a training that ran past TRAIN_TIMEOUT_SECONDS"),
     },
@@ -162,11 +166,23 @@ async def train(
     analyst: AnalystUser,
     n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
     random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+    wait: Wait = True,
     file: CsvFile = None,
-) -> TrainResult:
+) -> Any:
     if file is None and _is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
     store = request.app.state.models
+    if not wait:
+        job = await request.app.state.jobs.submit(
+            store,
+            file=file,
+            n_clusters=n_clusters,
+            random_state=random_state,
+            as_of=None,
+            by=analyst.username,
+            result_model=TrainResult,
+        )
+        return accepted(job)
     served = await segmentations.train(
         request.app.state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=analyst.username
     )

@@ -17,6 +17,7 @@ from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
 from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
+from app.routes.jobs import STARTED, Wait, accepted
 from app.routes.ml import CsvFile, ExplainFlag, _is_multipart, answer_batch
 from app.routes.responses import errors, file_errors
 from app.schema import (
@@ -164,8 +165,11 @@ async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> R
     "/{name}/train",
     summary="Train a new version of a segmentation (analyst)",
     description="On the CSV sent as multipart `file` (kind customer: none means the default dataset). "
-    "Training uploads may be up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker.",
+    "Training uploads may be up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker. "
+    "`wait=false`: 202 at once with a training job (GET /jobs/{job_id}) that ends with this result or error.",
+    response_model=NamedTrainResult,
     responses={
+        **STARTED,
         **errors(401, 403, 404, 409, 413, 422),
         **file_errors("A CSV missing declared columns, or with bad rows"),
     },
@@ -178,11 +182,23 @@ async def train_segmentation(
     n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
     random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
     as_of: AsOf = None,
+    wait: Wait = True,
     file: CsvFile = None,
-) -> NamedTrainResult:
+) -> Any:
     store = await _store(request, name)
     if file is None and _is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    if not wait:
+        job = await request.app.state.jobs.submit(
+            store,
+            file=file,
+            n_clusters=n_clusters,
+            random_state=random_state,
+            as_of=as_of,
+            by=analyst.username,
+            result_model=NamedTrainResult,
+        )
+        return accepted(job)
     served = await segmentations.train(
         request.app.state,
         store,

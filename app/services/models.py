@@ -16,6 +16,8 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +42,7 @@ from app.database import (
 from app.errors import Conflict, NotFound
 from app.ml.matching import identify, identity_fields, renamed_since
 from app.model import ModelLoadError, SegmentationModel
+from app.services import progress
 from app.services.lease import HOST_ID, TRAINING_RUNNING_MESSAGE, TrainingLease, rows_updated
 from app.services.local_copy import load_local_copy, save_local_copy
 from app.services.served import CUSTOMER_KIND, ServedModel, data_uri
@@ -90,6 +93,15 @@ class SegmentationInfo:
 
 
 DEFAULT_INFO = SegmentationInfo(id=DEFAULT_SEGMENTATION_ID, name=DEFAULT_SEGMENTATION, kind=CUSTOMER_KIND)
+
+
+@dataclass
+class TrainingReservation:
+    """A segmentation's training turn: its in-process lock taken, its lease held and kept alive."""
+
+    key: str
+    lease: str
+    heartbeat: asyncio.Task
 
 
 def new_version_id() -> str:
@@ -472,6 +484,29 @@ class ModelStore:
                 logger.warning("active version %s not loadable: %s is trained unmatched", active, model.version)
         return await run_in_threadpool(identify, model, previous)
 
+    async def reserve_training(self) -> TrainingReservation:
+        """Take this segmentation's training turn (409 while another training runs here or elsewhere).
+
+        Held until `release_training`; a job takes it before answering 202, so a second request
+        for the same segmentation is told at once that a training is running.
+        """
+        if self._train_lock.locked():
+            raise Conflict(TRAINING_RUNNING_MESSAGE)
+        await self._train_lock.acquire()
+        try:
+            lease = await self.lease.acquire()
+        except BaseException:
+            self._train_lock.release()
+            raise
+        return TrainingReservation(self.lease.key, lease, asyncio.create_task(self.lease.keep(lease)))
+
+    async def release_training(self, reservation: TrainingReservation) -> None:
+        reservation.heartbeat.cancel()
+        try:
+            await self.lease.release(reservation.lease)
+        finally:
+            self._train_lock.release()
+
     async def train(
         self,
         data: Any,
@@ -485,16 +520,14 @@ class ModelStore:
 
         Nothing is written until the fit has succeeded, and then the version row and the
         active pointer go in one transaction, so a failed, timed-out or killed training
-        leaves the previous model active.
+        leaves the previous model active. A job (app.services.progress) brings its own
+        reservation and is told the phase.
         """
-        if self._train_lock.locked():
-            raise Conflict(TRAINING_RUNNING_MESSAGE)
-        async with self._train_lock:
-            lease = await self.lease.acquire()
-            heartbeat = asyncio.create_task(self.lease.keep(lease))
+        async with self._training_turn():
             started = time.perf_counter()
             outcome = "failed"
             try:
+                progress.phase("fitting")
                 model, blob = await fit_in_subprocess(
                     data,
                     schema=schema,
@@ -503,6 +536,7 @@ class ModelStore:
                     version=new_version_id(),
                     time_limit=self.settings.train_timeout_seconds,
                 )
+                progress.phase("recording")
                 model, blob = await self._matched_to_active(model, blob)
                 model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 await self._record_version(model, blob, created_by=created_by)
@@ -523,10 +557,21 @@ class ModelStore:
                 outcome = "timeout"
                 raise
             finally:
-                heartbeat.cancel()
-                await self.lease.release(lease)
                 if self.metrics is not None:
                     self.metrics.training_finished(outcome, time.perf_counter() - started, self.segmentation.name)
+
+    @asynccontextmanager
+    async def _training_turn(self) -> AsyncIterator[TrainingReservation]:
+        """The reservation of the job running this training (app.services.progress), else one of its own."""
+        reserved = progress.reservation()
+        if isinstance(reserved, TrainingReservation) and reserved.key == self.lease.key:
+            yield reserved
+            return
+        reservation = await self.reserve_training()
+        try:
+            yield reservation
+        finally:
+            await self.release_training(reservation)
 
 
 __all__ = [
@@ -540,6 +585,7 @@ __all__ = [
     "ModelStore",
     "SegmentationInfo",
     "ServedModel",
+    "TrainingReservation",
     "TrainingTimeout",
     "data_uri",
     "new_version_id",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -98,8 +99,7 @@ async def train(
     """Train a new version of `store`'s segmentation on the upload (or, kind customer, the default dataset;
     kind rfm: a transaction log, aggregated as of `as_of`)."""
     info = store.segmentation
-    if as_of is not None and info.kind != RFM_KIND:
-        raise InvalidInput("`as_of` is for segmentations of kind rfm")
+    check_training_request(state, store, file=file, as_of=as_of)
     if info.kind == RFM_KIND:
         return await rfm_service.train(
             store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
@@ -111,9 +111,9 @@ async def train(
                 return await store.train(source, n_clusters=n_clusters, random_state=random_state, created_by=by)
         features = await segmentation.training_matrix(state.settings, file)
         return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
-    if file is None:
-        raise InvalidInput(f"A segmentation of kind {info.kind} trains on an uploaded CSV: send it as `file`")
     from app.ml.schema import read_training_frame
+
+    assert file is not None  # checked above
 
     schema = feature_schema(info)
     file.file.seek(0)
@@ -121,6 +121,21 @@ async def train(
     return await store.train(
         frame, schema=schema.to_dict(), n_clusters=n_clusters, random_state=random_state, created_by=by
     )
+
+
+def check_training_request(state: State, store: ModelStore, *, file: UploadFile | None, as_of: date | None) -> None:
+    """What a training request must satisfy before any data is read (a job checks it before its 202)."""
+    kind = store.segmentation.kind
+    if as_of is not None and kind != RFM_KIND:
+        raise InvalidInput("`as_of` is for segmentations of kind rfm")
+    if file is not None:
+        return
+    if kind == RFM_KIND:
+        raise InvalidInput("A segmentation of kind rfm trains on a transaction log: send it as `file`")
+    if kind != CUSTOMER_KIND:
+        raise InvalidInput(f"A segmentation of kind {kind} trains on an uploaded CSV: send it as `file`")
+    if not Path(state.settings.data_path).is_file():
+        raise Conflict(segmentation.NO_DATASET.format(path=state.settings.data_path))
 
 
 def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
