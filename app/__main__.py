@@ -127,19 +127,24 @@ class _ProgressFile(io.FileIO):
         return data
 
 
-def read_training_csv(path: Path, *, progress: bool | None = None, schema=None):
-    """The validated feature matrix of `path` (with `schema`, a declared FeatureSchema: its training frame),
-    with a bar over the bytes read (chunk by chunk)."""
-    total = path.stat().st_size
-    with tqdm(
+def _bytes_bar(total: int, description: str, progress: bool | None) -> tqdm:
+    """A bar over the bytes of a file, on stderr (drawn when it is a terminal, unless `progress` says)."""
+    return tqdm(
         total=total,
-        desc="Reading CSV",
+        desc=description,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         disable=None if progress is None else not progress,
         file=sys.stderr,
-    ) as bar:
+    )
+
+
+def read_training_csv(path: Path, *, progress: bool | None = None, schema=None):
+    """The validated feature matrix of `path` (with `schema`, a declared FeatureSchema: its training frame),
+    with a bar over the bytes read (chunk by chunk)."""
+    total = path.stat().st_size
+    with _bytes_bar(total, "Reading CSV", progress) as bar:
         with io.BufferedReader(_ProgressFile(path, bar)) as fh:
             if schema is None:
                 features = load_training_matrix(fh)
@@ -279,15 +284,7 @@ def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = No
     from app.ml.rfm import read_log
 
     total = path.stat().st_size
-    with tqdm(
-        total=total,
-        desc="Reading log",
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None if progress is None else not progress,
-        file=sys.stderr,
-    ) as bar:
+    with _bytes_bar(total, "Reading log", progress) as bar:
 
         def advance(done: int) -> None:
             bar.update(max(0, min(done, total) - bar.n))

@@ -202,15 +202,14 @@ def test_progress_bar_draws_on_a_terminal_stream(tmp_path):
     assert "100%" in out.getvalue()
 
 
-def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
-    """`--segmentation NAME` points train, models and predict at a custom segmentation; --input is --csv."""
+def create_segmentation(tmp_path: Path, cli_env: dict[str, str], **declared) -> None:
+    """Create a segmentation in the CLI's database, as the service would."""
     import asyncio
 
     from app.database import Database
     from app.migrations import upgrade_database
     from app.services.models import ModelStore
     from app.services.registry import SegmentationRegistry
-    from generate_dataset import generate_mixed, mixed_features
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path, cli_env["DATABASE_URL"])
@@ -224,17 +223,22 @@ def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
             )
             await registry.start(follow=False)
             await registry.create(
-                name="mixed",
-                kind="custom",
-                description=None,
-                features=mixed_features(),
-                id_column="customer_id",
-                created_by="test",
+                **{"description": None, "features": None, "id_column": None, "created_by": "test"} | declared
             )
         finally:
             await database.dispose()
 
     asyncio.run(create())
+
+
+def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
+    """`--segmentation NAME` points train, models and predict at a custom segmentation; --input is --csv."""
+
+    from generate_dataset import generate_mixed, mixed_features
+
+    create_segmentation(
+        tmp_path, cli_env, name="mixed", kind="custom", features=mixed_features(), id_column="customer_id"
+    )
     mixed = generate_mixed(rows=1500, seed=3)
     source = tmp_path / "mixed.csv"
     mixed.to_csv(source, index=False)
@@ -269,32 +273,10 @@ def test_train_list_and_predict_a_named_segmentation(tmp_path, cli_env):
 
 def test_train_an_rfm_segmentation_from_a_log_and_predict(tmp_path, cli_env):
     """`python -m app train --segmentation NAME --input LOG` aggregates a transaction log with a bar."""
-    import asyncio
 
-    from app.database import Database
-    from app.migrations import upgrade_database
-    from app.services.models import ModelStore
-    from app.services.registry import SegmentationRegistry
     from generate_transactions import generate
-    from tests.conftest import make_settings
 
-    settings = make_settings(tmp_path, cli_env["DATABASE_URL"])
-
-    async def create() -> None:
-        database = Database(settings.database_url)
-        try:
-            await upgrade_database(database)
-            registry = SegmentationRegistry(
-                settings=settings, database=database, default=ModelStore(settings=settings, database=database)
-            )
-            await registry.start(follow=False)
-            await registry.create(
-                name="shop", kind="rfm", description=None, features=None, id_column=None, created_by="test"
-            )
-        finally:
-            await database.dispose()
-
-    asyncio.run(create())
+    create_segmentation(tmp_path, cli_env, name="shop", kind="rfm")
     log, _ = generate(2000, 5)
     source = tmp_path / "orders.csv"
     log.to_pandas().to_csv(source, index=False)
