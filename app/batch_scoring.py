@@ -152,24 +152,8 @@ class _ParquetOut:
     def add(
         self, frame: pd.DataFrame, batch: pa.RecordBatch | None, served: ServedModel, scores: segmentation.ChunkScores
     ) -> None:
-        valid, labels, confidence, errors = scores
-        n = len(frame)
         source = pa.Table.from_pandas(frame, preserve_index=False) if batch is None else pa.Table.from_batches([batch])
-        kept = [c for c in source.column_names if str(c).strip().lower() not in RESULT_COLUMNS]
-        table = source.select(kept)
-        cluster = np.zeros(n, dtype=np.int64)
-        cluster[valid] = labels
-        score = np.zeros(n, dtype=np.float64)
-        score[valid] = np.round(confidence, 6)
-        names = np.full(n, None, dtype=object)
-        names[valid] = np.asarray(served.names, dtype=object)[labels]
-        table = (
-            table.append_column("cluster", pa.array(cluster, mask=~valid))
-            .append_column("cluster_name", pa.array(names, pa.string()))
-            .append_column("confidence", pa.array(score, mask=~valid))
-            .append_column("error", pa.array(list(errors), pa.string()))
-        )
-        self.write(table)
+        self.write(answer_table(served, source, scores))
 
     def write(self, table: pa.Table) -> None:
         if self.writer is None:
@@ -179,6 +163,33 @@ class _ParquetOut:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def answer_table(served: ServedModel, source: pa.Table, scores: segmentation.ChunkScores) -> pa.Table:
+    """The input columns as read, then cluster, cluster_name, confidence and error (null where they do not apply)."""
+    valid, labels, confidence, errors = scores
+    n = source.num_rows
+    kept = [c for c in source.column_names if str(c).strip().lower() not in RESULT_COLUMNS]
+    cluster = np.zeros(n, dtype=np.int64)
+    cluster[valid] = labels
+    score = np.zeros(n, dtype=np.float64)
+    score[valid] = np.round(confidence, 6)
+    names = np.full(n, None, dtype=object)
+    names[valid] = np.asarray(served.names, dtype=object)[labels]
+    return (
+        source.select(kept)
+        .append_column("cluster", pa.array(cluster, mask=~valid))
+        .append_column("cluster_name", pa.array(names, pa.string()))
+        .append_column("confidence", pa.array(score, mask=~valid))
+        .append_column("error", pa.array(list(errors), pa.string()))
+    )
+
+
+def score_batch(served: ServedModel, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """One Arrow batch scored as `/predict/batch` scores its rows, with the answer columns appended."""
+    scores = _chunk_scorer(served)(text_frame(batch))
+    table = answer_table(served, pa.Table.from_batches([batch]), scores).combine_chunks()
+    return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 # --- scoring ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -79,7 +80,7 @@ async def score(args, store, _settings) -> int:
         from app.spark.cli import score_with_spark
 
         return await score_with_spark(args, store, served)
-    options = {}
+    options: dict[str, Any] = {}
     if kind == "rfm":
         from app.services import rfm as rfm_service
 

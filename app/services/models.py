@@ -526,6 +526,41 @@ class ModelStore:
                 if self.metrics is not None:
                     self.metrics.training_finished(outcome, time.perf_counter() - started, self.segmentation.name)
 
+    async def adopt(self, model: SegmentationModel, *, created_by: str | None) -> ServedModel:
+        """Record a model fitted elsewhere (by the Spark engine) as a new version, as `train` records its fit.
+
+        It gets a new version id, is checked by a round trip through its blob like any stored
+        version, matched to the active version (ids, keys, names), recorded and made active.
+        """
+        if self._train_lock.locked():
+            raise Conflict(TRAINING_RUNNING_MESSAGE)
+        async with self._train_lock:
+            lease = await self.lease.acquire()
+            heartbeat = asyncio.create_task(self.lease.keep(lease))
+            try:
+                version = new_version_id()
+                model.version = version
+                blob = await run_in_threadpool(model.to_bytes)
+                model = await run_in_threadpool(SegmentationModel.from_bytes, blob)
+                model, blob = await self._matched_to_active(model, blob)
+                await self._record_version(model, blob, created_by=created_by)
+                served = await self.sync(candidate=model)
+                logger.info(
+                    "recorded model version %s of %s (k=%s, n=%s, %s) by %s",
+                    version,
+                    self.segmentation.name,
+                    model.metadata["n_clusters"],
+                    model.metadata["n_samples"],
+                    model.metadata.get("algorithm"),
+                    created_by,
+                )
+                if served is None or served.version != model.version:
+                    served = ServedModel(model)
+                return served
+            finally:
+                heartbeat.cancel()
+                await self.lease.release(lease)
+
 
 __all__ = [
     "ACTIVE_KEY",
