@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: run test lint format install install-dev browser dataset admin model bench bench-smoke clean
+.PHONY: run test lint format install install-dev install-spark java browser dataset admin model bench bench-smoke clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,22 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev browser
+
+$(VENV)/.installed-spark: requirements-spark.txt $(VENV)/.installed
+	$(PIP) install --quiet -r requirements-spark.txt
+	touch $@
+
+# Optional: Apache Spark for `--engine spark` (pyspark, and Java 17 from apt when missing and we are
+# root). The service never needs it; without it tests/test_spark.py is skipped with the reason.
+install-spark: $(VENV)/.installed-spark java
+
+java:
+	@if command -v java >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openjdk-17-jre-headless) || echo "Java not installed: the Spark tests will be skipped."; \
+	else \
+		echo "No java (installing it needs root and apt-get): the Spark tests will be skipped."; \
+	fi
 
 # Chromium for tests/test_browser.py, from apt when missing and we are root. Never fatal:
 # without it that test is skipped.

@@ -1,4 +1,4 @@
-"""Command line: `python -m app train|predict|models`, each for one segmentation (`--segmentation`).
+"""Command line: `python -m app train|predict|models|score`, each for one segmentation (`--segmentation`).
 
 It uses the same database and model folder as the service, so a model trained here
 becomes the active version the running service switches to.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app import scoring_cli
 from app.config import get_settings
 from app.database import Database
 from app.errors import AppError
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--as-of", default=None, metavar="DATE", help="kind rfm: RFM as of this day (default: the day after the last)"
     )
+    scoring_cli.engine_options(train)
 
     predict = commands.add_parser("predict", help="which segment is one customer in")
     segmentation_option(predict)
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list model versions, newest first")
     segmentation_option(models)
+    scoring_cli.add_command(commands, segmentation_option)
     return parser
 
 
@@ -177,6 +180,10 @@ async def _with_timer(description: str, work):
 
 async def _train(args, store, settings) -> int:
     source = Path(args.csv or settings.data_path)
+    if args.engine == "spark":  # a file or a Parquet dataset's directory, read by Spark
+        from app.spark.cli import train_with_spark
+
+        return await train_with_spark(args, store, source)
     if not await asyncio.to_thread(source.is_file):
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
@@ -394,7 +401,7 @@ async def _models(_args, store, _settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "predict": _predict, "models": _models}[args.command]
+    handler = {"train": _train, "predict": _predict, "models": _models, "score": scoring_cli.score}[args.command]
     try:
         configure_logging(get_settings())
         if not args.verbose:

@@ -573,6 +573,34 @@ class ModelStore:
         finally:
             await self.release_training(reservation)
 
+    async def adopt(self, model: SegmentationModel, *, created_by: str | None) -> ServedModel:
+        """Record a model fitted elsewhere (by the Spark engine) as a new version, as `train` records its fit.
+
+        It gets a new version id, is checked by a round trip through its blob like any stored
+        version, matched to the active version (ids, keys, names), recorded and made active.
+        """
+        # The same turn as a training: one at a time per segmentation, across workers.
+        async with self._training_turn():
+            version = new_version_id()
+            model.version = version
+            blob = await run_in_threadpool(model.to_bytes)
+            model = await run_in_threadpool(SegmentationModel.from_bytes, blob)
+            model, blob = await self._matched_to_active(model, blob)
+            await self._record_version(model, blob, created_by=created_by)
+            served = await self.sync(candidate=model)
+            logger.info(
+                "recorded model version %s of %s (k=%s, n=%s, %s) by %s",
+                version,
+                self.segmentation.name,
+                model.metadata["n_clusters"],
+                model.metadata["n_samples"],
+                model.metadata.get("algorithm"),
+                created_by,
+            )
+            if served is None or served.version != model.version:
+                served = ServedModel(model)
+            return served
+
 
 __all__ = [
     "ACTIVE_KEY",

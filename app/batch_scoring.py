@@ -1,0 +1,302 @@
+"""Batch scoring of a file to a file, out of core: Parquet or CSV in, Parquet or CSV out, chunk by chunk.
+
+Each chunk is read as text and scored by the same functions as `/predict/batch` (the customer
+checks of app.services.segmentation, a declared schema's `score_frame`), so a file gets the same
+rows and answers here as it gets there: the input columns, then cluster, cluster_name,
+confidence and error. Memory stays flat: one chunk is held at a time. Kind rfm reads a
+transaction log and writes one row per customer, as `/predict/batch` does.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from app.preprocess import DataValidationError, resolve_columns
+from app.services import segmentation
+from app.services.served import CUSTOMER_KIND, ServedModel
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+CHUNK_ROWS = segmentation.SCORE_CHUNK_ROWS
+RESULT_COLUMNS = segmentation.RESULT_COLUMNS
+
+Progress = Callable[[int], None]
+"""Told how far the reading has got: bytes (CSV) or rows (Parquet)."""
+
+
+class UnsupportedFile(ValueError):
+    """A path whose suffix names no format this scorer reads or writes."""
+
+
+def file_format(path: Path) -> str:
+    found = FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise UnsupportedFile(f"{path}: give a .parquet or .csv file (the suffix says the format)")
+    return found
+
+
+@dataclass
+class ScoreReport:
+    """What a scoring run did: rows in and out, how many carry an error, the version used."""
+
+    rows: int
+    failed: int
+    model_version: str
+
+
+def progress_total(path: Path) -> tuple[int, str]:
+    """(total, unit) of the progress bar for reading `path`: rows for Parquet, bytes for CSV."""
+    if file_format(path) == "parquet":
+        return pq.ParquetFile(path).metadata.num_rows, "rows"
+    return path.stat().st_size, "B"
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+class _CountingFile(io.FileIO):
+    """A file that reports how far into it the reader has got."""
+
+    def __init__(self, path: Path, progress: Progress | None) -> None:
+        super().__init__(path, "rb")
+        self._progress = progress
+
+    def readinto(self, buffer: Any) -> int | None:
+        count = super().readinto(buffer)
+        if self._progress is not None:
+            self._progress(self.tell())
+        return count
+
+
+def text_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
+    """A Parquet chunk as `/predict/batch` reads a CSV: every cell text, "" where empty."""
+    columns: dict[str, Any] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            text = pc.cast(column, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+        columns[name] = pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+    return pd.DataFrame(columns)
+
+
+def _parquet_chunks(path: Path, progress: Progress | None) -> Iterator[tuple[pd.DataFrame, pa.RecordBatch]]:
+    try:
+        source = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(
+            f"the file is not readable Parquet: {exc}",
+            [{"row": None, "line": None, "column": None, "reason": "not Parquet"}],
+        ) from None
+    seen = 0
+    for batch in source.iter_batches(batch_size=CHUNK_ROWS):
+        seen += batch.num_rows
+        yield text_frame(batch), batch
+        if progress is not None:
+            progress(seen)
+
+
+def _csv_chunks(fh: IO[bytes], check_columns: Callable[[Any], Any]) -> Iterator[tuple[pd.DataFrame, None]]:
+    for frame in segmentation.csv_frames(fh, check_columns):
+        yield frame, None
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+class _CsvOut:
+    """The CSV answer of `/predict/batch`, chunk after chunk, into one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: IO[bytes] | None = None
+
+    def add(self, frame: pd.DataFrame, _batch: Any, served: ServedModel, scores: segmentation.ChunkScores) -> None:
+        valid, labels, confidence, errors, _ = scores
+        answer = segmentation.CsvAnswer(list(frame.columns), served.names)
+        header_end = answer.file.tell()
+        answer.add(frame, valid, labels, confidence, errors)
+        with answer.finish() as chunk:
+            if self.file is None:
+                self.file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            else:
+                chunk.seek(header_end)  # the header once, at the top
+            while block := chunk.read(1 << 20):
+                self.file.write(block)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class _ParquetOut:
+    """The same answer as Parquet: input columns as read (their own types), then the segment columns.
+
+    `cluster` and `confidence` are null, and `error` set, on rows that break a rule.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(
+        self, frame: pd.DataFrame, batch: pa.RecordBatch | None, served: ServedModel, scores: segmentation.ChunkScores
+    ) -> None:
+        source = pa.Table.from_pandas(frame, preserve_index=False) if batch is None else pa.Table.from_batches([batch])
+        self.write(answer_table(served, source, scores))
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def answer_table(served: ServedModel, source: pa.Table, scores: segmentation.ChunkScores) -> pa.Table:
+    """The input columns as read, then cluster, cluster_name, confidence and error (null where they do not apply)."""
+    valid, labels, confidence, errors, _ = scores
+    n = source.num_rows
+    kept = [c for c in source.column_names if str(c).strip().lower() not in RESULT_COLUMNS]
+    cluster = np.zeros(n, dtype=np.int64)
+    cluster[valid] = labels
+    score = np.zeros(n, dtype=np.float64)
+    score[valid] = np.round(confidence, 6)
+    names = np.full(n, None, dtype=object)
+    names[valid] = np.asarray(served.names, dtype=object)[labels]
+    return (
+        source.select(kept)
+        .append_column("cluster", pa.array(cluster, mask=~valid))
+        .append_column("cluster_name", pa.array(names, pa.string()))
+        .append_column("confidence", pa.array(score, mask=~valid))
+        .append_column("error", pa.array(list(errors), pa.string()))
+    )
+
+
+def score_batch(served: ServedModel, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """One Arrow batch scored as `/predict/batch` scores its rows, with the answer columns appended."""
+    scores = _chunk_scorer(served)(text_frame(batch))
+    table = answer_table(served, pa.Table.from_batches([batch]), scores).combine_chunks()
+    return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def _chunk_scorer(served: ServedModel) -> Callable[[pd.DataFrame], segmentation.ChunkScores]:
+    if served.kind == CUSTOMER_KIND:
+        from app.services.segmentation import _score_customer_chunk
+
+        return lambda frame: _score_customer_chunk(served, frame)
+    from app.services.segmentations import _score_declared_chunk
+
+    return lambda frame: _score_declared_chunk(served, frame)
+
+
+def score_file(
+    served: ServedModel,
+    source: Path,
+    target: Path,
+    *,
+    progress: Progress | None = None,
+    rfm_columns: Any = None,
+    as_of: date | None = None,
+) -> ScoreReport:
+    """Score `source` into `target` with `served` (blocking). Kind rfm needs the log's `rfm_columns`.
+
+    Raises UnsupportedFile for a suffix that names no format, DataValidationError for a file that
+    cannot be scored at all (unreadable, a declared column missing, no data rows), OSError for a path
+    that cannot be opened. `target` is written next to itself and moved in place when complete.
+    """
+    in_format, out_format = file_format(source), file_format(target)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        if served.kind == "rfm":
+            report = _score_log(served, source, partial, out_format, rfm_columns, as_of, progress)
+        else:
+            report = _score_rows(served, source, in_format, partial, out_format, progress)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return report
+
+
+def _score_rows(
+    served: ServedModel, source: Path, in_format: str, partial: Path, out_format: str, progress: Progress | None
+) -> ScoreReport:
+    score = _chunk_scorer(served)
+    check = resolve_columns if served.kind == CUSTOMER_KIND else (lambda _columns: None)
+    out: _CsvOut | _ParquetOut = _ParquetOut(partial) if out_format == "parquet" else _CsvOut(partial)
+    rows = failed = 0
+    try:
+        if in_format == "parquet":
+            chunks: Iterator[tuple[pd.DataFrame, Any]] = _parquet_chunks(source, progress)
+            opened: IO[bytes] | None = None
+        else:
+            opened = io.BufferedReader(_CountingFile(source, progress), 1 << 20)
+            chunks = _csv_chunks(opened, check)
+        try:
+            for frame, batch in chunks:
+                if rows == 0 and batch is not None:
+                    check(frame.columns)
+                scores = score(frame)
+                out.add(frame, batch, served, scores)
+                rows += len(frame)
+                failed += int((~scores[0]).sum())
+        finally:
+            if opened is not None:
+                opened.close()
+    finally:
+        out.close()
+    if rows == 0:
+        raise DataValidationError(
+            "the file has no data rows", [{"row": None, "line": None, "column": None, "reason": "no data rows"}]
+        )
+    return ScoreReport(rows=rows, failed=failed, model_version=served.version)
+
+
+def _score_log(
+    served: ServedModel,
+    source: Path,
+    partial: Path,
+    out_format: str,
+    columns: Any,
+    as_of: date | None,
+    progress: Progress | None,
+) -> ScoreReport:
+    """A transaction log (CSV) → one scored row per customer, as `/predict/batch` answers it."""
+    from app.services import rfm as rfm_service
+
+    if file_format(source) != "csv":
+        raise UnsupportedFile(f"{source}: a transaction log is read as CSV")
+    with io.BufferedReader(_CountingFile(source, progress), 1 << 20) as fh:
+        scored = rfm_service.score_log(served, fh, columns, as_of=as_of, as_csv=out_format == "csv")
+    if scored.csv_answer is not None:
+        with scored.csv_answer as answer, open(partial, "wb") as out:
+            while block := answer.read(1 << 20):
+                out.write(block)
+    else:
+        assert scored.fields is not None
+        fields = scored.fields
+        table = pa.table(
+            {c: fields[c].to_numpy() for c in rfm_service.ANSWER_COLUMNS if c in fields.columns}
+            | {
+                "cluster": scored.labels,
+                "cluster_name": np.asarray(served.names, dtype=object)[scored.labels],
+                "confidence": np.round(scored.confidence, 6),
+            }
+        )
+        pq.write_table(table, partial)
+    return ScoreReport(rows=scored.n_rows, failed=0, model_version=served.version)

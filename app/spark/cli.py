@@ -1,0 +1,110 @@
+"""`python -m app train|score --engine spark`: the command line's Spark door (pyspark imported here only)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.preprocess import DataValidationError
+from app.spark import SparkUnavailable
+
+logger = logging.getLogger("app.spark")
+
+
+def _quiet(spark: Any) -> None:
+    spark.sparkContext.setLogLevel("ERROR")
+
+
+async def train_with_spark(args, store, source: Path) -> int:
+    """Train with MLlib K-Means on `args.master`, record the result as an ordinary version of the segmentation."""
+    from app import spark as engine
+
+    info = store.segmentation
+    if info.kind == "rfm":
+        print("error: --engine spark trains kinds customer and custom; train kind rfm without it", file=sys.stderr)
+        return 2
+    if args.as_of is not None:
+        print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
+        return 2
+    if not await asyncio.to_thread(source.exists):
+        print(f"error: no such file or directory: {source}", file=sys.stderr)
+        return 2
+    schema = None
+    if info.kind != "customer":
+        from app.services.registry import feature_schema
+
+        schema = feature_schema(info)
+    try:
+        spark = await asyncio.to_thread(engine.session, args.master)
+    except SparkUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _quiet(spark)
+        from app.spark import training
+
+        print(
+            f"Training {info.name} with Spark on {args.master} from {source}"
+            + (f" with k={args.k}" if args.k else " (choosing k on a sample)")
+            + " ..."
+        )
+        try:
+            result = await asyncio.to_thread(
+                training.train, spark, source, schema=schema, n_clusters=args.k, random_state=args.random_state
+            )
+        except DataValidationError as exc:
+            print(f"error: {source}: {exc.message}", file=sys.stderr)
+            return 2
+    finally:
+        await asyncio.to_thread(spark.stop)
+    print(
+        f"{result.rows_read:,} rows read, {result.skipped_rows:,} left out (a value out of its rule); "
+        f"best MLlib cost {min(result.costs):.4f} of {len(result.costs)} seeds"
+    )
+    served = await store.adopt(result.model, created_by="cli")
+    meta = served.metadata
+    print(f"Model {served.version}: k={meta['n_clusters']}, silhouette={meta.get('silhouette_score')}, engine spark")
+    for segment in served.segments:
+        print(
+            f"  {segment['cluster_id']}: {segment['cluster_name']} ({segment['size']} customers, {segment['percentage']}%)"
+        )
+    return 0
+
+
+async def score_with_spark(args, store, served) -> int:
+    """Score a dataset with one stored version in Spark; the answer is a Parquet dataset (a directory)."""
+    from app import spark as engine
+
+    if served.kind == "rfm":
+        print(
+            "error: --engine spark scores kinds customer and custom; score a transaction log without it",
+            file=sys.stderr,
+        )
+        return 2
+    if args.output.suffix.lower() != ".parquet":
+        print("error: --engine spark writes a Parquet dataset: give an --output ending in .parquet", file=sys.stderr)
+        return 2
+    try:
+        spark = await asyncio.to_thread(engine.session, args.master)
+    except SparkUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _quiet(spark)
+        from app.spark import scoring
+
+        print(
+            f"Scoring {args.input} with version {served.version} of {store.segmentation.name} in Spark on {args.master} ..."
+        )
+        try:
+            rows = await asyncio.to_thread(scoring.score, spark, served, args.input, args.output)
+        except DataValidationError as exc:
+            print(f"error: {args.input}: {exc.message}", file=sys.stderr)
+            return 2
+    finally:
+        await asyncio.to_thread(spark.stop)
+    print(f"Scored {rows:,} rows into {args.output} with version {served.version}")
+    return 0

@@ -1,0 +1,230 @@
+"""Spark as an engine, on local[2]: a Spark-trained version is an ordinary version, Spark scoring is /predict/batch.
+
+Skipped, saying why, where pyspark or Java is missing; `.ci/run` installs both so CI runs these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_scoring_cli import batch_csv, cli_env
+from tests.test_segmentations import CRM_FEATURES, crm_table
+
+pytest.importorskip("pyspark", reason="pyspark is not installed: make install-spark (requirements-spark.txt)")
+if shutil.which("java") is None:
+    pytest.skip("no Java runtime for Spark: apt-get install openjdk-17-jre-headless", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+ROWS = 20_000
+
+
+@pytest.fixture(scope="module")
+def spark():
+    from app import spark as engine
+
+    session = engine.session("local[2]", "segmentation-tests")
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def customers(tmp_path_factory) -> tuple[pd.DataFrame, object]:
+    """20k generated customers, as CSV and as Parquet."""
+    from generate_dataset import generate
+
+    folder = tmp_path_factory.mktemp("spark-data")
+    frame = generate(rows=ROWS, seed=11)
+    frame.to_csv(folder / "customers.csv", index=False)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), folder / "customers.parquet")
+    return frame, folder
+
+
+def in_process_inertia(frame: pd.DataFrame, k: int, random_state: int = 42) -> float:
+    from app.model import SegmentationModel
+    from app.preprocess import FEATURES, resolve_columns
+
+    columns = resolve_columns(frame.columns)
+    X = frame[[columns[f] for f in FEATURES]].to_numpy(dtype=np.float64)
+    return float(SegmentationModel.train(X, n_clusters=k, random_state=random_state).metadata["inertia"])
+
+
+async def test_a_spark_trained_version_is_served_like_any_other(
+    app, client, spark, customers, analyst_headers, user_headers
+):
+    from app.spark import scoring, training
+
+    frame, folder = customers
+    store = await app.state.segmentations.get("default")
+    result = await asyncio.to_thread(
+        training.train, spark, folder / "customers.parquet", schema=None, n_clusters=None, random_state=42
+    )
+    assert result.rows_read == ROWS and result.skipped_rows == 0 and len(result.costs) == 3
+    served = await store.adopt(result.model, created_by="spark-test")
+    meta = served.metadata
+    k = meta["n_clusters"]
+    assert meta["k_selection"]["method"] == "silhouette" and meta["k_selection"]["sample_size"] == ROWS
+    assert meta["engine"]["name"] == "spark" and meta["engine"]["algorithm"].startswith("mllib_kmeans")
+
+    listed = await client.get("/segmentations/default/models", headers=analyst_headers)
+    assert listed.status_code == 200
+    assert listed.json()["active_version"] == served.version
+    assert listed.json()["models"][0]["created_by"] == "spark-test"
+    clusters = (await client.get("/clusters", headers=user_headers)).json()
+    assert sum(c["size"] for c in clusters["clusters"]) == ROWS
+    assert len({c["cluster_name"] for c in clusters["clusters"]}) == k
+    one = await client.post(
+        "/predict",
+        json={"sex": "Female", "age": 29, "annual_income": 85.0, "spending_score": 82, "purchase_frequency": 40},
+        headers=user_headers,
+    )
+    assert one.status_code == 200 and one.json()["model_version"] == served.version
+
+    # The centroids are as good as the in-process trainer's on the same data and k.
+    reference = in_process_inertia(frame, k)
+    assert abs(meta["inertia"] - reference) / reference < 0.02, (meta["inertia"], reference)
+
+    # Segment sizes counted in Spark are the clusters serving gives the training rows.
+    expected = pd.read_csv(
+        io.BytesIO(await batch_csv(client, user_headers, "/predict/batch", (folder / "customers.csv").read_bytes())),
+        keep_default_na=False,
+    )
+    sizes = expected["cluster"].value_counts().sort_index().tolist()
+    assert sizes == [c["size"] for c in clusters["clusters"]]
+
+    # Spark scoring gives every row the cluster and confidence of /predict/batch.
+    target = folder / "scored.parquet"
+    rows = await asyncio.to_thread(scoring.score, spark, served, folder / "customers.parquet", target)
+    assert rows == ROWS
+    got = pq.read_table(target).to_pandas().sort_values("CustomerID").reset_index(drop=True)
+    want = expected.sort_values("CustomerID").reset_index(drop=True)
+    assert got["cluster"].tolist() == want["cluster"].tolist()
+    assert got["cluster_name"].tolist() == want["cluster_name"].tolist()
+    assert np.allclose(got["confidence"], want["confidence"], atol=1e-6)
+    assert got["error"].isna().all()
+
+    # A second Spark version is matched to the first: same data, same ids.
+    again = await asyncio.to_thread(
+        training.train, spark, folder / "customers.csv", schema=None, n_clusters=k, random_state=7
+    )
+    second = await store.adopt(again.model, created_by="spark-test")
+    identity = second.metadata["identity"]
+    assert identity["previous_version"] == served.version
+    assert all(m["previous_cluster_id"] == m["cluster_id"] for m in identity["matching"])
+
+
+async def test_spark_scoring_marks_bad_rows_as_predict_batch_does(
+    app, client, spark, customers, user_headers, tmp_path
+):
+    from app.spark import scoring, training
+
+    _, folder = customers
+    store = await app.state.segmentations.get("default")
+    result = await asyncio.to_thread(
+        training.train, spark, folder / "customers.csv", schema=None, n_clusters=4, random_state=1
+    )
+    served = await store.adopt(result.model, created_by="spark-test")
+    rows = pd.read_csv(folder / "customers.csv", dtype=str, keep_default_na=False).head(500)
+    rows.loc[3, "Age"] = "old"
+    rows.loc[9, "Spending_Score"] = "150"
+    rows.loc[12, "Annual_Income"] = ""
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    target = tmp_path / "scored.parquet"
+    assert await asyncio.to_thread(scoring.score, spark, served, tmp_path / "rows.csv", target) == 500
+    got = pq.read_table(target).to_pandas().sort_values("CustomerID", key=lambda c: c.astype(int))
+    want = pd.read_csv(
+        io.BytesIO(await batch_csv(client, user_headers, "/predict/batch", (tmp_path / "rows.csv").read_bytes())),
+        keep_default_na=False,
+    )
+    assert got["error"].fillna("").tolist() == want["error"].tolist()
+    assert got["cluster"].fillna(-1).astype(int).tolist() == want["cluster"].replace("", -1).astype(int).tolist()
+
+
+async def test_custom_kind_trains_in_spark_with_its_declared_schema(
+    app, client, spark, tmp_path, analyst_headers, user_headers
+):
+    from app.spark import training
+
+    payload = {"name": "crm", "kind": "custom", "features": CRM_FEATURES, "id_column": "customer_id"}
+    assert (await client.post("/segmentations", json=payload, headers=analyst_headers)).status_code == 201
+    table = crm_table(3000)
+    table.to_csv(tmp_path / "crm.csv", index=False)
+    store = await app.state.segmentations.get("crm")
+    from app.services.registry import feature_schema
+
+    result = await asyncio.to_thread(
+        training.train,
+        spark,
+        tmp_path / "crm.csv",
+        schema=feature_schema(store.segmentation),
+        n_clusters=3,
+        random_state=1,
+    )
+    served = await store.adopt(result.model, created_by="spark-test")
+    assert all("fitted" in f for f in served.metadata["schema"]["features"])  # the encoding was learned
+    plans = sorted(max(s["means"]["plan"], key=s["means"]["plan"].get) for s in served.segments)
+    assert plans == ["free", "pro", "team"]
+    assert any("pro" in s["cluster_name"] or "plan" in s["cluster_name"] for s in served.segments)
+    in_process = (
+        await client.post(
+            "/segmentations/crm/train",
+            params={"n_clusters": 3, "random_state": 1},
+            files={"file": ("crm.csv", (tmp_path / "crm.csv").read_bytes(), "text/csv")},
+            headers=analyst_headers,
+        )
+    ).json()
+    assert abs(served.metadata["inertia"] - in_process["inertia"]) / in_process["inertia"] < 0.02
+    assert in_process["previous_version"] == served.version
+    assert all(m["previous_cluster_id"] == m["cluster_id"] for m in in_process["matching"])
+
+
+async def test_train_and_score_from_the_command_line(settings, app, client, customers, tmp_path, user_headers):
+    _, folder = customers
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "app", *args],
+            cwd=tmp_path,
+            env=cli_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    trained = await asyncio.to_thread(
+        run,
+        "train",
+        "--engine",
+        "spark",
+        "--master",
+        "local[2]",
+        "--input",
+        str(folder / "customers.parquet"),
+        "--k",
+        "4",
+    )
+    assert trained.returncode == 0, trained.stderr
+    version = re.search(r"Model (\S+): k=4", trained.stdout).group(1)
+    assert "engine spark" in trained.stdout
+    scored = await asyncio.to_thread(
+        run, "score", "--engine", "spark", "--input", str(folder / "customers.parquet"), "--output", "out.parquet"
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert f"with version {version}" in scored.stdout
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == ROWS
+    refused = await asyncio.to_thread(
+        run, "score", "--engine", "spark", "--input", str(folder / "customers.parquet"), "--output", "out.csv"
+    )
+    assert refused.returncode == 2 and "parquet" in refused.stderr.lower()
