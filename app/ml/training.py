@@ -154,6 +154,21 @@ def train_custom(
     sizes = _sizes(labels, k)
 
     stats = segment_statistics(fitted, frame, labels, sizes)
+    segments = custom_segments(fitted, centers, sizes, stats, n)
+    fingerprint = hashlib.sha256(np.ascontiguousarray(Xs, dtype=np.float32).tobytes()).hexdigest()
+    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
+    metadata["segments"] = segments
+    metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
+    _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
+    return TrainedParts(None, fit.kmeans, metadata, labels)
+
+
+def custom_segments(
+    fitted: FeatureSchema, centers: np.ndarray, sizes: np.ndarray, stats: list[dict[str, Any]], n: int
+) -> list[dict[str, Any]]:
+    """A declared schema's segment descriptions from the ordered centroids (encoded space), each
+    segment's size and statistics (segment_statistics), and the number of training rows."""
+    k = len(sizes)
     z = np.full((k, len(fitted.features)), np.nan)
     col = 0
     for j, feature in enumerate(fitted.features):
@@ -162,7 +177,7 @@ def train_custom(
         col += feature.width
     traits = segment_traits(fitted, z, stats)
     names = custom_segment_names(traits)
-    segments = [
+    return [
         {
             "cluster_id": i,
             "cluster_name": names[i],
@@ -173,12 +188,6 @@ def train_custom(
         }
         for i in range(k)
     ]
-    fingerprint = hashlib.sha256(np.ascontiguousarray(Xs, dtype=np.float32).tobytes()).hexdigest()
-    metadata = _metadata(fit, Xs, labels, n=n, random_state=random_state, fingerprint=fingerprint)
-    metadata["segments"] = segments
-    metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
-    _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
-    return TrainedParts(None, fit.kmeans, metadata, labels)
 
 
 def segment_statistics(

@@ -26,17 +26,10 @@ from sklearn.preprocessing import StandardScaler
 from app.ml import selection
 from app.ml.encoding import encode, fit_schema, level_indices
 from app.ml.frames import categorical_values, match_columns, numeric_values
-from app.ml.naming import (
-    custom_segment_names,
-    describe_custom_segment,
-    describe_customer_segment,
-    segment_names,
-    segment_traits,
-)
 from app.ml.persistence import FORMAT_VERSION
 from app.ml.schema import FeatureSchema
 from app.ml.scoring import CentroidScorer
-from app.ml.training import _finish_metadata, decode_centroid
+from app.ml.training import _finish_metadata, custom_segments, customer_segments, decode_centroid
 from app.model import SegmentationModel
 from app.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 
@@ -346,24 +339,7 @@ class _CustomerTrainer(_Trainer):
         if (sizes == 0).any():
             raise DataValidationError(f"could not form {len(order)} distinct segments from this data")
         means = np.stack([totals[f"sum:{f}"][order] for f in FEATURES], axis=1) / sizes[:, None]
-        names = segment_names(z, original)
-        segments = []
-        for i in range(len(sizes)):
-            pct = 100.0 * sizes[i] / n
-            segments.append(
-                {
-                    "cluster_id": i,
-                    "cluster_name": names[i],
-                    "size": int(sizes[i]),
-                    "percentage": round(float(pct), 2),
-                    "avg_age": round(float(means[i, _AGE]), 2),
-                    "avg_income": round(float(means[i, _INCOME]), 2),
-                    "avg_spending_score": round(float(means[i, _SPENDING]), 2),
-                    "avg_purchase_frequency": round(float(means[i, _FREQUENCY]), 2),
-                    "description": describe_customer_segment(means[i], z[i], pct),
-                    "means": {feature: round(float(means[i, j]), 4) for j, feature in enumerate(FEATURES)},
-                }
-            )
+        segments, centroids = customer_segments(z, original, sizes, means, n)
         scorer = CentroidScorer(z, self.scaler.mean_, self.scaler.scale_)
         sample_x = fit["sample_x"]
         sample_labels = scorer.predict(self.scaler.inverse_transform(sample_x))[0]
@@ -378,9 +354,7 @@ class _CustomerTrainer(_Trainer):
             fingerprint=_fingerprint(sample_x, totals, n),
         )
         metadata["segments"] = segments
-        metadata["centroids"] = [
-            {feature: round(float(original[i, j]), 4) for j, feature in enumerate(FEATURES)} for i in range(len(z))
-        ]
+        metadata["centroids"] = centroids
         _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit["report"], started)
         return SegmentationModel(self.scaler, _estimator(z, fit["inertia"], fit["random_state"]), metadata)
 
@@ -494,25 +468,7 @@ class _CustomTrainer(_Trainer):
                         )
                         for j, level in enumerate(levels)
                     }
-        z = np.full((k, len(fitted.features)), np.nan)
-        col = 0
-        for j, feature in enumerate(fitted.features):
-            if feature.numeric:
-                z[:, j] = centers[:, col]
-            col += feature.width
-        traits = segment_traits(fitted, z, stats)
-        names = custom_segment_names(traits)
-        segments = [
-            {
-                "cluster_id": i,
-                "cluster_name": names[i],
-                "size": int(sizes[i]),
-                "percentage": round(100.0 * sizes[i] / n, 2),
-                "description": describe_custom_segment(fitted, traits[i], stats[i], z[i], 100.0 * sizes[i] / n),
-                "means": stats[i],
-            }
-            for i in range(k)
-        ]
+        segments = custom_segments(fitted, centers, sizes, stats, n)
         sample_x = fit["sample_x"]
         sample_labels = CentroidScorer(centers).predict(sample_x)[0]
         metadata = _metadata(
