@@ -169,24 +169,50 @@ async def train(
     wait: Wait = True,
     file: CsvFile = None,
 ) -> Any:
+    return await answer_training(
+        request,
+        request.app.state.models,
+        file=file,
+        n_clusters=n_clusters,
+        random_state=random_state,
+        as_of=None,
+        wait=wait,
+        by=analyst.username,
+        result_model=TrainResult,
+    )
+
+
+async def answer_training(
+    request: Request,
+    store: ModelStore,
+    *,
+    file: UploadFile | None,
+    n_clusters: int | None,
+    random_state: int,
+    as_of: date | None,
+    wait: bool,
+    by: str,
+    result_model: type[TrainResult],
+) -> Any:
+    """The answer of a training (either door): its result, or with `wait=false` a 202 and the job."""
     if file is None and _is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
-    store = request.app.state.models
+    state = request.app.state
     if not wait:
-        job = await request.app.state.jobs.submit(
+        job = await state.jobs.submit(
             store,
             file=file,
             n_clusters=n_clusters,
             random_state=random_state,
-            as_of=None,
-            by=analyst.username,
-            result_model=TrainResult,
+            as_of=as_of,
+            by=by,
+            result_model=result_model,
         )
         return accepted(job)
     served = await segmentations.train(
-        request.app.state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=analyst.username
+        state, store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
     )
-    return TrainResult(**segmentations.train_result(store, served))
+    return result_model(**segmentations.train_result(store, served))
 
 
 def _is_multipart(request: Request) -> bool:

@@ -17,8 +17,8 @@ from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
 from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.routes.jobs import STARTED, Wait, accepted
-from app.routes.ml import CsvFile, ExplainFlag, _is_multipart, answer_batch
+from app.routes.jobs import STARTED, Wait
+from app.routes.ml import CsvFile, ExplainFlag, answer_batch, answer_training
 from app.routes.responses import errors, file_errors
 from app.schema import (
     BatchResult,
@@ -185,30 +185,17 @@ async def train_segmentation(
     wait: Wait = True,
     file: CsvFile = None,
 ) -> Any:
-    store = await _store(request, name)
-    if file is None and _is_multipart(request):
-        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
-    if not wait:
-        job = await request.app.state.jobs.submit(
-            store,
-            file=file,
-            n_clusters=n_clusters,
-            random_state=random_state,
-            as_of=as_of,
-            by=analyst.username,
-            result_model=NamedTrainResult,
-        )
-        return accepted(job)
-    served = await segmentations.train(
-        request.app.state,
-        store,
+    return await answer_training(
+        request,
+        await _store(request, name),
         file=file,
         n_clusters=n_clusters,
         random_state=random_state,
-        by=analyst.username,
         as_of=as_of,
+        wait=wait,
+        by=analyst.username,
+        result_model=NamedTrainResult,
     )
-    return NamedTrainResult(**segmentations.train_result(store, served))
 
 
 @router.post(
