@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,21 @@ from app.spark import SparkUnavailable
 logger = logging.getLogger("app.spark")
 
 
-def _quiet(spark: Any) -> None:
-    spark.sparkContext.setLogLevel("ERROR")
+@contextlib.asynccontextmanager
+async def _session(master: str) -> AsyncIterator[Any]:
+    """A Spark session on `master`, its log quiet, stopped afterwards; SparkUnavailable when it cannot start."""
+    from app import spark as engine
+
+    spark = await asyncio.to_thread(engine.session, master)
+    try:
+        spark.sparkContext.setLogLevel("ERROR")
+        yield spark
+    finally:
+        await asyncio.to_thread(spark.stop)
 
 
 async def train_with_spark(args, store, source: Path) -> int:
     """Train with MLlib K-Means on `args.master`, record the result as an ordinary version of the segmentation."""
-    from app import spark as engine
 
     info = store.segmentation
     if info.kind == "rfm":
@@ -37,29 +47,24 @@ async def train_with_spark(args, store, source: Path) -> int:
         from app.services.registry import feature_schema
 
         schema = feature_schema(info)
-    try:
-        spark = await asyncio.to_thread(engine.session, args.master)
-    except SparkUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        _quiet(spark)
-        from app.spark import training
+    from app.spark import training
 
-        print(
-            f"Training {info.name} with Spark on {args.master} from {source}"
-            + (f" with k={args.k}" if args.k else " (choosing k on a sample)")
-            + " ..."
-        )
-        try:
+    try:
+        async with _session(args.master) as spark:
+            print(
+                f"Training {info.name} with Spark on {args.master} from {source}"
+                + (f" with k={args.k}" if args.k else " (choosing k on a sample)")
+                + " ..."
+            )
             result = await asyncio.to_thread(
                 training.train, spark, source, schema=schema, n_clusters=args.k, random_state=args.random_state
             )
-        except DataValidationError as exc:
-            print(f"error: {source}: {exc.message}", file=sys.stderr)
-            return 2
-    finally:
-        await asyncio.to_thread(spark.stop)
+    except SparkUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DataValidationError as exc:
+        print(f"error: {source}: {exc.message}", file=sys.stderr)
+        return 2
     print(
         f"{result.rows_read:,} rows read, {result.skipped_rows:,} left out (a value out of its rule); "
         f"best MLlib cost {min(result.costs):.4f} of {len(result.costs)} seeds"
@@ -76,7 +81,6 @@ async def train_with_spark(args, store, source: Path) -> int:
 
 async def score_with_spark(args, store, served) -> int:
     """Score a dataset with one stored version in Spark; the answer is a Parquet dataset (a directory)."""
-    from app import spark as engine
 
     if served.kind == "rfm":
         print(
@@ -87,24 +91,20 @@ async def score_with_spark(args, store, served) -> int:
     if args.output.suffix.lower() != ".parquet":
         print("error: --engine spark writes a Parquet dataset: give an --output ending in .parquet", file=sys.stderr)
         return 2
+    from app.spark import scoring
+
     try:
-        spark = await asyncio.to_thread(engine.session, args.master)
+        async with _session(args.master) as spark:
+            print(
+                f"Scoring {args.input} with version {served.version} of {store.segmentation.name} in Spark on "
+                f"{args.master} ..."
+            )
+            rows = await asyncio.to_thread(scoring.score, spark, served, args.input, args.output)
     except SparkUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        _quiet(spark)
-        from app.spark import scoring
-
-        print(
-            f"Scoring {args.input} with version {served.version} of {store.segmentation.name} in Spark on {args.master} ..."
-        )
-        try:
-            rows = await asyncio.to_thread(scoring.score, spark, served, args.input, args.output)
-        except DataValidationError as exc:
-            print(f"error: {args.input}: {exc.message}", file=sys.stderr)
-            return 2
-    finally:
-        await asyncio.to_thread(spark.stop)
+    except DataValidationError as exc:
+        print(f"error: {args.input}: {exc.message}", file=sys.stderr)
+        return 2
     print(f"Scored {rows:,} rows into {args.output} with version {served.version}")
     return 0
