@@ -10,7 +10,8 @@ transaction log and writes one row per customer, as `/predict/batch` does.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -22,12 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app.preprocess import DataValidationError, resolve_columns
+from app.ml.frames import match_columns
+from app.preprocess import FEATURES, SEX_COLUMN, DataValidationError, resolve_columns
 from app.services import segmentation
 from app.services.served import CUSTOMER_KIND, ServedModel
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 CHUNK_ROWS = segmentation.SCORE_CHUNK_ROWS
+FILE_CHUNK_ROWS = 4 * CHUNK_ROWS
+"""Rows per Parquet batch read (and row group written): larger than an upload's chunks, as a file may be huge."""
 RESULT_COLUMNS = segmentation.RESULT_COLUMNS
 
 Progress = Callable[[int], None]
@@ -80,17 +84,63 @@ class _CountingFile(io.FileIO):
 
 def text_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
     """A Parquet chunk as `/predict/batch` reads a CSV: every cell text, "" where empty."""
+    return pd.DataFrame({name: _text(column) for name, column in zip(batch.schema.names, batch.columns, strict=True)})
+
+
+def _text(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    try:
+        text = pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+    return pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+
+
+def read_columns(served: ServedModel, names: Sequence[str]) -> tuple[list[str], set[str]]:
+    """(the columns of `names` that `served` reads, those of them it reads as numbers)."""
+    if served.kind == CUSTOMER_KIND:
+        found = resolve_columns(names, required=(), optional=(*FEATURES, SEX_COLUMN))
+        numeric = {found[name] for name in FEATURES if name in found}
+    else:
+        schema = served.model.schema
+        found = match_columns(names, schema.names, required=())
+        numeric = {found[f.name] for f in schema.features if f.numeric and f.name in found}
+    read = set(found.values())
+    return [name for name in names if name in read], numeric
+
+
+def scoring_frame(served: ServedModel, batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
+    """A Parquet chunk as the scorer reads it, with the verdicts `/predict/batch` gives its CSV.
+
+    Only the columns the model reads. Those it reads as numbers stay numbers where Arrow holds
+    integers or floats (a null reads as an empty cell); every other cell is text, "" where empty.
+    A number column holding a NaN or an infinity in this chunk is read as text, so that the
+    message for such a cell is worded as it is for the CSV.
+    """
+    names = list(batch.schema.names)
+    read, numeric = read_columns(served, names)
     columns: dict[str, Any] = {}
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        try:
-            text = pc.cast(column, pa.string())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
-        columns[name] = pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+    for name in read:
+        column = batch.column(names.index(name))
+        if name in numeric and _plain_numbers(column):
+            columns[name] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        else:
+            columns[name] = _text(column)
     return pd.DataFrame(columns)
 
 
-def _parquet_chunks(path: Path, progress: Progress | None) -> Iterator[tuple[pd.DataFrame, pa.RecordBatch]]:
+def _plain_numbers(column: pa.Array | pa.ChunkedArray) -> bool:
+    """Integers, or floats that are all finite where not null."""
+    kind = column.type
+    if pa.types.is_integer(kind):
+        return True
+    if not pa.types.is_floating(kind):
+        return False
+    return not pc.any(pc.invert(pc.is_finite(column))).as_py()
+
+
+def _parquet_chunks(
+    served: ServedModel, path: Path, progress: Progress | None
+) -> Iterator[tuple[pd.DataFrame, pa.RecordBatch]]:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -99,9 +149,9 @@ def _parquet_chunks(path: Path, progress: Progress | None) -> Iterator[tuple[pd.
             [{"row": None, "line": None, "column": None, "reason": "not Parquet"}],
         ) from None
     seen = 0
-    for batch in source.iter_batches(batch_size=CHUNK_ROWS):
+    for batch in source.iter_batches(batch_size=FILE_CHUNK_ROWS):
         seen += batch.num_rows
-        yield text_frame(batch), batch
+        yield scoring_frame(served, batch), batch
         if progress is not None:
             progress(seen)
 
@@ -121,8 +171,12 @@ class _CsvOut:
         self.path = path
         self.file: IO[bytes] | None = None
 
-    def add(self, frame: pd.DataFrame, _batch: Any, served: ServedModel, scores: segmentation.ChunkScores) -> None:
+    def add(
+        self, frame: pd.DataFrame, batch: pa.RecordBatch | None, served: ServedModel, scores: segmentation.ChunkScores
+    ) -> None:
         valid, labels, confidence, errors, _ = scores
+        if batch is not None:
+            frame = text_frame(batch)  # every input column, as the CSV answer writes it
         answer = segmentation.CsvAnswer(list(frame.columns), served.names)
         header_end = answer.file.tell()
         answer.add(frame, valid, labels, confidence, errors)
@@ -142,27 +196,39 @@ class _CsvOut:
 class _ParquetOut:
     """The same answer as Parquet: input columns as read (their own types), then the segment columns.
 
-    `cluster` and `confidence` are null, and `error` set, on rows that break a rule.
+    `cluster` and `confidence` are null, and `error` set, on rows that break a rule. Each chunk is
+    compressed and written by a background thread (Arrow releases the GIL) while the next one is
+    scored; at most one chunk waits, so memory stays at two chunks.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.writer: pq.ParquetWriter | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-out")
+        self._pending: Future[None] | None = None
 
     def add(
         self, frame: pd.DataFrame, batch: pa.RecordBatch | None, served: ServedModel, scores: segmentation.ChunkScores
     ) -> None:
         source = pa.Table.from_pandas(frame, preserve_index=False) if batch is None else pa.Table.from_batches([batch])
-        self.write(answer_table(served, source, scores))
-
-    def write(self, table: pa.Table) -> None:
+        table = answer_table(served, source, scores)
+        self._wait()
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table)
+        self._pending = self._thread.submit(self.writer.write_table, table)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a write's error is raised here
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            self._wait()
+        finally:
+            self._thread.shutdown(wait=True)
+            if self.writer is not None:
+                self.writer.close()
 
 
 def answer_table(served: ServedModel, source: pa.Table, scores: segmentation.ChunkScores) -> pa.Table:
@@ -174,12 +240,11 @@ def answer_table(served: ServedModel, source: pa.Table, scores: segmentation.Chu
     cluster[valid] = labels
     score = np.zeros(n, dtype=np.float64)
     score[valid] = np.round(confidence, 6)
-    names = np.full(n, None, dtype=object)
-    names[valid] = np.asarray(served.names, dtype=object)[labels]
+    clusters = pa.array(cluster, mask=~valid)
     return (
         source.select(kept)
-        .append_column("cluster", pa.array(cluster, mask=~valid))
-        .append_column("cluster_name", pa.array(names, pa.string()))
+        .append_column("cluster", clusters)
+        .append_column("cluster_name", pc.take(pa.array(served.names, pa.string()), clusters))
         .append_column("confidence", pa.array(score, mask=~valid))
         .append_column("error", pa.array(list(errors), pa.string()))
     )
@@ -187,7 +252,7 @@ def answer_table(served: ServedModel, source: pa.Table, scores: segmentation.Chu
 
 def score_batch(served: ServedModel, batch: pa.RecordBatch) -> pa.RecordBatch:
     """One Arrow batch scored as `/predict/batch` scores its rows, with the answer columns appended."""
-    scores = _chunk_scorer(served)(text_frame(batch))
+    scores = _chunk_scorer(served)(scoring_frame(served, batch))
     table = answer_table(served, pa.Table.from_batches([batch]), scores).combine_chunks()
     return table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
 
@@ -242,7 +307,7 @@ def _score_rows(
     rows = failed = 0
     try:
         if in_format == "parquet":
-            chunks: Iterator[tuple[pd.DataFrame, Any]] = _parquet_chunks(source, progress)
+            chunks: Iterator[tuple[pd.DataFrame, Any]] = _parquet_chunks(served, source, progress)
             opened: IO[bytes] | None = None
         else:
             opened = io.BufferedReader(_CountingFile(source, progress), 1 << 20)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -109,6 +110,90 @@ async def test_bad_rows_are_marked_in_parquet_too(client, settings, tmp_path, da
     assert bad.index.tolist() == [3, 10, 11]
     assert "age" in bad.loc[3, "error"] and "spending_score" in bad.loc[10, "error"]
     assert bad["cluster"].isna().all() and bad["confidence"].isna().all()
+
+
+def answers(frame: pd.DataFrame) -> list[tuple]:
+    """Each row's (cluster, cluster_name, confidence, error), as numbers and text; None where empty."""
+
+    def cell(value, kind):
+        return None if pd.isna(value) or value == "" else kind(value)
+
+    columns = zip(frame["cluster"], frame["cluster_name"], frame["confidence"], frame["error"], strict=True)
+    return [(cell(c, int), cell(n, str), cell(p, float), cell(e, str)) for c, n, p, e in columns]
+
+
+def exported_csv(table: pa.Table) -> bytes:
+    """The CSV a user gets when they export the Parquet table (nulls as empty cells)."""
+    out = io.BytesIO()
+    pa_csv.write_csv(table, out)
+    return out.getvalue()
+
+
+async def test_typed_parquet_cells_get_the_verdicts_their_csv_gets(
+    client, settings, tmp_path, dataset, trained_model, user_headers
+):
+    # Numbers typed as Arrow holds them: a null, a fraction, an out-of-range value, an infinity, a NaN;
+    # integer columns with nulls; a column of numbers stored as text. Each row's answer is the one
+    # /predict/batch gives the same file exported to CSV.
+    frame = pd.read_csv(dataset).head(40)
+    n = len(frame)
+    age = frame["Age"].astype("float64").tolist()
+    age[1], age[2], age[3] = None, 35.5, 150.0
+    income = frame["Annual_Income"].astype("float64").tolist()
+    income[4], income[5] = float("inf"), float("nan")
+    spending = pa.array([None if i == 6 else int(v) for i, v in enumerate(frame["Spending_Score"])], pa.int64())
+    sexes = frame["Sex"].tolist()
+    sexes[7], sexes[8] = " female ", None
+    table = pa.table(
+        {
+            "CustomerID": pa.array(range(n), pa.int32()),
+            "Sex": pa.array(sexes, pa.string()),
+            "Age": pa.array(age, pa.float64()),
+            "Annual_Income": pa.array(income, pa.float64()),
+            "Spending_Score": spending,
+            "Purchase_Frequency": pa.array([str(v) for v in frame["Purchase_Frequency"]], pa.string()),
+        }
+    )
+    pq.write_table(table, tmp_path / "typed.parquet")
+    want = pd.read_csv(
+        io.BytesIO(await batch_csv(client, user_headers, "/predict/batch", exported_csv(table))),
+        keep_default_na=False,
+    )
+    done = await score(settings, tmp_path, "--input", "typed.parquet", "--output", "answer.parquet")
+    assert done.returncode == 0, done.stderr
+    got = pq.read_table(tmp_path / "answer.parquet").to_pandas()
+    assert answers(got) == answers(want)
+    assert [i for i, row in enumerate(answers(got)) if row[3] is not None] == [1, 2, 3, 4, 5, 6]
+    assert got["Age"].dtype == "float64" and got["Spending_Score"].dtype == "float64"  # nulls: pandas float
+    assert pq.read_schema(tmp_path / "answer.parquet").field("Spending_Score").type == pa.int64()
+
+
+async def test_typed_parquet_of_a_custom_segmentation_equals_its_csv(
+    client, settings, tmp_path, analyst_headers, user_headers
+):
+    payload = {"name": "crm", "kind": "custom", "features": CRM_FEATURES, "id_column": "customer_id"}
+    assert (await client.post("/segmentations", json=payload, headers=analyst_headers)).status_code == 201
+    trained = await client.post(
+        "/segmentations/crm/train",
+        files={"file": ("crm.csv", as_csv(crm_table()), "text/csv")},
+        headers=analyst_headers,
+    )
+    assert trained.status_code == 200, trained.text
+    rows = crm_table(200, seed=11)
+    rows.loc[2, "Tenure_Months"] = 900.0  # above the declared maximum
+    rows.loc[3, "visits"] = None  # imputed
+    rows.loc[4, "visits"] = float("inf")
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    pq.write_table(table, tmp_path / "crm.parquet")
+    want = pd.read_csv(
+        io.BytesIO(await batch_csv(client, user_headers, "/segmentations/crm/predict/batch", exported_csv(table))),
+        keep_default_na=False,
+    )
+    done = await score(settings, tmp_path, "--segmentation", "crm", "--input", "crm.parquet", "--output", "a.parquet")
+    assert done.returncode == 0, done.stderr
+    got = pq.read_table(tmp_path / "a.parquet").to_pandas()
+    assert answers(got) == answers(want)
+    assert [i for i, row in enumerate(answers(got)) if row[3] is not None] == [2, 4]
 
 
 async def test_a_stored_version_that_is_not_active(

@@ -346,7 +346,11 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
     features = np.empty((n, len(FEATURES)), dtype=np.float64)
     clean = np.ones(n, dtype=bool)
     for j, feature in enumerate(FEATURES):
-        values = np.asarray(pd.to_numeric(frame[columns[feature]].astype(object), errors="coerce"), dtype=np.float64)
+        column = frame[columns[feature]]
+        if pd.api.types.is_float_dtype(column.dtype):  # numbers as read from Parquet; NaN where empty
+            values = column.to_numpy()
+        else:
+            values = np.asarray(pd.to_numeric(column.astype(object), errors="coerce"), dtype=np.float64)
         low, high = FEATURE_RANGES[feature]
         with np.errstate(invalid="ignore"):
             ok = (values >= low) & (values <= high)  # False for NaN and infinities too
@@ -355,8 +359,10 @@ def _check_frame(frame: pd.DataFrame, columns: dict[str, Any]) -> tuple[np.ndarr
         clean &= ok
         features[:, j] = values
     if SEX_COLUMN in columns:
-        sex = frame[columns[SEX_COLUMN]].astype(object).str.strip().str.lower()
-        clean &= (sex.isin(_KNOWN_SEXES) | (sex == "")).to_numpy(dtype=bool)
+        codes, spellings = pd.factorize(frame[columns[SEX_COLUMN]].astype(object))  # a handful of distinct cells
+        sex = pd.Series(spellings, dtype=object).str.strip().str.lower()
+        known = (sex.isin(_KNOWN_SEXES) | (sex == "")).to_numpy(dtype=bool)
+        clean &= known[codes] & (codes >= 0)
     errors: list[str | None] = [None] * n
     doubtful = np.flatnonzero(~clean)
     if len(doubtful) == 0:
