@@ -194,13 +194,13 @@ async def _train(args, store, settings) -> int:
     if args.as_of is not None:
         print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
         return 2
-    if info.kind == "customer" and await asyncio.to_thread(_out_of_core, source):
-        return await _train_file(args, store, settings, source)
     schema = None
     if info.kind != "customer":
         from app.services.registry import feature_schema
 
         schema = feature_schema(info)
+    if await asyncio.to_thread(_out_of_core, source):
+        return await _train_file(args, store, settings, source, schema)
     try:
         features = await asyncio.to_thread(read_training_csv, source, schema=schema)
     except OSError as exc:
@@ -235,7 +235,7 @@ def _out_of_core(source: Path) -> bool:
         return out_of_core_upload(fh)
 
 
-async def _train_file(args, store, settings, source: Path) -> int:
+async def _train_file(args, store, settings, source: Path, schema=None) -> int:
     """A Parquet file, or a CSV too large to read here: the training process reads it in chunks."""
     from app.ml.outofcore import TrainingFile
 
@@ -248,7 +248,13 @@ async def _train_file(args, store, settings, source: Path) -> int:
     try:
         served = await _with_timer(
             "Training",
-            store.train(training, n_clusters=args.k, random_state=args.random_state, created_by="cli"),
+            store.train(
+                training,
+                n_clusters=args.k,
+                random_state=args.random_state,
+                created_by="cli",
+                schema=schema.to_dict() if schema is not None else None,
+            ),
         )
     except DataValidationError as exc:
         _print_problems(source, exc)

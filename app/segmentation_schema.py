@@ -296,6 +296,12 @@ class NamedModelVersionDetail(ModelVersionPublic):
     trained_at: str | None = None
     library_versions: dict[str, str] = {}
     missing_shares: dict[str, float] = {}
+    algorithm: str | None = Field(
+        None, description="kmeans, minibatch_kmeans, or streamed_kmeans (trained out of core from a file)"
+    )
+    out_of_core: dict[str, Any] | None = Field(
+        None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
+    )
     previous_version: str | None = Field(
         None, description="The version this one was matched to (the active one when it was trained); null if none"
     )

@@ -13,10 +13,13 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import StandardScaler
 
-from app.ml.outofcore import TrainingFile, train_customer_file
+from app.ml.encoding import encode
+from app.ml.outofcore import TrainingFile, train_custom_file, train_customer_file
+from app.ml.schema import FeatureSchema, read_training_frame
 from app.preprocess import FEATURES
 from generate_dataset import generate
-from tests.test_cli import cli_env  # noqa: F401 - the fixture of a fresh installation
+from tests.test_cli import cli_env, create_segmentation, run  # noqa: F401 - cli_env: a fresh installation
+from tests.test_segmentations import CRM_FEATURES, as_csv, crm_table
 
 pytestmark = pytest.mark.postgres
 
@@ -147,3 +150,120 @@ def test_the_cli_trains_from_parquet(tmp_path, cli_env):  # noqa: F811
     assert done.returncode == 0, done.stderr
     assert "Out of core: k chosen on a sample of 1,000 rows" in done.stdout
     assert "k=4" in done.stdout
+
+
+# --- kind custom --------------------------------------------------------------------------------
+
+
+def crm_schema() -> FeatureSchema:
+    return FeatureSchema.declare(CRM_FEATURES, id_column="customer_id")
+
+
+def test_a_custom_file_streamed_is_within_1_percent_of_an_in_memory_fit(tmp_path):
+    data = crm_table(30_000, seed=5)
+    path = tmp_path / "crm.parquet"
+    data.to_parquet(path, index=False)
+    source = TrainingFile(path, chunk_rows=3_000, in_memory_rows=1000, sample_rows=4000)
+    streamed = train_custom_file(source, crm_schema(), n_clusters=None, random_state=3, k_range=(2, 6))
+    meta = streamed.metadata
+    assert meta["algorithm"] == "streamed_kmeans" and meta["out_of_core"]["sample_rows"] == 4000
+    assert meta["n_samples"] == 30_000 and sum(s["size"] for s in meta["segments"]) == 30_000
+    assert meta["missing_shares"]["basket"] == pytest.approx(1 / 30_000, abs=1e-6)  # counted over every row
+
+    # Against scikit-learn's KMeans (same k, n_init=3) on every row, encoded as the streamed model encodes.
+    fitted = FeatureSchema.from_dict(meta["schema"])
+    frame = read_training_frame(as_csv(data), crm_schema())
+    X = encode(fitted, frame)
+    k = meta["n_clusters"]
+    reference = KMeans(n_clusters=k, n_init=3, random_state=3).fit(X)
+    assert meta["inertia"] <= reference.inertia_ * 1.01
+
+    # Segment statistics count every row in the segment serving gives it.
+    labels = np.argmin(((X[:, None, :] - streamed.kmeans.cluster_centers_[None]) ** 2).sum(axis=2), axis=1)
+    assert np.bincount(labels, minlength=k).tolist() == [s["size"] for s in meta["segments"]]
+    for i, segment in enumerate(meta["segments"]):
+        rows = frame[labels == i]
+        assert segment["means"]["visits"] == pytest.approx(rows["visits"].mean(), abs=1e-3)
+        plans = rows["plan"].astype(str).value_counts(normalize=True)
+        for level, share in segment["means"]["plan"].items():
+            assert share == pytest.approx(plans.get(level, 0.0), abs=1e-4)
+
+    # CSV and Parquet of the same rows give the same model.
+    csv = tmp_path / "crm.csv"
+    csv.write_bytes(as_csv(data))
+    again = train_custom_file(
+        TrainingFile(csv, chunk_rows=3_000, in_memory_rows=1000, sample_rows=4000),
+        crm_schema(),
+        n_clusters=None,
+        random_state=3,
+        k_range=(2, 6),
+    )
+    np.testing.assert_allclose(again.kmeans.cluster_centers_, streamed.kmeans.cluster_centers_, rtol=1e-9)
+    assert [s["size"] for s in again.metadata["segments"]] == [s["size"] for s in meta["segments"]]
+
+
+def test_a_small_custom_file_trains_exactly_as_its_upload(tmp_path):
+    from app.ml.training import train_custom
+
+    data = crm_table(2000, seed=8)
+    path = tmp_path / "crm.parquet"
+    data.to_parquet(path, index=False)
+    from_file = train_custom_file(TrainingFile(path), crm_schema(), n_clusters=None, random_state=1, k_range=(2, 6))
+    upload = train_custom(
+        read_training_frame(as_csv(data), crm_schema()), crm_schema(), n_clusters=None, random_state=1, k_range=(2, 6)
+    )
+    assert from_file.metadata["data_fingerprint"] == upload.metadata["data_fingerprint"]
+    np.testing.assert_array_equal(from_file.kmeans.cluster_centers_, upload.kmeans.cluster_centers_)
+    assert from_file.metadata["drift_reference"]["features"]
+
+
+async def test_a_custom_parquet_upload_trains_out_of_core_and_serves(client, analyst_headers, user_headers):
+    payload = {"name": "crm", "kind": "custom", "features": CRM_FEATURES, "id_column": "customer_id"}
+    assert (await client.post("/segmentations", json=payload, headers=analyst_headers)).status_code == 201
+    data = crm_table(6000, seed=4)
+    trained = await client.post(
+        "/segmentations/crm/train",
+        params={"random_state": 2},
+        files={"file": ("crm.parquet", parquet_bytes(data), "application/octet-stream")},
+        headers=analyst_headers,
+    )
+    assert trained.status_code == 200, trained.text
+    body = trained.json()
+    assert body["n_samples"] == 6000
+    version = (await client.get(f"/segmentations/crm/models/{body['model_version']}", headers=analyst_headers)).json()
+    assert version["algorithm"] == "streamed_kmeans" and version["out_of_core"]["source"] == "parquet", version
+
+    # Serving counts every row in the segment the training counted it in.
+    scored = await client.post(
+        "/segmentations/crm/predict/batch",
+        files={"file": ("crm.csv", as_csv(data), "text/csv")},
+        headers=user_headers | {"Accept": "text/csv"},
+    )
+    assert scored.status_code == 200, scored.text
+    clusters = pd.read_csv(io.BytesIO(scored.content))["cluster"]
+    sizes = {int(k): v for k, v in body["cluster_sizes"].items()}
+    assert clusters.value_counts().to_dict() == sizes
+    drift = await client.get("/segmentations/crm/drift", headers=analyst_headers)
+    assert drift.status_code == 200, drift.text
+
+    # A bad cell in a large file: 422 naming its row and column, the active version unchanged.
+    data["visits"] = data["visits"].astype(str)  # numbers stored as text, as some exports do
+    data.loc[4321, "visits"] = "lots"
+    bad = await client.post(
+        "/segmentations/crm/train",
+        files={"file": ("crm.parquet", parquet_bytes(data), "application/octet-stream")},
+        headers=analyst_headers,
+    )
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["errors"][0] == {"row": 4322, "line": 4323, "column": "visits", "reason": "not a number: 'lots'"}
+
+
+def test_the_cli_trains_a_custom_segmentation_from_parquet(tmp_path, cli_env):  # noqa: F811
+    create_segmentation(tmp_path, cli_env, name="crm", kind="custom", features=CRM_FEATURES, id_column="customer_id")
+    path = tmp_path / "crm.parquet"
+    crm_table(5000, seed=6).to_parquet(path, index=False)
+    env = cli_env | {"TRAIN_IN_MEMORY_ROWS": "1000", "TRAIN_SAMPLE_ROWS": "1000"}
+    done = run(env, tmp_path, "-m", "app", "train", "--segmentation", "crm", "--input", str(path), "--k", "3")
+    assert done.returncode == 0, done.stderr
+    assert "Out of core: k chosen on a sample of 1,000 rows" in done.stdout and "over 5,000 rows" in done.stdout
+    assert "k=3" in done.stdout

@@ -22,7 +22,7 @@ from app.ml import persistence, selection
 from app.ml.drift import DriftReference, fit_reference
 from app.ml.encoding import check_records, check_text_frame, encode, raise_for_records
 from app.ml.explain import Explainer, Explanation
-from app.ml.outofcore import TrainingFile, train_customer_file
+from app.ml.outofcore import TrainingFile, train_custom_file, train_customer_file
 from app.ml.persistence import ModelLoadError
 from app.ml.records import RecordEncoder
 from app.ml.rfm import RfmTable, clustering_frame
@@ -83,8 +83,8 @@ class SegmentationModel:
         with those columns. Kind ``custom``: the DataFrame from
         :func:`app.ml.schema.read_training_frame` for that schema. Kind
         ``rfm`` (``kind="rfm"``, no schema): the per-customer table of
-        :func:`app.ml.rfm.read_log`. Kind customer also trains on a
-        :class:`app.ml.outofcore.TrainingFile` (CSV or Parquet of any size).
+        :func:`app.ml.rfm.read_log`. Kinds customer and custom also train on
+        a :class:`app.ml.outofcore.TrainingFile` (CSV or Parquet of any size).
         With ``n_clusters=None`` k is the best sampled silhouette over
         ``k_range`` (inclusive), with the inertia knee reported beside it.
         Raises DataValidationError when the data is malformed or has too few
@@ -96,6 +96,8 @@ class SegmentationModel:
                 parts = train_rfm(data, **options)  # type: ignore[arg-type]
             elif isinstance(data, TrainingFile) and (schema is None or schema.kind == "customer"):
                 parts = train_customer_file(data, **options)  # type: ignore[arg-type]
+            elif isinstance(data, TrainingFile):
+                parts = train_custom_file(data, schema, **options)  # type: ignore[arg-type]
             elif schema is None or schema.kind == "customer":
                 parts = train_customer(data, **options)  # type: ignore[arg-type]
             else:

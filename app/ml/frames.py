@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,13 +101,16 @@ def read_training_frame(source: CsvSource, schema: FeatureSchema) -> pd.DataFram
     (all named at once), a header with no data rows, or numeric cells that
     hold text or an infinity (the first ten listed, every row counted).
     """
-    return read_source(source, lambda fh: _read(fh, schema))
+    return read_source(source, lambda fh: concat_training_frames(schema, iter_csv_training_frames(fh, schema)))
 
 
-def _read(fh: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
+def iter_csv_training_frames(
+    fh: IO[bytes], schema: FeatureSchema, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[pd.DataFrame]:
+    """The chunks of :func:`read_training_frame`, each typed as its result; once every chunk is out,
+    DataValidationError if the file had no data rows or bad numeric cells."""
     _sniff(fh)
-    wanted = schema.names + ([schema.id_column] if schema.id_column else [])
-    raw = match_columns(_read_header(fh), wanted, required=schema.names)
+    raw = match_columns(_read_header(fh), _wanted(schema), required=schema.names)
     text_columns = [f.name for f in schema.features if not f.numeric] + (
         [schema.id_column] if schema.id_column in raw else []
     )
@@ -115,36 +119,83 @@ def _read(fh: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
         fh,
         usecols=lambda c: c in selected,
         dtype={raw[name]: str for name in text_columns},
-        chunksize=CHUNK_ROWS,
+        chunksize=chunk_rows,
         encoding="utf-8-sig",
         keep_default_na=False,
         na_values={raw[f.name]: [""] for f in schema.features if f.numeric},
     )
-    parts: dict[str, list[Any]] = {name: [] for name in raw}
+    with reader:
+        yield from _checked_frames(schema, raw, reader)
+
+
+def iter_parquet_training_frames(
+    path: str | os.PathLike, schema: FeatureSchema, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[pd.DataFrame]:
+    """A Parquet file's row batches typed as :func:`iter_csv_training_frames` types a CSV's chunks.
+
+    Integer and floating columns stay numbers (a null is an empty cell); any other column is read
+    as its text, as the same table exported to CSV would be.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(
+            f"the file is not readable Parquet: {exc}", [_problem(None, None, "not Parquet")]
+        ) from None
+    raw = match_columns(parquet.schema_arrow.names, _wanted(schema), required=schema.names)
+    numeric = {raw[f.name] for f in schema.features if f.numeric}
+
+    def chunk(batch: pa.RecordBatch) -> pd.DataFrame:
+        columns: dict[str, Any] = {}
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            kind = column.type
+            if name in numeric and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                columns[name] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+            else:
+                text = pc.fill_null(pc.cast(column, pa.string()), "")
+                columns[name] = text.to_numpy(zero_copy_only=False).astype(object)
+        return pd.DataFrame(columns)
+
+    batches = parquet.iter_batches(batch_size=chunk_rows, columns=list(dict.fromkeys(raw.values())))
+    yield from _checked_frames(schema, raw, (chunk(batch) for batch in batches))
+
+
+def _wanted(schema: FeatureSchema) -> list[str]:
+    return schema.names + ([schema.id_column] if schema.id_column else [])
+
+
+def _checked_frames(
+    schema: FeatureSchema, raw: dict[str, Any], chunks: Iterable[pd.DataFrame]
+) -> Iterator[pd.DataFrame]:
     problems: list[dict[str, Any]] = []
     offending = 0
     seen = 0
-    with reader:
-        for chunk in reader:
-            listing = len(problems) < MAX_LISTED_PROBLEMS
-            bad_rows = np.zeros(len(chunk), dtype=bool)
-            for feature in schema.features:
-                column = chunk[raw[feature.name]]
-                if not feature.numeric:
-                    parts[feature.name].append(categorical_values(column))
-                    continue
-                values, _, bad = numeric_values(column)
-                parts[feature.name].append(values)
-                if bad.any():
-                    bad_rows |= bad
-                    if listing:  # earlier chunks' rows come first; once ten are listed, later ones never show
-                        for i in np.flatnonzero(bad)[:MAX_LISTED_PROBLEMS].tolist():
-                            reason = bad_number_reason(column.iloc[i])
-                            problems.append(_problem(seen + i + 1, feature.name, reason))
-            if schema.id_column in raw:
-                parts[schema.id_column].append(chunk[raw[schema.id_column]].to_numpy(dtype=object))
-            offending += int(bad_rows.sum())
-            seen += len(chunk)
+    for chunk in chunks:
+        listing = len(problems) < MAX_LISTED_PROBLEMS
+        bad_rows = np.zeros(len(chunk), dtype=bool)
+        frame: dict[str, Any] = {}
+        if schema.id_column in raw:
+            frame[schema.id_column] = chunk[raw[schema.id_column]].to_numpy(dtype=object)
+        for feature in schema.features:
+            column = chunk[raw[feature.name]]
+            if not feature.numeric:
+                frame[feature.name] = categorical_values(column)
+                continue
+            values, _, bad = numeric_values(column)
+            frame[feature.name] = values
+            if bad.any():
+                bad_rows |= bad
+                if listing:  # earlier chunks' rows come first; once ten are listed, later ones never show
+                    for i in np.flatnonzero(bad)[:MAX_LISTED_PROBLEMS].tolist():
+                        reason = bad_number_reason(column.iloc[i])
+                        problems.append(_problem(seen + i + 1, feature.name, reason))
+        offending += int(bad_rows.sum())
+        seen += len(chunk)
+        yield pd.DataFrame(frame)
     if seen == 0:
         raise DataValidationError("the CSV has a header but no data rows", [_problem(None, None, "no data rows")])
     if offending:
@@ -154,13 +205,19 @@ def _read(fh: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
         raise DataValidationError(
             f"{offending} of {seen} rows have invalid values (first: {first})", problems, offending
         )
+
+
+def concat_training_frames(schema: FeatureSchema, frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Typed chunks (as :func:`iter_csv_training_frames` yields them) as one frame, categories united."""
+    parts = list(frames)
     frame: dict[str, Any] = {}
-    if schema.id_column in raw:
-        frame[schema.id_column] = pd.Series(np.concatenate(parts[schema.id_column]), dtype=object)
+    id_column = schema.id_column
+    if parts and id_column is not None and id_column in parts[0].columns:
+        frame[id_column] = pd.Series(np.concatenate([p[id_column].to_numpy() for p in parts]), dtype=object)
     for feature in schema.features:
-        chunks = parts[feature.name]
         if feature.numeric:
-            frame[feature.name] = np.concatenate(chunks)
+            frame[feature.name] = np.concatenate([p[feature.name].to_numpy() for p in parts])
         else:
+            chunks = [p[feature.name].array for p in parts]
             frame[feature.name] = pd.Series(chunks[0] if len(chunks) == 1 else union_categoricals(chunks))
     return pd.DataFrame(frame)

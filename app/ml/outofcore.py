@@ -18,16 +18,24 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import selection
 from app.ml.drift import fit_reference
+from app.ml.encoding import encode, fit_schema, level_indices
+from app.ml.frames import (
+    categorical_values,
+    concat_training_frames,
+    iter_csv_training_frames,
+    iter_parquet_training_frames,
+)
 from app.ml.schema import FeatureSchema
 from app.ml.training import (
     _INCOME,
@@ -35,7 +43,10 @@ from app.ml.training import (
     TrainedParts,
     _finish_metadata,
     _metadata,
+    custom_segments,
     customer_segments,
+    decode_centroid,
+    train_custom,
     train_customer,
 )
 from app.preprocess import (
@@ -87,6 +98,21 @@ class TrainingFile:
         except Exception as exc:  # noqa: BLE001 - a reader's own errors become one a user can act on
             raise _wrap_read_error(exc) from exc
 
+    def declared_frames(self, schema: FeatureSchema) -> Iterator[pd.DataFrame]:
+        """Typed chunks of a declared schema's columns, as read_training_frame types a CSV; after the
+        last one, DataValidationError for bad cells (every row counted, the first ten listed)."""
+        rows = max(1, self.chunk_rows * _WIDTH // max(len(schema.features), _WIDTH))
+        try:
+            if self.is_parquet:
+                yield from iter_parquet_training_frames(self.path, schema, rows)
+            else:
+                with open(self.path, "rb") as fh:
+                    yield from iter_csv_training_frames(fh, schema, rows)
+        except (DataValidationError, MemoryError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's own errors become one a user can act on
+            raise _wrap_read_error(exc) from exc
+
     def _parquet_blocks(self) -> Iterator[np.ndarray]:
         import pyarrow.parquet as pq
 
@@ -98,10 +124,11 @@ class TrainingFile:
 
 
 class _Spill:
-    """Checked float32 rows written to an unnamed temporary file, read back chunk by chunk."""
+    """Checked float32 rows of `width` columns written to an unnamed temporary file, read back chunk by chunk."""
 
-    def __init__(self, directory: str | None = None) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile(dir=directory)
+    def __init__(self, width: int = _WIDTH) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=os.environ.get("TMPDIR"))
+        self.width = width
         self.rows = 0
 
     def write(self, block: np.ndarray) -> None:
@@ -113,8 +140,8 @@ class _Spill:
         left = self.rows
         while left:
             take = min(rows, left)
-            data = self.file.read(take * _WIDTH * 4)
-            yield np.frombuffer(data, dtype=np.float32).reshape(take, _WIDTH)
+            data = self.file.read(take * self.width * 4)
+            yield np.frombuffer(data, dtype=np.float32).reshape(take, self.width)
             left -= take
 
     def close(self) -> None:
@@ -140,11 +167,74 @@ class _Reservoir:
         self.keys, self.rows = keys, rows
 
 
+class _FrameSample:
+    """A uniform random sample of at most `size` rows of a declared schema's typed chunks
+    (numbers float64 with NaN, categories as text or NaN), by the same smallest-keys rule."""
+
+    def __init__(self, size: int, rng: np.random.Generator, schema: FeatureSchema) -> None:
+        self.size = size
+        self.rng = rng
+        self.schema = schema
+        self.keys = np.empty(0)
+        self.columns: dict[str, np.ndarray] = {
+            f.name: np.empty(0, dtype=np.float64 if f.numeric else object) for f in schema.features
+        }
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        keys = np.concatenate([self.keys, self.rng.random(len(chunk))])
+        columns = {
+            f.name: np.concatenate(
+                [self.columns[f.name], np.asarray(chunk[f.name].array, dtype=self.columns[f.name].dtype)]
+            )
+            for f in self.schema.features
+        }
+        if len(keys) > self.size:
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            keep.sort()
+            keys = keys[keep]
+            columns = {name: values[keep] for name, values in columns.items()}
+        self.keys, self.columns = keys, columns
+
+    def frame(self) -> pd.DataFrame:
+        """The sample as read_training_frame gives rows: numbers float64, categories a category column."""
+        return pd.DataFrame(
+            {
+                f.name: self.columns[f.name] if f.numeric else categorical_values(pd.Series(self.columns[f.name]))
+                for f in self.schema.features
+            }
+        )
+
+
 def _nearest(Xs: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's nearest centroid and squared distance to it."""
     d2 = (Xs * Xs).sum(axis=1)[:, None] - 2.0 * (Xs @ centers.T) + (centers * centers).sum(axis=1)[None, :]
     labels = np.argmin(d2, axis=1)
     return labels, np.maximum(d2[np.arange(len(Xs)), labels], 0.0)
+
+
+def _lloyd(blocks: Callable[[], Iterator[np.ndarray]], centers: np.ndarray) -> tuple[np.ndarray, int]:
+    """Full Lloyd passes over the rows `blocks()` yields (scaled float32) from `centers` on, until the
+    inertia improves by less than TOLERANCE or MAX_PASSES passes: (the centroids, the passes made)."""
+    k, width = centers.shape
+    previous: float | None = None
+    passes = 0
+    while passes < MAX_PASSES:
+        passes += 1
+        sums = np.zeros((k, width))
+        counts = np.zeros(k)
+        inertia = 0.0
+        for Xs in blocks():
+            # float32 for the distances (half the memory traffic), float64 for every sum.
+            labels, d2 = _nearest(Xs, centers.astype(np.float32))
+            counts += np.bincount(labels, minlength=k)
+            for j in range(width):
+                sums[:, j] += np.bincount(labels, weights=Xs[:, j], minlength=k)
+            inertia += float(d2.sum(dtype=np.float64))
+        centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
+        if previous is not None and previous - inertia <= TOLERANCE * previous:
+            break
+        previous = inertia
+    return centers, passes
 
 
 def train_customer_file(
@@ -161,7 +251,7 @@ def train_customer_file(
     scaler = StandardScaler()
     sample = _Reservoir(sample_rows, rng)
     hasher = hashlib.sha256()
-    spill = _Spill(os.environ.get("TMPDIR"))
+    spill = _Spill()
     try:
         for block in source.customer_blocks():
             scaler.partial_fit(block.astype(np.float64))
@@ -203,25 +293,7 @@ def _streamed(
     fit = selection.fit_kmeans(sample, sample_scaled, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
     centers = np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64)
     k = len(centers)
-    previous: float | None = None
-    passes = 0
-    while passes < MAX_PASSES:
-        passes += 1
-        sums = np.zeros((k, _WIDTH))
-        counts = np.zeros(k)
-        inertia = 0.0
-        for block in spill.blocks(source.chunk_rows):
-            # float32 for the distances (half the memory traffic), float64 for every sum.
-            Xs = (block - mean32) / scale32
-            labels, d2 = _nearest(Xs, centers.astype(np.float32))
-            counts += np.bincount(labels, minlength=k)
-            for j in range(_WIDTH):
-                sums[:, j] += np.bincount(labels, weights=Xs[:, j], minlength=k)
-            inertia += float(d2.sum(dtype=np.float64))
-        centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
-        if previous is not None and previous - inertia <= TOLERANCE * previous:
-            break
-        previous = inertia
+    centers, passes = _lloyd(lambda: ((block - mean32) / scale32 for block in spill.blocks(source.chunk_rows)), centers)
 
     # The last pass: sizes, feature means in original units and the inertia of the final centroids.
     sizes = np.zeros(k)
@@ -266,6 +338,170 @@ def _streamed(
     return TrainedParts(scaler, kmeans, metadata, np.empty(0, dtype=np.int64))
 
 
+def train_custom_file(
+    source: TrainingFile,
+    schema: FeatureSchema,
+    *,
+    n_clusters: int | None,
+    random_state: int,
+    k_range: tuple[int, int],
+) -> TrainedParts:
+    """Fit a declared schema on a file of any size.
+
+    A file of at most ``in_memory_rows`` rows of four features' worth of cells is trained exactly as
+    an upload is. A larger one learns its encoding (medians, logs, means and deviations, levels) and
+    k on the sample, then spills the encoded rows (float32) and refines K-Means by Lloyd passes as
+    the customer kind does; segment statistics count every row. Empty shares count every row too.
+    """
+    started = time.perf_counter()
+    budget = max(1, source.in_memory_rows * _WIDTH // max(len(schema.features), _WIDTH))
+    rng = np.random.default_rng(random_state)
+    sample = _FrameSample(source.sample_rows, rng, schema)
+    empty = dict.fromkeys(schema.names, 0)
+    held: list[pd.DataFrame] | None = []
+    n = 0
+    for chunk in source.declared_frames(schema):
+        n += len(chunk)
+        sample.add(chunk)
+        for feature in schema.features:
+            empty[feature.name] += int(chunk[feature.name].isna().sum())
+        if held is not None:
+            held.append(chunk)
+            if n > budget:
+                held = None  # too large to train in memory: the chunks are read again
+    if held is not None:
+        frame = concat_training_frames(schema, held)
+        del held
+        parts = train_custom(frame, schema, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+        fitted = FeatureSchema.from_dict(parts.metadata["schema"])
+        columns = {f.name: frame[f.name] for f in fitted.features}
+        parts.metadata["drift_reference"] = fit_reference(
+            fitted, columns, parts.labels, len(parts.metadata["segments"])
+        ).to_dict()
+        return parts
+
+    sample_frame = sample.frame()
+    fitted, _ = fit_schema(schema, sample_frame)
+    missing_shares = {name: count / n for name, count in empty.items()}
+    encoded, cells = _Spill(fitted.width), _Spill(len(fitted.features))
+    hasher = hashlib.sha256()
+    try:
+        for chunk in source.declared_frames(schema):
+            x = encode(fitted, chunk, np.float32)
+            hasher.update(x.tobytes())
+            encoded.write(x)
+            cells.write(_cell_codes(fitted, chunk))
+        return _streamed_custom(
+            encoded,
+            cells,
+            fitted,
+            sample_frame,
+            missing_shares,
+            hasher.hexdigest(),
+            source,
+            n_clusters,
+            random_state,
+            k_range,
+            started,
+        )
+    finally:
+        encoded.close()
+        cells.close()
+
+
+def _cell_codes(fitted: FeatureSchema, chunk: pd.DataFrame) -> np.ndarray:
+    """What the segment statistics need of each row: a number as read (NaN when empty), a level's index."""
+    out = np.empty((len(chunk), len(fitted.features)), dtype=np.float32)
+    for j, feature in enumerate(fitted.features):
+        if feature.numeric:
+            out[:, j] = chunk[feature.name].to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            out[:, j] = level_indices(feature, chunk[feature.name])[0]
+    return out
+
+
+def _streamed_custom(
+    encoded: _Spill,
+    cells: _Spill,
+    fitted: FeatureSchema,
+    sample_frame: pd.DataFrame,
+    missing_shares: dict[str, float],
+    fingerprint: str,
+    source: TrainingFile,
+    n_clusters: int | None,
+    random_state: int,
+    k_range: tuple[int, int],
+    started: float,
+) -> TrainedParts:
+    n = encoded.rows
+    rows = max(1, source.chunk_rows * _WIDTH // max(fitted.width, _WIDTH))
+    sample_x = encode(fitted, sample_frame)
+    fit = selection.fit_kmeans(sample_x, sample_x, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
+    centers, passes = _lloyd(lambda: encoded.blocks(rows), np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64))
+    k = len(centers)
+
+    # The last pass: sizes, and per segment each number's sum and count of non-empty cells, each level's count.
+    sizes = np.zeros(k)
+    inertia = 0.0
+    features = fitted.features
+    sums = np.zeros((k, len(features)))
+    seen = np.zeros((k, len(features)))
+    levels = [np.zeros((k, len(f.levels_ or ()))) for f in features]
+    for x, codes in zip(encoded.blocks(rows), cells.blocks(rows), strict=True):
+        labels, d2 = _nearest(x, centers.astype(np.float32))
+        sizes += np.bincount(labels, minlength=k)
+        inertia += float(d2.sum(dtype=np.float64))
+        for j, feature in enumerate(features):
+            values = codes[:, j].astype(np.float64)
+            if feature.numeric:
+                known = ~np.isnan(values)
+                sums[:, j] += np.bincount(labels[known], weights=values[known], minlength=k)
+                seen[:, j] += np.bincount(labels[known], minlength=k)
+            elif levels[j].shape[1]:
+                coded = values >= 0
+                width = levels[j].shape[1]
+                cells_of = labels[coded] * width + values[coded].astype(np.int64)
+                levels[j] += np.bincount(cells_of, minlength=k * width).reshape(k, width)
+    if (sizes == 0).any():
+        raise DataValidationError(f"could not form {k} distinct segments from this data (too few distinct customers)")
+
+    keys = [centers[:, j] for j in reversed(range(centers.shape[1]))]
+    order = np.lexsort((*keys, -sizes))
+    centers, sizes = centers[order], sizes[order]
+    stats: list[dict[str, Any]] = [{} for _ in range(k)]
+    for j, feature in enumerate(features):
+        for i, old in enumerate(order.tolist()):
+            if feature.numeric:
+                mean = sums[old, j] / seen[old, j] if seen[old, j] else (feature.median_ or 0.0)
+                stats[i][feature.name] = round(float(mean), 4)
+            else:
+                stats[i][feature.name] = {
+                    level: round(float(c / sizes[i]), 4)
+                    for level, c in zip(feature.levels_ or (), levels[j][old], strict=True)
+                }
+    kmeans = fit.kmeans
+    kmeans.cluster_centers_ = centers
+    kmeans.inertia_ = inertia
+    if hasattr(kmeans, "labels_"):
+        del kmeans.labels_
+    sample_labels, _ = _nearest(sample_x, centers)
+    streamed_fit = dataclasses.replace(fit, algorithm="streamed_kmeans", known_silhouette=None)
+    metadata = _metadata(streamed_fit, sample_x, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint)
+    metadata["segments"] = custom_segments(fitted, centers, sizes.astype(np.int64), stats, n)
+    metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
+    metadata["drift_reference"] = fit_reference(
+        fitted, {f.name: sample_frame[f.name] for f in features}, sample_labels, k
+    ).to_dict()
+    metadata["out_of_core"] = {
+        "source": "parquet" if source.is_parquet else "csv",
+        "sample_rows": int(len(sample_frame)),
+        "chunk_rows": rows,
+        "lloyd_passes": passes,
+    }
+    _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
+    return TrainedParts(None, kmeans, metadata, np.empty(0, dtype=np.int64))
+
+
 def file_rows(source: TrainingFile) -> int | None:
     """Rows of a Parquet file from its footer; None for a CSV (it is counted while read)."""
     if not source.is_parquet:
@@ -275,4 +511,11 @@ def file_rows(source: TrainingFile) -> int | None:
     return int(pq.ParquetFile(source.path).metadata.num_rows)
 
 
-__all__: list[Any] = ["CHUNK_ROWS", "IN_MEMORY_ROWS", "SAMPLE_ROWS", "TrainingFile", "train_customer_file"]
+__all__: list[Any] = [
+    "CHUNK_ROWS",
+    "IN_MEMORY_ROWS",
+    "SAMPLE_ROWS",
+    "TrainingFile",
+    "train_custom_file",
+    "train_customer_file",
+]

@@ -104,23 +104,24 @@ async def train(
         return await rfm_service.train(
             store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
         )
-    if info.kind == CUSTOMER_KIND:
-        if file is not None and await run_in_threadpool(segmentation.out_of_core_upload, file.file):
-            # Parquet, or a CSV too large to parse here: the training process reads it from disk.
-            async with segmentation.upload_on_disk(state.settings, file) as source:
-                return await store.train(source, n_clusters=n_clusters, random_state=random_state, created_by=by)
+    declared = None if info.kind == CUSTOMER_KIND else feature_schema(info)
+    schema = None if declared is None else declared.to_dict()
+    if file is not None and await run_in_threadpool(segmentation.out_of_core_upload, file.file):
+        # Parquet, or a CSV too large to parse here: the training process reads it from disk.
+        async with segmentation.upload_on_disk(state.settings, file) as source:
+            return await store.train(
+                source, schema=schema, n_clusters=n_clusters, random_state=random_state, created_by=by
+            )
+    if declared is None:
         features = await segmentation.training_matrix(state.settings, file)
         return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
     from app.ml.schema import read_training_frame
 
     assert file is not None  # checked above
 
-    schema = feature_schema(info)
     file.file.seek(0)
-    frame = await run_in_threadpool(read_training_frame, file.file, schema)
-    return await store.train(
-        frame, schema=schema.to_dict(), n_clusters=n_clusters, random_state=random_state, created_by=by
-    )
+    frame = await run_in_threadpool(read_training_frame, file.file, declared)
+    return await store.train(frame, schema=schema, n_clusters=n_clusters, random_state=random_state, created_by=by)
 
 
 def check_training_request(state: State, store: ModelStore, *, file: UploadFile | None, as_of: date | None) -> None:
