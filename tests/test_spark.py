@@ -91,6 +91,14 @@ async def test_a_spark_trained_version_is_served_like_any_other(
         headers=user_headers,
     )
     assert one.status_code == 200 and one.json()["model_version"] == served.version
+    drift = await client.get("/drift", headers=analyst_headers)  # a reference was stored from the sample
+    assert drift.status_code == 200, drift.text
+    assert {f["feature"] for f in drift.json()["features"]} == {
+        "age",
+        "annual_income",
+        "spending_score",
+        "purchase_frequency",
+    }
 
     # The centroids are as good as the in-process trainer's on the same data and k.
     reference = in_process_inertia(frame, k)

@@ -24,6 +24,7 @@ from sklearn.cluster import KMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import selection
+from app.ml.drift import fit_reference
 from app.ml.encoding import encode, fit_schema, level_indices
 from app.ml.frames import categorical_values, match_columns, numeric_values
 from app.ml.persistence import FORMAT_VERSION
@@ -138,6 +139,11 @@ def train(
         "sample_rows": len(sample),
     }
     model.metadata["skipped_rows"] = rows_read - n
+    # The drift reference from the sample, in the features' own units (as the out-of-core trainer takes it).
+    sample_labels = CentroidScorer(np.asarray(model.kmeans.cluster_centers_)).predict(sample_x)[0]
+    model.metadata["drift_reference"] = fit_reference(
+        model.schema, trainer.sample_columns(sample), sample_labels, model.n_clusters
+    ).to_dict()
     return SparkTraining(model=model, rows_read=rows_read, skipped_rows=rows_read - n, costs=costs)
 
 
@@ -200,6 +206,10 @@ class _Trainer:
         raise NotImplementedError
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+    def sample_columns(self, sample: pd.DataFrame) -> dict[str, Any]:
+        """Each feature's sample values as read (numbers with NaN when empty; categories)."""
         raise NotImplementedError
 
     def vectors(self, usable: Any) -> Any:
@@ -303,6 +313,9 @@ class _CustomerTrainer(_Trainer):
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         return self.scaler.transform(frame[list(FEATURES)].to_numpy(dtype=np.float64))
 
+    def sample_columns(self, sample: pd.DataFrame) -> dict[str, Any]:
+        return {f: sample[f].to_numpy(dtype=np.float64) for f in FEATURES}
+
     def vectors(self, usable: Any) -> Any:
         from pyspark.ml.feature import VectorAssembler
         from pyspark.sql import functions as F
@@ -404,6 +417,10 @@ class _CustomTrainer(_Trainer):
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         return encode(self.fitted, training_frame(self.fitted, frame)[0])
+
+    def sample_columns(self, sample: pd.DataFrame) -> dict[str, Any]:
+        frame = training_frame(self.fitted, sample)[0]
+        return {f.name: frame[f.name] for f in self.fitted.features}
 
     def vectors(self, usable: Any) -> Any:
         from pyspark.ml.functions import array_to_vector
