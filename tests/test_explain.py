@@ -104,6 +104,18 @@ async def test_without_the_flag_there_is_no_explanation(client, trained_model, u
     assert all("top_feature" not in row and "margin" not in row for row in batch.json()["predictions"])
 
 
+async def test_a_repeated_query_answers_as_the_first_and_a_bad_one_says_why(client, trained_model, user_headers):
+    # Query strings are validated once and then reused: each answer must still follow its own query.
+    for query in ("explain=true", "explain=false", "explain=true", "explain=maybe", "explain=true", "explain=maybe"):
+        response = await client.post(f"/predict?{query}", json=CUSTOMER, headers=user_headers)
+        if query == "explain=maybe":
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["loc"] == ["query", "explain"]
+        else:
+            assert response.status_code == 200, response.text
+            assert ("explanation" in response.json()) == (query == "explain=true")
+
+
 async def test_the_named_door_explains_default_too(app, client, trained_model, user_headers):
     response = await client.post(
         "/segmentations/default/predict?explain=true", json={"customer": CUSTOMER}, headers=user_headers

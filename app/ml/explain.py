@@ -77,20 +77,24 @@ class Explainer:
         """The nearest centroid, the second-nearest and the per-feature split of the margin."""
         if self._plain:
             x = [float(v) * s for v, s in zip(row, self._inv_scale_row, strict=True)]
-            d2 = []
-            for center in self._center_rows:
+            best = second = -1
+            nearest = runner_up = math.inf
+            for i, center in enumerate(self._center_rows):
                 total = 0.0
                 for a, c in zip(x, center, strict=True):
                     total += (a - c) * (a - c)
-                d2.append(total)
-            best = min(range(len(d2)), key=d2.__getitem__)
-            second = min((i for i in range(len(d2)) if i != best), key=d2.__getitem__)
+                # The first of equal distances wins, for both places (as min() would pick them).
+                if total < nearest:
+                    best, second, nearest, runner_up = i, best, total, nearest
+                elif total < runner_up:
+                    second, runner_up = i, total
             near, far = self._center_rows[best], self._center_rows[second]
             per_feature = []
             for columns in self._columns:
                 part = 0.0
                 for j in columns:
-                    part += (x[j] - far[j]) * (x[j] - far[j]) - (x[j] - near[j]) * (x[j] - near[j])
+                    a = x[j]
+                    part += (a - far[j]) * (a - far[j]) - (a - near[j]) * (a - near[j])
                 per_feature.append(part)
         else:
             diff = self.centers - np.asarray(row, dtype=np.float64) * self.inv_scale
@@ -98,10 +102,11 @@ class Explainer:
             d2 = squares.sum(axis=1).tolist()
             best = min(range(len(d2)), key=d2.__getitem__)
             second = min((i for i in range(len(d2)) if i != best), key=d2.__getitem__)
+            nearest, runner_up = d2[best], d2[second]
             per_feature = np.add.reduceat(squares[second] - squares[best], self.starts).tolist()
         shares = _shares(per_feature)
         ranked = sorted(zip(self.features, shares, strict=True), key=lambda item: -item[1])
-        return Explanation(best, math.sqrt(d2[best]), second, math.sqrt(d2[second]), tuple(ranked))
+        return Explanation(best, math.sqrt(nearest), second, math.sqrt(runner_up), tuple(ranked))
 
     def describe(self, explanation: Explanation, values: Mapping[str, Any]) -> dict[str, Any]:
         """The `explanation` object of a prediction; `values` the features as the client sent them."""

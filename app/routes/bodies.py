@@ -170,7 +170,8 @@ class FastRoute(APIRoute):
 
 _NOT_JSON = "The body must be a JSON object sent as application/json"
 RequestCall = Callable[[Request], Coroutine[Any, Any, Any]]
-_QUERY_DEFAULTS: dict[type[BaseModel], BaseModel] = {}
+QUERY_CACHE_ENTRIES = 1024
+_QUERIES: dict[tuple[type[BaseModel], bytes], BaseModel] = {}
 
 
 def _errors(exc: ValidationError, where: str) -> RequestValidationError:
@@ -193,18 +194,22 @@ async def _json_body(model: type[BaseModel], request: Request) -> BaseModel:
 
 
 def _query(model: type[BaseModel], request: Request) -> BaseModel:
-    """The query string as `model`; an empty one is the defaults of a frozen model, validated once."""
-    if not request.scope.get("query_string"):
-        defaults = _QUERY_DEFAULTS.get(model)
-        if defaults is None:
-            defaults = model()
-            if model.model_config.get("frozen"):
-                _QUERY_DEFAULTS[model] = defaults
-        return defaults
+    """The query string as `model`. A frozen model's value is kept per query string (the few that
+    clients repeat, such as none at all or `explain=true`; at most QUERY_CACHE_ENTRIES of them), so a
+    repeated query is validated once; a query that breaks a rule is never kept."""
+    raw: bytes = request.scope.get("query_string") or b""
+    frozen = bool(model.model_config.get("frozen"))
+    if frozen:
+        known = _QUERIES.get((model, raw))
+        if known is not None:
+            return known
     try:
-        return model.model_validate(dict(request.query_params))
+        value = model.model_validate(dict(request.query_params)) if raw else model()
     except ValidationError as exc:
         raise _errors(exc, "query") from None
+    if frozen and len(_QUERIES) < QUERY_CACHE_ENTRIES:
+        _QUERIES[(model, raw)] = value
+    return value
 
 
 def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:

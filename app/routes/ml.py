@@ -104,13 +104,12 @@ async def predict(
 ) -> PredictionResult:
     store = request.app.state.models
     served = store.require()
-    cluster, name, confidence = served.assign([customer])[0]
     data = customer.model_dump()
-    explanation = None
-    if options.explain:
-        explained = segmentations.explained(served, data)
-        if explained is not None:
-            cluster, name, confidence, explanation = explained
+    explained = segmentations.explained(served, data) if options.explain else None
+    if explained is not None:  # the explanation's own segment and confidence
+        cluster, name, confidence, explanation = explained
+    else:
+        (cluster, name, confidence), explanation = served.assign([customer])[0], None
     await segmentations.record_prediction(
         request.app.state,
         user_id=user.id,
