@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.ml.frames import match_columns
-from app.preprocess import FEATURES, SEX_COLUMN, DataValidationError, resolve_columns
+from app.preprocess import FEATURES, DataValidationError, resolve_columns
 from app.services import segmentation
 from app.services.served import CUSTOMER_KIND, ServedModel
 
@@ -96,14 +96,18 @@ def _text(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def read_columns(served: ServedModel, names: Sequence[str]) -> tuple[list[str], set[str]]:
-    """(the columns of `names` that `served` reads, those of them it reads as numbers)."""
+    """(the columns of `names` that `served` reads, those of them it reads as numbers).
+
+    A column the model needs and `names` lacks is the DataValidationError `/predict/batch` gives
+    such a CSV, naming every column found.
+    """
     if served.kind == CUSTOMER_KIND:
-        found = resolve_columns(names, required=(), optional=(*FEATURES, SEX_COLUMN))
-        numeric = {found[name] for name in FEATURES if name in found}
+        found = resolve_columns(names)
+        numeric = {found[name] for name in FEATURES}
     else:
         schema = served.model.schema
-        found = match_columns(names, schema.names, required=())
-        numeric = {found[f.name] for f in schema.features if f.numeric and f.name in found}
+        found = match_columns(names, schema.names, required=schema.names)
+        numeric = {found[f.name] for f in schema.features if f.numeric}
     read = set(found.values())
     return [name for name in names if name in read], numeric
 
@@ -314,8 +318,6 @@ def _score_rows(
             chunks = _csv_chunks(opened, check)
         try:
             for frame, batch in chunks:
-                if rows == 0 and batch is not None:
-                    check(frame.columns)
                 scores = score(frame)
                 out.add(frame, batch, served, scores)
                 rows += len(frame)

@@ -112,6 +112,12 @@ async def test_bad_rows_are_marked_in_parquet_too(client, settings, tmp_path, da
     assert bad["cluster"].isna().all() and bad["confidence"].isna().all()
 
 
+def parquet_of(frame: pd.DataFrame) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out)
+    return out.getvalue()
+
+
 def answers(frame: pd.DataFrame) -> list[tuple]:
     """Each row's (cluster, cluster_name, confidence, error), as numbers and text; None where empty."""
 
@@ -268,6 +274,7 @@ async def test_rfm_kind_equals_predict_batch(client, settings, tmp_path, analyst
         ("fake.parquet", ("--input", "fake.parquet", "--output", "x.csv"), "not readable parquet"),
         ("header.csv", ("--input", "header.csv", "--output", "x.csv"), "no data rows"),
         ("other.csv", ("--input", "other.csv", "--output", "x.csv"), "missing required column"),
+        ("other.parquet", ("--input", "other.parquet", "--output", "x.csv"), "spending_score (found: 'customerid'"),
     ],
 )
 async def test_bad_paths_and_formats_exit_2_saying_why(settings, tmp_path, dataset, trained_model, make, args, says):
@@ -277,6 +284,7 @@ async def test_bad_paths_and_formats_exit_2_saying_why(settings, tmp_path, datas
         "fake.parquet": b"not parquet at all",
         "header.csv": dataset.read_bytes().splitlines()[0] + b"\n",
         "other.csv": b"a,b\n1,2\n",
+        "other.parquet": parquet_of(pd.read_csv(dataset).drop(columns=["Spending_Score"])),
     }
     if make is not None:
         (tmp_path / make).write_bytes(contents[make])
