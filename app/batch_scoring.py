@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app.ml.frames import match_columns
+from app.ml.frames import arrow_numbers, arrow_text, match_columns
 from app.preprocess import FEATURES, DataValidationError, resolve_columns
 from app.services import segmentation
 from app.services.served import CUSTOMER_KIND, ServedModel
@@ -88,11 +88,11 @@ def text_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
 
 
 def _text(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """arrow_text, and Python's own str() for a type Arrow cannot cast to text (a list, a struct)."""
     try:
-        text = pc.cast(column, pa.string())
+        return arrow_text(column)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        text = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
-    return pc.fill_null(text, "").to_numpy(zero_copy_only=False).astype(object)
+        return arrow_text(pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string()))
 
 
 def read_columns(served: ServedModel, names: Sequence[str]) -> tuple[list[str], set[str]]:
@@ -125,21 +125,14 @@ def scoring_frame(served: ServedModel, batch: pa.RecordBatch | pa.Table) -> pd.D
     columns: dict[str, Any] = {}
     for name in read:
         column = batch.column(names.index(name))
-        if name in numeric and _plain_numbers(column):
-            columns[name] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-        else:
-            columns[name] = _text(column)
+        values = arrow_numbers(column) if name in numeric and _finite(column) else None
+        columns[name] = _text(column) if values is None else values
     return pd.DataFrame(columns)
 
 
-def _plain_numbers(column: pa.Array | pa.ChunkedArray) -> bool:
-    """Integers, or floats that are all finite where not null."""
-    kind = column.type
-    if pa.types.is_integer(kind):
-        return True
-    if not pa.types.is_floating(kind):
-        return False
-    return not pc.any(pc.invert(pc.is_finite(column))).as_py()
+def _finite(column: pa.Array | pa.ChunkedArray) -> bool:
+    """No NaN or infinity where not null (true of any column that does not hold floats)."""
+    return not pa.types.is_floating(column.type) or not pc.any(pc.invert(pc.is_finite(column))).as_py()
 
 
 def _parquet_chunks(

@@ -137,7 +137,6 @@ def iter_parquet_training_frames(
     as its text, as the same table exported to CSV would be.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
@@ -152,16 +151,30 @@ def iter_parquet_training_frames(
     def chunk(batch: pa.RecordBatch) -> pd.DataFrame:
         columns: dict[str, Any] = {}
         for name, column in zip(batch.schema.names, batch.columns, strict=True):
-            kind = column.type
-            if name in numeric and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-                columns[name] = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
-            else:
-                text = pc.fill_null(pc.cast(column, pa.string()), "")
-                columns[name] = text.to_numpy(zero_copy_only=False).astype(object)
+            values = arrow_numbers(column) if name in numeric else None
+            columns[name] = arrow_text(column) if values is None else values
         return pd.DataFrame(columns)
 
     batches = parquet.iter_batches(batch_size=chunk_rows, columns=list(dict.fromkeys(raw.values())))
     yield from _checked_frames(schema, raw, (chunk(batch) for batch in batches))
+
+
+def arrow_numbers(column: Any) -> np.ndarray | None:
+    """An integer or floating Arrow column as float64, NaN where null (an empty cell); None for any other type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        return None
+    return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def arrow_text(column: Any) -> np.ndarray:
+    """An Arrow column's cells as the text a CSV export of it holds ("" where null), as objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.cast(column, pa.string()), "").to_numpy(zero_copy_only=False).astype(object)
 
 
 def _wanted(schema: FeatureSchema) -> list[str]:

@@ -306,35 +306,83 @@ def _streamed(
         for j in range(_WIDTH):
             raw_sums[:, j] += np.bincount(labels, weights=raw[:, j], minlength=k)
         inertia += float(d2.sum(dtype=np.float64))
-    if (sizes == 0).any():
-        raise DataValidationError(f"could not form {k} distinct segments from this data (too few distinct customers)")
+    _require_every_segment(sizes)
 
     original = scaler.inverse_transform(centers)
     order = np.lexsort((original[:, _SPENDING], original[:, _INCOME]))
-    kmeans = fit.kmeans
-    kmeans.cluster_centers_ = centers[order]
-    kmeans.inertia_ = inertia
+    sizes, means = sizes[order], (raw_sums / sizes[:, None])[order]
+    segments, centroids = customer_segments(centers[order], original[order], sizes.astype(np.int64), means, n)
+    return _streamed_parts(
+        _StreamedFit(fit, centers[order], inertia, passes, source, source.chunk_rows),
+        scaler=scaler,
+        schema=FeatureSchema.customer(),
+        sample_x=sample_scaled,
+        sample_columns={name: sample[:, j] for j, name in enumerate(FEATURES)},
+        segments=segments,
+        centroids=centroids,
+        missing_shares=dict.fromkeys(FEATURES, 0.0),
+        n=n,
+        random_state=random_state,
+        fingerprint=fingerprint,
+        started=started,
+    )
+
+
+@dataclass(frozen=True)
+class _StreamedFit:
+    """How a streamed K-Means ended: the sample's fit, the final (ordered) centroids and their inertia
+    over every row, the Lloyd passes made, the file and the rows per chunk read."""
+
+    fit: selection.ClusterFit
+    centers: np.ndarray
+    inertia: float
+    passes: int
+    source: TrainingFile
+    chunk_rows: int
+
+
+def _require_every_segment(sizes: np.ndarray) -> None:
+    if (sizes == 0).any():
+        raise DataValidationError(
+            f"could not form {len(sizes)} distinct segments from this data (too few distinct customers)"
+        )
+
+
+def _streamed_parts(
+    streamed: _StreamedFit,
+    *,
+    scaler: StandardScaler | None,
+    schema: FeatureSchema,
+    sample_x: np.ndarray,
+    sample_columns: dict[str, Any],
+    segments: list[dict[str, Any]],
+    centroids: list[dict[str, Any]],
+    missing_shares: dict[str, float],
+    n: int,
+    random_state: int,
+    fingerprint: str,
+    started: float,
+) -> TrainedParts:
+    """The trained parts of a streamed fit (either kind): the estimator holding the final centroids,
+    the metadata every kind shares, the drift reference and the out-of-core report from the sample."""
+    kmeans = streamed.fit.kmeans
+    kmeans.cluster_centers_ = streamed.centers
+    kmeans.inertia_ = streamed.inertia
     if hasattr(kmeans, "labels_"):
         del kmeans.labels_
-    sizes, means = sizes[order], (raw_sums / sizes[:, None])[order]
-    segments, centroids = customer_segments(kmeans.cluster_centers_, original[order], sizes.astype(np.int64), means, n)
-    sample_labels, _ = _nearest(sample_scaled, kmeans.cluster_centers_)
-    streamed_fit = dataclasses.replace(fit, algorithm="streamed_kmeans", known_silhouette=None)
-    metadata = _metadata(
-        streamed_fit, sample_scaled, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint
-    )
+    sample_labels, _ = _nearest(sample_x, streamed.centers)
+    fit = dataclasses.replace(streamed.fit, algorithm="streamed_kmeans", known_silhouette=None)
+    metadata = _metadata(fit, sample_x, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint)
     metadata["segments"] = segments
     metadata["centroids"] = centroids
-    metadata["drift_reference"] = fit_reference(
-        FeatureSchema.customer(), {name: sample[:, j] for j, name in enumerate(FEATURES)}, sample_labels, k
-    ).to_dict()
+    metadata["drift_reference"] = fit_reference(schema, sample_columns, sample_labels, len(segments)).to_dict()
     metadata["out_of_core"] = {
-        "source": "parquet" if source.is_parquet else "csv",
-        "sample_rows": int(len(sample)),
-        "chunk_rows": source.chunk_rows,
-        "lloyd_passes": passes,
+        "source": "parquet" if streamed.source.is_parquet else "csv",
+        "sample_rows": int(len(sample_x)),
+        "chunk_rows": streamed.chunk_rows,
+        "lloyd_passes": streamed.passes,
     }
-    _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
+    _finish_metadata(metadata, schema, missing_shares, fit.selection, started)
     return TrainedParts(scaler, kmeans, metadata, np.empty(0, dtype=np.int64))
 
 
@@ -462,8 +510,7 @@ def _streamed_custom(
                 width = levels[j].shape[1]
                 cells_of = labels[coded] * width + values[coded].astype(np.int64)
                 levels[j] += np.bincount(cells_of, minlength=k * width).reshape(k, width)
-    if (sizes == 0).any():
-        raise DataValidationError(f"could not form {k} distinct segments from this data (too few distinct customers)")
+    _require_every_segment(sizes)
 
     keys = [centers[:, j] for j in reversed(range(centers.shape[1]))]
     order = np.lexsort((*keys, -sizes))
@@ -479,27 +526,20 @@ def _streamed_custom(
                     level: round(float(c / sizes[i]), 4)
                     for level, c in zip(feature.levels_ or (), levels[j][old], strict=True)
                 }
-    kmeans = fit.kmeans
-    kmeans.cluster_centers_ = centers
-    kmeans.inertia_ = inertia
-    if hasattr(kmeans, "labels_"):
-        del kmeans.labels_
-    sample_labels, _ = _nearest(sample_x, centers)
-    streamed_fit = dataclasses.replace(fit, algorithm="streamed_kmeans", known_silhouette=None)
-    metadata = _metadata(streamed_fit, sample_x, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint)
-    metadata["segments"] = custom_segments(fitted, centers, sizes.astype(np.int64), stats, n)
-    metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
-    metadata["drift_reference"] = fit_reference(
-        fitted, {f.name: sample_frame[f.name] for f in features}, sample_labels, k
-    ).to_dict()
-    metadata["out_of_core"] = {
-        "source": "parquet" if source.is_parquet else "csv",
-        "sample_rows": int(len(sample_frame)),
-        "chunk_rows": rows,
-        "lloyd_passes": passes,
-    }
-    _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
-    return TrainedParts(None, kmeans, metadata, np.empty(0, dtype=np.int64))
+    return _streamed_parts(
+        _StreamedFit(fit, centers, inertia, passes, source, rows),
+        scaler=None,
+        schema=fitted,
+        sample_x=sample_x,
+        sample_columns={f.name: sample_frame[f.name] for f in features},
+        segments=custom_segments(fitted, centers, sizes.astype(np.int64), stats, n),
+        centroids=[decode_centroid(fitted, center) for center in centers],
+        missing_shares=missing_shares,
+        n=n,
+        random_state=random_state,
+        fingerprint=fingerprint,
+        started=started,
+    )
 
 
 def file_rows(source: TrainingFile) -> int | None:
