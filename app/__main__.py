@@ -180,15 +180,19 @@ async def _with_timer(description: str, work):
 
 async def _train(args, store, settings) -> int:
     source = Path(args.csv or settings.data_path)
-    if args.engine == "spark":  # a file or a Parquet dataset's directory, read by Spark
+    info = store.segmentation
+    if args.engine == "spark" and info.kind != "rfm":  # a file or a Parquet dataset's directory, read by Spark
         from app.spark.cli import train_with_spark
 
         return await train_with_spark(args, store, source)
-    if not await asyncio.to_thread(source.is_file):
+    if args.engine == "spark":
+        if not await asyncio.to_thread(source.exists):
+            print(f"error: no such file or directory: {source}", file=sys.stderr)
+            return 2
+    elif not await asyncio.to_thread(source.is_file):
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
     print(f"Reading {source} ...")
-    info = store.segmentation
     if info.kind == "rfm":
         return await _train_rfm(args, store, source)
     if args.as_of is not None:
@@ -310,9 +314,16 @@ def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = No
 async def _train_rfm(args, store, source: Path) -> int:
     from app.services import rfm as rfm_service
 
+    spark = args.engine == "spark"
     try:
         as_of = rfm_service.as_of_date(args.as_of)
-        table = await asyncio.to_thread(read_log_file, source, rfm_service.log_columns(store), as_of=as_of)
+        columns = rfm_service.log_columns(store)
+        if spark:  # the log summed per customer where Spark reads it; the table trains here
+            from app.spark.cli import read_log_with_spark
+
+            table = await read_log_with_spark(args.master, source, columns, as_of=as_of)
+        else:
+            table = await asyncio.to_thread(read_log_file, source, columns, as_of=as_of)
     except OSError as exc:
         print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -320,9 +331,12 @@ async def _train_rfm(args, store, source: Path) -> int:
         _print_problems(source, exc)
         return 2
     facts = table.facts
+    left_out = (
+        "left out (no customer id, or a date or amount that cannot be read)" if spark else "without a customer id"
+    )
     print(
         f"{facts.n_transactions:,} rows: {len(table.frame):,} customers as of {facts.as_of.isoformat()} "
-        f"({facts.skipped_rows:,} rows without a customer id, {facts.rows_after_as_of:,} after as_of, "
+        f"({facts.skipped_rows:,} rows {left_out}, {facts.rows_after_as_of:,} after as_of, "
         f"{facts.skipped_customers:,} customers without a counted purchase)"
     )
     print(f"Training on {len(table.frame):,} customers" + (f" with k={args.k}" if args.k else " (choosing k)") + " ...")

@@ -348,15 +348,5 @@ def _score_log(
             while block := answer.read(1 << 20):
                 out.write(block)
     else:
-        assert scored.fields is not None
-        fields = scored.fields
-        table = pa.table(
-            {c: fields[c].to_numpy() for c in rfm_service.ANSWER_COLUMNS if c in fields.columns}
-            | {
-                "cluster": scored.labels,
-                "cluster_name": np.asarray(served.names, dtype=object)[scored.labels],
-                "confidence": np.round(scored.confidence, 6),
-            }
-        )
-        pq.write_table(table, partial)
+        pq.write_table(rfm_service.answer_table(served, scored), partial)
     return ScoreReport(rows=scored.n_rows, failed=0, model_version=served.version)

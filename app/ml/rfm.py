@@ -184,7 +184,6 @@ class _Aggregator:
         self.columns = columns
         self.as_of = as_of
         self.as_of_day = None if as_of is None else (as_of - _EPOCH).days
-        self.by_order = columns.order_id is not None
         self.parts = _Parts()
         self.rows = 0
         self.skipped = 0
@@ -200,57 +199,19 @@ class _Aggregator:
         self.rows += n
         if n == 0:
             return
-        customer = pc.utf8_trim_whitespace(block.column("customer_id"))
-        has_id = pc.fill_null(pc.not_equal(customer, ""), False)
-        kept = int(pc.sum(has_id).as_py() or 0)
-        self.skipped += n - kept
-        if kept == 0:
+        parsed = parse_block(block, self.columns, pa.array(np.arange(first_row, first_row + n, dtype=np.int64)))
+        self.skipped += parsed.skipped
+        if parsed.table.num_rows == 0:
             return
-        row = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-        table = pa.table(
-            {name: block.column(name) for name in block.column_names if name != "customer_id"}
-            | {"customer_id": customer, "row": row}
-        )
-        if kept < n:
-            table = table.filter(has_id)
-        days, bad_date = _days(table.column("date"), self.columns.date_format)
-        if self.columns.priced:
-            quantity, bad_quantity = _numbers(table.column("quantity"))
-            price, bad_price = _numbers(table.column("price"))
-            amount = pc.multiply(quantity, price)
-            bad_checks = [("date", bad_date), ("quantity", bad_quantity), ("price", bad_price)]
-        else:
-            amount, bad_amount = _numbers(table.column("amount"))
-            bad_checks = [("date", bad_date), ("amount", bad_amount)]
-        bad = bad_checks[0][1]
-        for _, mask in bad_checks[1:]:
-            bad = pc.or_(bad, mask)
-        n_bad = int(pc.sum(bad).as_py() or 0)
+        n_bad = int(pc.sum(parsed.bad).as_py() or 0)
         if n_bad:
-            self._note_problems(table, bad_checks, n_bad)
+            self._note_problems(parsed.table, parsed.checks, n_bad)
         if self.offending:
             return  # the log is refused: no need to aggregate any further
-        block_last = pc.max(days).as_py()
+        block_last = pc.max(parsed.days).as_py()
         if block_last is not None:
             self.last_day = block_last if self.last_day is None else max(self.last_day, block_last)
-        if self.by_order:
-            unit = pc.utf8_trim_whitespace(table.column("order_id"))
-            no_order = pc.equal(unit, "")
-            if pc.any(no_order).as_py():
-                # A row without an order id is a purchase of its day, as in a log without the column.
-                day_key = pc.binary_join_element_wise("\x00", pc.cast(days, pa.string()), "")
-                unit = pc.if_else(no_order, day_key, unit)
-        else:
-            unit = days
-        reduced = pa.table(
-            {
-                "customer_id": table.column("customer_id"),
-                "unit": unit,
-                "amount": amount,
-                "row": table.column("row"),
-                "day": days,
-            }
-        )
+        reduced = parsed.purchases()
         if self.as_of_day is not None:
             future = pc.greater(reduced.column("day"), self.as_of_day)
             n_future = int(pc.sum(future).as_py() or 0)
@@ -304,7 +265,6 @@ class _Aggregator:
         return RfmTable(frame, facts)
 
     def _customers(self, facts: LogFacts) -> pd.DataFrame:
-        as_of_day = (facts.as_of - _EPOCH).days
         totals = [_customer_totals(_purchases(rows)) for rows in self.parts.drain()]
         if not totals:
             return _empty_table()
@@ -316,22 +276,111 @@ class _Aggregator:
         order = np.argsort(customers.column("row_min").to_numpy(), kind="stable")
         order = order[buying[order]]
         picked = pa.array(order)
-        ids = customers.column("customer_id").take(picked)
-        frequency = frequency[order]
-        monetary = np.round(customers.column("net_sum").to_numpy()[order], 6)
-        last = customers.column("counted_day_max").take(picked).to_numpy().astype(np.int64)
-        first = customers.column("counted_day_min").take(picked).to_numpy().astype(np.int64)
-        frame = pd.DataFrame(
+        return customer_frame(
+            facts.as_of,
+            ids=customers.column("customer_id").take(picked),
+            frequency=frequency[order],
+            net=customers.column("net_sum").to_numpy()[order],
+            last_day=customers.column("counted_day_max").take(picked).to_numpy(),
+            first_day=customers.column("counted_day_min").take(picked).to_numpy(),
+        )
+
+
+def customer_frame(
+    as_of: date,
+    *,
+    ids: pa.Array | pa.ChunkedArray | None,
+    frequency: np.ndarray,
+    net: np.ndarray,
+    last_day: np.ndarray,
+    first_day: np.ndarray,
+) -> pd.DataFrame:
+    """The RFM table's columns from each buying customer's sums (days since 1970-01-01), in the given order.
+
+    ``ids`` None leaves out ``customer_id`` (a table that is only trained on).
+    """
+    as_of_day = (as_of - _EPOCH).days
+    frequency = np.asarray(frequency).astype(np.int64)
+    monetary = np.round(np.asarray(net, dtype=np.float64), 6)
+    columns: dict[str, Any] = {}
+    if ids is not None:
+        columns["customer_id"] = ids.to_numpy(zero_copy_only=False).astype(object)
+    columns |= {
+        "recency_days": as_of_day - np.asarray(last_day).astype(np.int64),
+        "frequency": frequency,
+        "monetary": monetary,
+        "tenure_days": as_of_day - np.asarray(first_day).astype(np.int64),
+        "avg_order_value": np.round(monetary / frequency, 6),
+    }
+    return pd.DataFrame(columns)
+
+
+@dataclass
+class ParsedBlock:
+    """A block of a log read: its rows with a customer id, their day and amount, which cells cannot be read."""
+
+    table: pa.Table
+    """The rows with a customer id (trimmed): the canonical columns as text, and ``row``."""
+    days: pa.Array
+    """Days since 1970-01-01 (int32), null where the date cannot be read."""
+    amount: pa.Array
+    """The row's amount (or quantity x price), null where it cannot be read."""
+    checks: list[tuple[str, pa.Array]]
+    """(column, mask of the rows whose cell in it cannot be read), date first."""
+    skipped: int
+    """Rows of the block without a customer id."""
+    by_order: bool
+
+    @property
+    def bad(self) -> pa.Array:
+        """Rows whose date or amount cannot be read."""
+        bad = self.checks[0][1]
+        for _, mask in self.checks[1:]:
+            bad = pc.or_(bad, mask)
+        return bad
+
+    def purchases(self) -> pa.Table:
+        """customer_id, unit (the order id; its day where there is none, or in a log without orders), amount,
+        row and day of each row."""
+        if self.by_order:
+            unit = pc.utf8_trim_whitespace(self.table.column("order_id"))
+            no_order = pc.equal(unit, "")
+            if pc.any(no_order).as_py():
+                # A row without an order id is a purchase of its day, as in a log without the column.
+                day_key = pc.binary_join_element_wise("\x00", pc.cast(self.days, pa.string()), "")
+                unit = pc.if_else(no_order, day_key, unit)
+        else:
+            unit = self.days
+        return pa.table(
             {
-                "customer_id": ids.to_numpy(zero_copy_only=False).astype(object),
-                "recency_days": as_of_day - last,
-                "frequency": frequency,
-                "monetary": monetary,
-                "tenure_days": as_of_day - first,
-                "avg_order_value": np.round(monetary / frequency, 6),
+                "customer_id": self.table.column("customer_id"),
+                "unit": unit,
+                "amount": self.amount,
+                "row": self.table.column("row"),
+                "day": self.days,
             }
         )
-        return frame
+
+
+def parse_block(block: pa.Table | pa.RecordBatch, columns: LogColumns, row: pa.Array) -> ParsedBlock:
+    """Read one block with the canonical column names (text; a null is an empty cell); ``row`` numbers its rows."""
+    text = {name: _no_nulls(block.column(name)) for name in block.column_names}
+    customer = pc.utf8_trim_whitespace(text.pop("customer_id"))
+    has_id = pc.not_equal(customer, "")
+    kept = int(pc.sum(has_id).as_py() or 0)
+    table = pa.table(text | {"customer_id": customer, "row": row})
+    if kept < block.num_rows:
+        table = table.filter(has_id)
+    days, bad_date = _days(table.column("date"), columns.date_format)
+    if columns.priced:
+        quantity, bad_quantity = _numbers(table.column("quantity"))
+        price, bad_price = _numbers(table.column("price"))
+        amount = pc.multiply(quantity, price)
+        checks = [("date", bad_date), ("quantity", bad_quantity), ("price", bad_price)]
+    else:
+        amount, bad_amount = _numbers(table.column("amount"))
+        checks = [("date", bad_date), ("amount", bad_amount)]
+    return ParsedBlock(table, days, amount, checks, block.num_rows - kept, columns.order_id is not None)
 
 
 SPILL_ROWS = 1_000_000
@@ -398,6 +447,10 @@ class _Parts:
         finally:
             self.directory.cleanup()
             self.directory = None
+
+
+def _no_nulls(text: Any) -> Any:
+    return pc.fill_null(text, "") if text.null_count else text
 
 
 def _buckets(ids: pa.ChunkedArray, parts: int) -> np.ndarray:
@@ -544,7 +597,7 @@ def _numbers(text: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
     return values, pc.is_null(values)
 
 
-def _log_header(header: list[Any], columns: LogColumns) -> dict[str, str]:
+def log_header(header: list[Any], columns: LogColumns) -> dict[str, str]:
     """canonical name -> the header that holds it; an unmapped order_id (or quantity and price when the
     log has no amount) is taken when a column of that name is there."""
     wanted = {"customer_id": columns.customer_id, "date": columns.date}
@@ -567,6 +620,19 @@ def _log_header(header: list[Any], columns: LogColumns) -> dict[str, str]:
             wanted[name] = raw
     found = match_columns(header, list(wanted.values()), required=list(wanted.values()))
     return {name: str(found[raw]) for name, raw in wanted.items()}
+
+
+def found_columns(header: Mapping[str, str], columns: LogColumns) -> LogColumns:
+    """The mapping with the headers ``log_header`` found in a log (an order id or quantity and price taken)."""
+    return LogColumns(
+        customer_id=header["customer_id"],
+        date=header["date"],
+        amount=header.get("amount"),
+        order_id=header.get("order_id"),
+        quantity=header.get("quantity"),
+        price=header.get("price"),
+        date_format=columns.date_format,
+    )
 
 
 def read_log(
@@ -603,18 +669,10 @@ def _read_log(
         import pyarrow.parquet as pq
 
         source = pq.ParquetFile(fh)
-        header = _log_header(source.schema_arrow.names, columns)
+        header = log_header(source.schema_arrow.names, columns)
     else:
-        header = _log_header(_read_header(fh), columns)
-    used = LogColumns(
-        customer_id=header["customer_id"],
-        date=header["date"],
-        amount=header.get("amount"),
-        order_id=header.get("order_id"),
-        quantity=header.get("quantity"),
-        price=header.get("price"),
-        date_format=columns.date_format,
-    )
+        header = log_header(_read_header(fh), columns)
+    used = found_columns(header, columns)
     rename = {raw: name for name, raw in header.items()}
     aggregator = _Aggregator(used, as_of)
     try:

@@ -95,7 +95,7 @@ async def train_table(
     if table.frame.empty:
         raise _no_customers(table.facts)
     # The child needs the numbers only: customer ids stay here.
-    numbers = rfm.RfmTable(table.frame.drop(columns="customer_id"), table.facts)
+    numbers = rfm.RfmTable(table.frame.drop(columns="customer_id", errors="ignore"), table.facts)
     return await store.train(
         numbers, schema={"kind": RFM_KIND}, n_clusters=n_clusters, random_state=random_state, created_by=by
     )
@@ -206,6 +206,26 @@ def _csv_answer(
     pacsv.write_csv(table, out, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
     out.seek(0)
     return out
+
+
+def answer_table(served: ServedModel, scored: ScoredBatch) -> pa.Table:
+    """A scored batch's per-customer answer as Parquet holds it: the table's and scores' columns, then
+    cluster, cluster_name and confidence."""
+    assert scored.fields is not None
+    fields = scored.fields
+    return pa.table(
+        {c: fields[c].to_numpy() for c in ANSWER_COLUMNS if c in fields.columns}
+        | {
+            "cluster": scored.labels,
+            "cluster_name": np.asarray(served.names, dtype=object)[scored.labels],
+            "confidence": np.round(scored.confidence, 6),
+        }
+    )
+
+
+def score_table(served: ServedModel, table: pd.DataFrame) -> pa.Table:
+    """Customers' RFM rows (``rfm.customer_frame``) scored, as ``answer_table`` gives them (blocking)."""
+    return answer_table(served, _batch(served, table, as_csv=False))
 
 
 def score_log(

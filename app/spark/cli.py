@@ -33,9 +33,6 @@ async def train_with_spark(args, store, source: Path) -> int:
     """Train with MLlib K-Means on `args.master`, record the result as an ordinary version of the segmentation."""
 
     info = store.segmentation
-    if info.kind == "rfm":
-        print("error: --engine spark trains kinds customer and custom; train kind rfm without it", file=sys.stderr)
-        return 2
     if args.as_of is not None:
         print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
         return 2
@@ -79,32 +76,47 @@ async def train_with_spark(args, store, source: Path) -> int:
     return 0
 
 
+async def read_log_with_spark(master: str, source: Path, columns: Any, *, as_of: Any) -> Any:
+    """Kind rfm: the log at `source` summed per customer in Spark, its table of buying customers brought here."""
+    from app.spark import rfm
+
+    async with _session(master) as spark:
+        print(f"Summing the log per customer with Spark on {master} ...")
+        log = await asyncio.to_thread(rfm.aggregate, spark, source, columns, as_of=as_of)
+        return await asyncio.to_thread(rfm.training_table, log)
+
+
 async def score_with_spark(args, store, served) -> int:
     """Score a dataset with one stored version in Spark; the answer is a Parquet dataset (a directory)."""
 
-    if served.kind == "rfm":
-        print(
-            "error: --engine spark scores kinds customer and custom; score a transaction log without it",
-            file=sys.stderr,
-        )
-        return 2
     if args.output.suffix.lower() != ".parquet":
         print("error: --engine spark writes a Parquet dataset: give an --output ending in .parquet", file=sys.stderr)
         return 2
-    from app.spark import scoring
+    from app.spark import rfm, scoring
 
+    what = "rows"
     try:
         async with _session(args.master) as spark:
             print(
                 f"Scoring {args.input} with version {served.version} of {store.segmentation.name} in Spark on "
                 f"{args.master} ..."
             )
-            rows = await asyncio.to_thread(scoring.score, spark, served, args.input, args.output)
+            if served.kind == "rfm":  # a transaction log: one row per buying customer
+                from app.services import rfm as rfm_service
+
+                what = "customers"
+                as_of = rfm_service.as_of_date(args.as_of)
+                log = await asyncio.to_thread(
+                    rfm.aggregate, spark, args.input, rfm_service.log_columns(store), as_of=as_of
+                )
+                rows = await asyncio.to_thread(rfm.score, log, served, args.output)
+            else:
+                rows = await asyncio.to_thread(scoring.score, spark, served, args.input, args.output)
     except SparkUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except DataValidationError as exc:
         print(f"error: {args.input}: {exc.message}", file=sys.stderr)
         return 2
-    print(f"Scored {rows:,} rows into {args.output} with version {served.version}")
+    print(f"Scored {rows:,} {what} into {args.output} with version {served.version}")
     return 0

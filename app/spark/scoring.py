@@ -20,7 +20,7 @@ _LOADED: dict[str, Any] = {}
 """Per Python worker: the ServedModel of each version it has loaded."""
 
 
-def _served(version: str, blob: bytes) -> Any:
+def loaded(version: str, blob: bytes) -> Any:
     served = _LOADED.get(version)
     if served is None:
         from app.model import SegmentationModel
@@ -38,7 +38,7 @@ def score(spark: Any, served: Any, source: Path, target: Path) -> int:
 
     frame = read_dataset(spark, source)
     if served.kind == "rfm":
-        raise ValueError("--engine spark scores kinds customer and custom; a transaction log is scored locally")
+        raise ValueError("a transaction log is scored by app.spark.rfm.score")
     if served.kind == "customer":
         from app.preprocess import resolve_columns
 
@@ -64,7 +64,7 @@ def score(spark: Any, served: Any, source: Path, target: Path) -> int:
     def scored(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from app.batch_scoring import score_batch
 
-        model = _served(version, blob.value)
+        model = loaded(version, blob.value)
         for batch in batches:
             if batch.num_rows:
                 yield score_batch(model, batch)
