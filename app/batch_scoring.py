@@ -58,9 +58,10 @@ class ScoreReport:
     model_version: str
 
 
-def progress_total(path: Path) -> tuple[int, str]:
-    """(total, unit) of the progress bar for reading `path`: rows for Parquet, bytes for CSV."""
-    if file_format(path) == "parquet":
+def progress_total(path: Path, log: bool = False) -> tuple[int, str]:
+    """(total, unit) of the progress bar for reading `path`: rows for Parquet, bytes for CSV and for a
+    transaction ``log`` (read as a whole, then reported by how far into the file the reader has got)."""
+    if file_format(path) == "parquet" and not log:
         return pq.ParquetFile(path).metadata.num_rows, "rows"
     return path.stat().st_size, "B"
 
@@ -336,11 +337,9 @@ def _score_log(
     as_of: date | None,
     progress: Progress | None,
 ) -> ScoreReport:
-    """A transaction log (CSV) → one scored row per customer, as `/predict/batch` answers it."""
+    """A transaction log (CSV or Parquet) → one scored row per customer, as `/predict/batch` answers it."""
     from app.services import rfm as rfm_service
 
-    if file_format(source) != "csv":
-        raise UnsupportedFile(f"{source}: a transaction log is read as CSV")
     with io.BufferedReader(_CountingFile(source, progress), 1 << 20) as fh:
         scored = rfm_service.score_log(served, fh, columns, as_of=as_of, as_csv=out_format == "csv")
     if scored.csv_answer is not None:

@@ -86,7 +86,7 @@ async def score(args, store, _settings) -> int:
 
         options = {"rfm_columns": rfm_service.log_columns(store), "as_of": rfm_service.as_of_date(args.as_of)}
     try:
-        total, unit = await asyncio.to_thread(batch_scoring.progress_total, source)
+        total, unit = await asyncio.to_thread(batch_scoring.progress_total, source, kind == "rfm")
     except OSError as exc:
         print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 2

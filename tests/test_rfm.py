@@ -516,3 +516,30 @@ async def test_a_parquet_log_gives_the_same_table_as_its_csv(client, analyst_hea
     from_parquet = await score_csv(client, analyst_headers, out.getvalue())
     from_csv = await score_csv(client, analyst_headers, data)
     pd.testing.assert_frame_equal(from_parquet, from_csv)
+
+
+async def test_a_null_order_id_in_parquet_is_a_purchase_of_its_day_as_an_empty_one_in_csv(client, analyst_headers):
+    assert (await create(client, analyst_headers)).status_code == 201
+    rows = [
+        ("1", "O1", "2024-01-02", 10.0),
+        ("1", None, "2024-01-05", 7.5),  # no order id: the purchase of 2024-01-05
+        ("1", None, "2024-01-05", 2.5),  # the same day, the same purchase
+        ("1", None, "2024-01-09", 4.0),  # another day, another purchase
+        ("2", "O2", "2024-01-03", 20.0),
+        ("2", None, "2024-01-08", 1.0),
+        ("3", "O3", "2024-01-04", 5.0),
+        ("3", "O4", "2024-01-06", 6.0),
+        *[(str(c), f"O{c}", f"2024-02-{c:02d}", 3.0 * c) for c in range(4, 14)],  # enough customers to train
+    ]
+    frame = pd.DataFrame(rows, columns=["customer_id", "order_id", "date", "amount"])
+    csv = frame.to_csv(index=False).encode()  # None is written as an empty cell
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet, index=False)  # None stays a null
+    trained = await train(client, analyst_headers, csv, n_clusters=2)
+    assert trained.status_code == 200, trained.text
+    from_csv = await score_csv(client, analyst_headers, csv)
+    from_parquet = await score_csv(client, analyst_headers, parquet.getvalue())
+    assert from_csv.set_index("customer_id")["frequency"].to_dict() == {"1": 3, "2": 2, "3": 2} | {
+        str(c): 1 for c in range(4, 14)
+    }
+    pd.testing.assert_frame_equal(from_parquet, from_csv)

@@ -263,6 +263,13 @@ async def test_rfm_kind_equals_predict_batch(client, settings, tmp_path, analyst
     assert list(got.columns) == list(want.columns)
     assert got["customer_id"].tolist() == want["customer_id"].tolist()
     assert got["cluster"].tolist() == want["cluster"].tolist()
+    # A log kept as Parquet is read as its CSV is.
+    pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False).to_parquet(tmp_path / "orders.parquet")
+    done = await score(
+        settings, tmp_path, "--segmentation", "shop", "--input", "orders.parquet", "--output", "from_parquet.csv"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "from_parquet.csv").read_bytes() == expected
 
 
 @pytest.mark.parametrize(

@@ -236,3 +236,98 @@ async def test_train_and_score_from_the_command_line(settings, app, client, cust
         run, "score", "--engine", "spark", "--input", str(folder / "customers.parquet"), "--output", "out.csv"
     )
     assert refused.returncode == 2 and "parquet" in refused.stderr.lower()
+
+
+# --- kind rfm: the log summed in Spark --------------------------------------------------------------
+
+
+def cli(settings, cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def model_lines(stdout: str) -> list[str]:
+    """The segments a training printed (`  id: name (size customers, share%, revenue%)`)."""
+    return [line for line in stdout.splitlines() if re.match(r"  \d+: ", line)]
+
+
+async def test_an_rfm_log_trains_and_scores_in_spark_as_it_does_here(settings, client, tmp_path, analyst_headers):
+    from tests.test_rfm import create, score_csv, synthetic_log
+
+    data, _ = synthetic_log(customers=2000, seed=5)
+    log = tmp_path / "orders.csv"
+    log.write_bytes(data)
+    assert (await create(client, analyst_headers)).status_code == 201
+    common = ("--segmentation", "shop", "--input", str(log), "--k", "4", "--random-state", "3")
+
+    in_spark = await asyncio.to_thread(cli, settings, tmp_path, "train", *common, "--engine", "spark")
+    assert in_spark.returncode == 0, in_spark.stderr
+    here = await asyncio.to_thread(cli, settings, tmp_path, "train", *common)
+    assert here.returncode == 0, here.stderr
+    # The same per-customer table, so the same segments, sizes and revenue shares.
+    assert model_lines(in_spark.stdout) and model_lines(in_spark.stdout) == model_lines(here.stdout)
+    summary = re.compile(r"[\d,]+ rows: [\d,]+ customers as of \S+")
+    assert summary.search(in_spark.stdout).group(0) == summary.search(here.stdout).group(0)
+
+    versions = (await client.get("/segmentations/shop/models", headers=analyst_headers)).json()["models"]
+    spark_version, local_version = versions[1]["version"], versions[0]["version"]
+    detail = await client.get(f"/segmentations/shop/models/{local_version}", headers=analyst_headers)
+    assert detail.json()["previous_version"] == spark_version
+    matching = detail.json()["matching"]
+    assert all(m["previous_cluster_id"] == m["cluster_id"] and m["shift"] == 0 for m in matching)
+
+    # Scoring the log in Spark gives every customer the row /predict/batch gives them.
+    scored = await asyncio.to_thread(
+        cli, settings, tmp_path, "score", "--segmentation", "shop", "--engine", "spark",
+        "--input", str(log), "--output", "customers.parquet",
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    assert "2,000 customers" in scored.stdout
+    got = pq.read_table(tmp_path / "customers.parquet").to_pandas()
+    want = await score_csv(client, analyst_headers, data)
+    assert got.columns.tolist() == want.columns.tolist()
+    assert got["customer_id"].tolist() == want["customer_id"].tolist()  # in order of first appearance
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+
+
+async def test_spark_leaves_out_and_counts_the_log_rows_it_cannot_read(settings, client, tmp_path, analyst_headers):
+    from tests.test_rfm import create, score_csv, synthetic_log
+
+    data, _ = synthetic_log(customers=300, seed=9)
+    lines = data.decode().splitlines()
+    broken = [
+        ",O-x,2024-03-01,5.0",  # no customer id
+        "0000001,O-y,2024-02-30,5.0",  # no such date
+        "0000002,O-z,2024-03-01,five",  # no number
+        "0000003,O-w,2031-01-01,9.0",  # after as_of
+    ]
+    log = tmp_path / "orders.csv"
+    log.write_text("\n".join([lines[0], *broken[:2], *lines[1:], *broken[2:]]) + "\n")
+    clean = ("\n".join(lines) + "\n").encode()
+    assert (await create(client, analyst_headers)).status_code == 201
+
+    refused = await asyncio.to_thread(
+        cli, settings, tmp_path, "train", "--segmentation", "shop", "--input", str(log), "--as-of", "2026-01-01"
+    )
+    assert refused.returncode == 2 and "cannot be read" in refused.stderr  # in process, such a log is refused
+    trained = await asyncio.to_thread(
+        cli, settings, tmp_path, "train", "--segmentation", "shop", "--engine", "spark",
+        "--input", str(log), "--as-of", "2026-01-01", "--k", "3",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert f"{len(lines) - 1 + len(broken):,} rows" in trained.stdout
+    assert "3 rows left out" in trained.stdout and "1 after as_of" in trained.stdout
+    scored = await asyncio.to_thread(
+        cli, settings, tmp_path, "score", "--segmentation", "shop", "--engine", "spark",
+        "--input", str(log), "--as-of", "2026-01-01", "--output", "customers.parquet",
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    got = pq.read_table(tmp_path / "customers.parquet").to_pandas()
+    want = await score_csv(client, analyst_headers, clean, as_of="2026-01-01")  # the log without those rows
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
