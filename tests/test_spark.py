@@ -307,6 +307,7 @@ async def test_spark_leaves_out_and_counts_the_log_rows_it_cannot_read(settings,
         "0000002,O-z,2024-03-01,five",  # no number
         "0000003,O-w,2031-01-01,9.0",  # after as_of
     ]
+    lines.append('"0000004 ""VIP"", north",O-v,2025-06-01,12.5')  # quotes doubled inside a quoted cell
     log = tmp_path / "orders.csv"
     log.write_text("\n".join([lines[0], *broken[:2], *lines[1:], *broken[2:]]) + "\n")
     clean = ("\n".join(lines) + "\n").encode()
@@ -330,4 +331,5 @@ async def test_spark_leaves_out_and_counts_the_log_rows_it_cannot_read(settings,
     assert scored.returncode == 0, scored.stderr
     got = pq.read_table(tmp_path / "customers.parquet").to_pandas()
     want = await score_csv(client, analyst_headers, clean, as_of="2026-01-01")  # the log without those rows
+    assert '0000004 "VIP", north' in got["customer_id"].tolist()
     pd.testing.assert_frame_equal(got, want, check_dtype=False)

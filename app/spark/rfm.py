@@ -89,9 +89,8 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
         )
         per_customer = per_customer.cache()
         skipped_customers = per_customer.where(F.col("frequency") == 0).count()
-    except BaseException:
-        parsed.unpersist()
-        raise
+    finally:
+        parsed.unpersist()  # the sums are held now; a lost partition is read again from the log
     facts = rfm.LogFacts(
         as_of=as_of,
         n_transactions=int(counted),

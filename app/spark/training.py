@@ -60,7 +60,8 @@ def read_dataset(spark: Any, path: Path) -> Any:
     """A Spark DataFrame of a Parquet file or dataset (a directory), or of a CSV with a header (text cells)."""
     text = str(path)
     if path.suffix.lower() == ".csv":
-        return spark.read.option("header", "true").option("inferSchema", "false").csv(text)
+        # Quotes inside a quoted cell are doubled (RFC 4180), as pandas and pyarrow write and read them.
+        return spark.read.option("header", "true").option("inferSchema", "false").option("escape", '"').csv(text)
     return spark.read.parquet(text)
 
 
