@@ -391,6 +391,7 @@ async def test_unreadable_dates_and_amounts_are_422_naming_rows(client, analyst_
         (b"customer,date,amount\n1,2024-01-01,5\n", "customer_id"),
         (b"customer_id,date,amount\n", "no rows"),
         (b"customer_id,date,amount\n1,2024-01-01,-5\n", "no customer"),
+        (b"customer_id,date,amount\n,2024-01-01,5\n  ,2024-01-02,6\n", "2 rows without a customer id"),
         (b"\x00\x01\x02", "binary"),
         (b"customer_id,date,amount\n1,2024-01-01,5\n\xff\xfe,2024-01-01,5\n", "UTF-8"),
     ],

@@ -524,6 +524,9 @@ def _empty_table() -> pd.DataFrame:
 def _days(text: pa.ChunkedArray | pa.Array, date_format: str | None) -> tuple[pa.Array, pa.Array]:
     """(days since 1970-01-01 as int32, null where unreadable; the unreadable mask)."""
     text = pc.utf8_trim_whitespace(text)
+    if len(text) == 0:
+        nothing = pa.array([], pa.int32())
+        return nothing, pa.array([], pa.bool_())
     fast = None if date_format is not None else _iso_days(text)
     if fast is not None:
         return fast, pc.is_null(fast)

@@ -53,23 +53,25 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
     numbered = text.withColumn("row", F.monotonically_increasing_id())
 
     def purchases(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Each row of the log once: read, or (left out) with a null customer_id and day."""
         for batch in batches:
             if not batch.num_rows:
                 continue
             block = pa.Table.from_batches([batch])
-            row = block.column("row")
-            parsed = rfm.parse_block(block.drop_columns(["row"]), used, row)
-            if not parsed.table.num_rows:
-                continue
+            parsed = rfm.parse_block(block.drop_columns(["row"]), used, block.column("row"))
             rows = parsed.purchases().filter(pc.invert(parsed.bad))
             rows = rows.set_column(1, "unit", pc.cast(rows.column("unit"), pa.string()))
             yield from rows.to_batches()
+            left_out = block.num_rows - rows.num_rows
+            if left_out:
+                yield pa.RecordBatch.from_pylist([{}] * left_out, schema=rows.schema)
 
     parsed = numbered.mapInArrow(purchases, PURCHASE_SCHEMA).cache()
     try:
-        counted = frame.count()
-        seen = parsed.agg(F.count(F.lit(1)).alias("rows"), F.max("day").alias("last")).first()
-        readable = int(seen["rows"])
+        seen = parsed.agg(
+            F.count(F.lit(1)).alias("rows"), F.count("day").alias("read"), F.max("day").alias("last")
+        ).first()
+        counted, readable = int(seen["rows"]), int(seen["read"])
         if as_of is None:
             last = seen["last"]
             as_of = datetime.now(UTC).date() if last is None else _EPOCH + timedelta(days=int(last) + 1)
