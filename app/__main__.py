@@ -297,7 +297,7 @@ def _print_problems(source: Path, exc: DataValidationError) -> None:
 
 
 def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = None):
-    """The RFM table of a transaction log, with a bar over the bytes read (block by block)."""
+    """The RFM table of a transaction log to train on (no ids), with a bar over the bytes read."""
     from app.ml.rfm import read_log
 
     total = path.stat().st_size
@@ -306,7 +306,7 @@ def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = No
         def advance(done: int) -> None:
             bar.update(max(0, min(done, total) - bar.n))
 
-        table = read_log(path, columns, as_of=as_of, progress=advance)
+        table = read_log(path, columns, as_of=as_of, progress=advance, ids=False)  # to train on
         bar.update(total - bar.n)
     return table
 

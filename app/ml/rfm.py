@@ -238,7 +238,7 @@ class _Aggregator:
         self.problems.sort(key=lambda p: (p["row"], p["column"]))
         del self.problems[MAX_LISTED_PROBLEMS:]
 
-    def finish(self, header: Mapping[str, str] | None = None) -> RfmTable:
+    def finish(self, header: Mapping[str, str] | None = None, *, ids: bool = True) -> RfmTable:
         if self.rows == 0:
             raise DataValidationError("the log has a header but no rows", [_problem(None, None, "no data rows")])
         if self.offending:
@@ -261,10 +261,10 @@ class _Aggregator:
             rows_after_as_of=self.after,
             columns=dict(header or {}),
         )
-        frame = self._customers(facts)
+        frame = self._customers(facts, ids)
         return RfmTable(frame, facts)
 
-    def _customers(self, facts: LogFacts) -> pd.DataFrame:
+    def _customers(self, facts: LogFacts, ids: bool) -> pd.DataFrame:
         totals = [_customer_totals(_purchases(rows)) for rows in self.parts.drain()]
         if not totals:
             return _empty_table()
@@ -278,7 +278,7 @@ class _Aggregator:
         picked = pa.array(order)
         return customer_frame(
             facts.as_of,
-            ids=customers.column("customer_id").take(picked),
+            ids=customers.column("customer_id").take(picked) if ids else None,
             frequency=frequency[order],
             net=customers.column("net_sum").to_numpy()[order],
             last_day=customers.column("counted_day_max").take(picked).to_numpy(),
@@ -645,15 +645,18 @@ def read_log(
     as_of: date | None = None,
     progress: Callable[[int], None] | None = None,
     block_bytes: int = BLOCK_BYTES,
+    ids: bool = True,
 ) -> RfmTable:
     """The RFM table of a transaction log, CSV or Parquet (a path, bytes or a binary file object).
 
     Raises DataValidationError, and nothing else, for a file that is not a
     readable CSV, mapped columns that are missing (all named at once), or
     rows whose date or amount cannot be read (the first ten listed, all
-    counted). ``progress`` is called with the bytes read so far.
+    counted). ``progress`` is called with the bytes read so far. ``ids=False``
+    leaves ``customer_id`` out of the table (one to train on: a Python string
+    a customer saved).
     """
-    return read_source(source, lambda fh: _read_log(fh, columns, as_of, progress, block_bytes))
+    return read_source(source, lambda fh: _read_log(fh, columns, as_of, progress, block_bytes, ids))
 
 
 def _read_log(
@@ -662,6 +665,7 @@ def _read_log(
     as_of: date | None,
     progress: Callable[[int], None] | None,
     block_bytes: int,
+    ids: bool = True,
 ) -> RfmTable:
     start = fh.tell()
     parquet = fh.read(4) == b"PAR1"
@@ -709,7 +713,7 @@ def _read_log(
             f"the log could not be read as {kind} after row {aggregator.rows}: {_arrow_reason(exc)}",
             [_problem(aggregator.rows + 1 if aggregator.rows else None, None, _arrow_reason(exc))],
         ) from None
-    return aggregator.finish(header)
+    return aggregator.finish(header, ids=ids)
 
 
 def _arrow_reason(exc: Exception) -> str:

@@ -85,7 +85,7 @@ async def train(
     if file is None:
         raise InvalidInput("A segmentation of kind rfm trains on a transaction log: send it as `file`")
     file.file.seek(0)
-    table = await run_in_threadpool(rfm.read_log, file.file, log_columns(store), as_of=as_of)
+    table = await run_in_threadpool(rfm.read_log, file.file, log_columns(store), as_of=as_of, ids=False)
     return await train_table(store, table, n_clusters=n_clusters, random_state=random_state, by=by)
 
 
