@@ -198,18 +198,23 @@ async def test_custom_kind_trains_in_spark_with_its_declared_schema(
     assert all(m["previous_cluster_id"] == m["cluster_id"] for m in in_process["matching"])
 
 
+def cli(settings, cwd, *args: str) -> subprocess.CompletedProcess:
+    """`python -m app ARGS` in `cwd`, with the test service's database and model folder."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 async def test_train_and_score_from_the_command_line(settings, app, client, customers, tmp_path, user_headers):
     _, folder = customers
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            cwd=tmp_path,
-            env=cli_env(settings),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        return cli(settings, tmp_path, *args)
 
     trained = await asyncio.to_thread(
         run,
@@ -239,17 +244,6 @@ async def test_train_and_score_from_the_command_line(settings, app, client, cust
 
 
 # --- kind rfm: the log summed in Spark --------------------------------------------------------------
-
-
-def cli(settings, cwd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args],
-        cwd=cwd,
-        env=cli_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def model_lines(stdout: str) -> list[str]:
