@@ -4,7 +4,7 @@
     python bench/bench_spark_rfm.py --customers 100000    # about 1M lines
     python bench/bench_spark_rfm.py --master spark://host:7077
 
-generate_transactions.py writes the log (CSV). Then, in one run:
+generate_transactions.py writes the log (CSV, as bench_rfm.py does). Then, in one run:
 
 1. baseline: app.ml.rfm.read_log (what `python -m app train` does before it fits): seconds;
 2. Spark: app.spark.rfm.aggregate and training_table (what `train --engine spark` does before it
@@ -19,7 +19,6 @@ Needs requirements-spark.txt and Java 17. Exits non-zero when a target is missed
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,9 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_rfm import generate_log  # noqa: E402  (bench/bench_rfm.py: the generated order log)
 
 
 def main() -> int:
@@ -47,18 +49,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-spark-rfm-") as tmp:
         log = Path(tmp) / "orders.csv"
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "generate_transactions.py"),
-                "--customers",
-                str(args.customers),
-                "--out",
-                str(log),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        generate_log(args.customers, log, Path(tmp) / "labels.csv")  # the log bench_rfm.py sends
         size_mb = log.stat().st_size / 1e6
         columns = rfm.LogColumns.from_mapping(None)
 
