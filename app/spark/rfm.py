@@ -68,16 +68,20 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
 
     parsed = numbered.mapInArrow(purchases, PURCHASE_SCHEMA).cache()
     try:
+        # One pass counts the rows, the readable ones, the last day and (with a given as_of) the later ones;
+        # without one, as_of is the day after the last, so no row is later.
+        later = F.lit(0) if as_of is None else F.sum((F.col("day") > (as_of - _EPOCH).days).cast("long"))
         seen = parsed.agg(
-            F.count(F.lit(1)).alias("rows"), F.count("day").alias("read"), F.max("day").alias("last")
+            F.count(F.lit(1)).alias("rows"),
+            F.count("day").alias("read"),
+            F.max("day").alias("last"),
+            later.alias("later"),
         ).first()
-        counted, readable = int(seen["rows"]), int(seen["read"])
+        counted, readable, after = int(seen["rows"]), int(seen["read"]), int(seen["later"] or 0)
         if as_of is None:
             last = seen["last"]
             as_of = datetime.now(UTC).date() if last is None else _EPOCH + timedelta(days=int(last) + 1)
-        as_of_day = (as_of - _EPOCH).days
-        kept = parsed.where(F.col("day") <= as_of_day)
-        n_kept = kept.count()
+        kept = parsed.where(F.col("day") <= (as_of - _EPOCH).days)
         per_purchase = kept.groupBy("customer_id", "unit").agg(
             F.sum("amount").alias("amount"), F.min("row").alias("row"), F.min("day").alias("day")
         )
@@ -95,9 +99,9 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
         parsed.unpersist()  # the sums are held now; a lost partition is read again from the log
     facts = rfm.LogFacts(
         as_of=as_of,
-        n_transactions=int(counted),
-        skipped_rows=int(counted) - readable,
-        rows_after_as_of=readable - int(n_kept),
+        n_transactions=counted,
+        skipped_rows=counted - readable,
+        rows_after_as_of=after,
         skipped_customers=int(skipped_customers),
         columns=dict(header),
     )
