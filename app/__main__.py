@@ -23,6 +23,8 @@ from app.errors import AppError
 from app.migrations import upgrade_database
 from app.observability import configure_logging
 from app.preprocess import DataValidationError, load_training_matrix
+from app.segmentations.as_of import as_of_date
+from app.segmentations.kinds.registry import kind_of
 
 ENVIRONMENT_HELP = """\
 environment (or .env):
@@ -181,7 +183,8 @@ async def _with_timer(description: str, work):
 async def _train(args, store, settings) -> int:
     source = Path(args.csv or settings.data_path)
     info = store.segmentation
-    if args.engine == "spark" and info.kind != "rfm":  # a file or a Parquet dataset's directory, read by Spark
+    kind = kind_of(info)
+    if args.engine == "spark" and not kind.takes_as_of:  # a file or a Parquet dataset's directory, read by Spark
         from app.spark.cli import train_with_spark
 
         return await train_with_spark(args, store, source)
@@ -193,16 +196,12 @@ async def _train(args, store, settings) -> int:
         print(f"error: no such file: {source}", file=sys.stderr)
         return 2
     print(f"Reading {source} ...")
-    if info.kind == "rfm":
+    if kind.takes_as_of:  # a transaction log, summed per customer
         return await _train_rfm(args, store, source)
     if args.as_of is not None:
         print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
         return 2
-    schema = None
-    if info.kind != "customer":
-        from app.services.registry import feature_schema
-
-        schema = feature_schema(info)
+    schema = None if kind.default_dataset else kind.schema(info)
     if await asyncio.to_thread(_out_of_core, source):
         return await _train_file(args, store, settings, source, schema)
     try:
@@ -312,11 +311,11 @@ def read_log_file(path: Path, columns, *, as_of=None, progress: bool | None = No
 
 
 async def _train_rfm(args, store, source: Path) -> int:
-    from app.services import rfm as rfm_service
+    from app.segmentations.kinds import rfm as rfm_service
 
     spark = args.engine == "spark"
     try:
-        as_of = rfm_service.as_of_date(args.as_of)
+        as_of = as_of_date(args.as_of)
         columns = rfm_service.log_columns(store)
         if spark:  # the log summed per customer where Spark reads it; the table trains here
             from app.spark.cli import read_log_with_spark
@@ -356,28 +355,24 @@ async def _predict(args, store, _settings) -> int:
     from app.schema import CustomerFeatures
 
     served = store.require()
-    if store.segmentation.kind != "customer" or args.customer is not None:
+    kind = kind_of(store.segmentation)
+    if not kind.default_dataset or args.customer is not None:
         from app.services.segmentations import customer_adapter
 
         if args.customer is None:
             print("error: give the customer with --customer JSON", file=sys.stderr)
             return 2
         checked = customer_adapter(store).validate_json(args.customer)
-        if store.segmentation.kind == "rfm":
-            from app.services import rfm as rfm_service
-
-            row = rfm_service.customer_row(served, customer=checked, transactions=None, as_of=None)
-            cluster, name, confidence, _ = served.assign_declared([rfm_service.clustering_record(row)])[0]
-            answer = {"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4)}
-            print(json.dumps({**answer, "customer_data": row, "model_version": served.version}))
-            return 0
-        if store.segmentation.kind == "customer":
-            cluster, name, confidence = served.assign([checked])[0]
-            warnings: list[str] = []
+        assigned = kind.assign(served, checked, transactions=None, as_of=None)
+        answer = {
+            "cluster": assigned.cluster,
+            "cluster_name": assigned.cluster_name,
+            "confidence": round(assigned.confidence, 4),
+        }
+        if kind.takes_as_of:  # the customer's whole RFM row
+            print(json.dumps({**answer, "customer_data": assigned.data, "model_version": served.version}))
         else:
-            cluster, name, confidence, warnings = served.assign_declared([checked])[0]
-        answer = {"cluster": cluster, "cluster_name": name, "confidence": round(confidence, 4)}
-        print(json.dumps({**answer, "model_version": served.version, "warnings": warnings}))
+            print(json.dumps({**answer, "model_version": served.version, "warnings": assigned.warnings}))
         return 0
     missing = [f"--{o}" for o in ("age", "income", "spending", "frequency") if getattr(args, o) is None]
     if missing:

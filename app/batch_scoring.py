@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app.ml.frames import arrow_numbers, arrow_text, match_columns
-from app.preprocess import FEATURES, DataValidationError, resolve_columns
+from app.ml.frames import arrow_numbers, arrow_text
+from app.preprocess import DataValidationError
+from app.segmentations.kinds.registry import KINDS
 from app.services import segmentation
-from app.services.served import CUSTOMER_KIND, ServedModel
+from app.services.served import ServedModel
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 CHUNK_ROWS = segmentation.SCORE_CHUNK_ROWS
@@ -102,13 +103,7 @@ def read_columns(served: ServedModel, names: Sequence[str]) -> tuple[list[str], 
     A column the model needs and `names` lacks is the DataValidationError `/predict/batch` gives
     such a CSV, naming every column found.
     """
-    if served.kind == CUSTOMER_KIND:
-        found = resolve_columns(names)
-        numeric = {found[name] for name in FEATURES}
-    else:
-        schema = served.model.schema
-        found = match_columns(names, schema.names, required=schema.names)
-        numeric = {found[f.name] for f in schema.features if f.numeric}
+    found, numeric = KINDS[served.kind].batch_columns(served, names)
     read = set(found.values())
     return [name for name in names if name in read], numeric
 
@@ -259,13 +254,8 @@ def score_batch(served: ServedModel, batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def _chunk_scorer(served: ServedModel) -> Callable[[pd.DataFrame], segmentation.ChunkScores]:
-    if served.kind == CUSTOMER_KIND:
-        from app.services.segmentation import _score_customer_chunk
-
-        return lambda frame: _score_customer_chunk(served, frame)
-    from app.services.segmentations import _score_declared_chunk
-
-    return lambda frame: _score_declared_chunk(served, frame)
+    kind = KINDS[served.kind]
+    return lambda frame: kind.score_chunk(served, frame)
 
 
 def score_file(
@@ -286,7 +276,7 @@ def score_file(
     in_format, out_format = file_format(source), file_format(target)
     partial = target.with_name(f".{target.name}.partial")
     try:
-        if served.kind == "rfm":
+        if KINDS[served.kind].takes_as_of:  # a transaction log: one row per customer
             report = _score_log(served, source, partial, out_format, rfm_columns, as_of, progress)
         else:
             report = _score_rows(served, source, in_format, partial, out_format, progress)
@@ -300,7 +290,7 @@ def _score_rows(
     served: ServedModel, source: Path, in_format: str, partial: Path, out_format: str, progress: Progress | None
 ) -> ScoreReport:
     score = _chunk_scorer(served)
-    check = resolve_columns if served.kind == CUSTOMER_KIND else (lambda _columns: None)
+    check = KINDS[served.kind].check_columns
     out: _CsvOut | _ParquetOut = _ParquetOut(partial) if out_format == "parquet" else _CsvOut(partial)
     rows = failed = 0
     try:
@@ -338,7 +328,7 @@ def _score_log(
     progress: Progress | None,
 ) -> ScoreReport:
     """A transaction log (CSV or Parquet) → one scored row per customer, as `/predict/batch` answers it."""
-    from app.services import rfm as rfm_service
+    from app.segmentations.kinds import rfm as rfm_service
 
     with io.BufferedReader(_CountingFile(source, progress), 1 << 20) as fh:
         scored = rfm_service.score_log(served, fh, columns, as_of=as_of, as_csv=out_format == "csv")

@@ -95,6 +95,8 @@ class CustomerProfile(Base):
 
 DEFAULT_SEGMENTATION_ID = 1
 DEFAULT_SEGMENTATION = "default"
+DEFAULT_SEGMENTATION_KIND = "customer"
+"""The kind of `default`, and of every model saved before segmentations had kinds."""
 
 
 class Segmentation(Base):

@@ -23,11 +23,11 @@ from app.errors import AppError
 from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.migrations import upgrade_database
 from app.observability import configure_logging, install_observability
-from app.routes import admin, auth, jobs, ml, profiles, users
-from app.routes import identity as identity_routes
-from app.routes import segmentations as segmentation_routes
+from app.routes import admin, auth, jobs, profiles, users
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
+from app.segmentations import endpoints as segmentation_routes
+from app.segmentations import legacy as seed_routes
 from app.services.auth import AuthCache
 from app.services.drift import DriftCounter, refresh_gauges
 from app.services.jobs import JobRunner
@@ -35,6 +35,7 @@ from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
 from app.storage import open_history_repository
+from app.versions import endpoints as version_routes
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -234,9 +235,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # keep each router nested, matched route by route and then again inside (docs/performance.md
     # has the figures), and would add nothing here, as a router's prefix, tags, responses and
     # dependencies are on its routes from the moment they are made.
-    app.router.routes.extend(ml.router.routes)
+    app.router.routes.extend(seed_routes.router.routes)
     app.router.routes.extend(segmentation_routes.router.routes)
-    app.router.routes.extend(identity_routes.router.routes)
+    app.router.routes.extend(version_routes.router.routes)
     # A named segmentation's predict is as hot as /predict: it is tried right after it.
     named_predict = next(r for r in app.router.routes if getattr(r, "path", "") == "/segmentations/{name}/predict")
     app.router.routes.remove(named_predict)

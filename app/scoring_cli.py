@@ -14,6 +14,8 @@ from typing import Any
 from tqdm import tqdm
 
 from app.preprocess import DataValidationError
+from app.segmentations.as_of import as_of_date
+from app.segmentations.kinds.registry import kind_of
 
 
 def add_command(commands, segmentation_option) -> None:
@@ -71,8 +73,8 @@ async def score(args, store, _settings) -> int:
     if not await asyncio.to_thread(source.exists):
         print(f"error: no such file or directory: {source}", file=sys.stderr)
         return 2
-    kind = store.segmentation.kind
-    if args.as_of is not None and kind != "rfm":
+    kind = kind_of(store.segmentation)
+    if args.as_of is not None and not kind.takes_as_of:
         print("error: --as-of is for segmentations of kind rfm", file=sys.stderr)
         return 2
     served = await served_version(store, args.version)
@@ -81,12 +83,12 @@ async def score(args, store, _settings) -> int:
 
         return await score_with_spark(args, store, served)
     options: dict[str, Any] = {}
-    if kind == "rfm":
-        from app.services import rfm as rfm_service
+    if kind.takes_as_of:
+        from app.segmentations.kinds import rfm as rfm_service
 
-        options = {"rfm_columns": rfm_service.log_columns(store), "as_of": rfm_service.as_of_date(args.as_of)}
+        options = {"rfm_columns": rfm_service.log_columns(store), "as_of": as_of_date(args.as_of)}
     try:
-        total, unit = await asyncio.to_thread(batch_scoring.progress_total, source, kind == "rfm")
+        total, unit = await asyncio.to_thread(batch_scoring.progress_total, source, kind.takes_as_of)
     except OSError as exc:
         print(f"error: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -117,7 +119,7 @@ async def score(args, store, _settings) -> int:
         except DataValidationError as exc:
             print(f"error: {source}: {exc.message}", file=sys.stderr)
             return 2
-    what = "customers" if kind == "rfm" else "rows"
+    what = "customers" if kind.takes_as_of else "rows"
     print(
         f"Scored {report.rows:,} {what} into {target} ({report.failed:,} with an error) with version {report.model_version}"
     )

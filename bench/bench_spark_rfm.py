@@ -43,7 +43,7 @@ def main() -> int:
     from app import spark as engine
     from app.ml import rfm
     from app.model import SegmentationModel
-    from app.services import rfm as rfm_service
+    from app.segmentations.kinds import rfm as rfm_service
     from app.services.served import ServedModel
     from app.spark import rfm as spark_rfm
 

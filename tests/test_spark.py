@@ -170,7 +170,7 @@ async def test_custom_kind_trains_in_spark_with_its_declared_schema(
     table = crm_table(3000)
     table.to_csv(tmp_path / "crm.csv", index=False)
     store = await app.state.segmentations.get("crm")
-    from app.services.registry import feature_schema
+    from app.segmentations.kinds.registry import feature_schema
 
     result = await asyncio.to_thread(
         training.train,

@@ -9,10 +9,9 @@ ModelStore.train).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-from fastapi import UploadFile
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -23,12 +22,10 @@ from app.errors import AppError, Conflict, InvalidInput, NotFound
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer
 from app.model import SegmentationModel
-from app.services import segmentation
+from app.segmentations.kinds.registry import kind_of
 from app.services.lease import rows_updated
 from app.services.models import ModelStore, ServedModel
-from app.services.registry import feature_schema
 
-CUSTOMER_KIND = "customer"
 RENAME_ATTEMPTS = 5
 """A rename that loses a race with another one (either worker) reads the version again this often."""
 
@@ -188,29 +185,15 @@ def _score_both(from_model: SegmentationModel, to_model: SegmentationModel, data
 
 
 async def compare(
-    state: State, store: ModelStore, *, from_version: str, to_version: str, file: UploadFile | None
+    state: State, store: ModelStore, *, from_version: str, to_version: str, upload: IO[bytes] | None
 ) -> dict[str, Any]:
-    """Score one CSV (kind customer without one: the default dataset) with two versions: the answer
-    of POST .../compare. Unknown versions are a 404 before the file is read."""
+    """Score one file (a kind with a default dataset, without one: that dataset) with two versions: the
+    answer of POST .../compare. Unknown versions are a 404 before the file is read."""
     from_model = await store.version_model(from_version)
     to_model = await store.version_model(to_version)
-    info = store.segmentation
-    if info.kind == CUSTOMER_KIND:
-        data: Any = await segmentation.training_matrix(state.settings, file)
-    else:
-        if file is None:
-            raise InvalidInput(f"A segmentation of kind {info.kind} compares versions on a CSV: send it as `file`")
-        data = await run_in_threadpool(_declared_frame, file, store)
+    kind = kind_of(store.segmentation)
+    if upload is None and not kind.default_dataset:
+        raise InvalidInput(f"A segmentation of kind {kind.name} compares versions on a CSV: send it as `file`")
+    data = await kind.comparison_data(store, upload, settings=state.settings)
     comparison = await run_in_threadpool(_score_both, from_model, to_model, data)
     return comparison.result()
-
-
-def _declared_frame(file: UploadFile, store: ModelStore) -> Any:
-    from app.ml.frames import match_columns
-    from app.ml.schema import read_training_frame
-
-    schema = feature_schema(store.segmentation)
-    file.file.seek(0)
-    frame = read_training_frame(file.file, schema)
-    found = match_columns(frame.columns, schema.names, required=schema.names)
-    return frame.rename(columns={raw: name for name, raw in found.items()})

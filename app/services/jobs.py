@@ -25,7 +25,6 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from fastapi import UploadFile
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select, update
 from starlette.concurrency import run_in_threadpool
@@ -190,7 +189,8 @@ class JobRunner:
         self,
         store: ModelStore,
         *,
-        file: UploadFile | None,
+        upload: IO[bytes] | None,
+        filename: str | None,
         n_clusters: int | None,
         random_state: int,
         as_of: date | None,
@@ -198,7 +198,7 @@ class JobRunner:
         result_model: type[BaseModel],
     ) -> dict[str, Any]:
         """Check the request, take the segmentation's training turn, keep the upload; the job then runs on."""
-        segmentation_service.check_training_request(self.state, store, file=file, as_of=as_of)
+        segmentation_service.check_training_request(self.state, store, has_file=upload is not None, as_of=as_of)
         reservation = await store.reserve_training()
         job_id = secrets.token_hex(8)
         now = utcnow()
@@ -218,7 +218,7 @@ class JobRunner:
                 "n_clusters": n_clusters,
                 "random_state": random_state,
                 "as_of": as_of.isoformat() if as_of is not None else None,
-                "file": file.filename if file is not None else None,
+                "file": filename if upload is not None else None,
                 "bytes": None,
             },
             cancel_requested=False,
@@ -231,9 +231,9 @@ class JobRunner:
             async with self.database.sessionmaker() as session:
                 session.add(row)
                 await session.commit()
-            if file is not None:
+            if upload is not None:
                 job.upload = self._upload_path(job_id)
-                job.size = await run_in_threadpool(_keep_upload, file.file, job.upload)
+                job.size = await run_in_threadpool(_keep_upload, upload, job.upload)
             job.phase("queued")
             async with self.database.sessionmaker() as session:
                 await session.execute(
@@ -269,15 +269,13 @@ class JobRunner:
         outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None, int | None]
         try:
             await self._started(job)
-            upload = None
             if job.upload is not None:
                 job.reading = job.upload.open("rb")
-                upload = UploadFile(file=job.reading, size=job.size)
             try:
                 served = await segmentation_service.train(
                     self.state,
                     job.store,
-                    file=upload,
+                    upload=job.reading,
                     n_clusters=parameters["n_clusters"],
                     random_state=parameters["random_state"],
                     by=parameters["by"],

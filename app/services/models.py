@@ -33,6 +33,7 @@ from app.config import Settings
 from app.database import (
     DEFAULT_SEGMENTATION,
     DEFAULT_SEGMENTATION_ID,
+    DEFAULT_SEGMENTATION_KIND,
     Database,
     ModelVersion,
     Segmentation,
@@ -45,7 +46,7 @@ from app.model import ModelLoadError, SegmentationModel
 from app.services import progress
 from app.services.lease import HOST_ID, TRAINING_RUNNING_MESSAGE, TrainingLease, rows_updated
 from app.services.local_copy import load_local_copy, save_local_copy
-from app.services.served import CUSTOMER_KIND, ServedModel, data_uri
+from app.services.served import ServedModel, data_uri
 from app.services.training import TrainingTimeout, fit_in_subprocess
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class SegmentationInfo:
         )
 
 
-DEFAULT_INFO = SegmentationInfo(id=DEFAULT_SEGMENTATION_ID, name=DEFAULT_SEGMENTATION, kind=CUSTOMER_KIND)
+DEFAULT_INFO = SegmentationInfo(id=DEFAULT_SEGMENTATION_ID, name=DEFAULT_SEGMENTATION, kind=DEFAULT_SEGMENTATION_KIND)
 
 
 @dataclass

@@ -28,32 +28,17 @@ from app.database import (
     ServiceState,
     utcnow,
 )
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, NotFound
+from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
 from app.services.models import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 
 if TYPE_CHECKING:
-    from app.ml.schema import FeatureSchema
     from app.observability import Metrics
 
 logger = logging.getLogger("app.segmentations")
 
 NAME_RULE = re.compile(r"[a-z0-9_-]{2,40}")
-KINDS = ("customer", "custom", "rfm")
-AVAILABLE_KINDS = KINDS
 DEFAULT_DESCRIPTION = "The seed's customer features: age, annual income, spending score, purchase frequency"
-
-
-def feature_schema(info: SegmentationInfo) -> FeatureSchema:
-    """The declared schema of a segmentation (kind `customer`: the customer features)."""
-    from app.ml.schema import FeatureSchema
-
-    if info.kind == "customer":
-        return FeatureSchema.customer()
-    if info.kind == "rfm":
-        from app.ml.rfm import rfm_schema
-
-        return rfm_schema()
-    return FeatureSchema.from_dict(info.feature_schema)
 
 
 class SegmentationRegistry:
@@ -94,9 +79,9 @@ class SegmentationRegistry:
                 Segmentation(
                     id=DEFAULT_SEGMENTATION_ID,
                     name=DEFAULT_SEGMENTATION,
-                    kind="customer",
+                    kind=DEFAULT_KIND,
                     description=DEFAULT_DESCRIPTION,
-                    feature_schema={"kind": "customer"},
+                    feature_schema=KINDS[DEFAULT_KIND].declare(features=None, id_column=None, columns=None),
                 )
             )
             try:
@@ -193,9 +178,7 @@ class SegmentationRegistry:
         created_by: str | None,
         columns: dict[str, Any] | None = None,
     ) -> ModelStore:
-        if kind not in AVAILABLE_KINDS:
-            raise InvalidInput(f"Segmentations of kind {kind} are not available in this version of the service")
-        declared = _declared_schema(kind, features, id_column, columns)
+        declared = get_kind(kind).declare(features=features, id_column=id_column, columns=columns)
         async with self.database.sessionmaker() as session:
             live = (
                 await session.execute(
@@ -259,33 +242,3 @@ class SegmentationRegistry:
             if self._stores.get(name) is store:
                 del self._stores[name]
         logger.info("deleted segmentation %s", name)
-
-
-def _declared_schema(
-    kind: str, features: list[dict[str, Any]] | None, id_column: str | None, columns: dict[str, Any] | None
-) -> dict[str, Any]:
-    if columns is not None and kind != "rfm":
-        raise InvalidInput("`columns` maps a transaction log's headers: it is for segmentations of kind rfm")
-    if kind == "rfm":
-        if features or id_column:
-            raise InvalidInput(
-                "A segmentation of kind rfm clusters recency, frequency and monetary value computed from a "
-                "transaction log: leave `features` and `id_column` out, map the log's headers in `columns`"
-            )
-        from app.services.rfm import declared_schema
-
-        return declared_schema(columns)
-    if kind == "customer":
-        if features:
-            raise InvalidInput("A segmentation of kind customer has the customer features: leave `features` out")
-        if id_column:
-            raise InvalidInput("`id_column` is for segmentations of kind custom")
-        return {"kind": "customer"}
-    from app.ml.schema import FeatureSchema, SchemaError
-
-    if not features:
-        raise InvalidInput("A segmentation of kind custom declares its columns in `features` (1 to 50 of them)")
-    try:
-        return FeatureSchema.declare(features, id_column=id_column).to_dict()
-    except SchemaError as exc:
-        raise InvalidInput(str(exc)) from None

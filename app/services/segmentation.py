@@ -21,7 +21,6 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 from cachetools import LRUCache
-from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings
@@ -60,11 +59,11 @@ _KNOWN_SEXES = [value.lower() for value in SEX_VALUES]
 MAX_LISTED_ROWS = 10
 
 
-async def training_matrix(settings: Settings, upload: UploadFile | None) -> np.ndarray:
+async def training_matrix(settings: Settings, upload: IO[bytes] | None) -> np.ndarray:
     """The validated feature matrix of the uploaded CSV, or of the default dataset."""
     if upload is not None:
-        upload.file.seek(0)
-        return await run_in_threadpool(load_training_matrix, upload.file)
+        upload.seek(0)
+        return await run_in_threadpool(load_training_matrix, upload)
     return await run_in_threadpool(_default_training_matrix, Path(settings.data_path))
 
 
@@ -83,14 +82,14 @@ def out_of_core_upload(fh: IO[bytes]) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def upload_on_disk(settings: Settings, upload: UploadFile) -> AsyncIterator[Any]:
+async def upload_on_disk(settings: Settings, upload: IO[bytes]) -> AsyncIterator[Any]:
     """The upload copied to a named temporary file (the training process opens it), removed afterwards."""
     from app.ml.outofcore import TrainingFile
 
     def copy() -> Path:
-        upload.file.seek(0)
+        upload.seek(0)
         with tempfile.NamedTemporaryFile(prefix="train-", suffix=".upload", delete=False) as out:
-            shutil.copyfileobj(upload.file, out, 1 << 20)
+            shutil.copyfileobj(upload, out, 1 << 20)
         return Path(out.name)
 
     path = await run_in_threadpool(copy)
@@ -381,7 +380,7 @@ ChunkScores = tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str | None], An
 checked values per feature name, for explanations and drift, or None)."""
 
 
-def _score_customer_chunk(model: ServedModel, frame: pd.DataFrame) -> ChunkScores:
+def score_customer_chunk(model: ServedModel, frame: pd.DataFrame) -> ChunkScores:
     features, valid, errors = _check_frame(frame, resolve_columns(frame.columns))
     scored = features[valid]
     labels, confidence = model.predict_matrix(scored)
@@ -393,7 +392,7 @@ def score_csv_file(
     fh: IO[bytes],
     *,
     as_csv: bool,
-    score_chunk: Callable[[ServedModel, pd.DataFrame], ChunkScores] = _score_customer_chunk,
+    score_chunk: Callable[[ServedModel, pd.DataFrame], ChunkScores] = score_customer_chunk,
     check_columns: Callable[[Any], Any] = resolve_columns,
     observer: BatchObserver | None = None,
 ) -> ScoredBatch:
@@ -434,11 +433,11 @@ def score_csv_file(
 
 
 async def score_csv(
-    model: ServedModel, upload: UploadFile, *, as_csv: bool, observer: BatchObserver | None = None
+    model: ServedModel, upload: IO[bytes], *, as_csv: bool, observer: BatchObserver | None = None
 ) -> ScoredBatch:
     """Score an uploaded CSV (already spooled to a temporary file) in a worker thread."""
-    upload.file.seek(0)
-    return await run_in_threadpool(lambda: score_csv_file(model, upload.file, as_csv=as_csv, observer=observer))
+    upload.seek(0)
+    return await run_in_threadpool(lambda: score_csv_file(model, upload, as_csv=as_csv, observer=observer))
 
 
 def cluster_summary(model: ServedModel) -> ClusterSummary:

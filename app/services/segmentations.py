@@ -2,7 +2,7 @@
 
 Both doors call these: the seed's routes (`/train`, `/predict`, ...), which act on `default`,
 and `/segmentations/{name}/...`, which act on the segmentation named. What differs between
-kinds (the customer features, or a declared schema) is decided here, from the segmentation.
+kinds is the kind's own (app.segmentations.kinds): these functions never ask which kind it is.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import pandas as pd
-from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -24,32 +22,22 @@ from app.database import Role
 from app.errors import Conflict, Forbidden, InvalidInput
 from app.ml.matching import identity_fields
 from app.preprocess import DataValidationError
-from app.schema import CustomerFeatures, HistoryQuery
-from app.segmentation_schema import declared_customer_adapter
+from app.schema import HistoryQuery
+from app.segmentations.as_of import as_of_date
+from app.segmentations.kinds.registry import kind_of
 from app.services import predictions as prediction_service
-from app.services import rfm as rfm_service
 from app.services import segmentation
 from app.services.auth import Caller
 from app.services.models import ModelStore, ServedModel, data_uri
 from app.services.observed import BatchObserver
-from app.services.registry import feature_schema
 from app.storage.history import segmentation_page
-
-CUSTOMER_KIND = "customer"
-RFM_KIND = rfm_service.RFM_KIND
 
 
 def customer_adapter(store: ModelStore) -> TypeAdapter[Any]:
-    """How this segmentation's `customer` body is checked (made once per segmentation): the customer
-    features as CustomerFeatures, a declared schema as a plain dict of its features."""
+    """How this segmentation's `customer` body is checked (its kind's record model, made once per segmentation)."""
     adapter = store.body_adapter
     if adapter is None:
-        info = store.segmentation
-        if info.kind == CUSTOMER_KIND:
-            adapter = TypeAdapter(CustomerFeatures)
-        else:
-            adapter = declared_customer_adapter(feature_schema(info), f"Customer_{info.name}")
-        store.body_adapter = adapter
+        adapter = store.body_adapter = kind_of(store.segmentation).record_model(store.segmentation)
     return adapter
 
 
@@ -90,53 +78,41 @@ async def train(
     state: State,
     store: ModelStore,
     *,
-    file: UploadFile | None,
+    upload: IO[bytes] | None,
     n_clusters: int | None,
     random_state: int,
     by: str,
     as_of: date | None = None,
 ) -> ServedModel:
-    """Train a new version of `store`'s segmentation on the upload (or, kind customer, the default dataset;
-    kind rfm: a transaction log, aggregated as of `as_of`)."""
-    info = store.segmentation
-    check_training_request(state, store, file=file, as_of=as_of)
-    if info.kind == RFM_KIND:
-        return await rfm_service.train(
-            store, file=file, n_clusters=n_clusters, random_state=random_state, by=by, as_of=as_of
-        )
-    declared = None if info.kind == CUSTOMER_KIND else feature_schema(info)
-    schema = None if declared is None else declared.to_dict()
-    if file is not None and await run_in_threadpool(segmentation.out_of_core_upload, file.file):
-        # Parquet, or a CSV too large to parse here: the training process reads it from disk.
-        async with segmentation.upload_on_disk(state.settings, file) as source:
-            return await store.train(
-                source, schema=schema, n_clusters=n_clusters, random_state=random_state, created_by=by
-            )
-    if declared is None:
-        features = await segmentation.training_matrix(state.settings, file)
-        return await store.train(features, n_clusters=n_clusters, random_state=random_state, created_by=by)
-    from app.ml.schema import read_training_frame
-
-    assert file is not None  # checked above
-
-    file.file.seek(0)
-    frame = await run_in_threadpool(read_training_frame, file.file, declared)
-    return await store.train(frame, schema=schema, n_clusters=n_clusters, random_state=random_state, created_by=by)
+    """Train a new version of `store`'s segmentation on the upload (or, for a kind with one, the default
+    dataset; kind rfm: a transaction log, aggregated as of `as_of`)."""
+    check_training_request(state, store, has_file=upload is not None, as_of=as_of)
+    return await kind_of(store.segmentation).train(
+        store,
+        upload,
+        settings=state.settings,
+        n_clusters=n_clusters,
+        random_state=random_state,
+        by=by,
+        as_of=as_of,
+    )
 
 
-def check_training_request(state: State, store: ModelStore, *, file: UploadFile | None, as_of: date | None) -> None:
+def check_training_request(state: State, store: ModelStore, *, has_file: bool, as_of: date | None) -> None:
     """What a training request must satisfy before any data is read (a job checks it before its 202)."""
-    kind = store.segmentation.kind
-    if as_of is not None and kind != RFM_KIND:
-        raise InvalidInput("`as_of` is for segmentations of kind rfm")
-    if file is not None:
+    kind = kind_of(store.segmentation)
+    check_as_of(store, as_of)
+    if has_file:
         return
-    if kind == RFM_KIND:
-        raise InvalidInput("A segmentation of kind rfm trains on a transaction log: send it as `file`")
-    if kind != CUSTOMER_KIND:
-        raise InvalidInput(f"A segmentation of kind {kind} trains on an uploaded CSV: send it as `file`")
+    if not kind.default_dataset:
+        raise InvalidInput(f"A segmentation of kind {kind.name} trains on {kind.training_file}: send it as `file`")
     if not Path(state.settings.data_path).is_file():
         raise Conflict(segmentation.NO_DATASET.format(path=state.settings.data_path))
+
+
+def check_as_of(store: ModelStore, as_of: date | None) -> None:
+    if as_of is not None and not kind_of(store.segmentation).takes_as_of:
+        raise InvalidInput("`as_of` is for segmentations of kind rfm")
 
 
 def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
@@ -154,7 +130,7 @@ def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
         "skipped_rows": int(meta.get("skipped_rows", 0)),
         "missing_shares": meta.get("missing_shares", {}),
         **identity_fields(meta),
-    } | (rfm_service.train_facts(served) if store.segmentation.kind == RFM_KIND else {})
+    } | kind_of(store.segmentation).train_facts(served)
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -209,32 +185,21 @@ async def predict(
     transactions: Sequence[Any] | None = None,
     as_of: str | None = None,
     explain: bool = False,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """One customer (raw JSON of the segmentation's schema; kind rfm: or their transactions) → the answer
-    of POST .../predict."""
-    kind = store.segmentation.kind
-    if transactions is not None and kind != RFM_KIND:
+    of POST .../predict. `checked`: the customer already checked against the schema (the seed's door)."""
+    kind = kind_of(store.segmentation)
+    if transactions is not None and not kind.takes_transactions:
         raise InvalidInput("`transactions` are for segmentations of kind rfm: send the customer as `customer`")
-    checked: Any = None
-    if customer is not None:
-        (checked,) = validate_customers(store, [customer], "customer")
+    if customer is not None and not checked:
+        (customer,) = validate_customers(store, [customer], "customer")
     served = store.require()
-    warnings: list[str] = []
-    if kind == RFM_KIND:
-        rows = rfm_service.customer_row(
-            served, customer=checked, transactions=transactions, as_of=rfm_service.as_of_date(as_of)
-        )
-        data: dict[str, Any] = rows
-        cluster, name, confidence, warnings = served.assign_declared([rfm_service.clustering_record(rows)])[0]
-    elif kind == CUSTOMER_KIND:
-        cluster, name, confidence = served.assign([checked])[0]
-        data = checked.model_dump()
-    else:
-        data = checked
-        cluster, name, confidence, warnings = served.assign_declared([data])[0]
+    assigned = kind.assign(served, customer, transactions=transactions, as_of=as_of_date(as_of))
+    data, cluster, name, confidence = assigned.data, assigned.cluster, assigned.cluster_name, assigned.confidence
     explanation = None
-    if explain:
-        scored = explained(served, rfm_service.clustering_record(data) if kind == RFM_KIND else data)
+    if explain and assigned.explained_record is not None:
+        scored = explained(served, dict(assigned.explained_record))
         if scored is not None:
             cluster, name, confidence, explanation = scored
     await record_prediction(
@@ -254,7 +219,7 @@ async def predict(
         "customer_data": data,
         "model_version": served.version,
         "segmentation": store.segmentation.name,
-        "warnings": warnings,
+        "warnings": assigned.warnings,
         "explanation": explanation,
     }
 
@@ -263,55 +228,29 @@ async def score_batch(
     state: State,
     store: ModelStore,
     *,
-    file: UploadFile | None,
+    upload: IO[bytes] | None,
     customers: list[Any] | None,
     as_csv: bool,
     as_of: date | None = None,
     explain: bool = False,
 ) -> tuple[ServedModel, segmentation.ScoredBatch]:
-    """Score a CSV upload or a JSON list of customers (already validated for kind customer); with
-    `explain`, each row also gets its top feature and margin. Kind rfm: the CSV is a transaction log
-    (aggregated as of `as_of`), the customers their RFM values."""
-    kind = store.segmentation.kind
-    declared = kind != CUSTOMER_KIND
-    if as_of is not None and kind != RFM_KIND:
-        raise InvalidInput("`as_of` is for segmentations of kind rfm")
-    if file is not None:
+    """Score a CSV upload (kind rfm: a transaction log, aggregated as of `as_of`) or a JSON list of
+    customers, each checked against the segmentation's schema; with `explain`, each row also gets its
+    top feature and margin."""
+    kind = kind_of(store.segmentation)
+    check_as_of(store, as_of)
+    if upload is not None:
         served = store.require()
         observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
-        if kind == RFM_KIND:
-            file.file.seek(0)
-            log, columns = file.file, rfm_service.log_columns(store)
-            scored = await run_in_threadpool(
-                lambda: rfm_service.score_log(served, log, columns, as_of=as_of, as_csv=as_csv, observer=observer)
-            )
-        elif declared:
-            file.file.seek(0)
-            fh = file.file
-            scored = await run_in_threadpool(lambda: score_declared_csv(served, fh, as_csv=as_csv, observer=observer))
-        else:
-            scored = await segmentation.score_csv(served, file, as_csv=as_csv, observer=observer)
+        scored = await kind.score_upload(served, upload, store=store, as_csv=as_csv, as_of=as_of, observer=observer)
     elif customers is not None:
         limit = state.settings.max_batch_rows
         if len(customers) > limit:
             raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
+        checked = validate_customers(store, customers, "customers")
         served = store.require()
         observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
-        rows = customers
-        if kind == RFM_KIND:
-            checked = validate_customers(store, rows, "customers")
-            scored = await run_in_threadpool(
-                lambda: rfm_service.score_rows(served, checked, as_csv=as_csv, observer=observer)
-            )
-        elif declared:
-            checked = validate_customers(store, rows, "customers")
-            scored = await run_in_threadpool(
-                lambda: score_declared_records(served, checked, as_csv=as_csv, observer=observer)
-            )
-        else:
-            scored = await run_in_threadpool(
-                lambda: segmentation.score_records(served, rows, as_csv=as_csv, observer=observer)
-            )
+        scored = await run_in_threadpool(lambda: kind.score_rows(served, checked, as_csv=as_csv, observer=observer))
     else:
         raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
     if scored.n_failed and not as_csv:
@@ -342,80 +281,23 @@ async def record_batch(
         state.drift.add_batch(served, store.segmentation.id, observer.counts, observer.sums, observer.n_counted)
 
 
-def _record_columns(served: ServedModel, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Checked records as columns: numbers (NaN when missing) and text per declared feature."""
-    columns: dict[str, Any] = {}
-    for feature in served.model.schema.features:
-        cells = [record.get(feature.name) for record in records]
-        if feature.numeric:
-            columns[feature.name] = np.array([np.nan if v is None else float(v) for v in cells], dtype=np.float64)
-        else:
-            columns[feature.name] = pd.Series(["" if v is None else str(v).strip() for v in cells], dtype=object)
-    return columns
-
-
-def score_declared_records(
-    served: ServedModel, records: list[dict[str, Any]], *, as_csv: bool, observer: BatchObserver | None = None
-) -> segmentation.ScoredBatch:
-    result = served.model.score_records(records)
-    explained = observer.observe(_record_columns(served, records), result.labels) if observer is not None else None
-    n = len(records)
-    answer = None
-    if as_csv:
-        frame = pd.DataFrame(records).astype(str)
-        csv_answer = segmentation.CsvAnswer(list(frame.columns), served.names, explain=explained is not None)
-        csv_answer.add(frame, np.ones(n, dtype=bool), result.labels, result.confidence, [None] * n, explained)
-        answer = csv_answer.finish()
-    return segmentation.ScoredBatch(
-        model=served,
-        labels=result.labels,
-        confidence=result.confidence,
-        n_rows=n,
-        csv_answer=answer,
-        observer=observer,
-    )
-
-
-def _score_declared_chunk(served: ServedModel, frame: pd.DataFrame) -> segmentation.ChunkScores:
-    result = served.model.score_frame(frame)
-    values = None
-    if result.values is not None:
-        scored = result.values[result.valid]
-        values = {name: scored[name] for name in served.model.schema.names}
-    return result.valid, result.labels, result.confidence, result.errors, values
-
-
-def score_declared_csv(
-    served: ServedModel, fh: IO[bytes], *, as_csv: bool, observer: BatchObserver | None = None
-) -> segmentation.ScoredBatch:
-    """A batch CSV of a declared schema (the model's score_frame names a missing column), chunk by chunk."""
-    return segmentation.score_csv_file(
-        served,
-        fh,
-        as_csv=as_csv,
-        score_chunk=_score_declared_chunk,
-        check_columns=lambda _columns: None,
-        observer=observer,
-    )
-
-
 # --- history ------------------------------------------------------------------------------------
 
 
-async def history_page(state: State, *, user: Caller, query: HistoryQuery, segmentation: str | None) -> bytes:
+async def history_page(state: State, *, user: Caller, query: HistoryQuery, store: ModelStore | None) -> bytes:
     """A page of history as JSON: the caller's, or (analysts and admins) `query.user_id`'s; of one
-    segmentation when one is named (by the route or by `query.segmentation`), else of them all."""
+    segmentation when one is given (by the route or by `query.segmentation`), else of them all."""
     target = user.id
     if query.user_id is not None and query.user_id != user.id:
         if user.role not in (Role.analyst.value, Role.admin.value):
             raise Forbidden("Only analysts and admins may read another user's history")
         target = query.user_id
-    name = segmentation if segmentation is not None else query.segmentation
-    if name is None:
+    if store is None and query.segmentation is not None:
+        store = await state.segmentations.get(query.segmentation)
+    if store is None:
         return await state.history_reader.page(
             user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
         )
-    store = await state.segmentations.get(name)
     return await segmentation_page(
         state.database,
         user_id=target,
@@ -447,8 +329,8 @@ def clusters_json(store: ModelStore, served: ServedModel) -> bytes:
 
 
 async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict[str, Any]:
-    """The elbow figures: of the default dataset (kind customer), else of the active version's training sample."""
-    if store.segmentation.kind == CUSTOMER_KIND:
+    """The elbow figures: of the default dataset (a kind that has one), else of the active version's training sample."""
+    if kind_of(store.segmentation).default_dataset:
         return await state.elbow.get(k_min, k_max)
     served = store.require()
     selection = served.metadata.get("k_selection") or {}
@@ -472,10 +354,20 @@ async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict
     }
 
 
+async def elbow_json(state: State, store: ModelStore, k_min: int, k_max: int) -> bytes:
+    """GET .../elbow as JSON; of a default dataset, the cached answer when it is ready."""
+    if kind_of(store.segmentation).default_dataset:
+        elbow_cache = state.elbow
+        return elbow_cache.ready_json(k_min, k_max) or await elbow_cache.get_json(k_min, k_max)
+    from app.schema import ElbowResult
+
+    return ElbowResult(**await elbow(state, store, k_min, k_max)).model_dump_json().encode()
+
+
 async def elbow_chart(state: State, store: ModelStore) -> tuple[str, int]:
     """The elbow chart as a PNG data URI and the k it marks: of the default dataset (kind customer),
     else of the active version's choice of k, drawn once per version."""
-    if store.segmentation.kind == CUSTOMER_KIND:
+    if kind_of(store.segmentation).default_dataset:
         return await state.elbow.chart()
     served = store.require()
     figures = await elbow(state, store, 2, 15)

@@ -11,10 +11,9 @@ import numpy as np
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from app.database import DEFAULT_SEGMENTATION_KIND
 from app.model import SegmentationModel
 from app.preprocess import features_matrix
-
-CUSTOMER_KIND = "customer"
 
 
 class ServedModel:
@@ -24,7 +23,7 @@ class ServedModel:
         self.model = model
         self.version: str = model.version
         self.metadata: dict[str, Any] = model.metadata
-        self.kind: str = str(model.metadata.get("kind") or CUSTOMER_KIND)
+        self.kind: str = str(model.metadata.get("kind") or DEFAULT_SEGMENTATION_KIND)
         self.segments: list[dict[str, Any]] = model.metadata["segments"]
         self.names: tuple[str, ...] = model.cluster_names
         self._charts: dict[str, str] | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.preprocess import DataValidationError
+from app.segmentations.kinds.registry import kind_of
 from app.spark import SparkUnavailable
 
 logger = logging.getLogger("app.spark")
@@ -39,11 +40,8 @@ async def train_with_spark(args, store, source: Path) -> int:
     if not await asyncio.to_thread(source.exists):
         print(f"error: no such file or directory: {source}", file=sys.stderr)
         return 2
-    schema = None
-    if info.kind != "customer":
-        from app.services.registry import feature_schema
-
-        schema = feature_schema(info)
+    kind = kind_of(info)
+    schema = None if kind.default_dataset else kind.schema(info)
     from app.spark import training
 
     try:
@@ -101,11 +99,12 @@ async def score_with_spark(args, store, served) -> int:
                 f"Scoring {args.input} with version {served.version} of {store.segmentation.name} in Spark on "
                 f"{args.master} ..."
             )
-            if served.kind == "rfm":  # a transaction log: one row per buying customer
-                from app.services import rfm as rfm_service
+            if kind_of(store.segmentation).takes_as_of:  # a transaction log: one row per buying customer
+                from app.segmentations.as_of import as_of_date
+                from app.segmentations.kinds import rfm as rfm_service
 
                 what = "customers"
-                as_of = rfm_service.as_of_date(args.as_of)
+                as_of = as_of_date(args.as_of)
                 log = await asyncio.to_thread(
                     rfm.aggregate, spark, args.input, rfm_service.log_columns(store), as_of=as_of
                 )

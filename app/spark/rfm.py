@@ -140,7 +140,7 @@ def score(log: SparkLog, served: Any, target: Path) -> int:
     as_of = log.facts.as_of
 
     def scored(chunks: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from app.services import rfm as rfm_service
+        from app.segmentations.kinds import rfm as rfm_service
 
         model = loaded(version, blob.value)
         for chunk in chunks:

@@ -37,12 +37,12 @@ def score(spark: Any, served: Any, source: Path, target: Path) -> int:
     from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
     frame = read_dataset(spark, source)
-    if served.kind == "rfm":
-        raise ValueError("a transaction log is scored by app.spark.rfm.score")
-    if served.kind == "customer":
-        from app.preprocess import resolve_columns
+    from app.segmentations.kinds.registry import KINDS
 
-        resolve_columns(frame.columns)
+    kind = KINDS[served.kind]
+    if kind.takes_as_of:
+        raise ValueError("a transaction log is scored by app.spark.rfm.score")
+    kind.check_columns(frame.columns)
     kept = [
         f
         for f in frame.schema.fields

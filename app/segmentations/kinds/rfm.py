@@ -1,7 +1,7 @@
-"""Kind `rfm` in the service: a transaction log in; per-customer RFM rows and their segments out.
+"""Kind `rfm`: a transaction log in; per-customer RFM rows and their segments out.
 
-`app/services/segmentations.py` hands a segmentation of kind rfm to these functions; the log
-itself is read and aggregated by `app.ml.rfm` (pyarrow, block by block) in a worker thread.
+The log itself is read and aggregated by `app.ml.rfm` (pyarrow, block by block) in a worker thread;
+the command line and the Spark engine use this module's table functions too.
 """
 
 from __future__ import annotations
@@ -9,22 +9,26 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import date
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from fastapi import UploadFile
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
+from app.config import Settings
 from app.errors import InvalidInput
 from app.ml import rfm
-from app.ml.schema import SchemaError
+from app.ml.schema import FeatureSchema, SchemaError
 from app.preprocess import DataValidationError
-from app.services.models import ModelStore, ServedModel
+from app.segmentations.kinds.base import Assigned
+from app.segmentations.kinds.custom import score_declared_chunk
+from app.segmentations.kinds.records import declared_customer_adapter
+from app.services.models import ModelStore, SegmentationInfo, ServedModel
 from app.services.observed import BatchObserver
-from app.services.segmentation import SPOOL_BYTES, ScoredBatch, inert_column
+from app.services.segmentation import SPOOL_BYTES, ChunkScores, ScoredBatch, inert_column
 
 RFM_KIND = "rfm"
 ANSWER_COLUMNS = (*rfm.TABLE_COLUMNS, *rfm.SCORE_COLUMNS)
@@ -32,7 +36,11 @@ ANSWER_COLUMNS = (*rfm.TABLE_COLUMNS, *rfm.SCORE_COLUMNS)
 
 
 def log_columns(store: ModelStore) -> rfm.LogColumns:
-    return rfm.LogColumns.from_mapping(store.segmentation.feature_schema.get("columns"))
+    return info_columns(store.segmentation)
+
+
+def info_columns(info: SegmentationInfo) -> rfm.LogColumns:
+    return rfm.LogColumns.from_mapping(info.feature_schema.get("columns"))
 
 
 def declared_schema(columns: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -44,25 +52,6 @@ def declared_schema(columns: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"kind": RFM_KIND, "columns": mapping.to_dict()}
 
 
-def as_of_value(value: Any) -> Any:
-    """An `as_of` query value for its declared date type: YYYYMMDD and a time part accepted too; a value
-    that is no date is left for the date type to refuse with FastAPI's 422."""
-    if isinstance(value, str):
-        try:
-            return rfm.parse_as_of(value)
-        except ValueError:
-            return value
-    return value
-
-
-def as_of_date(value: str | None) -> date | None:
-    """The `as_of` query value as a date; a 422 naming the format otherwise."""
-    try:
-        return rfm.parse_as_of(value)
-    except ValueError:
-        raise InvalidInput(f"as_of {value!r} is not a date: give YYYY-MM-DD or YYYYMMDD") from None
-
-
 def _no_customers(facts: rfm.LogFacts) -> DataValidationError:
     return DataValidationError(
         f"no customer in the log has a counted purchase as of {facts.as_of.isoformat()} "
@@ -70,23 +59,6 @@ def _no_customers(facts: rfm.LogFacts) -> DataValidationError:
         f"{facts.skipped_rows} rows without a customer id, {facts.rows_after_as_of} rows after as_of)",
         [{"row": None, "line": None, "column": None, "reason": "no customer with a counted purchase"}],
     )
-
-
-async def train(
-    store: ModelStore,
-    *,
-    file: UploadFile | None,
-    n_clusters: int | None,
-    random_state: int,
-    by: str,
-    as_of: date | None,
-) -> ServedModel:
-    """A new version trained on the uploaded log: aggregated here (a worker thread), fitted in the child."""
-    if file is None:
-        raise InvalidInput("A segmentation of kind rfm trains on a transaction log: send it as `file`")
-    file.file.seek(0)
-    table = await run_in_threadpool(rfm.read_log, file.file, log_columns(store), as_of=as_of, ids=False)
-    return await train_table(store, table, n_clusters=n_clusters, random_state=random_state, by=by)
 
 
 async def train_table(
@@ -254,3 +226,102 @@ def score_rows(
         6,
     )
     return _batch(served, frame, as_csv=as_csv, observer=observer)
+
+
+class RfmKind:
+    name: ClassVar[str] = RFM_KIND
+    description: ClassVar[str] = "recency, frequency and monetary value from a transaction log"
+    default_dataset: ClassVar[bool] = False
+    takes_as_of: ClassVar[bool] = True
+    takes_transactions: ClassVar[bool] = True
+    training_file: ClassVar[str] = "a transaction log"
+
+    def declare(
+        self, *, features: list[dict[str, Any]] | None, id_column: str | None, columns: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        if features or id_column:
+            raise InvalidInput(
+                "A segmentation of kind rfm clusters recency, frequency and monetary value computed from a "
+                "transaction log: leave `features` and `id_column` out, map the log's headers in `columns`"
+            )
+        return declared_schema(columns)
+
+    def schema(self, info: SegmentationInfo) -> FeatureSchema:
+        return rfm.rfm_schema()
+
+    def public(self, info: SegmentationInfo) -> dict[str, Any]:
+        return {"columns": info.feature_schema.get("columns")}
+
+    def record_model(self, info: SegmentationInfo) -> TypeAdapter[Any]:
+        return declared_customer_adapter(self.schema(info), f"Customer_{info.name}")
+
+    async def train(
+        self,
+        store: ModelStore,
+        upload: IO[bytes] | None,
+        *,
+        settings: Settings,
+        n_clusters: int | None,
+        random_state: int,
+        by: str,
+        as_of: date | None,
+    ) -> ServedModel:
+        """A new version trained on the uploaded log: aggregated here (a worker thread), fitted in the child."""
+        assert upload is not None  # the service asks for a file first
+        upload.seek(0)
+        table = await run_in_threadpool(rfm.read_log, upload, log_columns(store), as_of=as_of, ids=False)
+        return await train_table(store, table, n_clusters=n_clusters, random_state=random_state, by=by)
+
+    def train_facts(self, served: ServedModel) -> dict[str, Any]:
+        return train_facts(served)
+
+    def assign(
+        self, served: ServedModel, customer: Any, *, transactions: Sequence[Any] | None, as_of: date | None
+    ) -> Assigned:
+        row = customer_row(served, customer=customer, transactions=transactions, as_of=as_of)
+        record = clustering_record(row)
+        cluster, name, confidence, warnings = served.assign_declared([record])[0]
+        return Assigned(row, cluster, name, confidence, warnings, explained_record=record)
+
+    async def score_upload(
+        self,
+        served: ServedModel,
+        upload: IO[bytes],
+        *,
+        store: ModelStore,
+        as_csv: bool,
+        as_of: date | None,
+        observer: BatchObserver | None,
+    ) -> ScoredBatch:
+        upload.seek(0)
+        columns = log_columns(store)
+        return await run_in_threadpool(
+            lambda: score_log(served, upload, columns, as_of=as_of, as_csv=as_csv, observer=observer)
+        )
+
+    def score_rows(
+        self, served: ServedModel, rows: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None
+    ) -> ScoredBatch:
+        return score_rows(served, rows, as_csv=as_csv, observer=observer)
+
+    async def comparison_data(self, store: ModelStore, upload: IO[bytes] | None, *, settings: Settings) -> Any:
+        """The customers of a transaction log, as K-Means sees them (the same for both versions)."""
+        assert upload is not None  # the service asks for a file first
+        upload.seek(0)
+        table = await run_in_threadpool(rfm.read_log, upload, log_columns(store), as_of=None, ids=False)
+        if table.frame.empty:
+            raise _no_customers(table.facts)
+        return rfm.clustering_frame(table.frame)
+
+    def batch_columns(self, served: ServedModel, names: Sequence[str]) -> tuple[dict[str, str], set[str]]:
+        from app.ml.frames import match_columns
+
+        schema = served.model.schema
+        found = match_columns(names, schema.names, required=schema.names)
+        return found, {found[f.name] for f in schema.features if f.numeric}
+
+    def check_columns(self, columns: Any) -> Any:
+        return None  # the model's score_frame names a missing column
+
+    def score_chunk(self, served: ServedModel, frame: pd.DataFrame) -> ChunkScores:
+        return score_declared_chunk(served, frame)

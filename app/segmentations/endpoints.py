@@ -1,7 +1,8 @@
-"""Named segmentations: create, list, edit, delete, and every segmentation route under /segmentations/{name}.
+"""The segmentation routes: create, list, edit, delete, and every route under /segmentations/{name}.
 
-The routes under `/segmentations/{name}/...` are the second door into what the seed's routes
-(`/train`, `/predict`, ...) do for `default`: both call app.services.segmentations.
+These handlers are the only implementation. The seed's paths (`/train`, `/predict`, `/clusters`, ...)
+serve the same handlers for `default` (app.segmentations.legacy): a handler finds its segmentation
+through the `SegmentationStore` dependency, which reads the name from the path.
 """
 
 from __future__ import annotations
@@ -10,32 +11,20 @@ from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
 from app.deps import AnalystUser, CurrentUser
-from app.drift_schema import DriftQuery, DriftReport
 from app.errors import InvalidInput
 from app.explain_schema import ExplainQuery
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.routes.jobs import STARTED, Wait
-from app.routes.ml import CsvFile, ExplainFlag, answer_batch, answer_training
+from app.routes.jobs import STARTED, Wait, accepted
+from app.routes.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
 from app.routes.responses import errors, file_errors
-from app.schema import (
-    BatchResult,
-    ClusterCharts,
-    ElbowChart,
-    ElbowRange,
-    ElbowResult,
-    HistoryPage,
-    HistoryQuery,
-    ModelVersionPublic,
-)
+from app.schema import BatchResult, ClusterCharts, ElbowChart, ElbowRange, ElbowResult, HistoryPage, HistoryQuery
 from app.segmentation_schema import (
-    ModelPage,
-    ModelPageQuery,
     NamedBatchUpload,
     NamedClusterSummary,
-    NamedModelVersionDetail,
     NamedPredictBody,
     NamedPredictionResult,
     NamedTrainResult,
@@ -45,24 +34,27 @@ from app.segmentation_schema import (
     SegmentationPublic,
     SegmentationUpdate,
 )
-from app.services import drift as drift_service
-from app.services import rfm as rfm_service
+from app.segmentations.as_of import as_of_value
+from app.segmentations.dependencies import NAMED, SegmentationStore
+from app.segmentations.kinds.registry import feature_schema, kind_of
 from app.services import segmentations
 from app.services.models import ModelStore
-from app.services.registry import feature_schema
 
+# A body without a Content-Type is read as JSON, as clients written against older FastAPI expect.
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
 
-Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
-Version = Annotated[str, Path(max_length=64)]
+ExplainFlag = Annotated[bool, Query(description="Add each row's `top_feature` and `margin` (also as CSV columns)")]
+NClusters = Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")]
+RandomState = Annotated[int, Query(ge=0, le=2**32 - 1)]
 AsOf = Annotated[
     date | None,
-    BeforeValidator(rfm_service.as_of_value),
+    BeforeValidator(as_of_value),
     Query(
         description="Kind rfm: the day RFM is computed as of, YYYY-MM-DD or YYYYMMDD (default the day after "
         "the log's last date); rows dated later are left out and counted",
     ),
 ]
+Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
 
 
 def _public(store: ModelStore) -> dict[str, Any]:
@@ -78,20 +70,19 @@ def _public(store: ModelStore) -> dict[str, Any]:
             for f in schema.features
         ],
         "id_column": schema.id_column,
-        "columns": info.feature_schema.get("columns") if info.kind == "rfm" else None,
+        "columns": None,
         "active_version": current.version if current is not None else None,
         "n_clusters": current.metadata.get("n_clusters") if current is not None else None,
         "created_at": info.created_at,
         "created_by": info.created_by,
-    }
+    } | kind_of(info).public(info)
 
 
 def _detail(store: ModelStore) -> SegmentationDetail:
     return SegmentationDetail(**_public(store), customer_schema=segmentations.customer_json_schema(store))
 
 
-async def _store(request: Request, name: str) -> ModelStore:
-    return await request.app.state.segmentations.get(name)
+# --- the segmentations themselves -------------------------------------------------------------
 
 
 @router.get(
@@ -132,9 +123,10 @@ async def create_segmentation(request: Request, analyst: AnalystUser, body: Segm
     summary="One segmentation, with the JSON schema of its customers",
     description="`customer_schema` is the JSON schema of the `customer` body its predict takes. Unknown: 404.",
     responses=errors(401, 403, 404),
+    openapi_extra=NAMED,
 )
-async def get_segmentation(request: Request, _: CurrentUser, name: Name) -> SegmentationDetail:
-    return _detail(await _store(request, name))
+async def get_segmentation(_: CurrentUser, store: SegmentationStore) -> SegmentationDetail:
+    return _detail(store)
 
 
 @router.patch(
@@ -161,41 +153,59 @@ async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> R
     return Response(status_code=204)
 
 
+# --- training ---------------------------------------------------------------------------------
+
+
 @router.post(
     "/{name}/train",
     summary="Train a new version of a segmentation (analyst)",
-    description="On the CSV sent as multipart `file` (kind customer: none means the default dataset). "
-    "Training uploads may be up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker. "
-    "`wait=false`: 202 at once with a training job (GET /jobs/{job_id}) that ends with this result or error.",
+    description="On the CSV sent as multipart `file` (kind customer: none means the default dataset, "
+    "`data/customers.csv`; `n_clusters` absent: k chosen by silhouette over 2..10). Training uploads may be "
+    "up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker. A bad file gets 422 naming "
+    "columns and rows and never changes the active version; a training past TRAIN_TIMEOUT_SECONDS is stopped "
+    "(422). `wait=false`: 202 at once with a training job (GET /jobs/{job_id}) that ends with this result or error.",
     response_model=NamedTrainResult,
     responses={
         **STARTED,
         **errors(401, 403, 404, 409, 413, 422),
         **file_errors("A CSV missing declared columns, or with bad rows"),
     },
-    form_limits={"max_files": 1, "max_fields": 20},
+    form_limits=FORM_LIMITS,
+    openapi_extra=NAMED,
 )
-async def train_segmentation(
+async def train(
     request: Request,
     analyst: AnalystUser,
-    name: Name,
-    n_clusters: Annotated[int | None, Query(ge=2, le=20, description="Segments; absent = chosen automatically")] = None,
-    random_state: Annotated[int, Query(ge=0, le=2**32 - 1)] = 42,
+    store: SegmentationStore,
+    n_clusters: NClusters = None,
+    random_state: RandomState = 42,
     as_of: AsOf = None,
     wait: Wait = True,
     file: CsvFile = None,
 ) -> Any:
-    return await answer_training(
-        request,
-        await _store(request, name),
-        file=file,
-        n_clusters=n_clusters,
-        random_state=random_state,
-        as_of=as_of,
-        wait=wait,
-        by=analyst.username,
-        result_model=NamedTrainResult,
+    if file is None and is_multipart(request):
+        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    state = request.app.state
+    upload = file.file if file is not None else None
+    if not wait:
+        job = await state.jobs.submit(
+            store,
+            upload=upload,
+            filename=file.filename if file is not None else None,
+            n_clusters=n_clusters,
+            random_state=random_state,
+            as_of=as_of,
+            by=analyst.username,
+            result_model=NamedTrainResult,
+        )
+        return accepted(job)
+    served = await segmentations.train(
+        state, store, upload=upload, n_clusters=n_clusters, random_state=random_state, by=analyst.username, as_of=as_of
     )
+    return NamedTrainResult(**segmentations.train_result(store, served))
+
+
+# --- scoring ----------------------------------------------------------------------------------
 
 
 @router.post(
@@ -204,15 +214,15 @@ async def train_segmentation(
     description="`customer` holds the segmentation's features (its `customer_schema`). An unseen category is "
     "accepted and named in `warnings`. Kept in the caller's history. `explain=true` adds `explanation`.",
     responses=errors(401, 403, 404, 409, 422),
+    openapi_extra=NAMED,
 )
 async def predict(
     request: Request,
     user: CurrentUser,
-    name: Name,
+    store: SegmentationStore,
     body: NamedPredictBody,
     options: Annotated[ExplainQuery, Query()],
 ) -> NamedPredictionResult:
-    store = await _store(request, name)
     answer = await segmentations.predict(
         request.app.state,
         user_id=user.id,
@@ -228,70 +238,104 @@ async def predict(
 async def predict_batch(
     request: Request,
     user: CurrentUser,
-    name: Name,
+    store: SegmentationStore,
     batch: Annotated[NamedBatchUpload, File()],
     explain: ExplainFlag = False,
     as_of: AsOf = None,
 ) -> Response:
-    store = await _store(request, name)
-    customers: list[Any] | None = batch.customers
-    if customers is not None and store.segmentation.kind == "customer":
-        customers = segmentations.validate_customers(store, customers, "customers")
-    return await answer_batch(request, user.id, store, batch.file, customers, as_of=as_of, explain=explain)
+    as_csv = wants_csv(request)
+    state = request.app.state
+    served, scored = await segmentations.score_batch(
+        state,
+        store,
+        upload=batch.file.file if batch.file is not None else None,
+        customers=batch.customers,
+        as_csv=as_csv,
+        as_of=as_of,
+        explain=explain,
+    )
+    await segmentations.record_batch(state, user_id=user.id, store=store, served=served, scored=scored)
+    if as_csv:
+        return StreamingResponse(
+            scored.csv_chunks(),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="predictions.csv"'},
+        )
+    # Serialised in one pass: a BatchResult object per row costs more than the scoring itself.
+    return StreamingResponse(scored.json_chunks(), media_type="application/json")
 
 
+BATCH_DESCRIPTION = (
+    "JSON `{customers: [...]}` (up to MAX_BATCH_ROWS, each as the segmentation's schema declares) or a multipart "
+    "CSV `file` (kind rfm: a transaction log). Results are in input order. With `Accept: text/csv` the answer is "
+    "a CSV of the input columns (the id column included) plus `cluster, cluster_name, confidence` and an `error` "
+    "column for rows that break a rule."
+)
 router.add_api_route(
     "/{name}/predict/batch",
     endpoint=predict_batch,
     methods=["POST"],
     summary="Score many customers with this segmentation",
-    description="As POST /predict/batch: JSON `{customers: [...]}` or a CSV `file`; a CSV back with "
-    "`Accept: text/csv` (input columns, the id column included, plus the results).",
+    description=BATCH_DESCRIPTION,
     route_class_override=JsonOrFormRoute,
     response_model=BatchResult,
     responses={
         **errors(401, 403, 404, 409, 413, 422),
         **file_errors("A CSV missing declared columns, or with unusable rows (ask for text/csv to get them marked)"),
-        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+        **CSV_ANSWER,
     },
-    form_limits={"max_files": 1, "max_fields": 20},
+    form_limits=FORM_LIMITS,
+    openapi_extra=NAMED,
 )
+
+
+# --- describing -------------------------------------------------------------------------------
 
 
 @router.get(
     "/{name}/clusters",
     summary="The segments of a segmentation's active version",
-    description="Size, share, name and description of every segment, `means` per feature in its own units (categorical: the share of each level); kind customer keeps its `avg_*` fields. 409 before training.",
+    description="Size, share, name and description of every segment, `means` per feature in its own units "
+    "(categorical: the share of each level), `segment_key` and `generated_name`; kind customer keeps its "
+    "`avg_*` fields. 409 before training.",
     response_model=NamedClusterSummary,
     responses=errors(401, 403, 404, 409),
+    openapi_extra=NAMED,
 )
-async def clusters(request: Request, _: CurrentUser, name: Name) -> Response:
-    store = await _store(request, name)
+async def clusters(_: CurrentUser, store: SegmentationStore) -> Response:
+    # Serialized once per version: the answer only changes with the version.
     return Response(segmentations.clusters_json(store, store.require()), media_type="application/json")
 
 
 @router.get(
     "/{name}/elbow",
     summary="Inertia and silhouette for a range of k",
-    description="Kind customer: of the default dataset. Other kinds: of the active version's training "
+    description="Kind customer: of the default dataset (works before any training; cached per dataset; a "
+    "dataset with unusable rows gets 422 listing them). Other kinds: of the active version's training "
     "sample (409 before the first training, or when it was trained with a fixed n_clusters).",
+    response_model=ElbowResult,
     responses={**errors(401, 403, 404, 409, 422), **file_errors("The default dataset has unusable rows")},
+    openapi_extra=NAMED,
 )
-async def elbow(request: Request, _: CurrentUser, name: Name, k: Annotated[ElbowRange, Query()]) -> ElbowResult:
+async def elbow(
+    request: Request, _: CurrentUser, store: SegmentationStore, k: Annotated[ElbowRange, Query()]
+) -> Response:
     if k.k_min > k.k_max:
         raise InvalidInput("k_min must not exceed k_max")
-    store = await _store(request, name)
-    return ElbowResult(**await segmentations.elbow(request.app.state, store, k.k_min, k.k_max))
+    body = await segmentations.elbow_json(request.app.state, store, k.k_min, k.k_max)
+    return Response(body, media_type="application/json")
 
 
 @router.get(
     "/{name}/charts/clusters",
     summary="Segment charts as PNG data URIs",
-    description="As GET /charts/clusters, for this segmentation's active version.",
+    description="A pie of segment shares, a bar chart of average features and a size chart, each a "
+    "`data:image/png;base64,...` URI ready for an `<img src>`. 409 while no version is trained.",
     responses=errors(401, 403, 404, 409),
+    openapi_extra=NAMED,
 )
-async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> ClusterCharts:
-    served = (await _store(request, name)).require()
+async def cluster_charts(_: CurrentUser, store: SegmentationStore) -> ClusterCharts:
+    served = store.require()
     return ClusterCharts(
         charts=await served.charts(),
         total_customers=served.metadata["total_customers"],
@@ -304,9 +348,10 @@ async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> Cluste
     summary="The elbow chart as a PNG data URI",
     description="The figures of GET .../elbow drawn as a `data:image/png;base64,...` URI.",
     responses=errors(401, 403, 404, 409),
+    openapi_extra=NAMED,
 )
-async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChart:
-    chart, optimal_k = await segmentations.elbow_chart(request.app.state, await _store(request, name))
+async def elbow_chart(request: Request, _: CurrentUser, store: SegmentationStore) -> ElbowChart:
+    chart, optimal_k = await segmentations.elbow_chart(request.app.state, store)
     return ElbowChart(chart=chart, optimal_k=optimal_k)
 
 
@@ -316,74 +361,10 @@ async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChar
     description="As GET /history, only this segmentation's rows (a deleted one of the same name keeps its own).",
     response_model=HistoryPage,
     responses=errors(401, 403, 404, 422),
+    openapi_extra=NAMED,
 )
-async def history(request: Request, user: CurrentUser, name: Name, query: Annotated[HistoryQuery, Query()]) -> Response:
-    body = await segmentations.history_page(request.app.state, user=user, query=query, segmentation=name)
+async def history(
+    request: Request, user: CurrentUser, store: SegmentationStore, query: Annotated[HistoryQuery, Query()]
+) -> Response:
+    body = await segmentations.history_page(request.app.state, user=user, query=query, store=store)
     return Response(body, media_type="application/json")
-
-
-@router.get(
-    "/{name}/models",
-    summary="A segmentation's versions, newest first (analyst)",
-    description="A page of versions (`skip`, `limit`) with `total` and the active version.",
-    responses=errors(401, 403, 404),
-)
-async def list_models(
-    request: Request, _: AnalystUser, name: Name, page: Annotated[ModelPageQuery, Query()]
-) -> ModelPage:
-    store = await _store(request, name)
-    versions, active, total = await store.page_versions(skip=page.skip, limit=page.limit)
-    return ModelPage(
-        models=[ModelVersionPublic(**v) for v in versions],
-        active_version=active,
-        total=total,
-        skip=page.skip,
-        limit=page.limit,
-    )
-
-
-@router.get(
-    "/{name}/models/{version}",
-    summary="One version (analyst)",
-    description="A version's segments, how k was chosen, its features and the missing shares of its training data.",
-    responses=errors(401, 403, 404, 422),
-)
-async def get_model(request: Request, _: AnalystUser, name: Name, version: Version) -> NamedModelVersionDetail:
-    store = await _store(request, name)
-    return NamedModelVersionDetail(**await store.get_version(version))
-
-
-@router.post(
-    "/{name}/models/{version}/activate",
-    summary="Make a version the active one (analyst)",
-    description="Rollback or roll forward; every worker switches within about a second.",
-    responses=errors(401, 403, 404, 409, 422),
-)
-async def activate_model(request: Request, _: AnalystUser, name: Name, version: Version) -> ModelVersionPublic:
-    store = await _store(request, name)
-    served = await store.activate(version)
-    return ModelVersionPublic(**(await store.get_version(served.version)))
-
-
-@router.delete(
-    "/{name}/models/{version}",
-    status_code=204,
-    summary="Delete a version that is not the active one (analyst)",
-    description="The active version cannot be deleted (409): activate another one first.",
-    responses=errors(401, 403, 404, 409, 422),
-)
-async def delete_model(request: Request, _: AnalystUser, name: Name, version: Version) -> Response:
-    await (await _store(request, name)).delete_version(version)
-    return Response(status_code=204)
-
-
-@router.get(
-    "/{name}/drift",
-    summary="Has the population moved since training? (analyst)",
-    description="As GET /drift, for this segmentation: PSI per feature and for the segment mix since `since`.",
-    responses=errors(401, 403, 404, 409, 422),
-)
-async def drift(request: Request, _: AnalystUser, name: Name, query: Annotated[DriftQuery, Query()]) -> DriftReport:
-    store = await _store(request, name)
-    state = request.app.state
-    return DriftReport(**await drift_service.report(state.drift, store, version=query.version, since=query.since))
