@@ -131,7 +131,7 @@ async def create_segmentation(request: Request, analyst: AnalystUser, body: Segm
     "/{name}",
     summary="One segmentation, with the JSON schema of its customers",
     description="`customer_schema` is the JSON schema of the `customer` body its predict takes. Unknown: 404.",
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
 )
 async def get_segmentation(request: Request, _: CurrentUser, name: Name) -> SegmentationDetail:
     return _detail(await _store(request, name))
@@ -154,7 +154,7 @@ async def edit_segmentation(
     status_code=204,
     summary="Delete a segmentation with all its versions (analyst)",
     description="Its history rows stay, tied to it. `default` cannot be deleted (409).",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> Response:
     await request.app.state.segmentations.delete(name)
@@ -263,7 +263,7 @@ router.add_api_route(
     summary="The segments of a segmentation's active version",
     description="Size, share, name and description of every segment, `means` per feature in its own units (categorical: the share of each level); kind customer keeps its `avg_*` fields. 409 before training.",
     response_model=NamedClusterSummary,
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def clusters(request: Request, _: CurrentUser, name: Name) -> Response:
     store = await _store(request, name)
@@ -288,7 +288,7 @@ async def elbow(request: Request, _: CurrentUser, name: Name, k: Annotated[Elbow
     "/{name}/charts/clusters",
     summary="Segment charts as PNG data URIs",
     description="As GET /charts/clusters, for this segmentation's active version.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> ClusterCharts:
     served = (await _store(request, name)).require()
@@ -303,7 +303,7 @@ async def cluster_charts(request: Request, _: CurrentUser, name: Name) -> Cluste
     "/{name}/charts/elbow",
     summary="The elbow chart as a PNG data URI",
     description="The figures of GET .../elbow drawn as a `data:image/png;base64,...` URI.",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def elbow_chart(request: Request, _: CurrentUser, name: Name) -> ElbowChart:
     chart, optimal_k = await segmentations.elbow_chart(request.app.state, await _store(request, name))
@@ -326,7 +326,7 @@ async def history(request: Request, user: CurrentUser, name: Name, query: Annota
     "/{name}/models",
     summary="A segmentation's versions, newest first (analyst)",
     description="A page of versions (`skip`, `limit`) with `total` and the active version.",
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
 )
 async def list_models(
     request: Request, _: AnalystUser, name: Name, page: Annotated[ModelPageQuery, Query()]
