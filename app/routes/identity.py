@@ -36,7 +36,8 @@ RENAME_DESCRIPTION = (
 COMPARE_DESCRIPTION = (
     "Scores one CSV `file` (kind customer without one: the default dataset) with both versions. "
     "`matrix[i][j]` counts customers in segment i of `from_version` and j of `to_version`; `unchanged` is "
-    "the share that kept its cluster_id. Unknown version: 404; a CSV with unusable rows: 422 naming them."
+    "the share that kept its cluster_id, `unchanged_segments` the share that kept its segment_key (the figure "
+    "that stays meaningful when k changes). Unknown version: 404; a CSV with unusable rows: 422 naming them."
 )
 
 
