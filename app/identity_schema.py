@@ -93,6 +93,7 @@ class VersionComparison(BaseModel):
                     ],
                     "matrix": [[580, 20], [10, 390]],
                     "unchanged": 0.97,
+                    "unchanged_segments": 0.97,
                 }
             ]
         }
@@ -107,6 +108,11 @@ class VersionComparison(BaseModel):
         description="matrix[i][j]: customers in segment i of from_version and j of to_version"
     )
     unchanged: float = Field(ge=0, le=1, description="The share of customers that kept their cluster_id")
+    unchanged_segments: float = Field(
+        ge=0,
+        le=1,
+        description="The share of customers that kept their segment_key: the figure that stays meaningful when k changes",
+    )
 
 
 class CompareQuery(BaseModel):

@@ -1,4 +1,4 @@
-"""Swagger UI in a real browser against a real server: offline assets, Authorize, Try it out.
+"""Swagger UI in a real browser against a real server: offline assets, Authorize, Try it out, errors.
 
 Runs Debian's Chromium (`apt-get install chromium`, done by `make install-dev` when root)
 through Playwright. Skipped only when no Chromium executable is installed.
@@ -6,6 +6,7 @@ through Playwright. Skipped only when no Chromium executable is installed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+
+from tests.conftest import CUSTOMER
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -178,6 +181,69 @@ async def test_swagger_ui_authorize_and_try_predict(server, tmp_path):
     assert not [e for e in console_errors if "Content Security Policy" in e], console_errors
     assert any(urlsplit(url).path == "/auth/login" for url in requested)
     assert any(urlsplit(url).path == "/predict" for url in requested)
+
+
+async def _authorize(page, server: str) -> None:
+    """Open Swagger UI and Authorize as the admin with the OAuth2 password form, as a person would."""
+    await page.goto(f"{server}/docs", wait_until="networkidle")
+    await page.wait_for_selector(".swagger-ui .info .title", timeout=60_000)
+    await page.click(".scheme-container button.authorize")
+    await page.fill("#oauth_username", "admin")
+    await page.fill("#oauth_password", "admin123")
+    await page.click(".auth-btn-wrapper button.authorize")
+    await page.wait_for_selector(".auth-container :text('Logout')", timeout=60_000)
+    await page.click(".auth-container button.btn-done")
+
+
+async def _try_out(page, operation_id: str, body: dict) -> tuple[str, str]:
+    """Try it out with `body` in place of the example, Execute: the status and response body shown."""
+    operation = page.locator(f"#{operation_id}")
+    await operation.locator(".opblock-summary").first.click()
+    await operation.locator("button.try-out__btn").click()
+    await operation.locator("textarea.body-param__text").fill(json.dumps(body))
+    await operation.locator("button.execute").click()
+    live = operation.locator(".live-responses-table .response")
+    await live.first.wait_for(timeout=60_000)
+    status = (await live.locator(".response-col_status").first.inner_text()).strip()
+    shown = await operation.locator(".live-responses-table .response-col_description pre").first.inner_text()
+    return status, shown
+
+
+async def test_swagger_ui_shows_a_broken_field_rule_as_one_sentence(server, tmp_path):
+    """A short password on the profile, an income over 10000 and a bad registration: the 422 shown
+    names each field in `detail` as text, and the rejected password is not sent back."""
+    async_api = pytest.importorskip("playwright.async_api")
+    password = "Qz7#kW"  # six characters, under the eight a password needs
+    probes = [
+        ("operations-users-update_me_users_me_put", {"password": password, "current_password": "admin123"}),
+        ("operations-segmentation-predict_predict_post", {**CUSTOMER, "annual_income": 20000}),
+        (
+            "operations-auth-register_auth_register_post",
+            {"email": "new@example.com", "username": "no spaces!", "password": password},
+        ),
+    ]
+    shown: list[tuple[str, dict]] = []
+    async with async_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 1600})
+            await _authorize(page, server)
+            for operation_id, body in probes:
+                status, text = await _try_out(page, operation_id, body)
+                assert "[object Object]" not in text and password not in text, text
+                shown.append((status, json.loads(text)))
+            await page.screenshot(path=str(tmp_path / "swagger-422.png"), full_page=True)
+        finally:
+            await browser.close()
+
+    assert [status for status, _ in shown] == ["422"] * 3, shown
+    assert shown[0][1]["detail"] == "password: String should have at least 8 characters"
+    assert shown[1][1]["detail"] == "annual_income: Input should be less than or equal to 10000"
+    registration = shown[2][1]["detail"].split("; ")
+    assert [part.split(":")[0] for part in registration] == ["username", "password"], registration
+    for _, answer in shown:
+        assert isinstance(answer["detail"], str)
+        assert all(set(error) == {"type", "loc", "msg"} for error in answer["errors"]), answer
 
 
 def test_redoc_renders_offline(server, tmp_path):

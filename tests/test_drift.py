@@ -200,7 +200,8 @@ async def test_drift_is_for_analysts_and_names_unknown_versions(
         missing = await client.get(path, params={"version": "no-such-version"}, headers=analyst_headers)
         assert missing.status_code == 404 and isinstance(missing.json()["detail"], str)
         bad = await client.get(path, params={"since": "yesterday"}, headers=analyst_headers)
-        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "since"]
+        assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "since"]
+        assert bad.json()["detail"].startswith("since: ")
     assert (await client.get("/segmentations/nope/drift", headers=analyst_headers)).status_code == 404
 
 

@@ -1,7 +1,8 @@
 """Error bodies as the contract fixes them, for every operation the OpenAPI document lists.
 
-`detail` is one string for every error, except FastAPI's list `[{type, loc, msg}]` for a declared
-field rule; problems in customer data add a top-level `errors` list of `{row, line, column, reason}`.
+`detail` is one string for every error. A declared field rule broken adds a top-level `errors`,
+FastAPI's list reduced to `[{type, loc, msg}]`; problems in customer data add `errors` as a list of
+`{row, line, column, reason}`.
 The probes are generated from `app.openapi()`, so a route added tomorrow is probed too.
 """
 
@@ -31,20 +32,25 @@ def assert_error_body(response: httpx.Response, operation: str) -> None:
     body = response.json()
     assert set(body) <= {"detail", "errors"}, where
     detail = body["detail"]
-    if isinstance(detail, list):
-        assert response.status_code == 422, where
-        assert detail, where
-        for error in detail:
-            assert isinstance(error["msg"], str) and isinstance(error["type"], str), where
-            assert isinstance(error["loc"], list) and error["loc"][0] in ("body", "query", "path"), where
-    else:
-        assert isinstance(detail, str) and detail.strip(), where
+    assert isinstance(detail, str) and detail.strip(), where
     if "errors" in body:
-        assert response.status_code == 422 and isinstance(detail, str), where
-        assert len(body["errors"]) <= 10, where
-        for problem in body["errors"]:
-            assert set(problem) == {"row", "line", "column", "reason"}, where
-            assert isinstance(problem["reason"], str), where
+        assert response.status_code == 422 and body["errors"], where
+        if set(body["errors"][0]) == {"type", "loc", "msg"}:  # broken field rules, each named in `detail`
+            for error in body["errors"]:
+                assert set(error) == {"type", "loc", "msg"}, where
+                assert isinstance(error["msg"], str) and isinstance(error["type"], str), where
+                assert isinstance(error["loc"], list) and error["loc"][0] in ("body", "query", "path"), where
+                assert _field(error["loc"]) in detail, where
+        else:  # problems in an uploaded file
+            assert len(body["errors"]) <= 10, where
+            for problem in body["errors"]:
+                assert set(problem) == {"row", "line", "column", "reason"}, where
+                assert isinstance(problem["reason"], str), where
+
+
+def _field(loc: list) -> str:
+    """How `detail` names the field at `loc`: the part after `body`/`query`/`path`, joined with dots."""
+    return ".".join(str(part) for part in loc[1:]) or loc[0]
 
 
 def _resolve(spec: dict, schema: dict) -> dict:
@@ -197,12 +203,103 @@ async def test_a_batch_over_max_batch_rows_is_one_string(client, trained_model, 
     assert response.json() == {"detail": "At most 2 customers per request (MAX_BATCH_ROWS)"}
 
 
-async def test_a_declared_field_rule_is_fastapis_list(client, user_headers):
+async def test_a_declared_field_rule_is_one_sentence_and_fastapis_list_in_errors(client, user_headers):
     response = await client.post("/profiles/", json={"name": "p", **CUSTOMER, "age": 17}, headers=user_headers)
     assert response.status_code == 422
-    assert [(e["type"], e["loc"]) for e in response.json()["detail"]] == [("greater_than_equal", ["body", "age"])]
+    assert response.json() == {
+        "detail": "age: Input should be greater than or equal to 18",
+        "errors": [
+            {"type": "greater_than_equal", "loc": ["body", "age"], "msg": "Input should be greater than or equal to 18"}
+        ],
+    }
     null = await client.put("/users/me", json={"username": None}, headers=user_headers)
-    assert null.status_code == 422 and null.json()["detail"][0]["loc"] == ["body", "username"]
+    assert null.status_code == 422 and null.json()["detail"].startswith("username: ")
+    assert [e["loc"] for e in null.json()["errors"]] == [["body", "username"]]
+
+
+async def test_every_broken_field_of_a_predict_body_is_named_in_one_sentence(client, user_headers):
+    customer = {key: value for key, value in CUSTOMER.items() if key != "age"} | {"annual_income": 20000}
+    response = await client.post("/predict", json=customer, headers=user_headers)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert sorted(body["detail"].split("; ")) == [
+        "age: Field required",
+        "annual_income: Input should be less than or equal to 10000",
+    ]
+    assert sorted((e["type"], e["loc"]) for e in body["errors"]) == [
+        ("less_than_equal", ["body", "annual_income"]),
+        ("missing", ["body", "age"]),
+    ]
+    assert_error_body(response, "POST /predict")
+
+
+async def test_a_bad_row_of_a_json_batch_is_named_by_its_index(client, trained_model, user_headers):
+    customers = [CUSTOMER] * 3 + [{**CUSTOMER, "age": 5}] + [CUSTOMER]
+    response = await client.post("/predict/batch", json={"customers": customers}, headers=user_headers)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"] == "customers.3.age: Input should be greater than or equal to 18"
+    assert [e["loc"] for e in body["errors"]] == [["body", "customers", 3, "age"]]
+    assert_error_body(response, "POST /predict/batch")
+
+
+async def test_a_bad_query_parameter_is_named_in_the_sentence(client, user_headers):
+    response = await client.get("/elbow", params={"k_max": 99}, headers=user_headers)
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "detail": "k_max: Input should be less than or equal to 15",
+        "errors": [
+            {"type": "less_than_equal", "loc": ["query", "k_max"], "msg": "Input should be less than or equal to 15"}
+        ],
+    }
+
+
+async def test_a_login_form_missing_a_field_names_it(client):
+    response = await client.post("/auth/login", data={"username": "someone"})
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "detail": "password: Field required",
+        "errors": [{"type": "missing", "loc": ["body", "password"], "msg": "Field required"}],
+    }
+
+
+@pytest.mark.parametrize("path", ["/predict", "/profiles/"])
+async def test_undecodable_json_is_one_sentence_naming_the_body(client, user_headers, path):
+    response = await client.post(
+        path, content=b'{"age": 30,', headers={**user_headers, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"].startswith("body: ") and "JSON" in body["detail"], body
+    assert [(e["type"], e["loc"][0]) for e in body["errors"]] == [("json_invalid", "body")]
+    assert_error_body(response, f"POST {path}")
+
+
+async def test_an_unreadable_body_is_one_sentence_naming_the_body(client, analyst_headers):
+    response = await client.post(
+        "/train", content=b"--x\r\n", headers={**analyst_headers, "Content-Type": "multipart/form-data"}
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"].startswith("body: "), body
+    assert [(e["type"], e["loc"]) for e in body["errors"]] == [("body_unreadable", ["body"])]
+    assert body["detail"] == f"body: {body['errors'][0]['msg']}"
+
+
+async def test_a_password_that_breaks_a_rule_is_never_echoed(client, user_headers):
+    secret = "Qz7#kW"  # six characters: under the eight a password needs
+    registration = {"email": "echo@example.com", "username": "echo", "password": secret}
+    answers = [
+        await client.put("/users/me", json={"password": secret, "current_password": "x"}, headers=user_headers),
+        await client.post("/auth/register", json=registration),
+        await client.post("/auth/register", json={**registration, "password": secret * 30}),
+    ]
+    for response in answers:
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith("password: "), response.text
+        assert [e["loc"] for e in response.json()["errors"]] == [["body", "password"]]
+        assert secret not in response.text
+        assert all("input" not in error and "ctx" not in error for error in response.json()["errors"])
 
 
 # --- every operation, probed generically ------------------------------------------------------
@@ -251,7 +348,10 @@ async def test_every_bad_query_value_and_body_is_422(client, operations, admin_h
                     client, admin_headers, known={"name": "default"}, params={parameter["name"]: "not-a-number"}
                 )
                 _check(problems, response, operation, expected=422)
-                if response.status_code == 422 and response.json()["detail"][0]["loc"] != ["query", parameter["name"]]:
+                if response.status_code == 422 and (
+                    response.json()["errors"][0]["loc"] != ["query", parameter["name"]]
+                    or not response.json()["detail"].startswith(f"{parameter['name']}: ")
+                ):
                     problems.append(f"{operation.name}: the 422 does not name query {parameter['name']}")
         if operation.takes_json and not operation.has_path_parameters:
             probed += 1
@@ -279,8 +379,11 @@ async def test_every_method_a_path_does_not_serve_is_405_naming_those_it_does(cl
 
 
 async def test_every_documented_error_response_has_a_string_detail(operations):
-    """The OpenAPI document says the same: every error model's `detail` is a string (or the 422 list)."""
+    """The OpenAPI document says the same: every error model's `detail` is a string, and every 422 is one
+    model whose `errors` items are a field error or a file problem (never FastAPI's HTTPValidationError)."""
     problems = []
+    spec = operations[0].spec
+    assert not {"HTTPValidationError", "ValidationError"} & set(spec["components"]["schemas"])
     for operation in operations:
         for code, response in operation.item.get("responses", {}).items():
             if not code.startswith(("4", "5")):
@@ -292,9 +395,16 @@ async def test_every_documented_error_response_has_a_string_detail(operations):
             detail = _resolve(operation.spec, _resolve(operation.spec, schema)["properties"]["detail"])
             variants = [_resolve(operation.spec, v) for v in detail.get("anyOf", [detail])]
             kinds = {v.get("type") for v in variants}
-            # A 422 may also be FastAPI's own list of field errors (its HTTPValidationError model).
-            if not kinds or not kinds <= ({"string", "array"} if code == "422" else {"string"}):
+            if kinds != {"string"}:
                 problems.append(f"{operation.name} {code}: detail is {kinds}")
+            if code == "422":
+                if schema != {"$ref": "#/components/schemas/InvalidRequestBody"}:
+                    problems.append(f"{operation.name} 422: {schema}")
+                    continue
+                items = _resolve(spec, schema)["properties"]["errors"]["items"]["anyOf"]
+                shapes = {frozenset(_resolve(spec, item)["properties"]) for item in items}
+                if shapes != {frozenset({"type", "loc", "msg"}), frozenset({"row", "line", "column", "reason"})}:
+                    problems.append(f"{operation.name} 422: errors items are {shapes}")
     assert not problems, "\n".join(problems)
 
 
@@ -377,7 +487,8 @@ async def test_fast_route_answers_as_fastapis_own_handler():
             plain = await client.post("/plain", json=body, headers=headers)
             assert fast.status_code == plain.status_code, body
             if fast.status_code == 422:  # the same fields named; a message may word a JSON type apart
-                assert [e["loc"] for e in fast.json()["detail"]] == [e["loc"] for e in plain.json()["detail"]], body
+                assert [e["loc"] for e in fast.json()["errors"]] == [e["loc"] for e in plain.json()["errors"]], body
+                assert isinstance(fast.json()["detail"], str) and isinstance(plain.json()["detail"], str), body
             else:
                 assert fast.json() == plain.json(), body
         for query in ("", "low=3", "low=0", "high=11&low=x", "high=4&other=1", "low=3&low=4"):

@@ -134,7 +134,8 @@ async def test_another_users_rows_never_appear_and_their_ids_are_not_cursors(cli
 async def test_a_malformed_before_id_is_a_422_naming_it(client, user_headers, before_id):
     response = await client.get(f"/history?before_id={before_id}", headers=user_headers)
     assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"] == ["query", "before_id"]
+    assert response.json()["errors"][0]["loc"] == ["query", "before_id"]
+    assert response.json()["detail"].startswith("before_id: ")
 
 
 async def test_rows_with_the_same_timestamp_are_each_walked_once(app, client, make_user):

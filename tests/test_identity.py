@@ -86,6 +86,8 @@ async def test_retrain_on_a_resample_keeps_the_ids(client, dataset, trained_mode
     assert body["n_customers"] == len(before)
     assert sum(map(sum, body["matrix"])) == body["n_customers"]
     assert body["unchanged"] == pytest.approx(kept, abs=1e-12)
+    # Every segment kept its key with its id: the two shares are one.
+    assert body["unchanged_segments"] == pytest.approx(kept, abs=1e-12)
     assert [s["size"] for s in body["from_segments"]] == np.bincount(before, minlength=5).tolist()
     assert [s["size"] for s in body["to_segments"]] == np.bincount(after, minlength=5).tolist()
 
@@ -133,6 +135,23 @@ async def test_one_segment_fewer_keeps_ids_below_k(client, dataset, trained_mode
     assert float(same_segment[among_matched].mean()) >= 0.80
     stayed = [p for p, now in moved.items() if p == now]
     assert float(np.mean(before[np.isin(before, stayed)] == after[np.isin(before, stayed)])) >= 0.80
+
+    compared = await compare(client, analyst_headers, trained_model["model_version"], result["model_version"], full)
+    assert compared.status_code == 200, compared.text
+    body = compared.json()
+    matrix = np.array(body["matrix"])
+    n = body["n_customers"]
+    assert matrix.shape == (5, 4) and n == len(before)
+    assert [s["segment_key"] for s in body["from_segments"]] == keys_before
+    assert [s["segment_key"] for s in body["to_segments"]] == keys_after
+    kept_key = sum(matrix[i, j] for i in range(5) for j in range(4) if keys_before[i] == keys_after[j])
+    assert body["unchanged_segments"] == pytest.approx(kept_key / n, abs=1e-12)
+    assert body["unchanged_segments"] == pytest.approx(float(same_segment.mean()), abs=1e-12)
+    assert body["unchanged"] == pytest.approx(float(np.mean(before == after)), abs=1e-12)
+    # Ids 0..3 keep their keys but the retired one, which old segment 4 took over: the shares differ by
+    # the customers of old 4 that followed it there, less those of the retired segment that stayed on its id.
+    difference = (matrix[4, retired] - matrix[retired, retired]) / n if retired != 4 else 0.0
+    assert body["unchanged_segments"] - body["unchanged"] == pytest.approx(difference, abs=1e-12)
 
 
 async def test_same_data_random_state_and_active_version_give_the_same_ids(
@@ -320,7 +339,7 @@ async def test_compare_on_the_default_dataset_and_its_errors(
     same = await compare(client, analyst_headers, version, version)
     assert same.status_code == 200, same.text
     body = same.json()
-    assert body["n_customers"] == 800 and body["unchanged"] == 1.0
+    assert body["n_customers"] == 800 and body["unchanged"] == 1.0 and body["unchanged_segments"] == 1.0
     assert np.array(body["matrix"]).trace() == 800
     assert [s["segment_key"] for s in body["from_segments"]] == [s["segment_key"] for s in body["to_segments"]]
 

@@ -212,7 +212,8 @@ async def test_what_can_be_checked_is_checked_before_the_202(client, dataset, an
     unknown = await client.post("/segmentations/nope/train", params={"wait": "false"}, headers=analyst_headers)
     assert unknown.status_code == 404
     bad_query = await client.post("/train", params={"wait": "false", "n_clusters": 1}, headers=analyst_headers)
-    assert bad_query.status_code == 422 and isinstance(bad_query.json()["detail"], list)
+    assert bad_query.status_code == 422 and bad_query.json()["detail"].startswith("n_clusters: ")
+    assert [e["loc"] for e in bad_query.json()["errors"]] == [["query", "n_clusters"]]
     as_of = await client.post(
         "/segmentations/default/train", params={"wait": "false", "as_of": "2024-01-01"}, headers=analyst_headers
     )

@@ -29,7 +29,9 @@ async def _chunks(data: bytes, size: int = 4096):
 
 
 def _names(response, field: str) -> bool:
-    return any(field in err["loc"] for err in response.json()["detail"])
+    """Whether a 422 names `field` in its sentence and in its list of broken field rules."""
+    body = response.json()
+    return f"{field}: " in body["detail"] and any(field in err["loc"] for err in body["errors"])
 
 
 # --- paging and ranges ----------------------------------------------------------------------

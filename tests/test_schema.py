@@ -33,7 +33,9 @@ BAD_VALUES = [
 
 
 def _names_field(response, field) -> bool:
-    return any(field in err["loc"] for err in response.json()["detail"])
+    """Whether a 422 names `field` in its sentence and in its list of broken field rules."""
+    body = response.json()
+    return f"{field}: " in body["detail"] and any(field in err["loc"] for err in body["errors"])
 
 
 @pytest.mark.parametrize("field,value", BAD_VALUES)
@@ -108,6 +110,7 @@ async def test_a_json_body_must_be_sent_as_json(client, trained_model, user_head
         assert refused.status_code == 422, content_type
         detail = refused.json()["detail"]
         if path == "/predict":
-            assert [error["loc"] for error in detail] == [["body"]]
+            assert [error["loc"] for error in refused.json()["errors"]] == [["body"]]
+            assert detail == "body: The body must be a JSON object sent as application/json"
         else:
             assert isinstance(detail, str) and "application/json" in detail

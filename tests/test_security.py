@@ -515,7 +515,8 @@ async def test_api3_no_response_ever_carries_a_password_hash_or_token_version(cl
 async def test_api4_page_sizes_and_k_ranges_are_capped(client, user_headers, path, params):
     response = await client.get(path, params=params, headers=user_headers)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"][-1] in params
+    name = response.json()["errors"][0]["loc"][-1]
+    assert name in params and response.json()["detail"].startswith(f"{name}: ")
 
 
 @pytest.mark.parametrize("settings_overrides", [{"max_json_body_mb": 0.01}], ids=["json-10kb"])

@@ -225,13 +225,15 @@ async def test_predict_with_a_custom_segmentation(client, crm, user_headers):
 
     missing = {k: v for k, v in CRM_CUSTOMER.items() if k != "visits"}
     refused = await client.post("/segmentations/crm/predict", json={"customer": missing}, headers=user_headers)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "customer", "visits"]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "customer", "visits"]
+    assert refused.json()["detail"] == "customer.visits: Field required"
     for bad in ({"visits": "many"}, {"tenure_months": 900}, {"basket": None}):
         refused = await client.post(
             "/segmentations/crm/predict", json={"customer": {**CRM_CUSTOMER, **bad}}, headers=user_headers
         )
         assert refused.status_code == 422, bad
-        assert refused.json()["detail"][0]["loc"][-1] == next(iter(bad))
+        assert refused.json()["errors"][0]["loc"][-1] == next(iter(bad))
+        assert refused.json()["detail"].startswith(f"customer.{next(iter(bad))}: ")
 
 
 async def test_batch_scoring_echoes_the_id_column(client, crm, user_headers):
@@ -267,7 +269,8 @@ async def test_batch_scoring_echoes_the_id_column(client, crm, user_headers):
         json={"customers": [CRM_CUSTOMER, {**CRM_CUSTOMER, "visits": "x"}]},
         headers=user_headers,
     )
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "customers", 1, "visits"]
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "customers", 1, "visits"]
+    assert bad.json()["detail"].startswith("customers.1.visits: ")
 
 
 async def test_versions_are_paged_rolled_back_and_deleted(client, crm, analyst_headers, user_headers):
@@ -349,7 +352,8 @@ async def test_default_answers_the_same_through_both_doors(client, trained_model
     bad = await client.post(
         "/segmentations/default/predict", json={"customer": {**CUSTOMER, "age": 12}}, headers=user_headers
     )
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "customer", "age"]
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "customer", "age"]
+    assert bad.json()["detail"] == "customer.age: Input should be greater than or equal to 18"
 
     seed_clusters = (await client.get("/clusters", headers=user_headers)).json()
     named_clusters = (await client.get("/segmentations/default/clusters", headers=user_headers)).json()

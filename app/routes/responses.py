@@ -16,55 +16,59 @@ class ErrorBody(BaseModel):
 
 
 class FieldError(BaseModel):
+    """A declared field rule broken: FastAPI's error without its `input`, `ctx` or `url`."""
+
     type: str
-    loc: list[str | int]
+    loc: list[str | int] = Field(description="Where the value was: `body`, `query` or `path`, then the field")
     msg: str
 
 
-class InvalidRequestBody(BaseModel):
-    """422: FastAPI's list for a declared field rule, one string for a rule across fields."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"detail": [{"type": "less_than_equal", "loc": ["body", "age"], "msg": "Input should be <= 100"}]},
-                {"detail": "k_min must not exceed k_max"},
-            ]
-        }
-    )
-
-    detail: list[FieldError] | str
-
-
 class FileProblem(BaseModel):
+    """A problem in an uploaded file (or the default dataset)."""
+
     row: int | None = Field(description="1-based data row (the header is not a row); null for the whole file")
     line: int | None = Field(description="The file's line (the header is line 1); null for the whole file")
     column: str | None
     reason: str
 
 
-class FileProblemBody(BaseModel):
-    """422 for data that cannot be used: `detail` one sentence, `errors` up to ten problems.
+class InvalidRequestBody(BaseModel):
+    """422: `detail` one sentence; `errors` the broken field rules, or the problems in an uploaded file.
 
-    A field rule of the request itself (a query value) is FastAPI's list in `detail`, without `errors`.
+    A rule across fields (`k_min` over `k_max`) has `detail` alone.
     """
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
+                    "detail": "annual_income: Input should be less than or equal to 10000; age: Field required",
+                    "errors": [
+                        {
+                            "type": "less_than_equal",
+                            "loc": ["body", "annual_income"],
+                            "msg": "Input should be less than or equal to 10000",
+                        },
+                        {"type": "missing", "loc": ["body", "age"], "msg": "Field required"},
+                    ],
+                },
+                {"detail": "k_min must not exceed k_max"},
+                {
                     "detail": "2 of 40 rows have invalid values (first: row 3 age: out of range 18..100: 7)",
                     "errors": [
                         {"row": 3, "line": 4, "column": "age", "reason": "out of range 18..100: 7"},
                         {"row": 9, "line": 10, "column": "spending_score", "reason": "empty value"},
                     ],
-                }
+                },
             ]
         }
     )
 
-    detail: list[FieldError] | str
-    errors: list[FileProblem] = []
+    detail: str
+    errors: list[FieldError | FileProblem] = Field(
+        default_factory=list,
+        description="`{type, loc, msg}` per broken field rule, or up to ten `{row, line, column, reason}` file problems",
+    )
 
 
 _DESCRIPTIONS = {
@@ -74,13 +78,14 @@ _DESCRIPTIONS = {
     405: "Method not allowed at this path; see Allow",
     409: "Conflict with the current state",
     413: "Request body too large",
-    422: "A field rule broken (`detail` lists the fields) or a rule across fields (`detail` says which)",
+    422: "A field rule broken (`detail` names each field, `errors` lists them) or a rule across fields",
     429: "Too many requests; see Retry-After",
     503: "Temporarily unavailable; see Retry-After",
 }
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses of a route; every 422 is InvalidRequestBody, every other error ErrorBody."""
     return {
         code: {"model": InvalidRequestBody if code == 422 else ErrorBody, "description": _DESCRIPTIONS[code]}
         for code in codes
@@ -88,5 +93,5 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def file_errors(description: str) -> dict[int | str, dict[str, Any]]:
-    """The 422 of a route that reads customer data from a file: the file-problem body."""
-    return {422: {"model": FileProblemBody, "description": f"{description}; or a field rule broken"}}
+    """The 422 of a route that reads customer data from a file: the same body, `errors` then file problems."""
+    return {422: {"model": InvalidRequestBody, "description": f"{description}; or a field rule broken"}}

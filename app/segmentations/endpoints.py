@@ -146,7 +146,7 @@ async def edit_segmentation(
     status_code=204,
     summary="Delete a segmentation with all its versions (analyst)",
     description="Its history rows stay, tied to it. `default` cannot be deleted (409).",
-    responses=errors(401, 403, 404, 409),
+    responses=errors(401, 403, 404, 409, 422),
 )
 async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> Response:
     await request.app.state.segmentations.delete(name)

@@ -149,6 +149,9 @@ class Comparison:
         n = len(self.from_labels)
         cells = np.bincount(self.from_labels * k_to + self.to_labels, minlength=k_from * k_to)
         matrix = cells.reshape(k_from, k_to)
+        from_keys, to_keys = _keys(self.from_model), _keys(self.to_model)
+        # The cells where both versions put the customer in the same segment, whatever its id in each.
+        kept_key = sum(int(matrix[i, j]) for i in range(k_from) for j in range(k_to) if from_keys[i] == to_keys[j])
         return {
             "from_version": self.from_model.version,
             "to_version": self.to_model.version,
@@ -157,7 +160,13 @@ class Comparison:
             "to_segments": _segments(self.to_model, matrix.sum(axis=0), n),
             "matrix": matrix.tolist(),
             "unchanged": float(np.count_nonzero(self.from_labels == self.to_labels) / n) if n else 0.0,
+            "unchanged_segments": kept_key / n if n else 0.0,
         }
+
+
+def _keys(model: SegmentationModel) -> dict[int, str]:
+    """Each cluster id's `segment_key` in `model`."""
+    return {segment["cluster_id"]: segment_key_of(segment, model.version) for segment in model.segments}
 
 
 def _segments(model: SegmentationModel, sizes: np.ndarray, n: int) -> list[dict[str, Any]]:

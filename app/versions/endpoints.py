@@ -35,7 +35,7 @@ VersionQuery = Annotated[str, Query(min_length=1, max_length=64)]
     summary="A segmentation's versions, newest first (analyst)",
     description="A page of versions (`skip`, `limit`) with `total` and the active version; `active` marks the "
     "one being served.",
-    responses=errors(401, 403, 404),
+    responses=errors(401, 403, 404, 422),
     openapi_extra=NAMED,
 )
 async def list_models(_: AnalystUser, store: SegmentationStore, page: Annotated[ModelPageQuery, Query()]) -> ModelPage:
@@ -131,7 +131,8 @@ async def rename_segment(
 COMPARE_DESCRIPTION = (
     "Scores one CSV `file` (kind customer without one: the default dataset; kind rfm: a transaction log) with "
     "both versions. `matrix[i][j]` counts customers in segment i of `from_version` and j of `to_version`; "
-    "`unchanged` is the share that kept its cluster_id. Unknown version: 404; a CSV with unusable rows: 422 "
+    "`unchanged` is the share that kept its cluster_id, `unchanged_segments` the share that kept its segment_key "
+    "(the figure that stays meaningful when k changes). Unknown version: 404; a CSV with unusable rows: 422 "
     "naming them."
 )
 
