@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _with_store(name: str, action):
-    from app.services.models import ModelStore
     from app.services.registry import SegmentationRegistry
+    from app.versions.store import ModelStore
 
     settings = get_settings()
     database = Database(settings.database_url)

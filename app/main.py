@@ -31,11 +31,11 @@ from app.segmentations import legacy as seed_routes
 from app.services.auth import AuthCache
 from app.services.drift import DriftCounter, refresh_gauges
 from app.services.jobs import JobRunner
-from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
 from app.services.segmentation import ElbowCache
 from app.storage import open_history_repository
 from app.versions import endpoints as version_routes
+from app.versions.store import ModelStore
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")

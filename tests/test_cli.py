@@ -208,8 +208,8 @@ def create_segmentation(tmp_path: Path, cli_env: dict[str, str], **declared) -> 
 
     from app.database import Database
     from app.migrations import upgrade_database
-    from app.services.models import ModelStore
     from app.services.registry import SegmentationRegistry
+    from app.versions.store import ModelStore
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path, cli_env["DATABASE_URL"])

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import select
 
 from app.database import Role, TrainingJob, utcnow
-from app.services import models as model_service
 from app.services.jobs import CANCELLED, WORKER_STOPPED
 from app.services.lease import HOST_ID
+from app.versions import training as model_service
 from tests.test_lifecycle import _training_children, eventually, running
 from tests.test_segmentations import as_csv, create, crm_table
 

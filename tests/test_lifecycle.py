@@ -25,7 +25,8 @@ from app.main import create_app
 from app.model import SegmentationModel
 from app.preprocess import load_training_matrix
 from app.services import segmentation
-from app.services.models import HOST_ID, TRAINING_KEY, ModelStore
+from app.services.lease import HOST_ID
+from app.versions.store import TRAINING_KEY, ModelStore
 from generate_dataset import generate
 from tests.conftest import CUSTOMER
 

@@ -433,7 +433,7 @@ async def test_one_training_at_a_time_per_segmentation(app, client, crm, dataset
     from sqlalchemy import update
 
     from app.database import ServiceState, utcnow
-    from app.services.models import HOST_ID
+    from app.services.lease import HOST_ID
 
     store = await app.state.segmentations.get("crm")
     held = f"{HOST_ID}:{os.getppid()}:live"

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from app.database import DEFAULT_SEGMENTATION
-from app.services.models import ModelStore
+from app.versions.store import ModelStore
 
 
 async def segmentation_store(request: Request) -> ModelStore:

@@ -38,7 +38,7 @@ from app.segmentations.as_of import as_of_value
 from app.segmentations.dependencies import NAMED, SegmentationStore
 from app.segmentations.kinds.registry import feature_schema, kind_of
 from app.services import segmentations
-from app.services.models import ModelStore
+from app.versions.store import ModelStore
 
 # A body without a Content-Type is read as JSON, as clients written against older FastAPI expect.
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)

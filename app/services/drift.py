@@ -34,7 +34,7 @@ from app.services.served import ServedModel
 
 if TYPE_CHECKING:
     from app.observability import Metrics
-    from app.services.models import ModelStore
+    from app.versions.store import ModelStore
 
 logger = logging.getLogger("app.drift")
 

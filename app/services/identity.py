@@ -24,7 +24,7 @@ from app.ml.scoring import CentroidScorer
 from app.model import SegmentationModel
 from app.segmentations.kinds.registry import kind_of
 from app.services.lease import rows_updated
-from app.services.models import ModelStore, ServedModel
+from app.versions.store import ModelStore, ServedModel
 
 RENAME_ATTEMPTS = 5
 """A rename that loses a race with another one (either worker) reads the version again this often."""
@@ -74,7 +74,7 @@ async def rename_segment(
     for _ in range(RENAME_ATTEMPTS):
         active, marker = await store.active_state()
         if active is None:  # no version, so no segment of that id
-            raise AppError(store.no_model_message, status_code=404)
+            raise AppError(store.serving.no_model_message, status_code=404)
         async with store.database.sessionmaker() as session:
             row = (
                 await session.execute(

@@ -36,7 +36,7 @@ from app.errors import AppError, Conflict, NotFound
 from app.services import progress
 from app.services import segmentations as segmentation_service
 from app.services.lease import HOST_ID, rows_updated
-from app.services.models import ModelStore, TrainingReservation
+from app.versions.store import ModelStore, TrainingReservation
 
 if TYPE_CHECKING:
     from app.observability import Metrics

@@ -30,7 +30,7 @@ from app.database import (
 )
 from app.errors import Conflict, NotFound
 from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
-from app.services.models import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
+from app.versions.store import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 
 if TYPE_CHECKING:
     from app.observability import Metrics

@@ -40,8 +40,8 @@ from app.preprocess import (
     score_frame,
 )
 from app.schema import ClusterSummary, ElbowResult, SegmentStats
-from app.services.models import ServedModel, data_uri
 from app.services.observed import BatchObserver, ExplainColumns
+from app.services.served import ServedModel, data_uri
 
 # How long the dataset file is taken as unchanged before it is looked at again.
 DATASET_CHECK_SECONDS = 1.0

@@ -28,9 +28,10 @@ from app.segmentations.kinds.registry import kind_of
 from app.services import predictions as prediction_service
 from app.services import segmentation
 from app.services.auth import Caller
-from app.services.models import ModelStore, ServedModel, data_uri
 from app.services.observed import BatchObserver
+from app.services.served import ServedModel, data_uri
 from app.storage.history import segmentation_page
+from app.versions.store import ModelStore
 
 
 def customer_adapter(store: ModelStore) -> TypeAdapter[Any]:

@@ -12,8 +12,8 @@ from app.schema import AdminStats
 from app.services import drift as drift_service
 from app.services import users as user_service
 from app.services.drift import DriftCounter
-from app.services.models import ModelStore
 from app.services.registry import SegmentationRegistry
+from app.versions.store import ModelStore
 
 
 async def predictions_by_cluster(*, session: AsyncSession) -> tuple[dict[str, int], int]:

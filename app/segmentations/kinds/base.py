@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 
     from app.config import Settings
     from app.ml.schema import FeatureSchema
-    from app.services.models import ModelStore, SegmentationInfo, ServedModel
     from app.services.observed import BatchObserver
     from app.services.segmentation import ChunkScores, ScoredBatch
+    from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 
 @dataclass

@@ -17,9 +17,9 @@ from app.ml.schema import FeatureSchema, SchemaError
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.records import declared_customer_adapter
 from app.services import segmentation
-from app.services.models import ModelStore, SegmentationInfo, ServedModel
 from app.services.observed import BatchObserver
 from app.services.segmentation import ScoredBatch
+from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 
 class CustomKind:

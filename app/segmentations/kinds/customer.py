@@ -20,9 +20,9 @@ from app.preprocess import FEATURES, resolve_columns
 from app.schema import CustomerFeatures
 from app.segmentations.kinds.base import Assigned
 from app.services import segmentation
-from app.services.models import ModelStore, SegmentationInfo, ServedModel
 from app.services.observed import BatchObserver
 from app.services.segmentation import ScoredBatch
+from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 _CUSTOMER_ADAPTER: TypeAdapter[Any] = TypeAdapter(CustomerFeatures)
 

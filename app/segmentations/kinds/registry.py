@@ -15,7 +15,7 @@ from app.segmentations.kinds.rfm import RfmKind
 
 if TYPE_CHECKING:
     from app.ml.schema import FeatureSchema
-    from app.services.models import SegmentationInfo
+    from app.versions.store import SegmentationInfo
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (CustomerKind(), CustomKind(), RfmKind())}
 DEFAULT_KIND = DEFAULT_SEGMENTATION_KIND

@@ -26,9 +26,9 @@ from app.preprocess import DataValidationError
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
 from app.segmentations.kinds.records import declared_customer_adapter
-from app.services.models import ModelStore, SegmentationInfo, ServedModel
 from app.services.observed import BatchObserver
 from app.services.segmentation import SPOOL_BYTES, ChunkScores, ScoredBatch, inert_column
+from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 RFM_KIND = "rfm"
 ANSWER_COLUMNS = (*rfm.TABLE_COLUMNS, *rfm.SCORE_COLUMNS)
