@@ -13,11 +13,11 @@ import argparse
 import asyncio
 import sys
 
-from app import auth
-from app.config import get_settings
-from app.database import Database, Role
-from app.errors import Conflict
-from app.services import users as user_service
+from app.core import security as auth
+from app.core.config import get_settings
+from app.core.database import Database, Role
+from app.core.errors import Conflict
+from app.users import service as user_service
 
 DEFAULT_ADMIN = ("admin", "admin123", "admin@example.com")
 DEFAULT_USER = ("testuser", "test123", "testuser@example.com")
@@ -119,7 +119,7 @@ async def main(argv: list[str] | None = None) -> int:
             return 2
     database = Database(settings.database_url)
     try:
-        from app.migrations import upgrade_database
+        from app.core.migrations import upgrade_database
 
         await upgrade_database(database)
         for username, password, email, full_name, role in accounts:

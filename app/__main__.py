@@ -17,11 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from app import scoring_cli
-from app.config import get_settings
-from app.database import Database
-from app.errors import AppError
-from app.migrations import upgrade_database
-from app.observability import configure_logging
+from app.core.config import get_settings
+from app.core.database import Database
+from app.core.errors import AppError
+from app.core.migrations import upgrade_database
+from app.core.observability import configure_logging
 from app.preprocess import DataValidationError, load_training_matrix
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _with_store(name: str, action):
-    from app.services.registry import SegmentationRegistry
+    from app.segmentations.registry import SegmentationRegistry
     from app.versions.store import ModelStore
 
     settings = get_settings()
@@ -185,7 +185,7 @@ async def _train(args, store, settings) -> int:
     info = store.segmentation
     kind = kind_of(info)
     if args.engine == "spark" and not kind.takes_as_of:  # a file or a Parquet dataset's directory, read by Spark
-        from app.spark.cli import train_with_spark
+        from app.engines.spark.cli import train_with_spark
 
         return await train_with_spark(args, store, source)
     if args.engine == "spark":
@@ -232,7 +232,7 @@ async def _train(args, store, settings) -> int:
 
 
 def _out_of_core(source: Path) -> bool:
-    from app.services.segmentation import out_of_core_upload
+    from app.segmentations.scoring import out_of_core_upload
 
     with source.open("rb") as fh:
         return out_of_core_upload(fh)
@@ -318,7 +318,7 @@ async def _train_rfm(args, store, source: Path) -> int:
         as_of = as_of_date(args.as_of)
         columns = rfm_service.log_columns(store)
         if spark:  # the log summed per customer where Spark reads it; the table trains here
-            from app.spark.cli import read_log_with_spark
+            from app.engines.spark.cli import read_log_with_spark
 
             table = await read_log_with_spark(args.master, source, columns, as_of=as_of)
         else:
@@ -357,7 +357,7 @@ async def _predict(args, store, _settings) -> int:
     served = store.require()
     kind = kind_of(store.segmentation)
     if not kind.default_dataset or args.customer is not None:
-        from app.services.segmentations import customer_adapter
+        from app.segmentations.service import customer_adapter
 
         if args.customer is None:
             print("error: give the customer with --customer JSON", file=sys.stderr)

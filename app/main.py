@@ -16,25 +16,29 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from app.config import Settings, get_settings
-from app.database import Database
-from app.docs import install_docs
-from app.errors import AppError
-from app.middleware import ServiceMiddleware, document_body_limit, hardening_headers
-from app.migrations import upgrade_database
-from app.observability import configure_logging, install_observability
-from app.routes import admin, auth, jobs, profiles, users
+from app.admin import endpoints as admin
+from app.auth import endpoints as auth
+from app.auth.service import AuthCache
+from app.core.config import Settings, get_settings
+from app.core.database import Database
+from app.core.docs import install_docs
+from app.core.errors import AppError
+from app.core.middleware import ServiceMiddleware, document_body_limit, hardening_headers
+from app.core.migrations import upgrade_database
+from app.core.observability import configure_logging, install_observability
+from app.history.storage import open_history_repository
+from app.jobs import endpoints as jobs
+from app.jobs.service import JobRunner
+from app.profiles import endpoints as profiles
 from app.routes.bodies import install_json_alternatives
 from app.schema import Health
 from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
-from app.services.auth import AuthCache
-from app.services.drift import DriftCounter, refresh_gauges
-from app.services.jobs import JobRunner
-from app.services.registry import SegmentationRegistry
-from app.services.segmentation import ElbowCache
-from app.storage import open_history_repository
+from app.segmentations.registry import SegmentationRegistry
+from app.segmentations.scoring import ElbowCache
+from app.users import endpoints as users
 from app.versions import endpoints as version_routes
+from app.versions.drift import DriftCounter, refresh_gauges
 from app.versions.store import ModelStore
 
 API_VERSION = "1.0.0"

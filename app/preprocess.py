@@ -26,7 +26,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from app.errors import AppError
+from app.core.errors import AppError
 
 FEATURES: tuple[str, ...] = ("age", "annual_income", "spending_score", "purchase_frequency")
 """Clustering features, in the column order of every feature matrix."""

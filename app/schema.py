@@ -9,9 +9,9 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from app.explain_schema import Explanation, ExplanationField
-from app.identity_schema import SegmentMatch
 from app.preprocess import FEATURE_RANGES, SEX_VALUES
+from app.segmentations.explain_schemas import Explanation, ExplanationField
+from app.versions.identity_schemas import SegmentMatch
 
 MAX_BATCH_ROWS = 10_000
 

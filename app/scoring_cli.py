@@ -1,6 +1,6 @@
 """`python -m app score`: a Parquet or CSV file scored into another, out of core, by one stored version.
 
-With `--engine spark` the scoring runs in Spark instead (app.spark, imported only then).
+With `--engine spark` the scoring runs in Spark instead (app.engines.spark, imported only then).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def engine_options(command: argparse.ArgumentParser) -> None:
 
 async def served_version(store, version: str | None):
     """The active version, or a stored one by its id (loaded from the database)."""
-    from app.services.served import ServedModel
+    from app.versions.served import ServedModel
 
     if version is None:
         return store.require()
@@ -61,7 +61,7 @@ async def served_version(store, version: str | None):
 
 
 async def score(args, store, _settings) -> int:
-    from app import batch_scoring
+    from app.segmentations import batch_files as batch_scoring
 
     source, target = args.input, args.output
     try:
@@ -79,7 +79,7 @@ async def score(args, store, _settings) -> int:
         return 2
     served = await served_version(store, args.version)
     if args.engine == "spark":
-        from app.spark.cli import score_with_spark
+        from app.engines.spark.cli import score_with_spark
 
         return await score_with_spark(args, store, served)
     options: dict[str, Any] = {}

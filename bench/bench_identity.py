@@ -14,7 +14,7 @@ so every figure goes through the HTTP API as a client sees it:
    customers whose old segment was matched. Targets: >= 95% (same k), >= 80% (k +- 1).
 2. A --rows CSV is compared between two versions with POST /models/compare: seconds for
    the whole request (the multipart upload parsed and spooled included), and seconds of the
-   comparison once the file is uploaded (app.services.identity.compare on the spooled file:
+   comparison once the file is uploaded (app.versions.identity.compare on the spooled file:
    CSV parsing, scoring with both versions, the matrix). Target: < 2 s after upload.
 """
 
@@ -37,12 +37,12 @@ from fastapi import UploadFile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import auth  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.database import Role  # noqa: E402
+from app.core import security as auth  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.database import Role  # noqa: E402
 from app.main import create_app  # noqa: E402
-from app.services import identity  # noqa: E402
-from app.services import users as user_service  # noqa: E402
+from app.users import service as user_service  # noqa: E402
+from app.versions import identity  # noqa: E402
 from generate_dataset import generate  # noqa: E402
 
 TARGET_SAME_K = 0.95

@@ -55,15 +55,15 @@ async def run(args) -> int:
     import httpx
     from asgi_lifespan import LifespanManager
 
-    from app import auth
-    from app import spark as engine
-    from app.config import Settings
-    from app.database import Role
+    from app.core import security as auth
+    from app.core.config import Settings
+    from app.core.database import Role
+    from app.engines import spark as engine
+    from app.engines.spark import scoring, training
     from app.main import create_app
     from app.model import SegmentationModel
     from app.preprocess import FEATURES, resolve_columns
-    from app.services import users as user_service
-    from app.spark import scoring, training
+    from app.users import service as user_service
     from generate_dataset import generate
 
     work = Path(tempfile.mkdtemp(prefix="bench-spark-"))

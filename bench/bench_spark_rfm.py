@@ -7,7 +7,7 @@
 generate_transactions.py writes the log (CSV, as bench_rfm.py does). Then, in one run:
 
 1. baseline: app.ml.rfm.read_log (what `python -m app train` does before it fits): seconds;
-2. Spark: app.spark.rfm.aggregate and training_table (what `train --engine spark` does before it
+2. Spark: app.engines.spark.rfm.aggregate and training_table (what `train --engine spark` does before it
    fits): seconds, and the customers whose RFM row differs from the baseline's (target 0);
 3. a model fitted in process on the baseline's table scores the log in Spark (`score --engine
    spark`, a Parquet dataset) and in this process (the per-customer table of `/predict/batch`):
@@ -40,12 +40,12 @@ def main() -> int:
     parser.add_argument("--master", default="local[2]")
     args = parser.parse_args()
 
-    from app import spark as engine
+    from app.engines import spark as engine
+    from app.engines.spark import rfm as spark_rfm
     from app.ml import rfm
     from app.model import SegmentationModel
     from app.segmentations.kinds import rfm as rfm_service
-    from app.services.served import ServedModel
-    from app.spark import rfm as spark_rfm
+    from app.versions.served import ServedModel
 
     with tempfile.TemporaryDirectory(prefix="bench-spark-rfm-") as tmp:
         log = Path(tmp) / "orders.csv"

@@ -32,11 +32,11 @@ async def measure(args) -> dict[str, list[float]]:
     import httpx
     from asgi_lifespan import LifespanManager
 
-    from app import auth
-    from app.config import Settings
-    from app.database import Role
+    from app.core import security as auth
+    from app.core.config import Settings
+    from app.core.database import Role
     from app.main import create_app
-    from app.services import users as user_service
+    from app.users import service as user_service
     from generate_dataset import generate
 
     home = Path(tempfile.mkdtemp(prefix="logcost-"))

@@ -419,7 +419,7 @@ def service_env(workdir: Path, database_url: str | None) -> dict[str, str]:
 
 def log_settings(env: dict[str, str]) -> str:
     """How the service logs, as the settings it reads from `env` decide."""
-    from app.config import Settings
+    from app.core.config import Settings
 
     fields = Settings.model_fields
     level = env.get("LOG_LEVEL", fields["log_level"].default)
@@ -467,7 +467,7 @@ def seed_history(url: str, username: str, rows: int) -> None:
     from sqlalchemy import select, text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from app.database import PREDICTION_HISTORY, User
+    from app.core.database import PREDICTION_HISTORY, User
 
     start = datetime.now(UTC) - timedelta(days=365)
 
@@ -510,7 +510,7 @@ def seed_history(url: str, username: str, rows: int) -> None:
 def reset_postgres(url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from app.database import Base
+    from app.core.database import Base
 
     async def drop() -> None:
         engine = create_async_engine(url)

@@ -17,11 +17,11 @@ from sqlalchemy import URL, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import auth
-from app.config import Settings
-from app.database import Database, Role
+from app.core import security as auth
+from app.core.config import Settings
+from app.core.database import Database, Role
 from app.main import create_app
-from app.services import users as user_service
+from app.users import service as user_service
 
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-000"
 PASSWORD = "correct-horse-42"

@@ -1,4 +1,4 @@
-"""The request log writer (app.observability.AccessLog): lines queued by requests, written by a thread.
+"""The request log writer (app.core.observability.AccessLog): lines queued by requests, written by a thread.
 
 What an operator relies on: a stream that stops taking writes never holds up a request, lines
 that cannot be kept are counted and reported, and a worker that is stopped cleanly (SIGTERM,
@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.observability import AccessLog, access_log
+from app.core.observability import AccessLog, access_log
 from tests.conftest import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.database import Role
+from app.core.database import Role
 from tests.conftest import CUSTOMER, PASSWORD
 
 

@@ -9,7 +9,7 @@ import io
 import pandas as pd
 import pytest
 
-from app.database import Role
+from app.core.database import Role
 from tests.conftest import CUSTOMER
 
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from app.database import Base, Role
-from app.services.auth import AuthCache, Caller
-from app.services.segmentation import ElbowCache
+from app.auth.service import AuthCache, Caller
+from app.core.database import Base, Role
+from app.segmentations.scoring import ElbowCache
 
 
 async def test_the_auth_cache_keeps_plain_callers_within_its_bound_and_every_token_still_works(app, client, make_user):

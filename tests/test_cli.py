@@ -206,9 +206,9 @@ def create_segmentation(tmp_path: Path, cli_env: dict[str, str], **declared) -> 
     """Create a segmentation in the CLI's database, as the service would."""
     import asyncio
 
-    from app.database import Database
-    from app.migrations import upgrade_database
-    from app.services.registry import SegmentationRegistry
+    from app.core.database import Database
+    from app.core.migrations import upgrade_database
+    from app.segmentations.registry import SegmentationRegistry
     from app.versions.store import ModelStore
     from tests.conftest import make_settings
 

@@ -18,8 +18,8 @@ import httpx
 import joblib
 import pytest
 
-from app.config import Settings
-from app.database import Database, Role
+from app.core.config import Settings
+from app.core.database import Database, Role
 from app.model import KMEANS_FILE, METADATA_FILE, SCALER_FILE, SegmentationModel
 from tests.conftest import CUSTOMER
 
@@ -249,7 +249,7 @@ async def test_an_unreachable_database_gives_503(client, app, make_user, setting
 
 
 async def test_an_unexpected_error_is_a_bare_500_without_internals(app, user_headers, monkeypatch):
-    from app.services import profiles as profile_service
+    from app.profiles import service as profile_service
 
     async def explode(**_):
         raise RuntimeError("boom in /work/main/app/services/profiles.py with secret=hunter2")
@@ -336,7 +336,7 @@ async def test_pooled_connections_the_server_closed_while_idle_are_replaced(
     """A PostgreSQL restart or idle timeout closes pooled connections: the next requests still succeed."""
     import asyncpg
 
-    from app.database import PING_IDLE_SECONDS
+    from app.core.database import PING_IDLE_SECONDS
 
     _, headers = await make_user(Role.user)
     assert (await client.post("/predict", json=CUSTOMER, headers=headers)).status_code == 200

@@ -22,11 +22,11 @@ import schemathesis
 from hypothesis import HealthCheck
 from schemathesis.checks import positive_data_acceptance
 
-from app import auth
-from app.config import Settings
-from app.database import Base, Database, Role, User
+from app.core import security as auth
+from app.core.config import Settings
+from app.core.database import Base, Database, Role, User
+from app.core.migrations import upgrade_database
 from app.main import create_app
-from app.migrations import upgrade_database
 from tests.conftest import make_settings, postgres_url
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.database import PREDICTION_HISTORY, Role
-from app.services.predictions import history_row
+from app.core.database import PREDICTION_HISTORY, Role
+from app.history.predictions import history_row
 from tests.conftest import CUSTOMER
 
 pytestmark = pytest.mark.postgres
@@ -215,7 +215,7 @@ async def test_pages_asked_at_once_each_get_their_own_answer_and_one_bad_cursor_
 
 
 async def test_a_page_cancelled_while_its_batch_runs_leaves_the_others_answered():
-    from app.storage.sqlite_history import BatchedThread
+    from app.history.storage.sqlite_history import BatchedThread
 
     thread = BatchedThread("test-reader")
     started, release = threading.Event(), threading.Event()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, select
 
-from app.database import PredictionHistory, Role
+from app.core.database import PredictionHistory, Role
+from app.history.service import page_json
+from app.history.storage import EngineHistoryRepository
 from app.schema import HistoryItem, HistoryPage
-from app.services.history import page_json
-from app.storage import EngineHistoryRepository
 from tests.conftest import CUSTOMER
 
 pytestmark = pytest.mark.postgres

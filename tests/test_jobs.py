@@ -17,10 +17,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.database import Role, TrainingJob, utcnow
-from app.services.jobs import CANCELLED, WORKER_STOPPED
-from app.services.lease import HOST_ID
+from app.core.database import Role, TrainingJob, utcnow
+from app.jobs.service import CANCELLED, WORKER_STOPPED
 from app.versions import training as model_service
+from app.versions.lease import HOST_ID
 from tests.test_lifecycle import _training_children, eventually, running
 from tests.test_segmentations import as_csv, create, crm_table
 
@@ -160,7 +160,7 @@ async def test_a_job_with_an_upload_through_the_segmentation_door(client, analys
 
 async def test_progress_tells_the_share_of_the_upload_read(client, dataset, analyst_headers, monkeypatch):
     """While the reader is held halfway through the upload, the job shows phase reading and that share."""
-    from app.services import segmentation as segmentation_module
+    from app.segmentations import scoring as segmentation_module
 
     upload = dataset.read_bytes()
     halfway, release = threading.Event(), threading.Event()

@@ -20,12 +20,12 @@ import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import update
 
-from app.database import Database, ModelVersion, ServiceState, utcnow
+from app.core.database import Database, ModelVersion, ServiceState, utcnow
 from app.main import create_app
 from app.model import SegmentationModel
 from app.preprocess import load_training_matrix
-from app.services import segmentation
-from app.services.lease import HOST_ID
+from app.segmentations import scoring as segmentation
+from app.versions.lease import HOST_ID
 from app.versions.store import TRAINING_KEY, ModelStore
 from generate_dataset import generate
 from tests.conftest import CUSTOMER

@@ -15,8 +15,8 @@ import pytest
 from fastapi import Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.config import Settings
-from app.observability import JsonFormatter, access_log, configure_logging, redact, sane_request_id
+from app.core.config import Settings
+from app.core.observability import JsonFormatter, access_log, configure_logging, redact, sane_request_id
 from tests.conftest import CUSTOMER
 
 NEW_PASSWORD = "another-horse-77"
@@ -248,7 +248,7 @@ def test_configure_logging_installs_one_handler(tmp_path):
     configure_logging(settings)
     configure_logging(settings)
     root = logging.getLogger()
-    ours = [h for h in root.handlers if h.get_name() == "app.observability"]
+    ours = [h for h in root.handlers if h.get_name() == "app.core.observability"]
     assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
     assert logging.getLogger("app").level == logging.WARNING
     with pytest.raises(ValueError):

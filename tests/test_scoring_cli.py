@@ -302,7 +302,7 @@ async def test_bad_paths_and_formats_exit_2_saying_why(settings, tmp_path, datas
 
 
 def test_the_service_and_the_command_line_never_import_pyspark():
-    probe = "import sys, app.main, app.__main__, app.batch_scoring; print('pyspark' in sys.modules)"
+    probe = "import sys, app.main, app.__main__, app.segmentations.batch_files; print('pyspark' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

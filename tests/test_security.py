@@ -22,9 +22,9 @@ from asgi_lifespan import LifespanManager
 from jose import jwt
 from sqlalchemy import select
 
-from app.auth import _hashing_pool
-from app.config import Settings
-from app.database import LoginFailure, Role
+from app.core.config import Settings
+from app.core.database import LoginFailure, Role
+from app.core.security import _hashing_pool
 from app.main import create_app
 from tests.conftest import CUSTOMER, PASSWORD, TEST_SECRET, login_headers
 

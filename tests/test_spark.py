@@ -32,7 +32,7 @@ ROWS = 20_000
 
 @pytest.fixture(scope="module")
 def spark():
-    from app import spark as engine
+    from app.engines import spark as engine
 
     session = engine.session("local[2]", "segmentation-tests")
     session.sparkContext.setLogLevel("ERROR")
@@ -64,7 +64,7 @@ def in_process_inertia(frame: pd.DataFrame, k: int, random_state: int = 42) -> f
 async def test_a_spark_trained_version_is_served_like_any_other(
     app, client, spark, customers, analyst_headers, user_headers
 ):
-    from app.spark import scoring, training
+    from app.engines.spark import scoring, training
 
     frame, folder = customers
     store = await app.state.segmentations.get("default")
@@ -136,7 +136,7 @@ async def test_a_spark_trained_version_is_served_like_any_other(
 async def test_spark_scoring_marks_bad_rows_as_predict_batch_does(
     app, client, spark, customers, user_headers, tmp_path
 ):
-    from app.spark import scoring, training
+    from app.engines.spark import scoring, training
 
     _, folder = customers
     store = await app.state.segmentations.get("default")
@@ -163,7 +163,7 @@ async def test_spark_scoring_marks_bad_rows_as_predict_batch_does(
 async def test_custom_kind_trains_in_spark_with_its_declared_schema(
     app, client, spark, tmp_path, analyst_headers, user_headers
 ):
-    from app.spark import training
+    from app.engines.spark import training
 
     payload = {"name": "crm", "kind": "custom", "features": CRM_FEATURES, "id_column": "customer_id"}
     assert (await client.post("/segmentations", json=payload, headers=analyst_headers)).status_code == 201

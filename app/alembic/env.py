@@ -1,6 +1,6 @@
 """Alembic environment: runs the migrations on a connection the app hands over, or on DATABASE_URL.
 
-`app.migrations.upgrade_database` passes a (sync facade of an async) connection in
+`app.core.migrations.upgrade_database` passes a (sync facade of an async) connection in
 `config.attributes["connection"]`, already inside a transaction and holding the migration
 lock. The `alembic` command line has none, so it opens the app's async engine itself.
 """
@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.database import Base
+from app.core.database import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -40,7 +40,7 @@ def _database_url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     return get_settings().database_url
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import op
 import sqlalchemy as sa
-import app.database
+import app.core.database
 ${imports if imports else ""}
 
 revision = ${repr(up_revision)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from app.errors import InvalidInput
+from app.core.errors import InvalidInput
 from app.ml import rfm
 
 

@@ -14,15 +14,19 @@ from fastapi import APIRouter, File, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
-from app.deps import AnalystUser, CurrentUser
-from app.errors import InvalidInput
-from app.explain_schema import ExplainQuery
+from app.core.deps import AnalystUser, CurrentUser
+from app.core.errors import InvalidInput
+from app.core.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
+from app.core.responses import errors, file_errors
+from app.jobs.endpoints import STARTED, Wait, accepted
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.routes.jobs import STARTED, Wait, accepted
-from app.routes.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
-from app.routes.responses import errors, file_errors
 from app.schema import BatchResult, ClusterCharts, ElbowChart, ElbowRange, ElbowResult, HistoryPage, HistoryQuery
-from app.segmentation_schema import (
+from app.segmentations import service as segmentations
+from app.segmentations.as_of import as_of_value
+from app.segmentations.dependencies import NAMED, SegmentationStore
+from app.segmentations.explain_schemas import ExplainQuery
+from app.segmentations.kinds.registry import feature_schema, kind_of
+from app.segmentations.schemas import (
     NamedBatchUpload,
     NamedClusterSummary,
     NamedPredictBody,
@@ -34,10 +38,6 @@ from app.segmentation_schema import (
     SegmentationPublic,
     SegmentationUpdate,
 )
-from app.segmentations.as_of import as_of_value
-from app.segmentations.dependencies import NAMED, SegmentationStore
-from app.segmentations.kinds.registry import feature_schema, kind_of
-from app.services import segmentations
 from app.versions.store import ModelStore
 
 # A body without a Content-Type is read as JSON, as clients written against older FastAPI expect.

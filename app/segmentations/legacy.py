@@ -13,12 +13,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import StringConvertor, register_url_convertor
 
-from app.deps import AnalystUser, CurrentUser
-from app.explain_schema import ExplainQuery
+from app.core.deps import AnalystUser, CurrentUser
+from app.core.params import CSV_ANSWER, FORM_LIMITS
+from app.core.responses import errors, file_errors
+from app.jobs.endpoints import STARTED
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.routes.jobs import STARTED
-from app.routes.params import CSV_ANSWER, FORM_LIMITS
-from app.routes.responses import errors, file_errors
 from app.schema import (
     BatchResult,
     ClusterSummary,
@@ -30,10 +29,11 @@ from app.schema import (
     ModelVersionPublic,
     PredictionResult,
 )
-from app.segmentation_schema import NamedTrainResult
 from app.segmentations import endpoints
+from app.segmentations import service as segmentations
 from app.segmentations.dependencies import SegmentationStore
-from app.services import segmentations
+from app.segmentations.explain_schemas import ExplainQuery
+from app.segmentations.schemas import NamedTrainResult
 from app.versions import endpoints as versions
 
 router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)

@@ -10,18 +10,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from app.deps import AnalystUser
-from app.drift_schema import DriftQuery, DriftReport
-from app.errors import InvalidInput
-from app.identity_schema import SegmentRename, VersionComparison
+from app.core.deps import AnalystUser
+from app.core.errors import InvalidInput
+from app.core.params import FORM_LIMITS, CsvFile, is_multipart
+from app.core.responses import errors, file_errors
 from app.routes.bodies import FastRoute
-from app.routes.params import FORM_LIMITS, CsvFile, is_multipart
-from app.routes.responses import errors, file_errors
 from app.schema import ModelVersionPublic
-from app.segmentation_schema import ModelPage, ModelPageQuery, NamedModelVersionDetail, NamedSegmentStats
 from app.segmentations.dependencies import NAMED, SegmentationStore
-from app.services import drift as drift_service
-from app.services import identity
+from app.segmentations.schemas import ModelPage, ModelPageQuery, NamedModelVersionDetail, NamedSegmentStats
+from app.versions import drift as drift_service
+from app.versions import identity
+from app.versions.drift_schemas import DriftQuery, DriftReport
+from app.versions.identity_schemas import SegmentRename, VersionComparison
 
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
 

@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from starlette.concurrency import run_in_threadpool
 
-from app.database import Database, ModelVersion, Segmentation, ServiceState, utcnow
-from app.errors import Conflict, NotFound
+from app.core.database import Database, ModelVersion, Segmentation, ServiceState, utcnow
+from app.core.errors import Conflict, NotFound
 from app.ml.matching import identity_fields
 from app.model import SegmentationModel
-from app.services.lease import rows_updated
+from app.versions.lease import rows_updated
 
 logger = logging.getLogger("app.models")
 

@@ -3,7 +3,7 @@
 A request that took `serving.current` once sees one version from start to end. The database is the
 truth; each process converges on its active version at start, after its own train or activate, and
 from a background task that checks once per `model_sync_seconds`. For `default`, `models/` holds a
-local copy of the active version (app.services.local_copy).
+local copy of the active version (app.versions.local_copy).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from app.config import Settings
-from app.errors import Conflict, NotFound
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound
 from app.ml.matching import renamed_since
 from app.model import ModelLoadError, SegmentationModel
-from app.services.local_copy import load_local_copy, save_local_copy
-from app.services.served import ServedModel
+from app.versions.local_copy import load_local_copy, save_local_copy
 from app.versions.repository import VersionRepository
+from app.versions.served import ServedModel
 
 logger = logging.getLogger("app.models")
 

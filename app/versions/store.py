@@ -2,7 +2,7 @@
 
 It puts together the version registry (SQL, app.versions.repository), the served version
 (app.versions.serving) and the training coordinator (app.versions.training), and says which
-segmentation they are of. Every worker keeps one store per live segmentation (app.services.registry).
+segmentation they are of. Every worker keeps one store per live segmentation (app.segmentations.registry).
 """
 
 from __future__ import annotations
@@ -15,24 +15,24 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter
 
-from app.config import Settings
-from app.database import (
+from app.core.config import Settings
+from app.core.database import (
     DEFAULT_SEGMENTATION,
     DEFAULT_SEGMENTATION_ID,
     DEFAULT_SEGMENTATION_KIND,
     Database,
     Segmentation,
 )
-from app.errors import Conflict
+from app.core.errors import Conflict
 from app.model import ModelLoadError, SegmentationModel
-from app.services.lease import TrainingLease
-from app.services.served import ServedModel
+from app.versions.lease import TrainingLease
 from app.versions.repository import ACTIVE_KEY, NAMES_KEY, VersionRepository
+from app.versions.served import ServedModel
 from app.versions.serving import ServingCache
 from app.versions.training import TRAINING_KEY, TrainingCoordinator, TrainingReservation
 
 if TYPE_CHECKING:
-    from app.observability import Metrics
+    from app.core.observability import Metrics
 
 logger = logging.getLogger("app.models")
 

@@ -1,7 +1,7 @@
 """The training coordinator of one segmentation: one training at a time, across every worker.
 
 A training takes the segmentation's turn (an in-process lock and the database lease of
-app.services.lease), fits in a child process (app.services.training), matches the new centroids to
+app.versions.lease), fits in a child process (app.versions.fitting), matches the new centroids to
 the active version's (app.ml.matching), records the version and its activation in one transaction
 and switches the served version. Nothing is written until the fit has succeeded, so a failed,
 timed-out or killed training leaves the previous version active.
@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import Conflict, NotFound
+from app.core.errors import Conflict, NotFound
+from app.jobs import progress
 from app.ml.matching import identify
 from app.model import ModelLoadError, SegmentationModel
-from app.services import progress
-from app.services.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
-from app.services.served import ServedModel
-from app.services.training import TrainingTimeout, fit_in_subprocess
+from app.versions.fitting import TrainingTimeout, fit_in_subprocess
+from app.versions.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
 from app.versions.repository import VersionRepository
+from app.versions.served import ServedModel
 from app.versions.serving import ServingCache
 
 if TYPE_CHECKING:
-    from app.config import Settings
-    from app.observability import Metrics
+    from app.core.config import Settings
+    from app.core.observability import Metrics
 
 logger = logging.getLogger("app.models")
 
@@ -105,7 +105,7 @@ class TrainingCoordinator:
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[TrainingReservation]:
-        """The reservation of the job running this training (app.services.progress), else one of its own."""
+        """The reservation of the job running this training (app.jobs.progress), else one of its own."""
         reserved = progress.reservation()
         if isinstance(reserved, TrainingReservation) and reserved.key == self.lease.key:
             yield reserved
@@ -127,7 +127,7 @@ class TrainingCoordinator:
         created_by: str | None,
         schema: dict[str, Any] | None = None,
     ) -> ServedModel:
-        """Fit a new version, record it, make it active here and everywhere. A job (app.services.progress)
+        """Fit a new version, record it, make it active here and everywhere. A job (app.jobs.progress)
         brings its own reservation and is told the phase."""
         async with self._turn():
             started = time.perf_counter()

@@ -18,10 +18,10 @@ from pydantic import TypeAdapter
 if TYPE_CHECKING:
     import pandas as pd
 
-    from app.config import Settings
+    from app.core.config import Settings
     from app.ml.schema import FeatureSchema
-    from app.services.observed import BatchObserver
-    from app.services.segmentation import ChunkScores, ScoredBatch
+    from app.segmentations.scoring import ChunkScores, ScoredBatch
+    from app.versions.observed import BatchObserver
     from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 

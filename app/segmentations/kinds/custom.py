@@ -11,14 +11,14 @@ import pandas as pd
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from app.config import Settings
-from app.errors import InvalidInput
+from app.core.config import Settings
+from app.core.errors import InvalidInput
 from app.ml.schema import FeatureSchema, SchemaError
+from app.segmentations import scoring as segmentation
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.records import declared_customer_adapter
-from app.services import segmentation
-from app.services.observed import BatchObserver
-from app.services.segmentation import ScoredBatch
+from app.segmentations.scoring import ScoredBatch
+from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 

@@ -18,16 +18,16 @@ import pyarrow.csv as pacsv
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from app.config import Settings
-from app.errors import InvalidInput
+from app.core.config import Settings
+from app.core.errors import InvalidInput
 from app.ml import rfm
 from app.ml.schema import FeatureSchema, SchemaError
 from app.preprocess import DataValidationError
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
 from app.segmentations.kinds.records import declared_customer_adapter
-from app.services.observed import BatchObserver
-from app.services.segmentation import SPOOL_BYTES, ChunkScores, ScoredBatch, inert_column
+from app.segmentations.scoring import SPOOL_BYTES, ChunkScores, ScoredBatch, inert_column
+from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
 RFM_KIND = "rfm"

@@ -1,0 +1,1 @@
+"""The admin views: users with their activity, and the service's statistics."""

@@ -1,0 +1,1 @@
+"""Logging in and out: tokens, login throttling, the caller of a request."""

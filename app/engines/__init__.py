@@ -1,0 +1,1 @@
+"""Optional engines behind the same interfaces as the in-process one."""

@@ -1,0 +1,1 @@
+"""Prediction history: the rows every answered prediction writes, and their pages."""

@@ -1,0 +1,1 @@
+"""Training jobs: trainings started with wait=false, followed and cancelled from any worker."""

@@ -1,0 +1,533 @@
+"""Training as a job: `POST .../train?wait=false` answers 202 at once and the training runs on in the worker.
+
+What can be checked is checked before the 202 (the segmentation, the query values, the upload,
+the training turn: a segmentation trains one at a time, 409 as with `wait=true`); the upload is
+copied to a file the job owns (JOB_DIR), removed when the job ends. The job then trains exactly as
+the synchronous call does (app.segmentations.service.train) and keeps the outcome in its row of
+`training_jobs`: the train result, or the error body the synchronous call would have answered.
+
+The worker running a job writes a heartbeat every JOB_HEARTBEAT_SECONDS, and at each one reads
+whether a DELETE (received by any worker) asked for a cancel. A job whose worker is gone (no
+heartbeat for JOB_STALE_SECONDS, or its process on this host no longer exists) is marked failed
+when it is next looked at and when any worker starts; a worker that stops fails its own jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from sqlalchemy import delete, func, select, update
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
+
+from app.core.config import Settings
+from app.core.database import Database, TrainingJob, utcnow
+from app.core.errors import AppError, Conflict, NotFound
+from app.jobs import progress
+from app.segmentations import service as segmentation_service
+from app.versions.lease import HOST_ID, rows_updated
+from app.versions.store import ModelStore, TrainingReservation
+
+if TYPE_CHECKING:
+    from app.core.observability import Metrics
+
+logger = logging.getLogger("app.jobs")
+
+LIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+WORKER_STOPPED = "The worker running it stopped before it finished; the active version is unchanged"
+CANCELLED = "Cancelled; the active version is unchanged"
+UPLOAD_SUFFIX = ".upload"
+# How long a DELETE waits for the worker running the job to stop it, in heartbeats (plus a margin).
+CANCEL_WAIT_HEARTBEATS = 3
+CANCEL_WAIT_MARGIN_SECONDS = 5.0
+
+
+def new_worker_id() -> str:
+    """A job runner as jobs name their worker: the lease's host identity, the process id and a token of
+    its own (two apps in one process, as tests run them, are two workers)."""
+    return f"{HOST_ID}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _worker_gone(worker: str | None) -> bool:
+    """True when `worker` was a process on this host that no longer exists."""
+    parts = (worker or "").rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != HOST_ID or not parts[1].isdigit():
+        return False
+    pid = parts[1]
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _stamp(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def job_body(row: TrainingJob) -> dict[str, Any]:
+    """A job as GET /jobs/{id} shows it."""
+    return {
+        "job_id": row.id,
+        "state": row.state,
+        "segmentation": row.segmentation,
+        "created_at": row.created_at,
+        "created_by": row.created_by,
+        "started_at": row.started_at,
+        "finished_at": row.finished_at,
+        "progress": {"phase": row.phase, "fraction": row.fraction, "phases": list(row.phases or [])},
+        "parameters": dict(row.parameters or {}),
+        "cancel_requested": bool(row.cancel_requested),
+        "result": row.result,
+        "error": row.error,
+        "error_status": row.error_status,
+        "worker": row.worker,
+        "heartbeat_at": row.heartbeat_at,
+    }
+
+
+@dataclass
+class RunningJob:
+    """A job this worker runs: what the training reports to it (app.jobs.progress) and how to stop it."""
+
+    id: str
+    store: ModelStore
+    reservation: TrainingReservation
+    upload: Path | None
+    size: int | None
+    phase_name: str = "queued"
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    reading: IO[bytes] | None = None
+    task: asyncio.Task | None = None
+    stop_reason: str | None = None  # "cancelled", "stopped" (this worker stops), "lost" (the row was settled)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def phase(self, name: str) -> None:
+        self.phase_name = name
+        self.phases.append({"phase": name, "at": _stamp(utcnow())})
+        self.changed.set()
+
+    def fraction(self) -> float | None:
+        """The share of the upload read so far, while reading it (the file's offset, read without a lock)."""
+        if self.phase_name != "reading" or self.reading is None or not self.size:
+            return None
+        try:
+            offset = os.lseek(self.reading.fileno(), 0, os.SEEK_CUR)
+        except (OSError, ValueError):
+            return None
+        return round(min(offset / self.size, 1.0), 4)
+
+    def stop(self, reason: str) -> bool:
+        """Stop the training, unless it is recording its version (then it finishes: nothing half-done)."""
+        if self.task is None or self.task.done() or self.stop_reason is not None:
+            return False
+        if reason == "cancelled" and self.phase_name == "recording":
+            return False
+        self.stop_reason = reason
+        self.task.cancel()
+        return True
+
+
+class JobRunner:
+    """The training jobs of this worker, and every worker's jobs as the `training_jobs` table has them."""
+
+    def __init__(self, *, state: State, settings: Settings, database: Database, metrics: Metrics | None = None):
+        self.state = state
+        self.settings = settings
+        self.database = database
+        self.metrics = metrics
+        self.worker = new_worker_id()
+        self._running: dict[str, RunningJob] = {}
+
+    @property
+    def directory(self) -> Path:
+        return self.settings.job_directory
+
+    def _upload_path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}{UPLOAD_SUFFIX}"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fail every job whose worker is gone (a restart finds its own jobs of before so)."""
+        async with self.database.sessionmaker() as session:
+            rows = (await session.execute(select(TrainingJob).where(TrainingJob.state.in_(LIVE)))).scalars().all()
+        settled = 0
+        for row in rows:
+            if self._is_stale(row) and await self._settle(row):
+                settled += 1
+        if settled:
+            logger.warning("marked %d training jobs failed: the worker running them stopped", settled)
+
+    async def stop(self) -> None:
+        """This worker stops: its jobs end as failed (their trainings are stopped, nothing recorded)."""
+        jobs = list(self._running.values())
+        for job in jobs:
+            job.stop("stopped")
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- starting --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        store: ModelStore,
+        *,
+        upload: IO[bytes] | None,
+        filename: str | None,
+        n_clusters: int | None,
+        random_state: int,
+        as_of: date | None,
+        by: str,
+        result_model: type[BaseModel],
+    ) -> dict[str, Any]:
+        """Check the request, take the segmentation's training turn, keep the upload; the job then runs on."""
+        segmentation_service.check_training_request(self.state, store, has_file=upload is not None, as_of=as_of)
+        reservation = await store.reserve_training()
+        job_id = secrets.token_hex(8)
+        now = utcnow()
+        info = store.segmentation
+        job = RunningJob(id=job_id, store=store, reservation=reservation, upload=None, size=None)
+        job.phase("receiving")
+        self._running[job_id] = job  # from now on, this worker's live job (never taken as stale)
+        row = TrainingJob(
+            id=job_id,
+            segmentation_id=info.id,
+            segmentation=info.name,
+            state="queued",
+            phase=job.phase_name,
+            fraction=None,
+            phases=list(job.phases),
+            parameters={
+                "n_clusters": n_clusters,
+                "random_state": random_state,
+                "as_of": as_of.isoformat() if as_of is not None else None,
+                "file": filename if upload is not None else None,
+                "bytes": None,
+            },
+            cancel_requested=False,
+            created_by=by,
+            created_at=now,
+            worker=self.worker,
+            heartbeat_at=now,
+        )
+        try:
+            async with self.database.sessionmaker() as session:
+                session.add(row)
+                await session.commit()
+            if upload is not None:
+                job.upload = self._upload_path(job_id)
+                job.size = await run_in_threadpool(_keep_upload, upload, job.upload)
+            job.phase("queued")
+            async with self.database.sessionmaker() as session:
+                await session.execute(
+                    update(TrainingJob)
+                    .where(TrainingJob.id == job_id)
+                    .values(
+                        phase=job.phase_name,
+                        phases=list(job.phases),
+                        parameters={**row.parameters, "bytes": job.size},
+                    )
+                )
+                await session.commit()
+                stored = await session.get(TrainingJob, job_id, populate_existing=True)
+        except BaseException:
+            self._running.pop(job_id, None)
+            await store.release_training(reservation)
+            _remove(job.upload)
+            async with self.database.sessionmaker() as session:
+                await session.execute(delete(TrainingJob).where(TrainingJob.id == job_id))
+                await session.commit()
+            raise
+        assert stored is not None
+        parameters = {"n_clusters": n_clusters, "random_state": random_state, "as_of": as_of, "by": by}
+        job.task = asyncio.create_task(self._run(job, parameters, result_model), name=f"training-job-{job_id}")
+        logger.info("training job %s of %s started by %s", job_id, info.name, by)
+        return job_body(stored)
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def _run(self, job: RunningJob, parameters: dict[str, Any], result_model: type[BaseModel]) -> None:
+        token = progress.current_job.set(job)
+        watcher = asyncio.create_task(self._watch(job))
+        outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None, int | None]
+        try:
+            await self._started(job)
+            if job.upload is not None:
+                job.reading = job.upload.open("rb")
+            try:
+                served = await segmentation_service.train(
+                    self.state,
+                    job.store,
+                    upload=job.reading,
+                    n_clusters=parameters["n_clusters"],
+                    random_state=parameters["random_state"],
+                    by=parameters["by"],
+                    as_of=parameters["as_of"],
+                )
+            finally:
+                if job.reading is not None:
+                    job.reading.close()
+            result = result_model(**segmentation_service.train_result(job.store, served)).model_dump(mode="json")
+            outcome = ("succeeded", result, None, None)
+        except asyncio.CancelledError:
+            if job.stop_reason == "cancelled":
+                outcome = ("cancelled", None, {"detail": CANCELLED}, None)
+            else:
+                outcome = ("failed", None, {"detail": WORKER_STOPPED}, None)
+        except AppError as exc:
+            outcome = ("failed", None, exc.body(), exc.status_code)
+        except Exception:
+            logger.exception("training job %s failed", job.id)
+            outcome = ("failed", None, {"detail": "Internal server error"}, 500)
+        finally:
+            watcher.cancel()
+            progress.current_job.reset(token)
+        try:
+            await job.store.release_training(job.reservation)
+        finally:
+            _remove(job.upload)
+            try:
+                await self._finish(job, *outcome)
+            except Exception:  # the row stays live and is failed as its worker's (this one's) job it no longer runs
+                logger.exception("could not record the end of training job %s", job.id)
+            # Only now: a live row of this worker's that it no longer runs counts as stale.
+            self._running.pop(job.id, None)
+            if self.metrics is not None:
+                self.metrics.training_job_finished(outcome[0], job.store.segmentation.name)
+            logger.info("training job %s of %s %s", job.id, job.store.segmentation.name, outcome[0])
+
+    async def _started(self, job: RunningJob) -> None:
+        job.phase("reading")
+        async with self.database.sessionmaker() as session:
+            await session.execute(
+                update(TrainingJob)
+                .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
+                .values(state="running", started_at=utcnow(), phase=job.phase_name, phases=list(job.phases))
+            )
+            await session.commit()
+
+    async def _watch(self, job: RunningJob) -> None:
+        """The heartbeat: progress written, and a cancel (or the job settled as stale meanwhile) acted on."""
+        while True:
+            try:
+                await asyncio.wait_for(job.changed.wait(), self.settings.job_heartbeat_seconds)
+            except TimeoutError:
+                pass
+            job.changed.clear()
+            try:
+                async with self.database.sessionmaker() as session:
+                    updated = await rows_updated(
+                        session,
+                        update(TrainingJob)
+                        .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
+                        .values(
+                            heartbeat_at=utcnow(),
+                            phase=job.phase_name,
+                            phases=list(job.phases),
+                            fraction=job.fraction(),
+                        ),
+                    )
+                    await session.commit()
+                    cancel = (
+                        await session.execute(select(TrainingJob.cancel_requested).where(TrainingJob.id == job.id))
+                    ).scalar_one_or_none()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a database hiccup: the next heartbeat tries again
+                logger.warning("could not write the heartbeat of training job %s", job.id, exc_info=True)
+                continue
+            if updated == 0:
+                job.stop("lost")  # failed as stale by another worker: stop rather than record a version
+            elif cancel:
+                job.stop("cancelled")
+
+    async def _finish(
+        self,
+        job: RunningJob,
+        state: str,
+        result: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+        error_status: int | None,
+    ) -> None:
+        job.phase(state)
+        now = utcnow()
+        async with self.database.sessionmaker() as session:
+            await session.execute(
+                update(TrainingJob)
+                .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
+                .values(
+                    state=state,
+                    phase=state,
+                    phases=list(job.phases),
+                    fraction=1.0 if state == "succeeded" else None,
+                    finished_at=now,
+                    heartbeat_at=now,
+                    result=result,
+                    error=error,
+                    error_status=error_status,
+                )
+            )
+            await session.commit()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _is_stale(self, row: TrainingJob) -> bool:
+        """A live job whose worker is gone: this process without it, a dead process here, or silent too long."""
+        if row.state not in LIVE:
+            return False
+        if row.worker == self.worker:
+            return row.id not in self._running
+        if _worker_gone(row.worker):
+            return True
+        cutoff = utcnow() - timedelta(seconds=self.settings.job_stale_seconds)
+        return row.heartbeat_at is None or row.heartbeat_at < cutoff
+
+    async def _settle(self, row: TrainingJob) -> bool:
+        """Mark a stale job failed (unless its worker spoke or finished it meanwhile); its upload is removed."""
+        now = utcnow()
+        phases = [*(row.phases or []), {"phase": "failed", "at": _stamp(now)}]
+        async with self.database.sessionmaker() as session:
+            settled = await rows_updated(
+                session,
+                update(TrainingJob)
+                .where(
+                    TrainingJob.id == row.id,
+                    TrainingJob.state.in_(LIVE),
+                    TrainingJob.worker == row.worker,
+                    TrainingJob.heartbeat_at.is_(None)
+                    if row.heartbeat_at is None
+                    else TrainingJob.heartbeat_at == row.heartbeat_at,
+                )
+                .values(
+                    state="failed",
+                    phase="failed",
+                    phases=phases,
+                    fraction=None,
+                    finished_at=now,
+                    error={"detail": WORKER_STOPPED},
+                    error_status=None,
+                ),
+            )
+            await session.commit()
+        if settled:
+            _remove(self._upload_path(row.id))
+            logger.warning("training job %s failed: its worker %s stopped", row.id, row.worker)
+            if self.metrics is not None:
+                self.metrics.training_job_finished("failed", row.segmentation)
+        return bool(settled)
+
+    async def _fresh(self, rows: Sequence[TrainingJob]) -> list[TrainingJob]:
+        """The rows as they are once every stale one among them is marked failed."""
+        fresh = []
+        for row in rows:
+            if self._is_stale(row):
+                await self._settle(row)
+                row = await self._row(row.id)
+            fresh.append(row)
+        return fresh
+
+    async def _row(self, job_id: str) -> TrainingJob:
+        async with self.database.sessionmaker() as session:
+            row = await session.get(TrainingJob, job_id)
+        if row is None:
+            raise NotFound("training job")
+        return row
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        (row,) = await self._fresh([await self._row(job_id)])
+        return job_body(row)
+
+    async def page(
+        self, *, skip: int, limit: int, segmentation_id: int | None = None, state: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Jobs newest first (of one segmentation, in one state) and how many match."""
+        where = []
+        if segmentation_id is not None:
+            where.append(TrainingJob.segmentation_id == segmentation_id)
+        if state is not None:
+            where.append(TrainingJob.state == state)
+        query = (
+            select(TrainingJob)
+            .where(*where)
+            .order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc())
+            .offset(skip)
+            .limit(limit)
+        )
+        async with self.database.sessionmaker() as session:
+            rows = (await session.execute(query)).scalars().all()
+            total = (await session.execute(select(func.count()).select_from(TrainingJob).where(*where))).scalar_one()
+        return [job_body(row) for row in await self._fresh(rows)], int(total)
+
+    # --- cancelling ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, *, by: str) -> dict[str, Any]:
+        """Cancel a queued or running job, whichever worker runs it; the active version stays (a finished job: 409)."""
+        (row,) = await self._fresh([await self._row(job_id)])
+        if row.state in FINAL:
+            raise Conflict(f"The job has already {_ended(row.state)}: only a queued or running job can be cancelled")
+        async with self.database.sessionmaker() as session:
+            asked = await rows_updated(
+                session,
+                update(TrainingJob)
+                .where(TrainingJob.id == job_id, TrainingJob.state.in_(LIVE))
+                .values(cancel_requested=True),
+            )
+            await session.commit()
+        if asked:
+            logger.info("training job %s: cancel asked by %s", job_id, by)
+        wait = self.settings.job_heartbeat_seconds * CANCEL_WAIT_HEARTBEATS + CANCEL_WAIT_MARGIN_SECONDS
+        local = self._running.get(job_id)
+        if local is not None and local.task is not None:
+            local.stop("cancelled")
+            await asyncio.wait({local.task}, timeout=wait)
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            while loop.time() < deadline:
+                if (await self._row(job_id)).state not in LIVE:
+                    break
+                await asyncio.sleep(min(0.2, self.settings.job_heartbeat_seconds))
+        (row,) = await self._fresh([await self._row(job_id)])
+        if row.state in ("succeeded", "failed"):
+            raise Conflict(f"The job {_ended(row.state)} before it could be cancelled")
+        return job_body(row)
+
+
+def _ended(state: str) -> str:
+    return {"succeeded": "succeeded", "failed": "failed", "cancelled": "been cancelled"}[state]
+
+
+def _keep_upload(source: IO[bytes], target: Path) -> int:
+    """Copy the request's upload (closed after the response) to the job's own file; returns its size."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.seek(0)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(source, out, 1024 * 1024)
+    return target.stat().st_size
+
+
+def _remove(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        logger.warning("could not remove the job file %s", path, exc_info=True)

@@ -1,0 +1,1 @@
+"""Saved customer profiles with their current segment."""
