@@ -352,7 +352,7 @@ async def _train_rfm(args, store, source: Path) -> int:
 
 
 async def _predict(args, store, _settings) -> int:
-    from app.schema import CustomerFeatures
+    from app.segmentations.kinds.customer_record import CustomerFeatures
 
     served = store.require()
     kind = kind_of(store.segmentation)

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import delete, select
 
 from app.core.database import PredictionHistory, Role
+from app.history.schemas import HistoryItem, HistoryPage
 from app.history.service import page_json
 from app.history.storage import EngineHistoryRepository
-from app.schema import HistoryItem, HistoryPage
 from tests.conftest import CUSTOMER
 
 pytestmark = pytest.mark.postgres

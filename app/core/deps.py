@@ -17,7 +17,7 @@ from app.auth.service import AuthCache, Caller, Principal
 from app.core.config import Settings
 from app.core.database import Role
 from app.core.errors import Forbidden
-from app.schema import MAX_PAGE_SIZE
+from app.core.schemas import MAX_PAGE_SIZE
 
 SCHEME_NAME = "OAuth2PasswordBearer"
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schema import NotNull, omittable
+from app.core.schemas import NotNull, omittable
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 

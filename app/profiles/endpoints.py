@@ -9,7 +9,7 @@ from app.core.database import CustomerProfile
 from app.core.deps import CurrentUser, PageDep, SessionDep
 from app.core.responses import errors
 from app.profiles import service as profile_service
-from app.schema import ProfileCreate, ProfilePublic, ProfileUpdate
+from app.profiles.schemas import ProfileCreate, ProfilePublic, ProfileUpdate
 
 router = APIRouter(prefix="/profiles", tags=["profiles"])
 

@@ -18,20 +18,27 @@ from app.core.deps import AnalystUser, CurrentUser
 from app.core.errors import InvalidInput
 from app.core.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
 from app.core.responses import errors, file_errors
+from app.history.schemas import HistoryPage, HistoryQuery
 from app.jobs.endpoints import STARTED, Wait, accepted
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.schema import BatchResult, ClusterCharts, ElbowChart, ElbowRange, ElbowResult, HistoryPage, HistoryQuery
 from app.segmentations import service as segmentations
 from app.segmentations.as_of import as_of_value
 from app.segmentations.dependencies import NAMED, SegmentationStore
 from app.segmentations.explain_schemas import ExplainQuery
 from app.segmentations.kinds.registry import feature_schema, kind_of
-from app.segmentations.schemas import (
-    NamedBatchUpload,
+from app.segmentations.results import (
+    BatchResult,
+    ClusterCharts,
+    ElbowChart,
+    ElbowResult,
     NamedClusterSummary,
-    NamedPredictBody,
     NamedPredictionResult,
     NamedTrainResult,
+)
+from app.segmentations.schemas import (
+    ElbowRange,
+    NamedBatchUpload,
+    NamedPredictBody,
     SegmentationCreate,
     SegmentationDetail,
     SegmentationList,

@@ -16,25 +16,17 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from app.core.deps import AnalystUser, CurrentUser
 from app.core.params import CSV_ANSWER, FORM_LIMITS
 from app.core.responses import errors, file_errors
+from app.history.schemas import HistoryPage, HistoryQuery
 from app.jobs.endpoints import STARTED
 from app.routes.bodies import FastRoute, JsonOrFormRoute
-from app.schema import (
-    BatchResult,
-    ClusterSummary,
-    CustomerFeatures,
-    ElbowResult,
-    HistoryPage,
-    HistoryQuery,
-    ModelList,
-    ModelVersionPublic,
-    PredictionResult,
-)
 from app.segmentations import endpoints
 from app.segmentations import service as segmentations
 from app.segmentations.dependencies import SegmentationStore
 from app.segmentations.explain_schemas import ExplainQuery
-from app.segmentations.schemas import NamedTrainResult
+from app.segmentations.kinds.customer_record import CustomerFeatures
+from app.segmentations.results import BatchResult, ClusterSummary, ElbowResult, NamedTrainResult, PredictionResult
 from app.versions import endpoints as versions
+from app.versions.schemas import ModelList, ModelVersionPublic
 
 router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)
 

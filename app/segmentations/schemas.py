@@ -1,9 +1,10 @@
-"""Schemas of named segmentations: declarations, listings, and the bodies and answers of their routes."""
+"""Schemas of named segmentations: declarations, listings, and the bodies and queries of their routes
+(results.py holds what they answer)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import (
@@ -15,22 +16,9 @@ from pydantic import (
     model_validator,
 )
 
-from app.schema import (
-    CUSTOMER_EXAMPLE,
-    MAX_BATCH_ROWS,
-    MODEL_VERSION_EXAMPLE,
-    SEGMENT_EXAMPLE,
-    VERSION_EXAMPLE,
-    ModelVersionPublic,
-    SegmentAssignment,
-    TrainResult,
-)
-from app.segmentations.explain_schemas import Explanation, ExplanationField
+from app.core.schemas import CUSTOMER_EXAMPLE, VERSION_EXAMPLE
+from app.segmentations.kinds.customer_record import CustomerFeatures
 from app.segmentations.kinds.registry import KindName
-from app.versions.identity_schemas import SegmentMatch
-
-if TYPE_CHECKING:
-    pass
 
 MAX_TRANSACTIONS = 10_000
 """Transactions one predict of kind rfm may carry."""
@@ -187,30 +175,6 @@ class NamedPredictBody(BaseModel):
         return self
 
 
-class NamedPredictionResult(SegmentAssignment):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "cluster": 4,
-                    "cluster_name": "High income, high spending",
-                    "confidence": 0.62,
-                    "customer_data": CUSTOMER_EXAMPLE,
-                    "model_version": VERSION_EXAMPLE,
-                    "segmentation": "default",
-                    "warnings": [],
-                }
-            ]
-        }
-    )
-
-    customer_data: dict[str, Any]
-    model_version: str
-    segmentation: str
-    warnings: list[str] = []
-    explanation: Explanation | None = ExplanationField
-
-
 class NamedBatchUpload(BaseModel):
     """POST /segmentations/{name}/predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
 
@@ -222,117 +186,24 @@ class NamedBatchUpload(BaseModel):
     file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
 
 
-class NamedTrainResult(TrainResult):
-    segmentation: str
-    skipped_rows: int = 0
-    missing_shares: dict[str, float] = {}
-    n_transactions: int | None = Field(None, description="Kind rfm: the log's rows (n_samples counts customers)")
-    skipped_customers: int | None = Field(None, description="Kind rfm: customers without a counted purchase")
-    rows_after_as_of: int | None = Field(None, description="Kind rfm: rows dated after as_of, left out")
-    as_of: str | None = Field(None, description="Kind rfm: the day RFM was computed as of")
-    columns: dict[str, str] | None = Field(None, description="Kind rfm: the headers the log's fields were read from")
+MAX_BATCH_ROWS = 10_000
 
 
-NAMED_SEGMENT_EXAMPLE: dict[str, JsonValue] = {
-    **SEGMENT_EXAMPLE,
-    "means": {"age": 37.2, "annual_income": 118.4, "spending_score": 80.1, "purchase_frequency": 41.3},
-    "segment_key": "s-3fa2c1",
-    "generated_name": "High income, high spending",
-}
+class BatchUpload(BaseModel):
+    """POST /predict/batch: customers as a JSON object, or a CSV file in a multipart form."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"customers": [CUSTOMER_EXAMPLE]}]})
 
-class NamedSegmentStats(BaseModel):
-    """A segment of any kind; kind `customer` also carries its `avg_*` fields."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [NAMED_SEGMENT_EXAMPLE]})
-
-    cluster_id: int
-    cluster_name: str
-    size: int
-    percentage: float
-    description: str
-    means: dict[str, float | dict[str, float]] = Field(
-        description="Each feature's mean in its own units (categorical: the share of each level)"
+    customers: Annotated[list[CustomerFeatures], Field(min_length=1, max_length=MAX_BATCH_ROWS)] | None = Field(
+        None, description="JSON only: the customers to score"
     )
-    segment_key: str
-    generated_name: str
-    avg_age: float | None = None
-    avg_income: float | None = None
-    avg_spending_score: float | None = None
-    avg_purchase_frequency: float | None = None
-    revenue_share: float | None = Field(
-        None, description="Kind rfm: the segment's share of the training customers' revenue, 0..100"
-    )
+    file: UploadFile | None = Field(None, description="Multipart only: a CSV file of customers")
 
 
-class NamedClusterSummary(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "total_customers": 800,
-                    "n_clusters": 5,
-                    "model_version": VERSION_EXAMPLE,
-                    "segmentation": "default",
-                    "clusters": [NAMED_SEGMENT_EXAMPLE],
-                }
-            ]
-        }
-    )
+class ElbowRange(BaseModel):
+    """The query of GET /elbow: the range of k to report on."""
 
-    total_customers: int
-    n_clusters: int
-    model_version: str
-    segmentation: str
-    clusters: list[NamedSegmentStats]
-
-
-class NamedModelVersionDetail(ModelVersionPublic):
-    clusters: list[dict[str, Any]] = []
-    k_selection: dict[str, Any] | None = None
-    features: list[str] = []
-    trained_at: str | None = None
-    library_versions: dict[str, str] = {}
-    missing_shares: dict[str, float] = {}
-    algorithm: str | None = Field(
-        None, description="kmeans, minibatch_kmeans, or streamed_kmeans (trained out of core from a file)"
-    )
-    out_of_core: dict[str, Any] | None = Field(
-        None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
-    )
-    previous_version: str | None = Field(
-        None, description="The version this one was matched to (the active one when it was trained); null if none"
-    )
-    matching: list[SegmentMatch] = []
-    retired_cluster_ids: list[int] = Field(
-        [], description="Ids of the previous version's segments that no segment of this version continues"
-    )
-
-
-class ModelPageQuery(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    skip: int = Field(0, ge=0, le=2**31 - 1)
-    limit: int = Field(50, ge=1, le=200)
-
-
-class ModelPage(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "models": [MODEL_VERSION_EXAMPLE],
-                    "active_version": VERSION_EXAMPLE,
-                    "total": 1,
-                    "skip": 0,
-                    "limit": 50,
-                }
-            ]
-        }
-    )
-
-    models: list[ModelVersionPublic]
-    active_version: str | None
-    total: int
-    skip: int
-    limit: int
+    k_min: int = Field(2, ge=2, le=15)
+    k_max: int = Field(10, ge=2, le=15)

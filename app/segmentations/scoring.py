@@ -39,8 +39,9 @@ from app.preprocess import (
     resolve_columns,
     score_frame,
 )
-from app.schema import ClusterSummary, ElbowResult, SegmentStats
+from app.segmentations.results import ClusterSummary, ElbowResult
 from app.versions.observed import BatchObserver, ExplainColumns
+from app.versions.schemas import SegmentStats
 from app.versions.served import ServedModel, data_uri
 
 # How long the dataset file is taken as unchanged before it is looked at again.

@@ -22,10 +22,10 @@ from app.auth.service import Caller
 from app.core.database import Role
 from app.core.errors import Conflict, Forbidden, InvalidInput
 from app.history import predictions as prediction_service
+from app.history.schemas import HistoryQuery
 from app.history.storage.history import segmentation_page
 from app.ml.matching import identity_fields
 from app.preprocess import DataValidationError
-from app.schema import HistoryQuery
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
@@ -314,7 +314,7 @@ async def history_page(state: State, *, user: Caller, query: HistoryQuery, store
 
 def clusters_json(store: ModelStore, served: ServedModel) -> bytes:
     """GET .../clusters as JSON, built once per version."""
-    from app.segmentations.schemas import NamedClusterSummary
+    from app.segmentations.results import NamedClusterSummary
 
     def build() -> BaseModel:
         return NamedClusterSummary(
@@ -360,7 +360,7 @@ async def elbow_json(state: State, store: ModelStore, k_min: int, k_max: int) ->
     if kind_of(store.segmentation).default_dataset:
         elbow_cache = state.elbow
         return elbow_cache.ready_json(k_min, k_max) or await elbow_cache.get_json(k_min, k_max)
-    from app.schema import ElbowResult
+    from app.segmentations.results import ElbowResult
 
     return ElbowResult(**await elbow(state, store, k_min, k_max)).model_dump_json().encode()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypedDict
+from typing import Protocol, TypedDict
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -11,8 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.core.database import CustomerProfile, HistoryCount, PredictionHistory, Role, User
 from app.core.errors import Conflict, Forbidden, NotFound
 
-if TYPE_CHECKING:  # app.auth.service imports this module
-    from app.auth.service import Caller
+
+class Actor(Protocol):
+    """Who acts on an account: a User row or the request's caller; only their id is read."""
+
+    @property
+    def id(self) -> int: ...
 
 
 async def get(*, session: AsyncSession, user_id: int) -> User:
@@ -133,7 +137,7 @@ async def _guard_last_admin(session: AsyncSession, target: User, *, removes_admi
         raise Conflict("The last active admin cannot be demoted, deactivated or deleted")
 
 
-async def set_role(*, session: AsyncSession, actor: User | Caller, user_id: int, role: Role) -> User:
+async def set_role(*, session: AsyncSession, actor: Actor, user_id: int, role: Role) -> User:
     target = await get(session=session, user_id=user_id)
     if target.id == actor.id:
         raise Forbidden("Admins cannot change their own role")
@@ -143,7 +147,7 @@ async def set_role(*, session: AsyncSession, actor: User | Caller, user_id: int,
     return target
 
 
-async def toggle_active(*, session: AsyncSession, actor: User | Caller, user_id: int) -> User:
+async def toggle_active(*, session: AsyncSession, actor: Actor, user_id: int) -> User:
     target = await get(session=session, user_id=user_id)
     if target.id == actor.id:
         raise Forbidden("Admins cannot deactivate themselves")
@@ -153,7 +157,7 @@ async def toggle_active(*, session: AsyncSession, actor: User | Caller, user_id:
     return target
 
 
-async def delete_user(*, session: AsyncSession, user_id: int, actor: User | Caller | None = None) -> None:
+async def delete_user(*, session: AsyncSession, user_id: int, actor: Actor | None = None) -> None:
     """Delete a user with their profiles and history. `actor` is the admin doing it, None for oneself."""
     target = await get(session=session, user_id=user_id)
     if actor is not None and target.id == actor.id:

@@ -15,13 +15,13 @@ from app.core.errors import InvalidInput
 from app.core.params import FORM_LIMITS, CsvFile, is_multipart
 from app.core.responses import errors, file_errors
 from app.routes.bodies import FastRoute
-from app.schema import ModelVersionPublic
 from app.segmentations.dependencies import NAMED, SegmentationStore
-from app.segmentations.schemas import ModelPage, ModelPageQuery, NamedModelVersionDetail, NamedSegmentStats
+from app.segmentations.results import NamedSegmentStats
 from app.versions import drift as drift_service
 from app.versions import identity
 from app.versions.drift_schemas import DriftQuery, DriftReport
 from app.versions.identity_schemas import SegmentRename, VersionComparison
+from app.versions.schemas import ModelPage, ModelPageQuery, ModelVersionPublic, NamedModelVersionDetail
 
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
 

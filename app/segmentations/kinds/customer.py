@@ -17,9 +17,9 @@ from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml.schema import FeatureSchema
 from app.preprocess import FEATURES, resolve_columns
-from app.schema import CustomerFeatures
 from app.segmentations import scoring as segmentation
 from app.segmentations.kinds.base import Assigned
+from app.segmentations.kinds.customer_record import CustomerFeatures
 from app.segmentations.scoring import ScoredBatch
 from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel

@@ -1,0 +1,255 @@
+"""What segmentation routes answer: assignments, batches, trainings, segments, k and charts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from app.core.schemas import CUSTOMER_EXAMPLE, PNG_EXAMPLE, VERSION_EXAMPLE
+from app.segmentations.explain_schemas import Explanation, ExplanationField
+from app.segmentations.kinds.customer_record import CustomerFeatures
+from app.versions.identity_schemas import SegmentMatch
+from app.versions.schemas import SEGMENT_EXAMPLE, SegmentStats
+
+
+class SegmentAssignment(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62}]
+        }
+    )
+
+    cluster: int
+    cluster_name: str
+    confidence: float = Field(ge=0, le=1)
+
+
+class PredictionResult(SegmentAssignment):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "cluster": 4,
+                    "cluster_name": "High income, high spending",
+                    "confidence": 0.62,
+                    "customer_data": CUSTOMER_EXAMPLE,
+                    "model_version": VERSION_EXAMPLE,
+                }
+            ]
+        }
+    )
+
+    customer_data: CustomerFeatures
+    model_version: str
+    explanation: Explanation | None = ExplanationField
+
+
+class BatchResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "predictions": [
+                        {"cluster": 4, "cluster_name": "High income, high spending", "confidence": 0.62},
+                        {"cluster": 1, "cluster_name": "Senior, low income, low spending", "confidence": 0.81},
+                    ],
+                    "model_version": VERSION_EXAMPLE,
+                }
+            ]
+        }
+    )
+
+    predictions: list[SegmentAssignment]
+    model_version: str
+
+
+class ClusterSummary(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                    "model_version": VERSION_EXAMPLE,
+                    "clusters": [SEGMENT_EXAMPLE],
+                }
+            ]
+        }
+    )
+
+    total_customers: int
+    n_clusters: int
+    model_version: str
+    clusters: list[SegmentStats]
+
+
+class ElbowResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "optimal_k": 5,
+                    "k_range": [2, 3, 4, 5, 6],
+                    "inertias": [1790.2, 1385.9, 1003.1, 697.4, 612.8],
+                    "silhouette_scores": [0.371, 0.342, 0.395, 0.448, 0.43],
+                    "method": "silhouette",
+                }
+            ]
+        }
+    )
+
+    optimal_k: int
+    k_range: list[int]
+    inertias: list[float]
+    silhouette_scores: list[float]
+    method: str
+
+
+class ClusterCharts(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "charts": {"pie_chart": PNG_EXAMPLE, "bar_chart": PNG_EXAMPLE, "size_chart": PNG_EXAMPLE},
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                }
+            ]
+        }
+    )
+
+    charts: dict[str, str] = Field(description="pie_chart, bar_chart and size_chart as data:image/png;base64 URIs")
+    total_customers: int
+    n_clusters: int
+
+
+class ElbowChart(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"chart": PNG_EXAMPLE, "optimal_k": 5}]})
+
+    chart: str
+    optimal_k: int
+
+
+class TrainResult(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "message": "Model trained with 5 segments",
+                    "n_clusters": 5,
+                    "silhouette_score": 0.4475,
+                    "inertia": 1203.7,
+                    "model_version": VERSION_EXAMPLE,
+                    "n_samples": 5000,
+                    "duration_seconds": 0.42,
+                    "cluster_sizes": {"0": 850, "1": 1000, "2": 1500, "3": 850, "4": 800},
+                }
+            ]
+        }
+    )
+
+    message: str
+    n_clusters: int
+    silhouette_score: float | None
+    inertia: float
+    model_version: str
+    n_samples: int
+    duration_seconds: float
+    cluster_sizes: dict[str, int]
+    previous_version: str | None = Field(
+        None, description="The version this one was matched to (the active one when it was trained); null if none"
+    )
+    matching: list[SegmentMatch] = []
+    retired_cluster_ids: list[int] = Field(
+        [], description="Ids of the previous version's segments that no segment of this version continues"
+    )
+
+
+class NamedPredictionResult(SegmentAssignment):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "cluster": 4,
+                    "cluster_name": "High income, high spending",
+                    "confidence": 0.62,
+                    "customer_data": CUSTOMER_EXAMPLE,
+                    "model_version": VERSION_EXAMPLE,
+                    "segmentation": "default",
+                    "warnings": [],
+                }
+            ]
+        }
+    )
+
+    customer_data: dict[str, Any]
+    model_version: str
+    segmentation: str
+    warnings: list[str] = []
+    explanation: Explanation | None = ExplanationField
+
+
+class NamedTrainResult(TrainResult):
+    segmentation: str
+    skipped_rows: int = 0
+    missing_shares: dict[str, float] = {}
+    n_transactions: int | None = Field(None, description="Kind rfm: the log's rows (n_samples counts customers)")
+    skipped_customers: int | None = Field(None, description="Kind rfm: customers without a counted purchase")
+    rows_after_as_of: int | None = Field(None, description="Kind rfm: rows dated after as_of, left out")
+    as_of: str | None = Field(None, description="Kind rfm: the day RFM was computed as of")
+    columns: dict[str, str] | None = Field(None, description="Kind rfm: the headers the log's fields were read from")
+
+
+NAMED_SEGMENT_EXAMPLE: dict[str, JsonValue] = {
+    **SEGMENT_EXAMPLE,
+    "means": {"age": 37.2, "annual_income": 118.4, "spending_score": 80.1, "purchase_frequency": 41.3},
+    "segment_key": "s-3fa2c1",
+    "generated_name": "High income, high spending",
+}
+
+
+class NamedSegmentStats(BaseModel):
+    """A segment of any kind; kind `customer` also carries its `avg_*` fields."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [NAMED_SEGMENT_EXAMPLE]})
+
+    cluster_id: int
+    cluster_name: str
+    size: int
+    percentage: float
+    description: str
+    means: dict[str, float | dict[str, float]] = Field(
+        description="Each feature's mean in its own units (categorical: the share of each level)"
+    )
+    segment_key: str
+    generated_name: str
+    avg_age: float | None = None
+    avg_income: float | None = None
+    avg_spending_score: float | None = None
+    avg_purchase_frequency: float | None = None
+    revenue_share: float | None = Field(
+        None, description="Kind rfm: the segment's share of the training customers' revenue, 0..100"
+    )
+
+
+class NamedClusterSummary(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "total_customers": 800,
+                    "n_clusters": 5,
+                    "model_version": VERSION_EXAMPLE,
+                    "segmentation": "default",
+                    "clusters": [NAMED_SEGMENT_EXAMPLE],
+                }
+            ]
+        }
+    )
+
+    total_customers: int
+    n_clusters: int
+    model_version: str
+    segmentation: str
+    clusters: list[NamedSegmentStats]
