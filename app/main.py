@@ -36,6 +36,7 @@ from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
 from app.segmentations.registry import SegmentationRegistry
 from app.segmentations.scoring import ElbowCache
+from app.segmentations.service import SegmentationTrainer
 from app.users import endpoints as users
 from app.versions import endpoints as version_routes
 from app.versions.drift import DriftCounter, refresh_gauges
@@ -221,7 +222,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             database=database, settings=settings, metrics=app.state.metrics, enabled=settings.drift_enabled
         )
         await drift.start(lambda: refresh_gauges(drift, app.state.segmentations.stores))
-        app.state.jobs = JobRunner(state=app.state, settings=settings, database=database, metrics=app.state.metrics)
+        app.state.jobs = JobRunner(
+            trainer=SegmentationTrainer(app.state), settings=settings, database=database, metrics=app.state.metrics
+        )
         await app.state.jobs.start()
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()

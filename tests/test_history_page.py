@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import delete, select
 
 from app.core.database import PredictionHistory, Role
+from app.history.pages import page_json
 from app.history.schemas import HistoryItem, HistoryPage
-from app.history.service import page_json
 from app.history.storage import EngineHistoryRepository
 from tests.conftest import CUSTOMER
 

@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, status
 
 from app.auth import service as auth_service
+from app.auth.dependencies import CurrentUser, PrincipalDep
 from app.auth.schemas import LoginRequest, Message, Token, UserCreate, UserPublic
 from app.core import security as auth
-from app.core.deps import CurrentUser, PrincipalDep, SessionDep, SettingsDep
+from app.core.deps import SessionDep, SettingsDep
 from app.core.responses import errors
 from app.routes.bodies import JsonOrFormRoute
 from app.users import service as user_service

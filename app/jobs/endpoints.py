@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from app.core.deps import AnalystUser
+from app.auth.dependencies import AnalystUser
 from app.core.responses import errors
 from app.jobs.schemas import JobPage, JobPageQuery, TrainingJob
 from app.routes.bodies import FastRoute
@@ -14,28 +14,6 @@ from app.routes.bodies import FastRoute
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=FastRoute)
 
 JobId = Annotated[str, Path(max_length=64, description="The job id the 202 of POST .../train?wait=false gave")]
-
-
-STARTED: dict[int | str, dict[str, Any]] = {
-    202: {"model": TrainingJob, "description": "`wait=false`: the training job, started (see Location)"}
-}
-Wait = Annotated[
-    bool,
-    Query(
-        description="false: answer 202 at once with a training job to follow at GET /jobs/{job_id} (its "
-        "Location), for trainings longer than a proxy waits; true: answer when the training is done"
-    ),
-]
-
-
-def accepted(job: dict[str, Any]) -> Response:
-    """The 202 of a training started as a job: the job, and where to follow it."""
-    return Response(
-        TrainingJob(**job).model_dump_json(),
-        status_code=202,
-        media_type="application/json",
-        headers={"Location": f"/jobs/{job['job_id']}"},
-    )
 
 
 @router.get(

@@ -1,10 +1,12 @@
-"""Training job schemas: a job as GET /jobs/{id} shows it, a page of jobs, the list's query."""
+"""Training job schemas: a job as GET /jobs/{id} shows it, a page of jobs, the list's query, and the
+202 (with its `wait` query) that a training started as a job answers."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.schemas import NotNull, omittable
@@ -108,3 +110,27 @@ class JobPage(BaseModel):
     total: int
     skip: int
     limit: int
+
+
+STARTED: dict[int | str, dict[str, Any]] = {
+    202: {"model": TrainingJob, "description": "`wait=false`: the training job, started (see Location)"}
+}
+
+
+Wait = Annotated[
+    bool,
+    Query(
+        description="false: answer 202 at once with a training job to follow at GET /jobs/{job_id} (its "
+        "Location), for trainings longer than a proxy waits; true: answer when the training is done"
+    ),
+]
+
+
+def accepted(job: dict[str, Any]) -> Response:
+    """The 202 of a training started as a job: the job, and where to follow it."""
+    return Response(
+        TrainingJob(**job).model_dump_json(),
+        status_code=202,
+        media_type="application/json",
+        headers={"Location": f"/jobs/{job['job_id']}"},
+    )

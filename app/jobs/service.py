@@ -3,7 +3,7 @@
 What can be checked is checked before the 202 (the segmentation, the query values, the upload,
 the training turn: a segmentation trains one at a time, 409 as with `wait=true`); the upload is
 copied to a file the job owns (JOB_DIR), removed when the job ends. The job then trains exactly as
-the synchronous call does (app.segmentations.service.train) and keeps the outcome in its row of
+the synchronous call does (the Trainer it is given: app.segmentations.service.SegmentationTrainer) and keeps the outcome in its row of
 `training_jobs`: the train result, or the error body the synchronous call would have answered.
 
 The worker running a job writes a heartbeat every JOB_HEARTBEAT_SECONDS, and at each one reads
@@ -19,33 +19,29 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select, update
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import State
 
 from app.core.config import Settings
 from app.core.database import Database, TrainingJob, utcnow
-from app.core.errors import AppError, Conflict, NotFound
-from app.jobs import progress
-from app.segmentations import service as segmentation_service
-from app.versions.lease import HOST_ID, rows_updated
-from app.versions.store import ModelStore, TrainingReservation
+from app.core.errors import AppError, Conflict
+from app.jobs.repository import FINAL, LIVE, WORKER_STOPPED, JobRepository, job_body, stamp
+from app.versions import progress
+from app.versions.lease import HOST_ID
+from app.versions.store import ModelStore
+from app.versions.training import TrainingRequest, TrainingReservation
 
 if TYPE_CHECKING:
     from app.core.observability import Metrics
 
 logger = logging.getLogger("app.jobs")
 
-LIVE = ("queued", "running")
-FINAL = ("succeeded", "failed", "cancelled")
-WORKER_STOPPED = "The worker running it stopped before it finished; the active version is unchanged"
 CANCELLED = "Cancelled; the active version is unchanged"
 UPLOAD_SUFFIX = ".upload"
 # How long a DELETE waits for the worker running the job to stop it, in heartbeats (plus a margin).
@@ -76,34 +72,31 @@ def _worker_gone(worker: str | None) -> bool:
     return False
 
 
-def _stamp(at: datetime) -> str:
-    return at.isoformat().replace("+00:00", "Z")
+def is_stale(row: TrainingJob, *, worker: str, running: Container[str], stale_seconds: float) -> bool:
+    """A live job whose worker is gone: `worker` (this one) without it, a dead process here, or silent too long."""
+    if row.state not in LIVE:
+        return False
+    if row.worker == worker:
+        return row.id not in running
+    if _worker_gone(row.worker):
+        return True
+    cutoff = utcnow() - timedelta(seconds=stale_seconds)
+    return row.heartbeat_at is None or row.heartbeat_at < cutoff
 
 
-def job_body(row: TrainingJob) -> dict[str, Any]:
-    """A job as GET /jobs/{id} shows it."""
-    return {
-        "job_id": row.id,
-        "state": row.state,
-        "segmentation": row.segmentation,
-        "created_at": row.created_at,
-        "created_by": row.created_by,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-        "progress": {"phase": row.phase, "fraction": row.fraction, "phases": list(row.phases or [])},
-        "parameters": dict(row.parameters or {}),
-        "cancel_requested": bool(row.cancel_requested),
-        "result": row.result,
-        "error": row.error,
-        "error_status": row.error_status,
-        "worker": row.worker,
-        "heartbeat_at": row.heartbeat_at,
-    }
+class Trainer(Protocol):
+    """What a job runs: the checks and the training of a `wait=true` request (SegmentationTrainer)."""
+
+    def check(self, store: ModelStore, request: TrainingRequest, *, has_file: bool) -> None: ...
+
+    async def train(self, store: ModelStore, upload: IO[bytes] | None, request: TrainingRequest) -> dict[str, Any]:
+        """Train a version; returns the train result's fields."""
+        ...
 
 
 @dataclass
 class RunningJob:
-    """A job this worker runs: what the training reports to it (app.jobs.progress) and how to stop it."""
+    """A job this worker runs: what the training reports to it (app.versions.progress) and how to stop it."""
 
     id: str
     store: ModelStore
@@ -119,7 +112,7 @@ class RunningJob:
 
     def phase(self, name: str) -> None:
         self.phase_name = name
-        self.phases.append({"phase": name, "at": _stamp(utcnow())})
+        self.phases.append({"phase": name, "at": stamp(utcnow())})
         self.changed.set()
 
     def fraction(self) -> float | None:
@@ -146,29 +139,23 @@ class RunningJob:
 class JobRunner:
     """The training jobs of this worker, and every worker's jobs as the `training_jobs` table has them."""
 
-    def __init__(self, *, state: State, settings: Settings, database: Database, metrics: Metrics | None = None):
-        self.state = state
+    def __init__(self, *, trainer: Trainer, settings: Settings, database: Database, metrics: Metrics | None = None):
+        self.trainer = trainer
         self.settings = settings
-        self.database = database
+        self.rows = JobRepository(database)
         self.metrics = metrics
         self.worker = new_worker_id()
         self._running: dict[str, RunningJob] = {}
 
-    @property
-    def directory(self) -> Path:
-        return self.settings.job_directory
-
     def _upload_path(self, job_id: str) -> Path:
-        return self.directory / f"{job_id}{UPLOAD_SUFFIX}"
+        return self.settings.job_directory / f"{job_id}{UPLOAD_SUFFIX}"
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Fail every job whose worker is gone (a restart finds its own jobs of before so)."""
-        async with self.database.sessionmaker() as session:
-            rows = (await session.execute(select(TrainingJob).where(TrainingJob.state.in_(LIVE)))).scalars().all()
         settled = 0
-        for row in rows:
+        for row in await self.rows.live():
             if self._is_stale(row) and await self._settle(row):
                 settled += 1
         if settled:
@@ -191,14 +178,11 @@ class JobRunner:
         *,
         upload: IO[bytes] | None,
         filename: str | None,
-        n_clusters: int | None,
-        random_state: int,
-        as_of: date | None,
-        by: str,
+        request: TrainingRequest,
         result_model: type[BaseModel],
     ) -> dict[str, Any]:
         """Check the request, take the segmentation's training turn, keep the upload; the job then runs on."""
-        segmentation_service.check_training_request(self.state, store, has_file=upload is not None, as_of=as_of)
+        self.trainer.check(store, request, has_file=upload is not None)
         reservation = await store.reserve_training()
         job_id = secrets.token_hex(8)
         now = utcnow()
@@ -215,55 +199,40 @@ class JobRunner:
             fraction=None,
             phases=list(job.phases),
             parameters={
-                "n_clusters": n_clusters,
-                "random_state": random_state,
-                "as_of": as_of.isoformat() if as_of is not None else None,
+                "n_clusters": request.n_clusters,
+                "random_state": request.random_state,
+                "as_of": request.as_of.isoformat() if request.as_of is not None else None,
                 "file": filename if upload is not None else None,
                 "bytes": None,
             },
             cancel_requested=False,
-            created_by=by,
+            created_by=request.by,
             created_at=now,
             worker=self.worker,
             heartbeat_at=now,
         )
         try:
-            async with self.database.sessionmaker() as session:
-                session.add(row)
-                await session.commit()
+            await self.rows.add(row)
             if upload is not None:
                 job.upload = self._upload_path(job_id)
                 job.size = await run_in_threadpool(_keep_upload, upload, job.upload)
             job.phase("queued")
-            async with self.database.sessionmaker() as session:
-                await session.execute(
-                    update(TrainingJob)
-                    .where(TrainingJob.id == job_id)
-                    .values(
-                        phase=job.phase_name,
-                        phases=list(job.phases),
-                        parameters={**row.parameters, "bytes": job.size},
-                    )
-                )
-                await session.commit()
-                stored = await session.get(TrainingJob, job_id, populate_existing=True)
+            stored = await self.rows.queued(
+                job_id, phases=list(job.phases), parameters={**row.parameters, "bytes": job.size}
+            )
         except BaseException:
             self._running.pop(job_id, None)
             await store.release_training(reservation)
             _remove(job.upload)
-            async with self.database.sessionmaker() as session:
-                await session.execute(delete(TrainingJob).where(TrainingJob.id == job_id))
-                await session.commit()
+            await self.rows.remove(job_id)
             raise
-        assert stored is not None
-        parameters = {"n_clusters": n_clusters, "random_state": random_state, "as_of": as_of, "by": by}
-        job.task = asyncio.create_task(self._run(job, parameters, result_model), name=f"training-job-{job_id}")
-        logger.info("training job %s of %s started by %s", job_id, info.name, by)
+        job.task = asyncio.create_task(self._run(job, request, result_model), name=f"training-job-{job_id}")
+        logger.info("training job %s of %s started by %s", job_id, info.name, request.by)
         return job_body(stored)
 
     # --- running ---------------------------------------------------------------------------
 
-    async def _run(self, job: RunningJob, parameters: dict[str, Any], result_model: type[BaseModel]) -> None:
+    async def _run(self, job: RunningJob, request: TrainingRequest, result_model: type[BaseModel]) -> None:
         token = progress.current_job.set(job)
         watcher = asyncio.create_task(self._watch(job))
         outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None, int | None]
@@ -272,19 +241,11 @@ class JobRunner:
             if job.upload is not None:
                 job.reading = job.upload.open("rb")
             try:
-                served = await segmentation_service.train(
-                    self.state,
-                    job.store,
-                    upload=job.reading,
-                    n_clusters=parameters["n_clusters"],
-                    random_state=parameters["random_state"],
-                    by=parameters["by"],
-                    as_of=parameters["as_of"],
-                )
+                fields = await self.trainer.train(job.store, job.reading, request)
             finally:
                 if job.reading is not None:
                     job.reading.close()
-            result = result_model(**segmentation_service.train_result(job.store, served)).model_dump(mode="json")
+            result = result_model(**fields).model_dump(mode="json")
             outcome = ("succeeded", result, None, None)
         except asyncio.CancelledError:
             if job.stop_reason == "cancelled":
@@ -315,13 +276,7 @@ class JobRunner:
 
     async def _started(self, job: RunningJob) -> None:
         job.phase("reading")
-        async with self.database.sessionmaker() as session:
-            await session.execute(
-                update(TrainingJob)
-                .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
-                .values(state="running", started_at=utcnow(), phase=job.phase_name, phases=list(job.phases))
-            )
-            await session.commit()
+        await self.rows.running(job.id, phase=job.phase_name, phases=list(job.phases))
 
     async def _watch(self, job: RunningJob) -> None:
         """The heartbeat: progress written, and a cancel (or the job settled as stale meanwhile) acted on."""
@@ -332,28 +287,15 @@ class JobRunner:
                 pass
             job.changed.clear()
             try:
-                async with self.database.sessionmaker() as session:
-                    updated = await rows_updated(
-                        session,
-                        update(TrainingJob)
-                        .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
-                        .values(
-                            heartbeat_at=utcnow(),
-                            phase=job.phase_name,
-                            phases=list(job.phases),
-                            fraction=job.fraction(),
-                        ),
-                    )
-                    await session.commit()
-                    cancel = (
-                        await session.execute(select(TrainingJob.cancel_requested).where(TrainingJob.id == job.id))
-                    ).scalar_one_or_none()
+                live, cancel = await self.rows.heartbeat(
+                    job.id, phase=job.phase_name, phases=list(job.phases), fraction=job.fraction()
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database hiccup: the next heartbeat tries again
                 logger.warning("could not write the heartbeat of training job %s", job.id, exc_info=True)
                 continue
-            if updated == 0:
+            if not live:
                 job.stop("lost")  # failed as stale by another worker: stop rather than record a version
             elif cancel:
                 job.stop("cancelled")
@@ -367,65 +309,18 @@ class JobRunner:
         error_status: int | None,
     ) -> None:
         job.phase(state)
-        now = utcnow()
-        async with self.database.sessionmaker() as session:
-            await session.execute(
-                update(TrainingJob)
-                .where(TrainingJob.id == job.id, TrainingJob.state.in_(LIVE))
-                .values(
-                    state=state,
-                    phase=state,
-                    phases=list(job.phases),
-                    fraction=1.0 if state == "succeeded" else None,
-                    finished_at=now,
-                    heartbeat_at=now,
-                    result=result,
-                    error=error,
-                    error_status=error_status,
-                )
-            )
-            await session.commit()
+        await self.rows.finish(
+            job.id, state=state, phases=list(job.phases), result=result, error=error, error_status=error_status
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
     def _is_stale(self, row: TrainingJob) -> bool:
-        """A live job whose worker is gone: this process without it, a dead process here, or silent too long."""
-        if row.state not in LIVE:
-            return False
-        if row.worker == self.worker:
-            return row.id not in self._running
-        if _worker_gone(row.worker):
-            return True
-        cutoff = utcnow() - timedelta(seconds=self.settings.job_stale_seconds)
-        return row.heartbeat_at is None or row.heartbeat_at < cutoff
+        return is_stale(row, worker=self.worker, running=self._running, stale_seconds=self.settings.job_stale_seconds)
 
     async def _settle(self, row: TrainingJob) -> bool:
         """Mark a stale job failed (unless its worker spoke or finished it meanwhile); its upload is removed."""
-        now = utcnow()
-        phases = [*(row.phases or []), {"phase": "failed", "at": _stamp(now)}]
-        async with self.database.sessionmaker() as session:
-            settled = await rows_updated(
-                session,
-                update(TrainingJob)
-                .where(
-                    TrainingJob.id == row.id,
-                    TrainingJob.state.in_(LIVE),
-                    TrainingJob.worker == row.worker,
-                    TrainingJob.heartbeat_at.is_(None)
-                    if row.heartbeat_at is None
-                    else TrainingJob.heartbeat_at == row.heartbeat_at,
-                )
-                .values(
-                    state="failed",
-                    phase="failed",
-                    phases=phases,
-                    fraction=None,
-                    finished_at=now,
-                    error={"detail": WORKER_STOPPED},
-                    error_status=None,
-                ),
-            )
-            await session.commit()
+        settled = await self.rows.fail_stale(row)
         if settled:
             _remove(self._upload_path(row.id))
             logger.warning("training job %s failed: its worker %s stopped", row.id, row.worker)
@@ -439,57 +334,29 @@ class JobRunner:
         for row in rows:
             if self._is_stale(row):
                 await self._settle(row)
-                row = await self._row(row.id)
+                row = await self.rows.get(row.id)
             fresh.append(row)
         return fresh
 
-    async def _row(self, job_id: str) -> TrainingJob:
-        async with self.database.sessionmaker() as session:
-            row = await session.get(TrainingJob, job_id)
-        if row is None:
-            raise NotFound("training job")
-        return row
-
     async def get(self, job_id: str) -> dict[str, Any]:
-        (row,) = await self._fresh([await self._row(job_id)])
+        (row,) = await self._fresh([await self.rows.get(job_id)])
         return job_body(row)
 
     async def page(
         self, *, skip: int, limit: int, segmentation_id: int | None = None, state: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """Jobs newest first (of one segmentation, in one state) and how many match."""
-        where = []
-        if segmentation_id is not None:
-            where.append(TrainingJob.segmentation_id == segmentation_id)
-        if state is not None:
-            where.append(TrainingJob.state == state)
-        query = (
-            select(TrainingJob)
-            .where(*where)
-            .order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc())
-            .offset(skip)
-            .limit(limit)
-        )
-        async with self.database.sessionmaker() as session:
-            rows = (await session.execute(query)).scalars().all()
-            total = (await session.execute(select(func.count()).select_from(TrainingJob).where(*where))).scalar_one()
-        return [job_body(row) for row in await self._fresh(rows)], int(total)
+        rows, total = await self.rows.page(skip=skip, limit=limit, segmentation_id=segmentation_id, state=state)
+        return [job_body(row) for row in await self._fresh(rows)], total
 
     # --- cancelling ------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, *, by: str) -> dict[str, Any]:
         """Cancel a queued or running job, whichever worker runs it; the active version stays (a finished job: 409)."""
-        (row,) = await self._fresh([await self._row(job_id)])
+        (row,) = await self._fresh([await self.rows.get(job_id)])
         if row.state in FINAL:
             raise Conflict(f"The job has already {_ended(row.state)}: only a queued or running job can be cancelled")
-        async with self.database.sessionmaker() as session:
-            asked = await rows_updated(
-                session,
-                update(TrainingJob)
-                .where(TrainingJob.id == job_id, TrainingJob.state.in_(LIVE))
-                .values(cancel_requested=True),
-            )
-            await session.commit()
+        asked = await self.rows.ask_cancel(job_id)
         if asked:
             logger.info("training job %s: cancel asked by %s", job_id, by)
         wait = self.settings.job_heartbeat_seconds * CANCEL_WAIT_HEARTBEATS + CANCEL_WAIT_MARGIN_SECONDS
@@ -501,10 +368,10 @@ class JobRunner:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
             while loop.time() < deadline:
-                if (await self._row(job_id)).state not in LIVE:
+                if (await self.rows.get(job_id)).state not in LIVE:
                     break
                 await asyncio.sleep(min(0.2, self.settings.job_heartbeat_seconds))
-        (row,) = await self._fresh([await self._row(job_id)])
+        (row,) = await self._fresh([await self.rows.get(job_id)])
         if row.state in ("succeeded", "failed"):
             raise Conflict(f"The job {_ended(row.state)} before it could be cancelled")
         return job_body(row)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, status
 
+from app.auth.dependencies import CurrentUser
 from app.auth.schemas import Message, PrimaryKey
 from app.core.database import CustomerProfile
-from app.core.deps import CurrentUser, PageDep, SessionDep
+from app.core.deps import PageDep, SessionDep
 from app.core.responses import errors
 from app.profiles import service as profile_service
 from app.profiles.schemas import ProfileCreate, ProfilePublic, ProfileUpdate

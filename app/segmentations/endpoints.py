@@ -14,16 +14,15 @@ from fastapi import APIRouter, File, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
-from app.core.deps import AnalystUser, CurrentUser
+from app.auth.dependencies import AnalystUser, CurrentUser
 from app.core.errors import InvalidInput
 from app.core.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
 from app.core.responses import errors, file_errors
 from app.history.schemas import HistoryPage, HistoryQuery
-from app.jobs.endpoints import STARTED, Wait, accepted
+from app.jobs.schemas import STARTED, Wait, accepted
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.segmentations import service as segmentations
 from app.segmentations.as_of import as_of_value
-from app.segmentations.dependencies import NAMED, SegmentationStore
 from app.segmentations.explain_schemas import ExplainQuery
 from app.segmentations.kinds.registry import feature_schema, kind_of
 from app.segmentations.results import (
@@ -45,7 +44,10 @@ from app.segmentations.schemas import (
     SegmentationPublic,
     SegmentationUpdate,
 )
+from app.versions.dependencies import NAMED, SegmentationStore
+from app.versions.identity_schemas import VersionComparison
 from app.versions.store import ModelStore
+from app.versions.training import TrainingRequest
 
 # A body without a Content-Type is read as JSON, as clients written against older FastAPI expect.
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
@@ -192,24 +194,19 @@ async def train(
 ) -> Any:
     if file is None and is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
-    state = request.app.state
     upload = file.file if file is not None else None
+    asked = TrainingRequest(n_clusters=n_clusters, random_state=random_state, as_of=as_of, by=analyst.username)
     if not wait:
-        job = await state.jobs.submit(
+        job = await request.app.state.jobs.submit(
             store,
             upload=upload,
             filename=file.filename if file is not None else None,
-            n_clusters=n_clusters,
-            random_state=random_state,
-            as_of=as_of,
-            by=analyst.username,
+            request=asked,
             result_model=NamedTrainResult,
         )
         return accepted(job)
-    served = await segmentations.train(
-        state, store, upload=upload, n_clusters=n_clusters, random_state=random_state, by=analyst.username, as_of=as_of
-    )
-    return NamedTrainResult(**segmentations.train_result(store, served))
+    trainer = segmentations.SegmentationTrainer(request.app.state)
+    return NamedTrainResult(**await trainer.train(store, upload, asked))
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -375,3 +372,42 @@ async def history(
 ) -> Response:
     body = await segmentations.history_page(request.app.state, user=user, query=query, store=store)
     return Response(body, media_type="application/json")
+
+
+VersionQuery = Annotated[str, Query(min_length=1, max_length=64)]
+
+COMPARE_DESCRIPTION = (
+    "Scores one CSV `file` (kind customer without one: the default dataset; kind rfm: a transaction log) with "
+    "both versions. `matrix[i][j]` counts customers in segment i of `from_version` and j of `to_version`; "
+    "`unchanged` is the share that kept its cluster_id, `unchanged_segments` the share that kept its segment_key "
+    "(the figure that stays meaningful when k changes). Unknown version: 404; a CSV with unusable rows: 422 "
+    "naming them."
+)
+
+
+@router.post(
+    "/{name}/compare",
+    summary="Compare two versions of a segmentation on one file (analyst)",
+    description=COMPARE_DESCRIPTION,
+    responses={**errors(401, 403, 404, 409, 413, 422), **file_errors("A CSV with unusable rows")},
+    form_limits=FORM_LIMITS,
+    openapi_extra=NAMED,
+)
+async def compare(
+    request: Request,
+    _: AnalystUser,
+    store: SegmentationStore,
+    from_version: VersionQuery,
+    to_version: VersionQuery,
+    file: CsvFile = None,
+) -> VersionComparison:
+    if file is None and is_multipart(request):
+        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    answer = await segmentations.compare_versions(
+        request.app.state,
+        store,
+        from_version=from_version,
+        to_version=to_version,
+        upload=file.file if file is not None else None,
+    )
+    return VersionComparison(**answer)

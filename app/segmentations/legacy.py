@@ -13,19 +13,19 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.convertors import StringConvertor, register_url_convertor
 
-from app.core.deps import AnalystUser, CurrentUser
+from app.auth.dependencies import AnalystUser, CurrentUser
 from app.core.params import CSV_ANSWER, FORM_LIMITS
 from app.core.responses import errors, file_errors
 from app.history.schemas import HistoryPage, HistoryQuery
-from app.jobs.endpoints import STARTED
+from app.jobs.schemas import STARTED
 from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.segmentations import endpoints
 from app.segmentations import service as segmentations
-from app.segmentations.dependencies import SegmentationStore
 from app.segmentations.explain_schemas import ExplainQuery
 from app.segmentations.kinds.customer_record import CustomerFeatures
 from app.segmentations.results import BatchResult, ClusterSummary, ElbowResult, NamedTrainResult, PredictionResult
 from app.versions import endpoints as versions
+from app.versions.dependencies import SegmentationStore
 from app.versions.schemas import ModelList, ModelVersionPublic
 
 router = APIRouter(tags=["segmentation"], strict_content_type=False, route_class=FastRoute)
@@ -185,10 +185,10 @@ router.add_api_route(
 )
 router.add_api_route(
     "/models/compare",
-    versions.compare,
+    endpoints.compare,
     methods=["POST"],
     summary="Compare two model versions on one file (analyst)",
-    description=versions.COMPARE_DESCRIPTION,
+    description=endpoints.COMPARE_DESCRIPTION,
     responses={**errors(401, 403, 404, 409, 413, 422), **file_errors("A CSV with unusable rows")},
     form_limits=FORM_LIMITS,
 )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.schemas import CUSTOMER_EXAMPLE, PNG_EXAMPLE, VERSION_EXAMPLE
 from app.segmentations.explain_schemas import Explanation, ExplanationField
 from app.segmentations.kinds.customer_record import CustomerFeatures
 from app.versions.identity_schemas import SegmentMatch
-from app.versions.schemas import SEGMENT_EXAMPLE, SegmentStats
+from app.versions.schemas import NAMED_SEGMENT_EXAMPLE, SEGMENT_EXAMPLE, NamedSegmentStats, SegmentStats
 
 
 class SegmentAssignment(BaseModel):
@@ -199,38 +199,6 @@ class NamedTrainResult(TrainResult):
     rows_after_as_of: int | None = Field(None, description="Kind rfm: rows dated after as_of, left out")
     as_of: str | None = Field(None, description="Kind rfm: the day RFM was computed as of")
     columns: dict[str, str] | None = Field(None, description="Kind rfm: the headers the log's fields were read from")
-
-
-NAMED_SEGMENT_EXAMPLE: dict[str, JsonValue] = {
-    **SEGMENT_EXAMPLE,
-    "means": {"age": 37.2, "annual_income": 118.4, "spending_score": 80.1, "purchase_frequency": 41.3},
-    "segment_key": "s-3fa2c1",
-    "generated_name": "High income, high spending",
-}
-
-
-class NamedSegmentStats(BaseModel):
-    """A segment of any kind; kind `customer` also carries its `avg_*` fields."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [NAMED_SEGMENT_EXAMPLE]})
-
-    cluster_id: int
-    cluster_name: str
-    size: int
-    percentage: float
-    description: str
-    means: dict[str, float | dict[str, float]] = Field(
-        description="Each feature's mean in its own units (categorical: the share of each level)"
-    )
-    segment_key: str
-    generated_name: str
-    avg_age: float | None = None
-    avg_income: float | None = None
-    avg_spending_score: float | None = None
-    avg_purchase_frequency: float | None = None
-    revenue_share: float | None = Field(
-        None, description="Kind rfm: the segment's share of the training customers' revenue, 0..100"
-    )
 
 
 class NamedClusterSummary(BaseModel):

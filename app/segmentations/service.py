@@ -8,6 +8,7 @@ kinds is the kind's own (app.segmentations.kinds): these functions never ask whi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import IO, Any
@@ -29,9 +30,11 @@ from app.preprocess import DataValidationError
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
+from app.versions import identity
 from app.versions.observed import BatchObserver
 from app.versions.served import ServedModel, data_uri
 from app.versions.store import ModelStore
+from app.versions.training import TrainingRequest
 
 
 def customer_adapter(store: ModelStore) -> TypeAdapter[Any]:
@@ -114,6 +117,28 @@ def check_training_request(state: State, store: ModelStore, *, has_file: bool, a
 def check_as_of(store: ModelStore, as_of: date | None) -> None:
     if as_of is not None and not kind_of(store.segmentation).takes_as_of:
         raise InvalidInput("`as_of` is for segmentations of kind rfm")
+
+
+@dataclass(frozen=True)
+class SegmentationTrainer:
+    """What a training job (app.jobs.service) runs: the checks and the training of a `wait=true` request."""
+
+    state: State
+
+    def check(self, store: ModelStore, request: TrainingRequest, *, has_file: bool) -> None:
+        check_training_request(self.state, store, has_file=has_file, as_of=request.as_of)
+
+    async def train(self, store: ModelStore, upload: IO[bytes] | None, request: TrainingRequest) -> dict[str, Any]:
+        served = await train(
+            self.state,
+            store,
+            upload=upload,
+            n_clusters=request.n_clusters,
+            random_state=request.random_state,
+            by=request.by,
+            as_of=request.as_of,
+        )
+        return train_result(store, served)
 
 
 def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
@@ -379,3 +404,18 @@ async def elbow_chart(state: State, store: ModelStore) -> tuple[str, int]:
         return data_uri(render_elbow_chart(figures))
 
     return await served.drawn("elbow", draw), int(figures["optimal_k"])
+
+
+async def compare_versions(
+    state: State, store: ModelStore, *, from_version: str, to_version: str, upload: IO[bytes] | None
+) -> dict[str, Any]:
+    """Score one file (a kind with a default dataset, without one: that dataset) with two versions: the
+    answer of POST .../compare. Unknown versions are a 404 before the file is read."""
+    from_model = await store.version_model(from_version)
+    to_model = await store.version_model(to_version)
+    kind = kind_of(store.segmentation)
+    if upload is None and not kind.default_dataset:
+        raise InvalidInput(f"A segmentation of kind {kind.name} compares versions on a CSV: send it as `file`")
+    data = await kind.comparison_data(store, upload, settings=state.settings)
+    comparison = await run_in_threadpool(identity.score_both, from_model, to_model, data)
+    return comparison.result()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from app.auth.dependencies import AdminUser, CurrentUser, require_role
 from app.auth.schemas import Message, PrimaryKey, RoleUpdate, UserList, UserPublic, UserUpdate, UserWithProfileStats
 from app.core import security as auth
 from app.core.database import Role
-from app.core.deps import AdminUser, CurrentUser, PageDep, SessionDep, SettingsDep, require_role
+from app.core.deps import PageDep, SessionDep, SettingsDep
 from app.core.errors import InvalidInput, Unauthorized
 from app.core.responses import errors
 from app.history import service as history_service

@@ -1,4 +1,4 @@
-"""The version routes of a segmentation: its versions, rollback, segment names, compare and drift.
+"""The version routes of a segmentation: its versions, rollback, segment names, and drift.
 
 The only implementation: the seed's paths (`/models...`, `PUT /clusters/{cluster_id}`, `/drift`) serve the
 same handlers for `default` (app.segmentations.legacy).
@@ -10,18 +10,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from app.core.deps import AnalystUser
-from app.core.errors import InvalidInput
-from app.core.params import FORM_LIMITS, CsvFile, is_multipart
-from app.core.responses import errors, file_errors
+from app.auth.dependencies import AnalystUser
+from app.core.responses import errors
 from app.routes.bodies import FastRoute
-from app.segmentations.dependencies import NAMED, SegmentationStore
-from app.segmentations.results import NamedSegmentStats
 from app.versions import drift as drift_service
 from app.versions import identity
+from app.versions.dependencies import NAMED, SegmentationStore
 from app.versions.drift_schemas import DriftQuery, DriftReport
-from app.versions.identity_schemas import SegmentRename, VersionComparison
-from app.versions.schemas import ModelPage, ModelPageQuery, ModelVersionPublic, NamedModelVersionDetail
+from app.versions.identity_schemas import SegmentRename
+from app.versions.schemas import (
+    ModelPage,
+    ModelPageQuery,
+    ModelVersionPublic,
+    NamedModelVersionDetail,
+    NamedSegmentStats,
+)
 
 router = APIRouter(prefix="/segmentations", tags=["segmentations"], strict_content_type=False, route_class=FastRoute)
 
@@ -126,40 +129,3 @@ async def rename_segment(
     }
     served = await identity.rename_segment(store, cluster_id, **changes)
     return NamedSegmentStats(**served.segment_details()[cluster_id])
-
-
-COMPARE_DESCRIPTION = (
-    "Scores one CSV `file` (kind customer without one: the default dataset; kind rfm: a transaction log) with "
-    "both versions. `matrix[i][j]` counts customers in segment i of `from_version` and j of `to_version`; "
-    "`unchanged` is the share that kept its cluster_id, `unchanged_segments` the share that kept its segment_key "
-    "(the figure that stays meaningful when k changes). Unknown version: 404; a CSV with unusable rows: 422 "
-    "naming them."
-)
-
-
-@router.post(
-    "/{name}/compare",
-    summary="Compare two versions of a segmentation on one file (analyst)",
-    description=COMPARE_DESCRIPTION,
-    responses={**errors(401, 403, 404, 409, 413, 422), **file_errors("A CSV with unusable rows")},
-    form_limits=FORM_LIMITS,
-    openapi_extra=NAMED,
-)
-async def compare(
-    request: Request,
-    _: AnalystUser,
-    store: SegmentationStore,
-    from_version: VersionQuery,
-    to_version: VersionQuery,
-    file: CsvFile = None,
-) -> VersionComparison:
-    if file is None and is_multipart(request):
-        raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
-    answer = await identity.compare(
-        request.app.state,
-        store,
-        from_version=from_version,
-        to_version=to_version,
-        upload=file.file if file is not None else None,
-    )
-    return VersionComparison(**answer)

@@ -9,20 +9,18 @@ ModelStore.train).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import State
 
 from app.core.database import ModelVersion, ServiceState, utcnow
-from app.core.errors import AppError, Conflict, InvalidInput, NotFound
+from app.core.errors import AppError, Conflict, NotFound
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer
 from app.model import SegmentationModel
-from app.segmentations.kinds.registry import kind_of
 from app.versions.lease import rows_updated
 from app.versions.store import ModelStore, ServedModel
 
@@ -189,20 +187,6 @@ def _labels(model: SegmentationModel, data: Any) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def _score_both(from_model: SegmentationModel, to_model: SegmentationModel, data: Any) -> Comparison:
+def score_both(from_model: SegmentationModel, to_model: SegmentationModel, data: Any) -> Comparison:
+    """How the rows of one frame fall into the segments of two versions."""
     return Comparison(from_model, to_model, _labels(from_model, data), _labels(to_model, data))
-
-
-async def compare(
-    state: State, store: ModelStore, *, from_version: str, to_version: str, upload: IO[bytes] | None
-) -> dict[str, Any]:
-    """Score one file (a kind with a default dataset, without one: that dataset) with two versions: the
-    answer of POST .../compare. Unknown versions are a 404 before the file is read."""
-    from_model = await store.version_model(from_version)
-    to_model = await store.version_model(to_version)
-    kind = kind_of(store.segmentation)
-    if upload is None and not kind.default_dataset:
-        raise InvalidInput(f"A segmentation of kind {kind.name} compares versions on a CSV: send it as `file`")
-    data = await kind.comparison_data(store, upload, settings=state.settings)
-    comparison = await run_in_threadpool(_score_both, from_model, to_model, data)
-    return comparison.result()

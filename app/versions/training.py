@@ -16,15 +16,15 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict, NotFound
-from app.jobs import progress
 from app.ml.matching import identify
 from app.model import ModelLoadError, SegmentationModel
+from app.versions import progress
 from app.versions.fitting import TrainingTimeout, fit_in_subprocess
 from app.versions.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
 from app.versions.repository import VersionRepository
@@ -42,6 +42,16 @@ TRAINING_KEY = "training_lease"
 
 def new_version_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What a training was asked for, with `wait=true` or as a job: the same four values either way."""
+
+    n_clusters: int | None
+    random_state: int
+    as_of: date | None
+    by: str
 
 
 @dataclass
@@ -105,7 +115,7 @@ class TrainingCoordinator:
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[TrainingReservation]:
-        """The reservation of the job running this training (app.jobs.progress), else one of its own."""
+        """The reservation of the job running this training (app.versions.progress), else one of its own."""
         reserved = progress.reservation()
         if isinstance(reserved, TrainingReservation) and reserved.key == self.lease.key:
             yield reserved
@@ -127,7 +137,7 @@ class TrainingCoordinator:
         created_by: str | None,
         schema: dict[str, Any] | None = None,
     ) -> ServedModel:
-        """Fit a new version, record it, make it active here and everywhere. A job (app.jobs.progress)
+        """Fit a new version, record it, make it active here and everywhere. A job (app.versions.progress)
         brings its own reservation and is told the phase."""
         async with self._turn():
             started = time.perf_counter()

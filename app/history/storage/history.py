@@ -22,7 +22,7 @@ from sqlalchemy.pool import QueuePool
 
 from app.core.database import PREDICTION_HISTORY, Database, HistoryCount, PredictionHistory
 from app.core.errors import AppError
-from app.history.service import item_json, page_bytes
+from app.history.pages import item_json, page_bytes
 
 logger = logging.getLogger("app.history")
 

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from app.core.database import PING_IDLE_SECONDS, PREDICTION_HISTORY, Database
-from app.history.service import page_bytes
+from app.history.pages import page_bytes
 from app.history.storage.history import (
     CURSOR_FOUND,
     ITEMS_PG,

@@ -24,7 +24,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from app.core.database import PREDICTION_HISTORY, sqlite_pragmas
-from app.history.service import page_bytes
+from app.history.pages import page_bytes
 from app.history.storage.history import (
     CURSOR_FOUND,
     ITEMS,
