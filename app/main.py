@@ -34,8 +34,8 @@ from app.profiles import endpoints as profiles
 from app.routes.bodies import install_json_alternatives
 from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
+from app.segmentations.elbow import ElbowCache
 from app.segmentations.registry import SegmentationRegistry
-from app.segmentations.scoring import ElbowCache
 from app.segmentations.service import SegmentationTrainer
 from app.users import endpoints as users
 from app.versions import endpoints as version_routes

@@ -8,7 +8,7 @@ import pytest
 
 from app.auth.service import AuthCache, Caller
 from app.core.database import Base, Role
-from app.segmentations.scoring import ElbowCache
+from app.segmentations.elbow import ElbowCache
 
 
 async def test_the_auth_cache_keeps_plain_callers_within_its_bound_and_every_token_still_works(app, client, make_user):

@@ -25,15 +25,16 @@ import pyarrow.parquet as pq
 
 from app.ml.frames import arrow_numbers, arrow_text
 from app.preprocess import DataValidationError
+from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.kinds.registry import KINDS
 from app.versions.served import ServedModel
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
-CHUNK_ROWS = segmentation.SCORE_CHUNK_ROWS
+CHUNK_ROWS = csv_answers.SCORE_CHUNK_ROWS
 FILE_CHUNK_ROWS = 4 * CHUNK_ROWS
 """Rows per Parquet batch read (and row group written): larger than an upload's chunks, as a file may be huge."""
-RESULT_COLUMNS = segmentation.RESULT_COLUMNS
+RESULT_COLUMNS = csv_answers.RESULT_COLUMNS
 
 Progress = Callable[[int], None]
 """Told how far the reading has got: bytes (CSV) or rows (Parquet)."""
@@ -170,7 +171,7 @@ class _CsvOut:
         valid, labels, confidence, errors, _ = scores
         if batch is not None:
             frame = text_frame(batch)  # every input column, as the CSV answer writes it
-        answer = segmentation.CsvAnswer(list(frame.columns), served.names)
+        answer = csv_answers.CsvAnswer(list(frame.columns), served.names)
         header_end = answer.file.tell()
         answer.add(frame, valid, labels, confidence, errors)
         with answer.finish() as chunk:

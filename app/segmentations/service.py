@@ -27,6 +27,7 @@ from app.history.schemas import HistoryQuery
 from app.history.storage.history import segmentation_page
 from app.ml.matching import identity_fields
 from app.preprocess import DataValidationError
+from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
@@ -259,7 +260,7 @@ async def score_batch(
     as_csv: bool,
     as_of: date | None = None,
     explain: bool = False,
-) -> tuple[ServedModel, segmentation.ScoredBatch]:
+) -> tuple[ServedModel, csv_answers.ScoredBatch]:
     """Score a CSV upload (kind rfm: a transaction log, aggregated as of `as_of`) or a JSON list of
     customers, each checked against the segmentation's schema; with `explain`, each row also gets its
     top feature and margin."""
@@ -291,7 +292,7 @@ async def score_batch(
 
 
 async def record_batch(
-    state: State, *, user_id: int, store: ModelStore, served: ServedModel, scored: segmentation.ScoredBatch
+    state: State, *, user_id: int, store: ModelStore, served: ServedModel, scored: csv_answers.ScoredBatch
 ) -> None:
     await prediction_service.record_batch(
         sessionmaker=state.database.sessionmaker,

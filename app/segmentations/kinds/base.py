@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
     from app.core.config import Settings
     from app.ml.schema import FeatureSchema
-    from app.segmentations.scoring import ChunkScores, ScoredBatch
+    from app.segmentations.csv_answers import ScoredBatch
+    from app.segmentations.scoring import ChunkScores
     from app.versions.observed import BatchObserver
     from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 

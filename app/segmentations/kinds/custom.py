@@ -14,10 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml.schema import FeatureSchema, SchemaError
+from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
+from app.segmentations.csv_answers import ScoredBatch
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.records import declared_customer_adapter
-from app.segmentations.scoring import ScoredBatch
 from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
@@ -154,7 +155,7 @@ def score_declared_records(
     answer = None
     if as_csv:
         frame = pd.DataFrame(records).astype(str)
-        csv_answer = segmentation.CsvAnswer(list(frame.columns), served.names, explain=explained is not None)
+        csv_answer = csv_answers.CsvAnswer(list(frame.columns), served.names, explain=explained is not None)
         csv_answer.add(frame, np.ones(n, dtype=bool), result.labels, result.confidence, [None] * n, explained)
         answer = csv_answer.finish()
     return ScoredBatch(

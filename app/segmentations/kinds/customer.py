@@ -18,9 +18,9 @@ from app.core.errors import InvalidInput
 from app.ml.schema import FeatureSchema
 from app.preprocess import FEATURES, resolve_columns
 from app.segmentations import scoring as segmentation
+from app.segmentations.csv_answers import ScoredBatch
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.customer_record import CustomerFeatures
-from app.segmentations.scoring import ScoredBatch
 from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 

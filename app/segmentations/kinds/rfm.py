@@ -23,10 +23,11 @@ from app.core.errors import InvalidInput
 from app.ml import rfm
 from app.ml.schema import FeatureSchema, SchemaError
 from app.preprocess import DataValidationError
+from app.segmentations.csv_answers import SPOOL_BYTES, ScoredBatch, inert_column
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
 from app.segmentations.kinds.records import declared_customer_adapter
-from app.segmentations.scoring import SPOOL_BYTES, ChunkScores, ScoredBatch, inert_column
+from app.segmentations.scoring import ChunkScores
 from app.versions.observed import BatchObserver
 from app.versions.store import ModelStore, SegmentationInfo, ServedModel
 
