@@ -175,7 +175,7 @@ def _size_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
 def render_elbow_chart(elbow: Mapping[str, Any]) -> bytes:
     """Inertia and silhouette against k, with the chosen k marked; PNG bytes.
 
-    ``elbow`` is the dict from :func:`app.model.elbow` (``k_range``,
+    ``elbow`` is the dict from :func:`app.ml.elbow` (``k_range``,
     ``inertias``, ``silhouette_scores``, ``optimal_k`` and optionally
     ``knee_k``).
     """

@@ -9,7 +9,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic_core import PydanticCustomError
 
-from app.preprocess import FEATURE_RANGES, SEX_VALUES
+from app.ml.preprocess import FEATURE_RANGES, SEX_VALUES
 from app.segmentations.explain_schemas import Explanation, ExplanationField
 from app.versions.identity_schemas import SegmentMatch
 

@@ -61,8 +61,8 @@ async def run(args) -> int:
     from app.engines import spark as engine
     from app.engines.spark import scoring, training
     from app.main import create_app
-    from app.model import SegmentationModel
-    from app.preprocess import FEATURES, resolve_columns
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import FEATURES, resolve_columns
     from app.users import service as user_service
     from generate_dataset import generate
 

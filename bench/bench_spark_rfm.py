@@ -42,8 +42,7 @@ def main() -> int:
 
     from app.engines import spark as engine
     from app.engines.spark import rfm as spark_rfm
-    from app.ml import rfm
-    from app.model import SegmentationModel
+    from app.ml import SegmentationModel, rfm
     from app.segmentations.kinds import rfm as rfm_service
     from app.versions.served import ServedModel
 

@@ -38,8 +38,8 @@ def run_worker(csv_path: Path, n_clusters: int | None, random_state: int) -> dic
     sys.path.insert(0, str(ROOT))
     started = time.perf_counter()
     import_start = time.perf_counter()
-    from app.model import SegmentationModel
-    from app.preprocess import load_training_matrix
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import load_training_matrix
 
     import_seconds = time.perf_counter() - import_start
     baseline_mb = _peak_rss_mb()

@@ -36,7 +36,7 @@ def _peak_rss_mb() -> float:
 def default_quality() -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from app.model import SegmentationModel
+    from app.ml import SegmentationModel
     from generate_dataset import generate
 
     data = generate(5000, seed=42, with_labels=True)

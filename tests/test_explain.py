@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.preprocess import FEATURES
+from app.ml.preprocess import FEATURES
 from tests.conftest import CUSTOMER
 from tests.test_segmentations import CRM_CUSTOMER, as_csv, create, crm_table
 

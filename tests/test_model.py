@@ -16,9 +16,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from app.charts import png_data_uri, render_cluster_charts, render_elbow_chart
-from app.ml import persistence, selection
-from app.model import ModelLoadError, SegmentationModel, elbow, segment_names
-from app.preprocess import (
+from app.ml import ModelLoadError, SegmentationModel, elbow, persistence, segment_names, selection
+from app.ml.preprocess import (
     FEATURE_RANGES,
     FEATURES,
     DataValidationError,

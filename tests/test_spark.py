@@ -53,8 +53,8 @@ def customers(tmp_path_factory) -> tuple[pd.DataFrame, object]:
 
 
 def in_process_inertia(frame: pd.DataFrame, k: int, random_state: int = 42) -> float:
-    from app.model import SegmentationModel
-    from app.preprocess import FEATURES, resolve_columns
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import FEATURES, resolve_columns
 
     columns = resolve_columns(frame.columns)
     X = frame[[columns[f] for f in FEATURES]].to_numpy(dtype=np.float64)

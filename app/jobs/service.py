@@ -32,8 +32,9 @@ from starlette.datastructures import State
 
 from app.core.config import Settings
 from app.core.database import Database, TrainingJob, utcnow
-from app.core.errors import AppError, Conflict, NotFound
+from app.core.errors import ML_ERROR_STATUS, AppError, Conflict, NotFound, ml_error_body
 from app.jobs import progress
+from app.ml.errors import MLError
 from app.segmentations import service as segmentation_service
 from app.versions.lease import HOST_ID, rows_updated
 from app.versions.store import ModelStore, TrainingReservation
@@ -293,6 +294,8 @@ class JobRunner:
                 outcome = ("failed", None, {"detail": WORKER_STOPPED}, None)
         except AppError as exc:
             outcome = ("failed", None, exc.body(), exc.status_code)
+        except MLError as exc:
+            outcome = ("failed", None, ml_error_body(exc), ML_ERROR_STATUS)
         except Exception:
             logger.exception("training job %s failed", job.id)
             outcome = ("failed", None, {"detail": "Internal server error"}, 500)

@@ -24,13 +24,13 @@ from app.ml.encoding import check_records, check_text_frame, encode, raise_for_r
 from app.ml.explain import Explainer, Explanation
 from app.ml.outofcore import TrainingFile, train_custom_file, train_customer_file
 from app.ml.persistence import ModelLoadError
+from app.ml.preprocess import FEATURES, DataValidationError, features_matrix
+from app.ml.preprocess import score_frame as score_customer_frame
 from app.ml.records import RecordEncoder
 from app.ml.rfm import RfmTable, clustering_frame
 from app.ml.schema import FeatureSchema, SchemaError, customer_matrix
 from app.ml.scoring import CentroidScorer, ScoredFrame, ScoredRecords
 from app.ml.training import train_custom, train_customer, train_rfm
-from app.preprocess import FEATURES, DataValidationError, features_matrix
-from app.preprocess import score_frame as score_customer_frame
 
 
 class SegmentationModel:
@@ -222,7 +222,7 @@ class SegmentationModel:
         are imputed and unseen categories accepted, both with a warning. A
         declared column missing from the frame raises DataValidationError.
         Works for both kinds (the customer kind follows
-        :func:`app.preprocess.score_frame`).
+        :func:`app.ml.preprocess.score_frame`).
         """
         if self.schema.kind == "customer":
             batch = score_customer_frame(frame)

@@ -36,6 +36,14 @@ from app.ml.frames import (
     iter_csv_training_frames,
     iter_parquet_training_frames,
 )
+from app.ml.preprocess import (
+    FEATURES,
+    DataValidationError,
+    _wrap_read_error,
+    check_feature_blocks,
+    iter_training_blocks,
+    resolve_columns,
+)
 from app.ml.schema import FeatureSchema
 from app.ml.training import (
     _INCOME,
@@ -48,14 +56,6 @@ from app.ml.training import (
     decode_centroid,
     train_custom,
     train_customer,
-)
-from app.preprocess import (
-    FEATURES,
-    DataValidationError,
-    _wrap_read_error,
-    check_feature_blocks,
-    iter_training_blocks,
-    resolve_columns,
 )
 
 SAMPLE_ROWS = 200_000

@@ -38,8 +38,7 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc
 
 from app.ml.frames import match_columns
-from app.ml.schema import Feature, FeatureSchema, SchemaError
-from app.preprocess import (
+from app.ml.preprocess import (
     MAX_LISTED_PROBLEMS,
     CsvSource,
     DataValidationError,
@@ -49,6 +48,7 @@ from app.preprocess import (
     _sniff,
     read_source,
 )
+from app.ml.schema import Feature, FeatureSchema, SchemaError
 
 RFM_FEATURES = ("recency_days", "frequency", "monetary")
 """What K-Means clusters on: recency_days as it is, log1p(frequency), log1p(max(monetary, 0))."""

@@ -16,8 +16,9 @@ from typing import Any, Literal, cast
 import numpy as np
 import pandas as pd
 
+from app.ml.errors import SchemaError
 from app.ml.frames import read_training_frame
-from app.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
+from app.ml.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 
 MAX_FEATURES = 50
 MAX_NAME_LENGTH = 64
@@ -29,10 +30,6 @@ MISSING_LEVEL = "missing"
 FeatureType = Literal["numeric", "categorical"]
 Transform = Literal["none", "log", "auto"]
 _DECLARED_KEYS = ("name", "type", "transform", "min", "max")
-
-
-class SchemaError(ValueError):
-    """A feature declaration that cannot be used; the message is one sentence naming the problem."""
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from app.ml.naming import (
     segment_traits,
 )
 from app.ml.persistence import FORMAT_VERSION
+from app.ml.preprocess import FEATURES, DataValidationError
 from app.ml.schema import FeatureSchema, customer_matrix
 from app.ml.scoring import CentroidScorer
-from app.preprocess import FEATURES, DataValidationError
 
 _INCOME, _SPENDING, _FREQUENCY, _AGE = (
     FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")

@@ -15,8 +15,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import AppError
-from app.model import SegmentationModel
-from app.preprocess import DataValidationError
+from app.ml import SegmentationModel
+from app.ml.preprocess import DataValidationError
 
 _TrainingContext = multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext
 _context: _TrainingContext | None = None

@@ -19,9 +19,9 @@ from starlette.datastructures import State
 
 from app.core.database import ModelVersion, ServiceState, utcnow
 from app.core.errors import AppError, Conflict, InvalidInput, NotFound
+from app.ml import SegmentationModel
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer
-from app.model import SegmentationModel
 from app.segmentations.kinds.registry import kind_of
 from app.versions.lease import rows_updated
 from app.versions.store import ModelStore, ServedModel

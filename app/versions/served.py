@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.core.database import DEFAULT_SEGMENTATION_KIND
-from app.model import SegmentationModel
-from app.preprocess import features_matrix
+from app.ml import SegmentationModel
+from app.ml.preprocess import features_matrix
 
 
 class ServedModel:

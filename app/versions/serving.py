@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
+from app.ml import ModelLoadError, SegmentationModel
 from app.ml.matching import renamed_since
-from app.model import ModelLoadError, SegmentationModel
 from app.versions.local_copy import load_local_copy, save_local_copy
 from app.versions.repository import VersionRepository
 from app.versions.served import ServedModel

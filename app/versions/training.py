@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict, NotFound
 from app.jobs import progress
+from app.ml import ModelLoadError, SegmentationModel
 from app.ml.matching import identify
-from app.model import ModelLoadError, SegmentationModel
 from app.versions.fitting import TrainingTimeout, fit_in_subprocess
 from app.versions.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
 from app.versions.repository import VersionRepository

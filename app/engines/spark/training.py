@@ -23,16 +23,15 @@ import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import StandardScaler
 
-from app.ml import selection
+from app.ml import SegmentationModel, selection
 from app.ml.drift import fit_reference
 from app.ml.encoding import encode, fit_schema, level_indices
 from app.ml.frames import categorical_values, match_columns, numeric_values
 from app.ml.persistence import FORMAT_VERSION
+from app.ml.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 from app.ml.schema import FeatureSchema
 from app.ml.scoring import CentroidScorer
 from app.ml.training import _finish_metadata, custom_segments, customer_segments, decode_centroid
-from app.model import SegmentationModel
-from app.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 
 SEEDS = 3
 """MLlib K-Means runs, each from its own k-means|| initialisation; the lowest cost is kept."""

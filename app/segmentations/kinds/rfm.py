@@ -21,8 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml import rfm
+from app.ml.preprocess import DataValidationError
 from app.ml.schema import FeatureSchema, SchemaError
-from app.preprocess import DataValidationError
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
 from app.segmentations.kinds.records import declared_customer_adapter

@@ -26,7 +26,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from app.core.errors import AppError
+from app.ml.errors import MAX_LISTED_PROBLEMS, DataValidationError
 
 FEATURES: tuple[str, ...] = ("age", "annual_income", "spending_score", "purchase_frequency")
 """Clustering features, in the column order of every feature matrix."""
@@ -43,39 +43,11 @@ SEX_COLUMN = "sex"
 SEX_VALUES: tuple[str, ...] = ("Male", "Female", "Other")
 _SEX_LOOKUP = {value.lower(): value for value in SEX_VALUES}
 
-MAX_LISTED_PROBLEMS = 10
 _BINARY_SNIFF_BYTES = 8192
 _SPOOL_BYTES = 16 * 1024 * 1024
 
 CsvSource = str | os.PathLike | bytes | IO[bytes]
 _T = TypeVar("_T")
-
-
-class DataValidationError(AppError, ValueError):
-    """Customer data that cannot be used, with what is wrong and where: a 422 with the problems listed.
-
-    ``message`` is one human-readable sentence (also ``str(error)``).
-    ``problems`` lists at most ten findings, each a dict with ``row`` (1-based
-    data row, header excluded; ``None`` for file-level problems), ``line``
-    (``row + 1``, the row number a spreadsheet shows), ``column`` (canonical
-    feature name or ``None``) and ``reason``. ``offending_rows`` counts every
-    row with at least one problem, including those not listed.
-    """
-
-    status_code = 422
-
-    def __init__(self, message: str, problems: list[dict[str, Any]] | None = None, offending_rows: int = 0):
-        super().__init__(message)
-        self.problems: list[dict[str, Any]] = list(problems or [])[:MAX_LISTED_PROBLEMS]
-        self.offending_rows = offending_rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"message": self.message, "problems": self.problems, "offending_rows": self.offending_rows}
-
-    def body(self) -> dict[str, Any]:
-        """`detail` the sentence, `errors` every listed problem with all four keys (null where unknown)."""
-        errors = [{key: problem.get(key) for key in ("row", "line", "column", "reason")} for problem in self.problems]
-        return {"detail": self.message, "errors": errors}
 
 
 def _problem(row: int | None, column: str | None, reason: str) -> dict[str, Any]:
