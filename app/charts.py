@@ -41,7 +41,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _segments(model_or_metadata: Any) -> list[Mapping[str, Any]]:
-    metadata = getattr(model_or_metadata, "metadata", model_or_metadata)
+    if hasattr(model_or_metadata, "segments"):  # a SegmentationModel or a ServedModel
+        return list(model_or_metadata.segments)
+    metadata = model_or_metadata
     if isinstance(metadata, Mapping):
         segments = metadata.get("segments") or metadata.get("clusters")
     else:

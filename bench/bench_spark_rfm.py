@@ -76,7 +76,7 @@ def main() -> int:
             print(f"{f'Spark {args.master}: aggregate + training_table':<44} {spark_seconds:8.1f} s")
             print(f"{'customers whose RFM row differs':<44} {differ:8,} of {len(want):,} (target 0)")
 
-            served = ServedModel(SegmentationModel.train(local, kind="rfm", n_clusters=5, random_state=42))
+            served = ServedModel(SegmentationModel.train(local, n_clusters=5, random_state=42))
             target = Path(tmp) / "scored.parquet"
             started = time.perf_counter()
             rows = spark_rfm.score(summed, served, target)

@@ -44,9 +44,9 @@ def default_quality() -> dict:
         data[["Age", "Annual_Income", "Spending_Score", "Purchase_Frequency"]].to_numpy(), random_state=42
     )
     return {
-        "ari": round(adjusted_rand_score(data["Segment"], model.training_labels), 4),
-        "silhouette": model.metadata["silhouette_score"],
-        "k": model.n_clusters,
+        "ari": round(adjusted_rand_score(data["Segment"], model.labels_), 4),
+        "silhouette": model.metadata_["silhouette_score"],
+        "k": model.n_clusters_,
     }
 
 
@@ -62,9 +62,9 @@ def mixed_quality(rows: int, seed: int) -> dict:
     frame = read_training_frame(data.to_csv(index=False).encode(), schema)
     model = SegmentationModel.train(frame, schema=schema, random_state=42)
     return {
-        "ari": round(adjusted_rand_score(data["latent_segment"], model.training_labels), 4),
-        "silhouette": model.metadata["silhouette_score"],
-        "k": model.n_clusters,
+        "ari": round(adjusted_rand_score(data["latent_segment"], model.labels_), 4),
+        "silhouette": model.metadata_["silhouette_score"],
+        "k": model.n_clusters_,
         "names": list(model.cluster_names),
     }
 
@@ -90,15 +90,15 @@ def large_worker(csv_path: Path) -> dict:
     return {
         "rows": len(frame),
         "declared_columns": len(schema.features),
-        "encoded_columns": model.schema.width,
+        "encoded_columns": model.schema_.width,
         "read_seconds": round(read_seconds, 2),
         "train_seconds": round(total_seconds - read_seconds, 2),
         "total_seconds": round(total_seconds, 2),
         "peak_rss_mb": round(peak, 1),
         "baseline_rss_mb": round(baseline, 1),
-        "algorithm": model.metadata["algorithm"],
-        "k": model.n_clusters,
-        "ari": round(adjusted_rand_score(latent, model.training_labels), 4),
+        "algorithm": model.metadata_["algorithm"],
+        "k": model.n_clusters_,
+        "ari": round(adjusted_rand_score(latent, model.labels_), 4),
     }
 
 

@@ -593,7 +593,7 @@ def _train_child(rows: int, n_clusters: int | None, csv: Path) -> None:
                 "load_seconds": loaded - started,
                 "train_seconds": trained - loaded,
                 "peak_rss_mb": peak_mb,
-                "n_clusters": model.n_clusters,
+                "n_clusters": model.n_clusters_,
             }
         )
     )

@@ -53,7 +53,7 @@ def _save_valid_model(directory: Path) -> None:
     generate(rows=300, seed=3).to_csv(csv_path, index=False)
     model = SegmentationModel.train(load_training_matrix(csv_path), n_clusters=3, random_state=0)
     model.version = "seeded-v1"
-    model.metadata["version"] = model.version
+    model.metadata_["version"] = model.version
     model.save(directory)
 
 

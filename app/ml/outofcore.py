@@ -36,6 +36,7 @@ from app.ml.frames import (
     iter_csv_training_frames,
     iter_parquet_training_frames,
 )
+from app.ml.kmeans import kmeans_with_centers
 from app.ml.preprocess import (
     FEATURES,
     DataValidationError,
@@ -365,11 +366,7 @@ def _streamed_parts(
 ) -> TrainedParts:
     """The trained parts of a streamed fit (either kind): the estimator holding the final centroids,
     the metadata every kind shares, the drift reference and the out-of-core report from the sample."""
-    kmeans = streamed.fit.kmeans
-    kmeans.cluster_centers_ = streamed.centers
-    kmeans.inertia_ = streamed.inertia
-    if hasattr(kmeans, "labels_"):
-        del kmeans.labels_
+    kmeans = kmeans_with_centers(streamed.centers, like=streamed.fit.kmeans, inertia=streamed.inertia)
     sample_labels, _ = _nearest(sample_x, streamed.centers)
     fit = dataclasses.replace(streamed.fit, algorithm="streamed_kmeans", known_silhouette=None)
     metadata = _metadata(fit, sample_x, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint)

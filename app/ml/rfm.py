@@ -141,7 +141,6 @@ class LogColumns:
 def rfm_schema() -> FeatureSchema:
     """The clustering features of kind ``rfm``: log1p of frequency and monetary (clipped at 0)."""
     return FeatureSchema(
-        "custom",
         (
             Feature("recency_days", "numeric", "none", 0.0),
             Feature("frequency", "numeric", "log", 0.0),

@@ -89,7 +89,7 @@ async def rename_segment(
         model = await run_in_threadpool(SegmentationModel.from_bytes, artifact)
         model.version = active
         segments = _renamed_segments(model.segments, cluster_id, cluster_name, description)
-        revision = names_revision(model) + 1
+        revision = names_revision(model.metadata_) + 1
         renamed = with_segments(model, segments, names_revision=revision)
         blob = await run_in_threadpool(renamed.to_bytes)
         new_details = {**(details or {}), "segments": segments, "names_revision": revision}
@@ -145,7 +145,7 @@ class Comparison:
     to_labels: np.ndarray
 
     def result(self) -> dict[str, Any]:
-        k_from, k_to = self.from_model.n_clusters, self.to_model.n_clusters
+        k_from, k_to = self.from_model.n_clusters_, self.to_model.n_clusters_
         n = len(self.from_labels)
         cells = np.bincount(self.from_labels * k_to + self.to_labels, minlength=k_from * k_to)
         matrix = cells.reshape(k_from, k_to)
@@ -184,7 +184,7 @@ def _segments(model: SegmentationModel, sizes: np.ndarray, n: int) -> list[dict[
 
 def _labels(model: SegmentationModel, data: Any) -> np.ndarray:
     """Each row's cluster id under `model`: its K-Means input through the nearest centroid."""
-    centers = np.asarray(model.kmeans.cluster_centers_, dtype=np.float64)
+    centers = np.asarray(model.kmeans_.cluster_centers_, dtype=np.float64)
     labels, _ = CentroidScorer(centers).predict(model.encode(data))
     return np.asarray(labels, dtype=np.int64)
 

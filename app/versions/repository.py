@@ -162,7 +162,7 @@ class VersionRepository:
             session.add(ServiceState(key=self.active_key, value=version))
 
     def _row(self, model: SegmentationModel, blob: bytes, *, created_by: str | None) -> ModelVersion:
-        meta = model.metadata
+        meta = model.metadata_
         return ModelVersion(
             version=model.version,
             segmentation_id=self.segmentation_id,

@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import SegmentationModel, selection
 from app.ml.drift import fit_reference
 from app.ml.encoding import encode, fit_schema, level_indices
 from app.ml.frames import categorical_values, match_columns, numeric_values
+from app.ml.kmeans import kmeans_with_centers
 from app.ml.persistence import FORMAT_VERSION
 from app.ml.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 from app.ml.schema import FeatureSchema
@@ -82,7 +83,7 @@ def train(
     started = time.perf_counter()
     frame = read_dataset(spark, source)
     rows_read = frame.count()
-    if schema is None or schema.kind == "customer":
+    if schema is None or schema.fixed:
         trainer: _Trainer = _CustomerTrainer(frame)
     else:
         trainer = _CustomTrainer(frame, schema)
@@ -129,7 +130,7 @@ def train(
         random_state=random_state,
         started=started,
     )
-    model.metadata["engine"] = {
+    model.metadata_["engine"] = {
         "name": "spark",
         "master": spark.sparkContext.master,
         "spark_version": spark.version,
@@ -138,11 +139,11 @@ def train(
         "costs": [round(c, 4) for c in costs],
         "sample_rows": len(sample),
     }
-    model.metadata["skipped_rows"] = rows_read - n
+    model.metadata_["skipped_rows"] = rows_read - n
     # The drift reference from the sample, in the features' own units (as the out-of-core trainer takes it).
-    sample_labels = CentroidScorer(np.asarray(model.kmeans.cluster_centers_)).predict(sample_x)[0]
-    model.metadata["drift_reference"] = fit_reference(
-        model.schema, trainer.sample_columns(sample), sample_labels, model.n_clusters
+    sample_labels = CentroidScorer(np.asarray(model.kmeans_.cluster_centers_)).predict(sample_x)[0]
+    model.metadata_["drift_reference"] = fit_reference(
+        model.schema_, trainer.sample_columns(sample), sample_labels, model.n_clusters_
     ).to_dict()
     return SparkTraining(model=model, rows_read=rows_read, skipped_rows=rows_read - n, costs=costs)
 
@@ -261,15 +262,20 @@ def _fingerprint(sample_x: np.ndarray, totals: dict[str, np.ndarray], n: int) ->
     return digest.hexdigest()
 
 
-def _estimator(centers: np.ndarray, inertia: float, random_state: int) -> KMeans:
-    """A fitted scikit-learn KMeans whose centroids are the given ones (saved as kmeans.pkl)."""
-    kmeans = KMeans(n_clusters=len(centers), random_state=random_state, n_init=1)
-    kmeans.cluster_centers_ = np.ascontiguousarray(centers, dtype=np.float64)
-    kmeans.n_features_in_ = centers.shape[1]
-    kmeans.inertia_ = float(inertia)
-    kmeans.n_iter_ = 0
-    kmeans._n_threads = 1
-    return kmeans
+def _estimator(centers: np.ndarray, inertia: float, random_state: int) -> KMeans | MiniBatchKMeans:
+    """A fitted scikit-learn KMeans whose centroids are Spark's, in served-id order (saved as kmeans.pkl)."""
+    return kmeans_with_centers(
+        np.ascontiguousarray(centers, dtype=np.float64), inertia=inertia, random_state=random_state
+    )
+
+
+def scaler_with_moments(mean: np.ndarray, std: np.ndarray) -> StandardScaler:
+    """A StandardScaler fitted to two rows, ``mean - std`` and ``mean + std``: their mean and population
+    standard deviation are the dataset's, so it scales as one fitted on every row would (a column of
+    zero deviation keeps scale 1, as scikit-learn gives it)."""
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    return StandardScaler().fit(np.stack([mean - std, mean + std]))
 
 
 def _silhouette(sample_x: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
@@ -304,11 +310,7 @@ class _CustomerTrainer(_Trainer):
         ).first()
         mean = np.array([moments[f"mean_{f}"] for f in FEATURES], dtype=np.float64)
         std = np.array([moments[f"std_{f}"] or 0.0 for f in FEATURES], dtype=np.float64)
-        self.scaler.mean_ = mean
-        self.scaler.var_ = std**2
-        self.scaler.scale_ = np.where(std > 0, std, 1.0)
-        self.scaler.n_features_in_ = len(FEATURES)
-        self.scaler.n_samples_seen_ = np.int64(usable.count())
+        self.scaler = scaler_with_moments(mean, std)
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         return self.scaler.transform(frame[list(FEATURES)].to_numpy(dtype=np.float64))
@@ -369,7 +371,7 @@ class _CustomerTrainer(_Trainer):
         metadata["segments"] = segments
         metadata["centroids"] = centroids
         _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit["report"], started)
-        return SegmentationModel(self.scaler, _estimator(z, fit["inertia"], fit["random_state"]), metadata)
+        return SegmentationModel.from_fitted(self.scaler, _estimator(z, fit["inertia"], fit["random_state"]), metadata)
 
 
 # --- kind custom ------------------------------------------------------------------------------
@@ -501,4 +503,4 @@ class _CustomTrainer(_Trainer):
         metadata["segments"] = segments
         metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
         _finish_metadata(metadata, fitted, self.missing_shares, fit["report"], fit["started"])
-        return SegmentationModel(None, _estimator(centers, fit["inertia"], fit["random_state"]), metadata)
+        return SegmentationModel.from_fitted(None, _estimator(centers, fit["inertia"], fit["random_state"]), metadata)
