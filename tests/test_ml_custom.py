@@ -184,7 +184,7 @@ def test_training_recovers_the_planted_segments(model, mixed):
 
 def test_same_data_and_seed_give_same_ids_and_names(model, frame, schema):
     again = SegmentationModel.train(frame, schema=schema, random_state=42)
-    assert again.cluster_names == model.cluster_names
+    assert again.cluster_names_ == model.cluster_names_
     np.testing.assert_array_equal(again.labels_, model.labels_)
     assert [s["segment_key"] for s in again.segments] == [s["segment_key"] for s in model.segments]
     sizes = [s["size"] for s in model.segments]
@@ -192,7 +192,7 @@ def test_same_data_and_seed_give_same_ids_and_names(model, frame, schema):
 
 
 def test_segments_carry_names_means_and_level_shares(model, frame):
-    names = model.cluster_names
+    names = model.cluster_names_
     assert len(set(names)) == len(names) and all(names)
     assert len({s["segment_key"] for s in model.segments}) == model.n_clusters_
     labels = model.labels_
@@ -302,7 +302,7 @@ def test_bytes_and_directory_round_trips_predict_the_same(model, mixed, tmp_path
         scored = other.score_frame(text)
         np.testing.assert_array_equal(scored.labels, expected.labels)
         np.testing.assert_array_equal(scored.confidence, expected.confidence)
-        assert other.schema_ == model.schema_ and other.cluster_names == model.cluster_names
+        assert other.schema_ == model.schema_ and other.cluster_names_ == model.cluster_names_
         assert other.metadata_["segments"] == model.metadata_["segments"]
 
 

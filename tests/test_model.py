@@ -206,7 +206,7 @@ def test_metadata_and_segment_statistics(model, X):
 
 def test_same_data_and_seed_give_same_ids_and_names(model, X):
     again = SegmentationModel.train(X, random_state=42)
-    assert again.cluster_names == model.cluster_names
+    assert again.cluster_names_ == model.cluster_names_
     np.testing.assert_array_equal(again.labels_, model.labels_)
     np.testing.assert_allclose(again.kmeans_.cluster_centers_, model.kmeans_.cluster_centers_)
     assert again.metadata_["data_fingerprint"] == model.metadata_["data_fingerprint"]
@@ -216,7 +216,7 @@ def test_same_data_and_seed_give_same_ids_and_names(model, X):
 
 
 def test_names_describe_the_centroids(model):
-    names = model.cluster_names
+    names = model.cluster_names_
     assert len(set(names)) == len(names)
     by_name = {s["cluster_name"]: s for s in model.segments}
     richest_spenders = max(model.segments, key=lambda s: s["avg_income"] + s["avg_spending_score"])
@@ -231,7 +231,7 @@ def test_names_describe_the_centroids(model):
 @pytest.mark.parametrize("k", [2, 3, 4, 6, 7, 8, 9, 10])
 def test_names_unique_for_any_k(X, k):
     fitted = SegmentationModel.train(X, n_clusters=k)
-    names = fitted.cluster_names
+    names = fitted.cluster_names_
     assert len(names) == k and len(set(names)) == k
     assert all(name and name[0].isupper() for name in names)
 
@@ -240,8 +240,8 @@ def test_names_follow_the_population_not_a_fixed_list(customers):
     # Without the affluent high spenders, no segment may carry their name.
     subset = customers[customers["Segment"] != "Affluent high spenders"]
     fitted = SegmentationModel.train(as_matrix(subset), n_clusters=4)
-    assert "High income, high spending" not in fitted.cluster_names
-    assert len(set(fitted.cluster_names)) == 4
+    assert "High income, high spending" not in fitted.cluster_names_
+    assert len(set(fitted.cluster_names_)) == 4
 
 
 def test_segment_names_disambiguate_collisions():
@@ -302,7 +302,7 @@ def test_elbow_report(X):
 def test_train_accepts_a_dataframe_by_column_name(customers, model):
     shuffled_columns = customers[["Spending_Score", "Sex", "Purchase_Frequency", "Age", "Annual_Income"]]
     fitted = SegmentationModel.train(shuffled_columns, n_clusters=5)
-    assert fitted.cluster_names == model.cluster_names
+    assert fitted.cluster_names_ == model.cluster_names_
     np.testing.assert_array_equal(fitted.labels_, model.labels_)
 
 
@@ -359,14 +359,14 @@ def test_predict_one_matches_predict_in_every_calling_style(model, X):
     labels, confidence = model.predict_with_confidence(X[:200])
     for row, label, conf in zip(X[:200], labels, confidence, strict=True):
         cluster_id, name, one_conf = model.predict_one(*row)
-        assert cluster_id == label and name == model.cluster_names[label]
+        assert cluster_id == label and name == model.cluster_names_[label]
         assert one_conf == pytest.approx(conf, abs=1e-12)
     customer = dict(zip(FEATURES, (29, 42.0, 81, 48), strict=True))
     expected = model.predict_one(29, 42.0, 81, 48)
     assert model.predict_one(customer) == expected
     assert model.predict_one(**customer) == expected
     assert model.predict_one(SimpleNamespace(**customer)) == expected
-    assert expected[1] == model.cluster_names[expected[0]]
+    assert expected[1] == model.cluster_names_[expected[0]]
     with pytest.raises(DataValidationError):
         model.predict_one(29, float("nan"), 81, 48)
 
@@ -400,7 +400,7 @@ def assert_same_model(a: SegmentationModel, b: SegmentationModel) -> None:
     sample = in_range_customers(500, seed=9)
     for left, right in zip(a.predict_with_confidence(sample), b.predict_with_confidence(sample), strict=True):
         np.testing.assert_array_equal(left, right)
-    assert a.cluster_names == b.cluster_names
+    assert a.cluster_names_ == b.cluster_names_
     assert a.version == b.version
     assert a.metadata_["segments"] == b.metadata_["segments"]
 

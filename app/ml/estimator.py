@@ -129,10 +129,6 @@ class SegmentationModel(ClusterMixin, BaseEstimator):
         self.metadata_["version"] = str(value)
 
     @property
-    def cluster_names(self) -> tuple[str, ...]:
-        return self.cluster_names_
-
-    @property
     def segments(self) -> list[dict[str, Any]]:
         return self.metadata_["segments"]
 
@@ -163,40 +159,21 @@ class SegmentationModel(ClusterMixin, BaseEstimator):
         return self._scorer.predict(encode(self.schema_, X))
 
     def predict_one(self, *values: Any, **features: Any) -> tuple[int, str, float]:
-        """Segment of one customer -> (cluster_id, cluster_name, confidence).
-
-        Call as ``predict_one(age, annual_income, spending_score,
-        purchase_frequency)``, ``predict_one(age=..., ...)`` or with one
-        mapping or object carrying those fields. Plain Python arithmetic
-        over the folded centroids: a few microseconds, no array set-up.
-        """
+        """Segment of one customer -> (cluster_id, cluster_name, confidence): the four features, as
+        keywords, or one mapping or object carrying them. Plain Python arithmetic over the folded
+        centroids: a few microseconds, no array set-up."""
         if not self.schema_.fixed:
             raise TypeError("predict_one takes the four customer features; score a declared schema with score_records")
-        if len(values) == 4:
-            a, b, c, d = values
-        elif len(values) == 1 and not features:
-            record = values[0]
-            if isinstance(record, Mapping):
-                a, b, c, d = (record[name] for name in FEATURES)
-            else:
-                a, b, c, d = (getattr(record, name) for name in FEATURES)
-        elif not values:
-            a, b, c, d = (features[name] for name in FEATURES)
-        else:
-            raise TypeError("predict_one takes the four features, a mapping or an object")
-        scored = self._scorer.predict_four(a, b, c, d)
+        scored = self._scorer.predict_four(*_four_features(values, features))
         if scored is None:
             raise DataValidationError("features must be finite numbers (no NaN or infinity)")
         best_id, confidence = scored
         return best_id, self.cluster_names_[best_id], confidence
 
     def score_records(self, records: Sequence[Mapping[str, Any]]) -> ScoredRecords:
-        """Segments of records (mappings from feature name to value), already type-checked.
-
-        Unseen categories are accepted and warned about, empty values imputed
-        as at training. An out-of-range value raises DataValidationError
-        naming the record and feature. Works for every schema.
-        """
+        """Segments of records (mappings from feature name to value), already type-checked. Unseen
+        categories are accepted and warned about, empty values imputed as at training; an
+        out-of-range value raises DataValidationError naming the record and feature."""
         if self.schema_.fixed:
             labels, confidence = self._scorer.predict(customer_matrix(features_matrix(records)))
             return ScoredRecords(labels, confidence, [[] for _ in records])
@@ -285,10 +262,7 @@ class SegmentationModel(ClusterMixin, BaseEstimator):
     # -- persistence ------------------------------------------------------- #
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write kmeans.pkl, scaler.pkl and metadata.json into directory, atomically file by file.
-
-        See :func:`app.ml.persistence.write_directory`.
-        """
+        """Write kmeans.pkl, scaler.pkl and metadata.json (:func:`app.ml.persistence.write_directory`)."""
         return persistence.write_directory(directory, self.kmeans_, self.scaler_, self.metadata_)
 
     @classmethod
@@ -305,10 +279,22 @@ class SegmentationModel(ClusterMixin, BaseEstimator):
         """Inverse of :meth:`to_bytes`; any problem raises ModelLoadError."""
         return _from_parts(*persistence.from_bytes(blob))
 
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = False
-        return tags
+
+def _four_features(values: tuple[Any, ...], features: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """The four customer features of :meth:`SegmentationModel.predict_one`'s arguments, in FEATURES order."""
+    if len(values) == 4:
+        return values[0], values[1], values[2], values[3]
+    if len(values) == 1 and not features:
+        record = values[0]
+        if isinstance(record, Mapping):
+            a, b, c, d = (record[name] for name in FEATURES)
+        else:
+            a, b, c, d = (getattr(record, name) for name in FEATURES)
+        return a, b, c, d
+    if not values:
+        a, b, c, d = (features[name] for name in FEATURES)
+        return a, b, c, d
+    raise TypeError("predict_one takes the four features, a mapping or an object")
 
 
 def train_parts(

@@ -211,12 +211,12 @@ def _declared_feature(spec: Any, number: int) -> Feature:
     unknown = sorted(str(k) for k in spec if k not in _DECLARED_KEYS)
     if unknown:
         raise SchemaError(f"feature {name!r}: unknown field(s) {', '.join(unknown)}")
-    kind = spec.get("type")
-    if kind not in ("numeric", "categorical"):
-        raise SchemaError(f"feature {name!r}: type must be 'numeric' or 'categorical', got {kind!r}")
+    feature_type = spec.get("type")
+    if feature_type not in ("numeric", "categorical"):
+        raise SchemaError(f"feature {name!r}: type must be 'numeric' or 'categorical', got {feature_type!r}")
     transform = spec.get("transform")
     low, high = _bound(spec, "min", name), _bound(spec, "max", name)
-    if kind == "categorical":
+    if feature_type == "categorical":
         if transform not in (None, "none"):
             raise SchemaError(f"feature {name!r}: a categorical feature takes no transform, got {transform!r}")
         if low is not None or high is not None:

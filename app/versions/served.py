@@ -25,7 +25,7 @@ class ServedModel:
         self.metadata: dict[str, Any] = model.metadata_
         self.kind: str = str(model.metadata_.get("kind") or DEFAULT_SEGMENTATION_KIND)
         self.segments: list[dict[str, Any]] = model.metadata_["segments"]
-        self.names: tuple[str, ...] = model.cluster_names
+        self.names: tuple[str, ...] = model.cluster_names_
         self._charts: dict[str, str] | None = None
         self._charts_lock = asyncio.Lock()
         self._responses: dict[str, bytes] = {}
