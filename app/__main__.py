@@ -154,7 +154,7 @@ def read_training_csv(path: Path, *, progress: bool | None = None, schema=None):
             if schema is None:
                 features = load_training_matrix(fh)
             else:
-                from app.ml.schema import read_training_frame
+                from app.ml.frames import read_training_frame
 
                 features = read_training_frame(fh, schema)
         bar.update(total - bar.n)

@@ -54,7 +54,8 @@ def mixed_quality(rows: int, seed: int) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from app.ml import SegmentationModel
-    from app.ml.schema import FeatureSchema, read_training_frame
+    from app.ml.frames import read_training_frame
+    from app.ml.schema import FeatureSchema
     from generate_dataset import generate_mixed, mixed_features
 
     data = generate_mixed(rows, seed=seed, with_labels=True)
@@ -75,7 +76,8 @@ def large_worker(csv_path: Path) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from app.ml import SegmentationModel
-    from app.ml.schema import FeatureSchema, read_training_frame
+    from app.ml.frames import read_training_frame
+    from app.ml.schema import FeatureSchema
     from generate_dataset import mixed_features
 
     schema = FeatureSchema.declare(mixed_features(), id_column="customer_id")

@@ -10,8 +10,10 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from app.ml import SegmentationModel, frames
+from app.ml.errors import SchemaError
+from app.ml.frames import read_training_frame
 from app.ml.preprocess import FEATURE_RANGES, FEATURES, DataValidationError
-from app.ml.schema import MISSING_LEVEL, OTHER_LEVEL, FeatureSchema, SchemaError, read_training_frame
+from app.ml.schema import MISSING_LEVEL, OTHER_LEVEL, FeatureSchema
 from generate_dataset import generate, generate_mixed, mixed_features
 
 ROWS = 3000

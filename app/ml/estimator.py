@@ -68,7 +68,7 @@ class SegmentationModel(ClusterMixin, BaseEstimator):
     def fit(self, X: Any, y: Any = None) -> SegmentationModel:
         """Fit on ``X``: for the customer features an (n, 4) matrix in FEATURES order, original units,
         or a DataFrame with those columns; for a declared schema the DataFrame from
-        :func:`app.ml.schema.read_training_frame`; an :class:`app.ml.rfm.RfmTable` (the RFM kind's
+        :func:`app.ml.frames.read_training_frame`; an :class:`app.ml.rfm.RfmTable` (the RFM kind's
         table of :func:`app.ml.rfm.read_log`); or a :class:`app.ml.outofcore.TrainingFile` (CSV or
         Parquet of any size). ``y`` is ignored. Raises DataValidationError when the data is
         malformed or has too few (distinct) rows for the requested segments.

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from app.ml.errors import SchemaError
-from app.ml.frames import read_training_frame
 from app.ml.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 
 MAX_FEATURES = 50
@@ -285,5 +284,4 @@ __all__ = [
     "FeatureSchema",
     "SchemaError",
     "customer_matrix",
-    "read_training_frame",
 ]

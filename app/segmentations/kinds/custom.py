@@ -62,7 +62,7 @@ class CustomKind:
         by: str,
         as_of: date | None,
     ) -> ServedModel:
-        from app.ml.schema import read_training_frame
+        from app.ml.frames import read_training_frame
 
         assert upload is not None  # the service asks for a file first
         declared = self.schema(store.segmentation)
@@ -124,8 +124,7 @@ class CustomKind:
 
 def declared_frame(upload: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
     """A CSV of a declared schema as read for training, its columns named as declared."""
-    from app.ml.frames import match_columns
-    from app.ml.schema import read_training_frame
+    from app.ml.frames import match_columns, read_training_frame
 
     upload.seek(0)
     frame = read_training_frame(upload, schema)
