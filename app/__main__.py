@@ -22,7 +22,7 @@ from app.core.database import Database
 from app.core.errors import AppError
 from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging
-from app.preprocess import DataValidationError, load_training_matrix
+from app.ml.preprocess import DataValidationError, load_training_matrix
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
 
@@ -154,7 +154,7 @@ def read_training_csv(path: Path, *, progress: bool | None = None, schema=None):
             if schema is None:
                 features = load_training_matrix(fh)
             else:
-                from app.ml.schema import read_training_frame
+                from app.ml.frames import read_training_frame
 
                 features = read_training_frame(fh, schema)
         bar.update(total - bar.n)

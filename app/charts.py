@@ -41,7 +41,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _segments(model_or_metadata: Any) -> list[Mapping[str, Any]]:
-    metadata = getattr(model_or_metadata, "metadata", model_or_metadata)
+    if hasattr(model_or_metadata, "segments"):  # a SegmentationModel or a ServedModel
+        return list(model_or_metadata.segments)
+    metadata = model_or_metadata
     if isinstance(metadata, Mapping):
         segments = metadata.get("segments") or metadata.get("clusters")
     else:
@@ -175,7 +177,7 @@ def _size_chart(segments: Sequence[Mapping[str, Any]]) -> bytes:
 def render_elbow_chart(elbow: Mapping[str, Any]) -> bytes:
     """Inertia and silhouette against k, with the chosen k marked; PNG bytes.
 
-    ``elbow`` is the dict from :func:`app.model.elbow` (``k_range``,
+    ``elbow`` is the dict from :func:`app.ml.elbow` (``k_range``,
     ``inertias``, ``silhouette_scores``, ``optimal_k`` and optionally
     ``knee_k``).
     """

@@ -22,7 +22,7 @@ from app.auth.service import AuthCache
 from app.core.config import Settings, get_settings
 from app.core.database import Database
 from app.core.docs import install_docs
-from app.core.errors import AppError
+from app.core.errors import ML_ERROR_STATUS, AppError, ml_error_body
 from app.core.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging, install_observability
@@ -30,6 +30,7 @@ from app.core.schemas import Health
 from app.history.storage import open_history_repository
 from app.jobs import endpoints as jobs
 from app.jobs.service import JobRunner
+from app.ml.errors import MLError
 from app.profiles import endpoints as profiles
 from app.routes.bodies import install_json_alternatives
 from app.segmentations import endpoints as segmentation_routes
@@ -148,6 +149,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(MLError)
+    async def ml_error(_: Request, exc: MLError) -> JSONResponse:
+        return JSONResponse(ml_error_body(exc), status_code=ML_ERROR_STATUS)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from app.preprocess import DataValidationError
+from app.ml.preprocess import DataValidationError
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
 

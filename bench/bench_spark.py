@@ -42,7 +42,7 @@ PASSWORD = "bench-password-123"
 def inertia(model, X: np.ndarray) -> float:
     """Sum of squared distances to the nearest centroid, in the model's own scaled space."""
     Z = model.encode(X)
-    centers = np.asarray(model.kmeans.cluster_centers_, dtype=np.float64)
+    centers = np.asarray(model.kmeans_.cluster_centers_, dtype=np.float64)
     total = 0.0
     for lo in range(0, len(Z), 200_000):
         chunk = Z[lo : lo + 200_000]
@@ -61,8 +61,8 @@ async def run(args) -> int:
     from app.engines import spark as engine
     from app.engines.spark import scoring, training
     from app.main import create_app
-    from app.model import SegmentationModel
-    from app.preprocess import FEATURES, resolve_columns
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import FEATURES, resolve_columns
     from app.users import service as user_service
     from generate_dataset import generate
 
@@ -114,7 +114,7 @@ async def run(args) -> int:
             started = time.perf_counter()
             local = await asyncio.to_thread(SegmentationModel.train, X, n_clusters=k, random_state=args.seed)
             rows.append(
-                ("in-process train, same k", f"{time.perf_counter() - started:.1f} s ({local.metadata['algorithm']})")
+                ("in-process train, same k", f"{time.perf_counter() - started:.1f} s ({local.metadata_['algorithm']})")
             )
 
             spark_inertia, local_inertia = inertia(served.model, X), inertia(local, X)

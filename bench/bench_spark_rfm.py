@@ -42,8 +42,7 @@ def main() -> int:
 
     from app.engines import spark as engine
     from app.engines.spark import rfm as spark_rfm
-    from app.ml import rfm
-    from app.model import SegmentationModel
+    from app.ml import SegmentationModel, rfm
     from app.segmentations.kinds import rfm as rfm_service
     from app.versions.served import ServedModel
 
@@ -77,7 +76,7 @@ def main() -> int:
             print(f"{f'Spark {args.master}: aggregate + training_table':<44} {spark_seconds:8.1f} s")
             print(f"{'customers whose RFM row differs':<44} {differ:8,} of {len(want):,} (target 0)")
 
-            served = ServedModel(SegmentationModel.train(local, kind="rfm", n_clusters=5, random_state=42))
+            served = ServedModel(SegmentationModel.train(local, n_clusters=5, random_state=42))
             target = Path(tmp) / "scored.parquet"
             started = time.perf_counter()
             rows = spark_rfm.score(summed, served, target)

@@ -38,8 +38,8 @@ def run_worker(csv_path: Path, n_clusters: int | None, random_state: int) -> dic
     sys.path.insert(0, str(ROOT))
     started = time.perf_counter()
     import_start = time.perf_counter()
-    from app.model import SegmentationModel
-    from app.preprocess import load_training_matrix
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import load_training_matrix
 
     import_seconds = time.perf_counter() - import_start
     baseline_mb = _peak_rss_mb()
@@ -51,7 +51,7 @@ def run_worker(csv_path: Path, n_clusters: int | None, random_state: int) -> dic
     train_start = time.perf_counter()
     model = SegmentationModel.train(features, n_clusters=n_clusters, random_state=random_state)
     train_seconds = time.perf_counter() - train_start
-    meta = model.metadata
+    meta = model.metadata_
     return {
         "rows": int(len(features)),
         "import_seconds": round(import_seconds, 3),

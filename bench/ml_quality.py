@@ -36,7 +36,7 @@ def _peak_rss_mb() -> float:
 def default_quality() -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from app.model import SegmentationModel
+    from app.ml import SegmentationModel
     from generate_dataset import generate
 
     data = generate(5000, seed=42, with_labels=True)
@@ -44,9 +44,9 @@ def default_quality() -> dict:
         data[["Age", "Annual_Income", "Spending_Score", "Purchase_Frequency"]].to_numpy(), random_state=42
     )
     return {
-        "ari": round(adjusted_rand_score(data["Segment"], model.training_labels), 4),
-        "silhouette": model.metadata["silhouette_score"],
-        "k": model.n_clusters,
+        "ari": round(adjusted_rand_score(data["Segment"], model.labels_), 4),
+        "silhouette": model.metadata_["silhouette_score"],
+        "k": model.n_clusters_,
     }
 
 
@@ -54,7 +54,8 @@ def mixed_quality(rows: int, seed: int) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from app.ml import SegmentationModel
-    from app.ml.schema import FeatureSchema, read_training_frame
+    from app.ml.frames import read_training_frame
+    from app.ml.schema import FeatureSchema
     from generate_dataset import generate_mixed, mixed_features
 
     data = generate_mixed(rows, seed=seed, with_labels=True)
@@ -62,9 +63,9 @@ def mixed_quality(rows: int, seed: int) -> dict:
     frame = read_training_frame(data.to_csv(index=False).encode(), schema)
     model = SegmentationModel.train(frame, schema=schema, random_state=42)
     return {
-        "ari": round(adjusted_rand_score(data["latent_segment"], model.training_labels), 4),
-        "silhouette": model.metadata["silhouette_score"],
-        "k": model.n_clusters,
+        "ari": round(adjusted_rand_score(data["latent_segment"], model.labels_), 4),
+        "silhouette": model.metadata_["silhouette_score"],
+        "k": model.n_clusters_,
         "names": list(model.cluster_names),
     }
 
@@ -75,7 +76,8 @@ def large_worker(csv_path: Path) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from app.ml import SegmentationModel
-    from app.ml.schema import FeatureSchema, read_training_frame
+    from app.ml.frames import read_training_frame
+    from app.ml.schema import FeatureSchema
     from generate_dataset import mixed_features
 
     schema = FeatureSchema.declare(mixed_features(), id_column="customer_id")
@@ -90,15 +92,15 @@ def large_worker(csv_path: Path) -> dict:
     return {
         "rows": len(frame),
         "declared_columns": len(schema.features),
-        "encoded_columns": model.schema.width,
+        "encoded_columns": model.schema_.width,
         "read_seconds": round(read_seconds, 2),
         "train_seconds": round(total_seconds - read_seconds, 2),
         "total_seconds": round(total_seconds, 2),
         "peak_rss_mb": round(peak, 1),
         "baseline_rss_mb": round(baseline, 1),
-        "algorithm": model.metadata["algorithm"],
-        "k": model.n_clusters,
-        "ari": round(adjusted_rand_score(latent, model.training_labels), 4),
+        "algorithm": model.metadata_["algorithm"],
+        "k": model.n_clusters_,
+        "ari": round(adjusted_rand_score(latent, model.labels_), 4),
     }
 
 

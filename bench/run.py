@@ -576,8 +576,8 @@ def history_total(base: str, token: str) -> int:
 
 def _train_child(rows: int, n_clusters: int | None, csv: Path) -> None:
     """Runs in its own process: load the CSV the way POST /train does, train, report time and peak RSS."""
-    from app.model import SegmentationModel
-    from app.preprocess import load_training_matrix
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import load_training_matrix
 
     started = time.perf_counter()
     features = load_training_matrix(csv)
@@ -593,7 +593,7 @@ def _train_child(rows: int, n_clusters: int | None, csv: Path) -> None:
                 "load_seconds": loaded - started,
                 "train_seconds": trained - loaded,
                 "peak_rss_mb": peak_mb,
-                "n_clusters": model.n_clusters,
+                "n_clusters": model.n_clusters_,
             }
         )
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.preprocess import FEATURES
+from app.ml.preprocess import FEATURES
 from tests.conftest import CUSTOMER
 from tests.test_segmentations import CRM_CUSTOMER, as_csv, create, crm_table
 
@@ -43,8 +43,8 @@ def scaled_distances(app, customer: dict) -> np.ndarray:
     """Distances to every centroid in the scaled space, from the served scaler and K-Means directly."""
     model = app.state.models.current.model
     x = np.array([[customer[name] for name in FEATURES]], dtype=np.float64)
-    z = model.scaler.transform(x)[0]
-    return np.linalg.norm(model.kmeans.cluster_centers_ - z, axis=1)
+    z = model.scaler_.transform(x)[0]
+    return np.linalg.norm(model.kmeans_.cluster_centers_ - z, axis=1)
 
 
 def check_explanation(body: dict, distances: np.ndarray, n_features: int) -> None:
@@ -84,9 +84,9 @@ async def test_shares_are_the_exact_split_of_the_squared_margin(app, client, tra
     customer = CUSTOMERS[2]
     body = (await client.post("/predict?explain=true", json=customer, headers=user_headers)).json()
     model = app.state.models.current.model
-    z = model.scaler.transform(np.array([[customer[n] for n in FEATURES]], dtype=np.float64))[0]
-    c1 = model.kmeans.cluster_centers_[body["cluster"]]
-    c2 = model.kmeans.cluster_centers_[body["explanation"]["runner_up"]["cluster"]]
+    z = model.scaler_.transform(np.array([[customer[n] for n in FEATURES]], dtype=np.float64))[0]
+    c1 = model.kmeans_.cluster_centers_[body["cluster"]]
+    c2 = model.kmeans_.cluster_centers_[body["explanation"]["runner_up"]["cluster"]]
     parts = (z - c2) ** 2 - (z - c1) ** 2
     expected = dict(zip(FEATURES, parts / parts.sum(), strict=True))
     for contribution in body["explanation"]["contributions"]:
@@ -142,7 +142,7 @@ async def test_a_custom_segmentation_with_categoricals_explains_per_declared_fea
         assert response.status_code == 200, response.text
         body = response.json()
         encoded = model.encode(pd.DataFrame([customer]))[0]
-        distances = np.linalg.norm(model.kmeans.cluster_centers_ - encoded, axis=1)
+        distances = np.linalg.norm(model.kmeans_.cluster_centers_ - encoded, axis=1)
         check_explanation(body, distances, 5)
         values = {c["feature"]: c["value"] for c in body["explanation"]["contributions"]}
         assert values == customer

@@ -20,7 +20,7 @@ import pytest
 
 from app.core.config import Settings
 from app.core.database import Database, Role
-from app.model import KMEANS_FILE, METADATA_FILE, SCALER_FILE, SegmentationModel
+from app.ml import KMEANS_FILE, METADATA_FILE, SCALER_FILE, SegmentationModel
 from tests.conftest import CUSTOMER
 
 LEAKS = ("Traceback", 'File "', "site-packages", "/tmp/", "/work/", "sqlalchemy", "sqlite3.", "asyncpg")
@@ -45,7 +45,7 @@ def assert_unavailable(response: httpx.Response) -> None:
 
 
 def _save_valid_model(directory: Path) -> None:
-    from app.preprocess import load_training_matrix
+    from app.ml.preprocess import load_training_matrix
     from generate_dataset import generate
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def _save_valid_model(directory: Path) -> None:
     generate(rows=300, seed=3).to_csv(csv_path, index=False)
     model = SegmentationModel.train(load_training_matrix(csv_path), n_clusters=3, random_state=0)
     model.version = "seeded-v1"
-    model.metadata["version"] = model.version
+    model.metadata_["version"] = model.version
     model.save(directory)
 
 

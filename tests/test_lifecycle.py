@@ -22,8 +22,8 @@ from sqlalchemy import update
 
 from app.core.database import Database, ModelVersion, ServiceState, utcnow
 from app.main import create_app
-from app.model import SegmentationModel
-from app.preprocess import load_training_matrix
+from app.ml import SegmentationModel
+from app.ml.preprocess import load_training_matrix
 from app.segmentations import scoring as segmentation
 from app.versions.lease import HOST_ID
 from app.versions.store import TRAINING_KEY, ModelStore

@@ -10,8 +10,10 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from app.ml import SegmentationModel, frames
-from app.ml.schema import MISSING_LEVEL, OTHER_LEVEL, FeatureSchema, SchemaError, read_training_frame
-from app.preprocess import FEATURE_RANGES, FEATURES, DataValidationError
+from app.ml.errors import SchemaError
+from app.ml.frames import read_training_frame
+from app.ml.preprocess import FEATURE_RANGES, FEATURES, DataValidationError
+from app.ml.schema import MISSING_LEVEL, OTHER_LEVEL, FeatureSchema
 from generate_dataset import generate, generate_mixed, mixed_features
 
 ROWS = 3000
@@ -88,7 +90,7 @@ def test_declaration_defaults_and_round_trip():
         ],
         id_column=" id ",
     )
-    assert schema.kind == "custom" and schema.id_column == "id"
+    assert not schema.fixed and schema.id_column == "id"
     assert schema.names == ["tenure_months", "basket", "plan"]
     assert [f.transform for f in schema.features] == ["auto", "none", "none"]
     assert (schema.features[1].min, schema.features[1].max) == (0.0, 500.0)
@@ -98,7 +100,7 @@ def test_declaration_defaults_and_round_trip():
 
 def test_customer_schema_follows_the_contract():
     schema = FeatureSchema.customer()
-    assert schema.kind == "customer" and schema.names == list(FEATURES)
+    assert schema.fixed and schema.names == list(FEATURES)
     for feature in schema.features:
         assert (feature.min, feature.max) == FEATURE_RANGES[feature.name]
         assert feature.transform == "none"
@@ -174,28 +176,28 @@ def test_read_rejects_unusable_files(payload, fragment):
 
 
 def test_training_recovers_the_planted_segments(model, mixed):
-    assert model.n_clusters == 5
-    assert adjusted_rand_score(mixed["latent_segment"], model.training_labels) >= 0.9
-    meta = model.metadata
+    assert model.n_clusters_ == 5
+    assert adjusted_rand_score(mixed["latent_segment"], model.labels_) >= 0.9
+    meta = model.metadata_
     assert meta["kind"] == "custom" and meta["n_samples"] == ROWS
-    assert meta["features"] == model.schema.names and "latent_segment" not in meta["features"]
-    assert FeatureSchema.from_dict(meta["schema"]) == model.schema and model.schema.fitted
+    assert meta["features"] == model.schema_.names and "latent_segment" not in meta["features"]
+    assert FeatureSchema.from_dict(meta["schema"]) == model.schema_ and model.schema_.fitted
 
 
 def test_same_data_and_seed_give_same_ids_and_names(model, frame, schema):
     again = SegmentationModel.train(frame, schema=schema, random_state=42)
-    assert again.cluster_names == model.cluster_names
-    np.testing.assert_array_equal(again.training_labels, model.training_labels)
+    assert again.cluster_names_ == model.cluster_names_
+    np.testing.assert_array_equal(again.labels_, model.labels_)
     assert [s["segment_key"] for s in again.segments] == [s["segment_key"] for s in model.segments]
     sizes = [s["size"] for s in model.segments]
     assert sizes == sorted(sizes, reverse=True)  # ids follow size
 
 
 def test_segments_carry_names_means_and_level_shares(model, frame):
-    names = model.cluster_names
+    names = model.cluster_names_
     assert len(set(names)) == len(names) and all(names)
-    assert len({s["segment_key"] for s in model.segments}) == model.n_clusters
-    labels = model.training_labels
+    assert len({s["segment_key"] for s in model.segments}) == model.n_clusters_
+    labels = model.labels_
     for segment in model.segments:
         assert set(segment) == {
             "cluster_id",
@@ -229,11 +231,11 @@ def test_names_come_from_distinguishing_features(model):
 def test_categorical_features_weigh_like_one_numeric_feature(model, frame):
     encoded = model.encode(frame)
     col = 0
-    for feature in model.schema.features:
+    for feature in model.schema_.features:
         block = encoded[:, col : col + feature.width]
         assert block.var(axis=0).sum() == pytest.approx(1.0, abs=1e-6)
         col += feature.width
-    assert model.schema.feature("region").width == 40
+    assert model.schema_.feature("region").width == 40
 
 
 def test_rare_levels_are_pooled_and_missing_cells_imputed(frame, schema):
@@ -245,14 +247,14 @@ def test_rare_levels_are_pooled_and_missing_cells_imputed(frame, schema):
     damaged.loc[:59, "plan"] = [f"promo_{i}" for i in range(60)]
     damaged.loc[60:89, "plan"] = np.nan
     fitted = SegmentationModel.train(damaged, schema=schema, random_state=1, n_clusters=5)
-    shares = fitted.metadata["missing_shares"]
+    shares = fitted.metadata_["missing_shares"]
     assert set(shares) == set(schema.names)
     assert shares["tenure_months"] == pytest.approx(holes.mean(), abs=1e-6)
     assert shares["plan"] == pytest.approx(30 / ROWS, abs=1e-6)
     assert shares["age"] == 0.0
-    tenure = fitted.schema.feature("tenure_months")
+    tenure = fitted.schema_.feature("tenure_months")
     assert tenure.median_ == pytest.approx(np.nanmedian(damaged["tenure_months"]))
-    plan = fitted.schema.feature("plan")
+    plan = fitted.schema_.feature("plan")
     assert len(plan.levels_) <= 52 and plan.levels_[-2:] == (OTHER_LEVEL, MISSING_LEVEL)
     assert sum(plan.shares_) == pytest.approx(1.0)
     assert np.isfinite(fitted.encode(damaged)).all()
@@ -260,10 +262,10 @@ def test_rare_levels_are_pooled_and_missing_cells_imputed(frame, schema):
 
 def test_auto_transform_logs_skewed_non_negative_columns_only(model, frame):
     assert frame["annual_income"].skew() > 1 and abs(frame["age"].skew()) < 0.5
-    assert model.schema.feature("annual_income").log_ is True
-    assert model.schema.feature("loyalty_points").log_ is True
-    assert model.schema.feature("age").log_ is False
-    assert model.schema.feature("tenure_months").log_ is False
+    assert model.schema_.feature("annual_income").log_ is True
+    assert model.schema_.feature("loyalty_points").log_ is True
+    assert model.schema_.feature("age").log_ is False
+    assert model.schema_.feature("tenure_months").log_ is False
 
 
 def test_declared_transforms_are_kept_and_log_needs_non_negative_values(frame):
@@ -275,7 +277,7 @@ def test_declared_transforms_are_kept_and_log_needs_non_negative_values(frame):
         ]
     )
     fitted = SegmentationModel.train(frame, schema=declared, n_clusters=3)
-    assert [f.log_ for f in fitted.schema.features[:2]] == [False, True]
+    assert [f.log_ for f in fitted.schema_.features[:2]] == [False, True]
     negative = frame.assign(age=frame["age"] - 100)
     with pytest.raises(DataValidationError) as caught:
         SegmentationModel.train(negative, schema=declared, n_clusters=3)
@@ -302,8 +304,8 @@ def test_bytes_and_directory_round_trips_predict_the_same(model, mixed, tmp_path
         scored = other.score_frame(text)
         np.testing.assert_array_equal(scored.labels, expected.labels)
         np.testing.assert_array_equal(scored.confidence, expected.confidence)
-        assert other.schema == model.schema and other.cluster_names == model.cluster_names
-        assert other.metadata["segments"] == model.metadata["segments"]
+        assert other.schema_ == model.schema_ and other.cluster_names_ == model.cluster_names_
+        assert other.metadata_["segments"] == model.metadata_["segments"]
 
 
 def test_score_frame_reports_errors_warnings_and_imputes(frame, mixed, schema):
@@ -336,7 +338,7 @@ def test_score_frame_reports_errors_warnings_and_imputes(frame, mixed, schema):
     batch = as_text(mixed.head(800))
     scored = model.score_frame(batch)
     typed = read_training_frame(mixed.head(800).to_csv(index=False).encode(), bounded)
-    np.testing.assert_array_equal(scored.labels, model.kmeans.predict(model.encode(typed)))
+    np.testing.assert_array_equal(scored.labels, model.kmeans_.predict(model.encode(typed)))
 
     with pytest.raises(DataValidationError) as caught:
         model.score_frame(text.drop(columns=["PLAN", "AGE"]))
@@ -364,11 +366,11 @@ def test_score_records_matches_score_frame(model, mixed):
 
 
 def test_unseen_category_without_other_level_gets_no_indicator(model, mixed):
-    region = model.schema.feature("region")
+    region = model.schema_.feature("region")
     assert OTHER_LEVEL not in region.levels_
     record = mixed.head(1).drop(columns=["latent_segment"]).to_dict("records")[0]
     encoded = model.encode(pd.DataFrame([record | {"region": "atlantis"}]))
-    col = sum(f.width for f in model.schema.features[: model.schema.names.index("region")])
+    col = sum(f.width for f in model.schema_.features[: model.schema_.names.index("region")])
     assert (encoded[0, col : col + region.width] == 0).all()
 
 
@@ -404,7 +406,7 @@ def test_one_record_is_scored_as_the_batch_path_scores_it():
         {"spend": None, "visits": 10.0, "plan": "gold"},
         {"spend": 40.0, "visits": 1.0, "plan": ""},
     ]
-    fitted = model.schema
+    fitted = model.schema_
     for record in records:
         one = model.score_records([record])
         checked = check_records(fitted, [record])

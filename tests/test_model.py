@@ -16,9 +16,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from app.charts import png_data_uri, render_cluster_charts, render_elbow_chart
-from app.ml import persistence, selection
-from app.model import ModelLoadError, SegmentationModel, elbow, segment_names
-from app.preprocess import (
+from app.ml import ModelLoadError, SegmentationModel, elbow, persistence, segment_names, selection
+from app.ml.preprocess import (
     FEATURE_RANGES,
     FEATURES,
     DataValidationError,
@@ -117,28 +116,28 @@ def test_generator_cli_writes_csv(tmp_path, capsys):
 
 
 def test_auto_k_finds_the_latent_types(model, customers):
-    selection = model.metadata["k_selection"]
+    selection = model.metadata_["k_selection"]
     assert selection["method"] == "silhouette"
     assert selection["k_range"] == list(range(2, 11))
-    assert selection["optimal_k"] == model.n_clusters == 5
+    assert selection["optimal_k"] == model.n_clusters_ == 5
     assert len(selection["inertias"]) == len(selection["silhouette_scores"]) == 9
     assert selection["silhouette_scores"][3] == max(selection["silhouette_scores"])
     assert 2 <= selection["knee_k"] <= 10
-    assert adjusted_rand_score(customers["Segment"], model.training_labels) >= 0.8
-    assert 0.3 < model.metadata["silhouette_score"] < 0.7
+    assert adjusted_rand_score(customers["Segment"], model.labels_) >= 0.8
+    assert 0.3 < model.metadata_["silhouette_score"] < 0.7
 
 
 def test_fixed_k_recovers_types_on_other_seeds():
     for seed in (1, 2):
         data = generate(4000, seed=seed, with_labels=True)
         fitted = SegmentationModel.train(as_matrix(data), n_clusters=5, random_state=seed)
-        assert fitted.metadata["k_selection"] == {"method": "fixed", "requested_k": 5}
-        assert "elbow" not in fitted.metadata
-        assert adjusted_rand_score(data["Segment"], fitted.training_labels) >= 0.8
+        assert fitted.metadata_["k_selection"] == {"method": "fixed", "requested_k": 5}
+        assert "elbow" not in fitted.metadata_
+        assert adjusted_rand_score(data["Segment"], fitted.labels_) >= 0.8
 
 
 def test_metadata_and_segment_statistics(model, X):
-    meta = model.metadata
+    meta = model.metadata_
     for key in (
         "version",
         "trained_at",
@@ -169,7 +168,7 @@ def test_metadata_and_segment_statistics(model, X):
     assert len(meta["data_fingerprint"]) == 64
     json.dumps(meta)  # JSON-ready throughout
 
-    labels = model.training_labels
+    labels = model.labels_
     assert [s["cluster_id"] for s in meta["segments"]] == list(range(5))
     assert sum(s["size"] for s in meta["segments"]) == len(X)
     assert sum(s["percentage"] for s in meta["segments"]) == pytest.approx(100, abs=0.05)
@@ -207,17 +206,17 @@ def test_metadata_and_segment_statistics(model, X):
 
 def test_same_data_and_seed_give_same_ids_and_names(model, X):
     again = SegmentationModel.train(X, random_state=42)
-    assert again.cluster_names == model.cluster_names
-    np.testing.assert_array_equal(again.training_labels, model.training_labels)
-    np.testing.assert_allclose(again.kmeans.cluster_centers_, model.kmeans.cluster_centers_)
-    assert again.metadata["data_fingerprint"] == model.metadata["data_fingerprint"]
+    assert again.cluster_names_ == model.cluster_names_
+    np.testing.assert_array_equal(again.labels_, model.labels_)
+    np.testing.assert_allclose(again.kmeans_.cluster_centers_, model.kmeans_.cluster_centers_)
+    assert again.metadata_["data_fingerprint"] == model.metadata_["data_fingerprint"]
     # Ids follow centroid income (then spending), whatever order K-Means found them in.
-    incomes = [c["annual_income"] for c in model.metadata["centroids"]]
+    incomes = [c["annual_income"] for c in model.metadata_["centroids"]]
     assert incomes == sorted(incomes)
 
 
 def test_names_describe_the_centroids(model):
-    names = model.cluster_names
+    names = model.cluster_names_
     assert len(set(names)) == len(names)
     by_name = {s["cluster_name"]: s for s in model.segments}
     richest_spenders = max(model.segments, key=lambda s: s["avg_income"] + s["avg_spending_score"])
@@ -232,7 +231,7 @@ def test_names_describe_the_centroids(model):
 @pytest.mark.parametrize("k", [2, 3, 4, 6, 7, 8, 9, 10])
 def test_names_unique_for_any_k(X, k):
     fitted = SegmentationModel.train(X, n_clusters=k)
-    names = fitted.cluster_names
+    names = fitted.cluster_names_
     assert len(names) == k and len(set(names)) == k
     assert all(name and name[0].isupper() for name in names)
 
@@ -241,8 +240,8 @@ def test_names_follow_the_population_not_a_fixed_list(customers):
     # Without the affluent high spenders, no segment may carry their name.
     subset = customers[customers["Segment"] != "Affluent high spenders"]
     fitted = SegmentationModel.train(as_matrix(subset), n_clusters=4)
-    assert "High income, high spending" not in fitted.cluster_names
-    assert len(set(fitted.cluster_names)) == 4
+    assert "High income, high spending" not in fitted.cluster_names_
+    assert len(set(fitted.cluster_names_)) == 4
 
 
 def test_segment_names_disambiguate_collisions():
@@ -260,8 +259,8 @@ def test_segment_names_disambiguate_collisions():
 
 
 def test_silhouette_matches_scikit_learn(model, X):
-    scaled = model.scaler.transform(X[:1500])
-    labelings = [model.training_labels[:1500], np.arange(1500) % 3]
+    scaled = model.scaler_.transform(X[:1500])
+    labelings = [model.labels_[:1500], np.arange(1500) % 3]
     ours = selection.silhouette_scores(scaled, labelings)
     for labels, score in zip(labelings, ours, strict=True):
         assert score == pytest.approx(silhouette_score(scaled, labels), abs=1e-4)
@@ -271,18 +270,18 @@ def test_large_data_path_samples_then_refines(monkeypatch, X, customers):
     monkeypatch.setattr(selection, "SELECTION_SAMPLE_ROWS", 2000)
     monkeypatch.setattr(selection, "SILHOUETTE_SAMPLE_ROWS", 1000)
     mid = SegmentationModel.train(X)
-    assert mid.metadata["algorithm"] == "kmeans"
-    assert mid.metadata["k_selection"]["sample_size"] == 2000
+    assert mid.metadata_["algorithm"] == "kmeans"
+    assert mid.metadata_["k_selection"]["sample_size"] == 2000
     monkeypatch.setattr(selection, "MINIBATCH_MIN_ROWS", 3000)
     big = SegmentationModel.train(X.astype(np.float32))
-    assert big.metadata["algorithm"] == "minibatch_kmeans"
+    assert big.metadata_["algorithm"] == "minibatch_kmeans"
     for fitted in (mid, big):
-        assert fitted.n_clusters == 5
-        assert adjusted_rand_score(customers["Segment"], fitted.training_labels) >= 0.8
-        assert fitted.metadata["silhouette_sample_size"] == 1000
+        assert fitted.n_clusters_ == 5
+        assert adjusted_rand_score(customers["Segment"], fitted.labels_) >= 0.8
+        assert fitted.metadata_["silhouette_sample_size"] == 1000
         sample = in_range_customers(1000, seed=3)
-        labels, _ = fitted.predict(sample)
-        np.testing.assert_array_equal(labels, fitted.kmeans.predict(fitted.scaler.transform(sample)))
+        labels, _ = fitted.predict_with_confidence(sample)
+        np.testing.assert_array_equal(labels, fitted.kmeans_.predict(fitted.scaler_.transform(sample)))
 
 
 def test_elbow_report(X):
@@ -303,8 +302,8 @@ def test_elbow_report(X):
 def test_train_accepts_a_dataframe_by_column_name(customers, model):
     shuffled_columns = customers[["Spending_Score", "Sex", "Purchase_Frequency", "Age", "Annual_Income"]]
     fitted = SegmentationModel.train(shuffled_columns, n_clusters=5)
-    assert fitted.cluster_names == model.cluster_names
-    np.testing.assert_array_equal(fitted.training_labels, model.training_labels)
+    assert fitted.cluster_names_ == model.cluster_names_
+    np.testing.assert_array_equal(fitted.labels_, model.labels_)
 
 
 @pytest.mark.parametrize(
@@ -332,54 +331,54 @@ def test_train_rejects_unusable_data(data, kwargs, fragment):
 def test_numpy_predict_equals_scikit_learn(model, X):
     sample = in_range_customers(3000, seed=11)
     for fitted in (model, SegmentationModel.train(X, n_clusters=8, random_state=3)):
-        labels, confidence = fitted.predict(sample)
-        expected = fitted.kmeans.predict(fitted.scaler.transform(sample))
+        labels, confidence = fitted.predict_with_confidence(sample)
+        expected = fitted.kmeans_.predict(fitted.scaler_.transform(sample))
         np.testing.assert_array_equal(labels, expected)
         assert labels.dtype.kind == "i"
         assert ((confidence >= 0) & (confidence <= 1)).all()
 
 
 def test_confidence_is_one_at_a_centroid_and_zero_on_a_boundary(model):
-    centroids = model.scaler.inverse_transform(model.kmeans.cluster_centers_)
-    rounded = np.array([[c[f] for f in FEATURES] for c in model.metadata["centroids"]])
+    centroids = model.scaler_.inverse_transform(model.kmeans_.cluster_centers_)
+    rounded = np.array([[c[f] for f in FEATURES] for c in model.metadata_["centroids"]])
     np.testing.assert_allclose(rounded, centroids, atol=1e-4)
-    labels, confidence = model.predict(centroids)
-    np.testing.assert_array_equal(labels, np.arange(model.n_clusters))
+    labels, confidence = model.predict_with_confidence(centroids)
+    np.testing.assert_array_equal(labels, np.arange(model.n_clusters_))
     np.testing.assert_allclose(confidence, 1.0, atol=1e-6)
 
-    scaled = model.kmeans.cluster_centers_
+    scaled = model.kmeans_.cluster_centers_
     gaps = np.linalg.norm(scaled[:, None] - scaled[None], axis=2) + np.eye(len(scaled)) * 1e9
     i, j = np.unravel_index(gaps.argmin(), gaps.shape)
     midpoint = (centroids[i] + centroids[j]) / 2  # scaling is affine: midpoints map to midpoints
-    label, conf = model.predict(midpoint[None])
+    label, conf = model.predict_with_confidence(midpoint[None])
     assert label[0] in (i, j)
     assert conf[0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_predict_one_matches_predict_in_every_calling_style(model, X):
-    labels, confidence = model.predict(X[:200])
+    labels, confidence = model.predict_with_confidence(X[:200])
     for row, label, conf in zip(X[:200], labels, confidence, strict=True):
         cluster_id, name, one_conf = model.predict_one(*row)
-        assert cluster_id == label and name == model.cluster_names[label]
+        assert cluster_id == label and name == model.cluster_names_[label]
         assert one_conf == pytest.approx(conf, abs=1e-12)
     customer = dict(zip(FEATURES, (29, 42.0, 81, 48), strict=True))
     expected = model.predict_one(29, 42.0, 81, 48)
     assert model.predict_one(customer) == expected
     assert model.predict_one(**customer) == expected
     assert model.predict_one(SimpleNamespace(**customer)) == expected
-    assert expected[1] == model.cluster_names[expected[0]]
+    assert expected[1] == model.cluster_names_[expected[0]]
     with pytest.raises(DataValidationError):
         model.predict_one(29, float("nan"), 81, 48)
 
 
 def test_concurrent_predictions_agree(model):
     sample = in_range_customers(2000, seed=5)
-    expected = model.predict(sample)
+    expected = model.predict_with_confidence(sample)
     results: list[tuple[np.ndarray, np.ndarray]] = []
 
     def work() -> None:
         for _ in range(5):
-            results.append(model.predict(sample))
+            results.append(model.predict_with_confidence(sample))
             [model.predict_one(*row) for row in sample[:100]]
 
     threads = [threading.Thread(target=work) for _ in range(4)]
@@ -399,11 +398,11 @@ def test_concurrent_predictions_agree(model):
 
 def assert_same_model(a: SegmentationModel, b: SegmentationModel) -> None:
     sample = in_range_customers(500, seed=9)
-    for left, right in zip(a.predict(sample), b.predict(sample), strict=True):
+    for left, right in zip(a.predict_with_confidence(sample), b.predict_with_confidence(sample), strict=True):
         np.testing.assert_array_equal(left, right)
-    assert a.cluster_names == b.cluster_names
+    assert a.cluster_names_ == b.cluster_names_
     assert a.version == b.version
-    assert a.metadata["segments"] == b.metadata["segments"]
+    assert a.metadata_["segments"] == b.metadata_["segments"]
 
 
 def test_save_and_load_round_trip(model, tmp_path):
@@ -411,12 +410,12 @@ def test_save_and_load_round_trip(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["kmeans.pkl", "metadata.json", "scaler.pkl"]
     loaded = SegmentationModel.load(tmp_path / "models")
     assert_same_model(model, loaded)
-    assert loaded.training_labels is None
+    assert not hasattr(loaded, "labels_")
     # The pickles are the plain scikit-learn estimators the contract names.
     kmeans = joblib.load(tmp_path / "models" / "kmeans.pkl")
     scaler = joblib.load(tmp_path / "models" / "scaler.pkl")
     sample = in_range_customers(200, seed=1)
-    np.testing.assert_array_equal(kmeans.predict(scaler.transform(sample)), model.predict(sample)[0])
+    np.testing.assert_array_equal(kmeans.predict(scaler.transform(sample)), model.predict_with_confidence(sample)[0])
 
 
 def test_version_is_settable_and_persisted(X, tmp_path):
@@ -532,7 +531,7 @@ def test_failed_save_keeps_previous_model(model, X, tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError):
         SegmentationModel.load(tmp_path)
     replacement.save(tmp_path)
-    assert SegmentationModel.load(tmp_path).n_clusters == 3
+    assert SegmentationModel.load(tmp_path).n_clusters_ == 3
 
 
 # --------------------------------------------------------------------------- #
@@ -725,7 +724,7 @@ def test_charts_render_png(model):
     for png in charts.values():
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert render_cluster_charts(model.summary())["pie_chart"].startswith(PNG_MAGIC)
-    elbow_png = render_elbow_chart(model.metadata["elbow"])
+    elbow_png = render_elbow_chart(model.metadata_["elbow"])
     assert elbow_png.startswith(PNG_MAGIC)
     assert png_data_uri(elbow_png).startswith("data:image/png;base64,iVBOR")
 
@@ -736,7 +735,7 @@ def test_charts_render_from_several_threads(model):
 
     def work() -> None:
         try:
-            results.append(render_elbow_chart(model.metadata["elbow"]))
+            results.append(render_elbow_chart(model.metadata_["elbow"]))
             results.append(render_cluster_charts(model)["size_chart"])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)

@@ -30,7 +30,7 @@ import httpx
 import psutil
 import pytest
 
-from app.model import SegmentationModel
+from app.ml import SegmentationModel
 from generate_dataset import generate
 from tests.conftest import CUSTOMER, TEST_SECRET
 

@@ -14,9 +14,10 @@ from sklearn.cluster import KMeans
 from sklearn.preprocessing import StandardScaler
 
 from app.ml.encoding import encode
+from app.ml.frames import read_training_frame
 from app.ml.outofcore import TrainingFile, train_custom_file, train_customer_file
-from app.ml.schema import FeatureSchema, read_training_frame
-from app.preprocess import FEATURES
+from app.ml.preprocess import FEATURES
+from app.ml.schema import FeatureSchema
 from generate_dataset import generate
 from tests.test_cli import cli_env, create_segmentation, run  # noqa: F401 - cli_env: a fresh installation
 from tests.test_segmentations import CRM_FEATURES, as_csv, crm_table

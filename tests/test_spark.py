@@ -53,12 +53,12 @@ def customers(tmp_path_factory) -> tuple[pd.DataFrame, object]:
 
 
 def in_process_inertia(frame: pd.DataFrame, k: int, random_state: int = 42) -> float:
-    from app.model import SegmentationModel
-    from app.preprocess import FEATURES, resolve_columns
+    from app.ml import SegmentationModel
+    from app.ml.preprocess import FEATURES, resolve_columns
 
     columns = resolve_columns(frame.columns)
     X = frame[[columns[f] for f in FEATURES]].to_numpy(dtype=np.float64)
-    return float(SegmentationModel.train(X, n_clusters=k, random_state=random_state).metadata["inertia"])
+    return float(SegmentationModel.train(X, n_clusters=k, random_state=random_state).metadata_["inertia"])
 
 
 async def test_a_spark_trained_version_is_served_like_any_other(
@@ -128,7 +128,7 @@ async def test_a_spark_trained_version_is_served_like_any_other(
         training.train, spark, folder / "customers.csv", schema=None, n_clusters=k, random_state=7
     )
     second = await store.adopt(again.model, created_by="spark-test")
-    identity = second.metadata["identity"]
+    identity = second.metadata_["identity"]
     assert identity["previous_version"] == served.version
     assert all(m["previous_cluster_id"] == m["cluster_id"] for m in identity["matching"])
 

@@ -1,12 +1,18 @@
 """Domain errors raised by services; handlers registered once in app.main render them as JSON.
 
-Every error's `detail` is one human-readable string, as clients render it as text. Problems in
-an uploaded file add a top-level `errors` list (see `app.preprocess.DataValidationError`).
+Every error's `detail` is one human-readable string, as clients render it as text. The ML
+core's own errors (`app.ml.errors.MLError`: bad data, a bad declaration) are all a 422; problems
+in an uploaded file add a top-level `errors` list (see `app.ml.errors.DataValidationError`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from app.ml.errors import DataValidationError, MLError
+
+ML_ERROR_STATUS = 422
+"""Every error of the ML core is input the service cannot use."""
 
 
 class AppError(Exception):
@@ -69,3 +75,13 @@ class ServiceUnavailable(AppError):
 
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+def ml_error_body(exc: MLError) -> dict[str, Any]:
+    """The JSON body of an ML error: `detail` the sentence; for bad data, `errors` every listed problem
+    with all four keys (null where unknown)."""
+    body: dict[str, Any] = {"detail": exc.message}
+    if isinstance(exc, DataValidationError):
+        keys = ("row", "line", "column", "reason")
+        body["errors"] = [{key: problem.get(key) for key in keys} for problem in exc.problems]
+    return body

@@ -30,8 +30,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.database import Database, TrainingJob, utcnow
-from app.core.errors import AppError, Conflict
+from app.core.errors import ML_ERROR_STATUS, AppError, Conflict, ml_error_body
 from app.jobs.repository import FINAL, LIVE, WORKER_STOPPED, JobRepository, job_body, stamp
+from app.ml.errors import MLError
 from app.versions import progress
 from app.versions.lease import HOST_ID
 from app.versions.store import ModelStore
@@ -254,6 +255,8 @@ class JobRunner:
                 outcome = ("failed", None, {"detail": WORKER_STOPPED}, None)
         except AppError as exc:
             outcome = ("failed", None, exc.body(), exc.status_code)
+        except MLError as exc:
+            outcome = ("failed", None, ml_error_body(exc), ML_ERROR_STATUS)
         except Exception:
             logger.exception("training job %s failed", job.id)
             outcome = ("failed", None, {"detail": "Internal server error"}, 500)

@@ -20,8 +20,8 @@ import pandas as pd
 from scipy import stats
 
 from app.ml.frames import bad_number_reason, categorical_values, match_columns, numeric_values
+from app.ml.preprocess import DataValidationError, _problem, _shown
 from app.ml.schema import MAX_LEVELS, MISSING_LEVEL, OTHER_LEVEL, Feature, FeatureSchema
-from app.preprocess import DataValidationError, _problem, _shown
 
 AUTO_LOG_SKEWNESS = 1.0
 """``auto`` takes log1p for a non-negative training column skewed more than this."""

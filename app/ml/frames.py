@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from app.preprocess import (
-    MAX_LISTED_PROBLEMS,
+from app.ml.errors import MAX_LISTED_PROBLEMS, DataValidationError
+from app.ml.preprocess import (
     CsvSource,
-    DataValidationError,
     _problem,
     _read_header,
     _shown,

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from app.ml.kmeans import kmeans_with_centers
 
 if TYPE_CHECKING:
     from app.ml.estimator import SegmentationModel
@@ -81,10 +84,10 @@ class Matching:
 def _scaler_space(new: SegmentationModel, previous: SegmentationModel) -> tuple[np.ndarray, np.ndarray]:
     """Models with a scaler (customer and any kind scaled by a StandardScaler): back through each one's
     own scaler to the space it sees, then through the new one's."""
-    assert new.scaler is not None and previous.scaler is not None
-    new_centers = np.asarray(new.kmeans.cluster_centers_, dtype=np.float64)
-    old_raw = previous.scaler.inverse_transform(np.asarray(previous.kmeans.cluster_centers_, dtype=np.float64))
-    return new_centers, np.asarray(new.scaler.transform(old_raw), dtype=np.float64)
+    assert new.scaler_ is not None and previous.scaler_ is not None
+    new_centers = np.asarray(new.kmeans_.cluster_centers_, dtype=np.float64)
+    old_raw = previous.scaler_.inverse_transform(np.asarray(previous.kmeans_.cluster_centers_, dtype=np.float64))
+    return new_centers, np.asarray(new.scaler_.transform(old_raw), dtype=np.float64)
 
 
 def _numeric_original(feature: Feature, column: np.ndarray) -> np.ndarray:
@@ -104,13 +107,13 @@ def _numeric_scaled(feature: Feature, values: np.ndarray) -> np.ndarray:
 def _schema_space(new: SegmentationModel, previous: SegmentationModel) -> tuple[np.ndarray, np.ndarray]:
     """Models encoded by a fitted schema (kind custom): numeric features through their own units into
     the new scaling, categorical ones as level shares over the union of both versions' levels."""
-    new_centers = np.asarray(new.kmeans.cluster_centers_, dtype=np.float64)
-    old_centers = np.asarray(previous.kmeans.cluster_centers_, dtype=np.float64)
+    new_centers = np.asarray(new.kmeans_.cluster_centers_, dtype=np.float64)
+    old_centers = np.asarray(previous.kmeans_.cluster_centers_, dtype=np.float64)
     old_columns = _columns_by_feature(previous)
     new_parts: list[np.ndarray] = []
     old_parts: list[np.ndarray] = []
     col = 0
-    for feature in new.schema.features:
+    for feature in new.schema_.features:
         mine = new_centers[:, col : col + feature.width]
         col += feature.width
         old_feature, old_slice = old_columns[feature.name]
@@ -138,7 +141,7 @@ def _schema_space(new: SegmentationModel, previous: SegmentationModel) -> tuple[
 def _columns_by_feature(model: SegmentationModel) -> dict[str, tuple[Feature, slice]]:
     found = {}
     col = 0
-    for feature in model.schema.features:
+    for feature in model.schema_.features:
         found[feature.name] = (feature, slice(col, col + feature.width))
         col += feature.width
     return found
@@ -146,19 +149,19 @@ def _columns_by_feature(model: SegmentationModel) -> dict[str, tuple[Feature, sl
 
 def comparable(new: SegmentationModel, previous: SegmentationModel) -> bool:
     """Whether the two models cluster the same features the same way, so their centroids can be matched."""
-    if new.schema.names != previous.schema.names or new.schema.kind != previous.schema.kind:
+    if new.schema_.names != previous.schema_.names or new.schema_.fixed != previous.schema_.fixed:
         return False
-    if (new.scaler is None) != (previous.scaler is None):
+    if (new.scaler_ is None) != (previous.scaler_ is None):
         return False
-    if new.scaler is None:
-        old = {f.name: f for f in previous.schema.features}
-        return all(f.type == old[f.name].type and f.fitted and old[f.name].fitted for f in new.schema.features)
+    if new.scaler_ is None:
+        old = {f.name: f for f in previous.schema_.features}
+        return all(f.type == old[f.name].type and f.fitted and old[f.name].fitted for f in new.schema_.features)
     return True
 
 
 def centroid_distances(new: SegmentationModel, previous: SegmentationModel) -> np.ndarray:
     """(k_new, k_previous) Euclidean distances between the centroids, in the new version's scaled space."""
-    if new.scaler is not None:
+    if new.scaler_ is not None:
         mine, theirs = _scaler_space(new, previous)
     else:
         mine, theirs = _schema_space(new, previous)
@@ -177,7 +180,7 @@ def match(new: SegmentationModel, previous: SegmentationModel | None, threshold:
     ones whose previous id is not below the new k) take the free ids in the order of the new
     model's own ids.
     """
-    k = new.n_clusters
+    k = new.n_clusters_
     if previous is None or not comparable(new, previous):
         order = np.arange(k)
         matches = [SegmentMatch(i, None, None) for i in range(k)]
@@ -209,7 +212,7 @@ def match(new: SegmentationModel, previous: SegmentationModel | None, threshold:
         pair = paired.get(int(order[cluster_id]))
         matches.append(SegmentMatch(cluster_id, pair[0] if pair else None, pair[1] if pair else None))
     kept = {p for p, _ in paired.values()}
-    retired = [p for p in range(previous.n_clusters) if p not in kept]
+    retired = [p for p in range(previous.n_clusters_) if p not in kept]
     return Matching(previous.version, order, matches, retired, threshold)
 
 
@@ -220,7 +223,7 @@ def renumbered(new: SegmentationModel, matching: Matching, previous: Segmentatio
     :meth:`SegmentationModel.renumbered`); this only rewrites the description.
     """
     order = matching.order.tolist()
-    meta = dict(new.metadata)
+    meta = dict(new.metadata_)
     segments = [dict(meta["segments"][j]) for j in order]
     if isinstance(meta.get("centroids"), list) and len(meta["centroids"]) == len(order):
         meta["centroids"] = [meta["centroids"][j] for j in order]
@@ -306,20 +309,19 @@ def resolve_names(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def renumber(new: SegmentationModel, matching: Matching, previous: SegmentationModel | None) -> SegmentationModel:
     """``new`` with the ids of ``matching``: centroids permuted so the internal index is the cluster_id,
     metadata renumbered with keys and analyst names carried. ``new`` itself is left as it was."""
-    import copy
-
     from app.ml.estimator import SegmentationModel
 
-    kmeans = copy.copy(new.kmeans)
-    kmeans.cluster_centers_ = np.asarray(new.kmeans.cluster_centers_)[matching.order]
-    return SegmentationModel(new.scaler, kmeans, renumbered(new, matching, previous))
+    kmeans = kmeans_with_centers(np.asarray(new.kmeans_.cluster_centers_)[matching.order], like=new.kmeans_)
+    return SegmentationModel.from_fitted(new.scaler_, kmeans, renumbered(new, matching, previous))
 
 
 def with_segments(model: SegmentationModel, segments: list[dict[str, Any]], **metadata: Any) -> SegmentationModel:
     """The same fitted model with other segment descriptions (an analyst's names), as a new object."""
     from app.ml.estimator import SegmentationModel
 
-    return SegmentationModel(model.scaler, model.kmeans, {**model.metadata, **metadata, "segments": segments})
+    return SegmentationModel.from_fitted(
+        model.scaler_, model.kmeans_, {**model.metadata_, **metadata, "segments": segments}
+    )
 
 
 def identify(new: SegmentationModel, previous: SegmentationModel | None) -> tuple[SegmentationModel, bytes]:
@@ -329,18 +331,18 @@ def identify(new: SegmentationModel, previous: SegmentationModel | None) -> tupl
     return model, model.to_bytes()
 
 
-def names_revision(model: Any) -> int:
-    """How many renames a version has had (a SegmentationModel or a ServedModel)."""
-    return int(model.metadata.get("names_revision") or 0)
+def names_revision(metadata: Mapping[str, Any]) -> int:
+    """How many renames a version has had, from its metadata."""
+    return int(metadata.get("names_revision") or 0)
 
 
-def renamed_since(model: Any, marker: str | None) -> bool:
-    """Whether ``marker`` (`{version}:{names_revision}` of the last rename) says ``model``'s version
-    was renamed after ``model`` was loaded."""
+def renamed_since(version: str, metadata: Mapping[str, Any], marker: str | None) -> bool:
+    """Whether ``marker`` (`{version}:{names_revision}` of the last rename) says ``version`` (loaded
+    with ``metadata``) was renamed after it was loaded."""
     if not marker:
         return False
-    version, _, revision = marker.rpartition(":")
-    return version == model.version and revision.isdigit() and int(revision) > names_revision(model)
+    renamed, _, revision = marker.rpartition(":")
+    return renamed == version and revision.isdigit() and int(revision) > names_revision(metadata)
 
 
 def identity_fields(details: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.preprocess import FEATURES
+from app.ml.preprocess import FEATURES
 
 if TYPE_CHECKING:
     from app.ml.schema import FeatureSchema

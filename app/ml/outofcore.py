@@ -15,27 +15,31 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.preprocessing import StandardScaler
 
 from app.ml import selection
+from app.ml.chunked import (
+    CHUNK_ROWS,
+    IN_MEMORY_ROWS,
+    SAMPLE_ROWS,
+    FrameSample,
+    Reservoir,
+    Spill,
+    TrainingFile,
+    lloyd,
+    nearest,
+)
 from app.ml.drift import fit_reference
 from app.ml.encoding import encode, fit_schema, level_indices
-from app.ml.frames import (
-    categorical_values,
-    concat_training_frames,
-    iter_csv_training_frames,
-    iter_parquet_training_frames,
-)
+from app.ml.frames import concat_training_frames
+from app.ml.kmeans import kmeans_with_centers
+from app.ml.preprocess import FEATURES, DataValidationError
 from app.ml.schema import FeatureSchema
 from app.ml.training import (
     _INCOME,
@@ -49,192 +53,8 @@ from app.ml.training import (
     train_custom,
     train_customer,
 )
-from app.preprocess import (
-    FEATURES,
-    DataValidationError,
-    _wrap_read_error,
-    check_feature_blocks,
-    iter_training_blocks,
-    resolve_columns,
-)
 
-SAMPLE_ROWS = 200_000
-"""k is chosen, and K-Means seeded, on a uniform random sample of at most this many rows."""
-IN_MEMORY_ROWS = 5_000_000
-"""Files of at most this many rows are trained in memory, exactly as an upload."""
-CHUNK_ROWS = 1_000_000
-MAX_PASSES = 30
-TOLERANCE = 1e-5
-"""Lloyd passes stop when the inertia improves by less than this share."""
 _WIDTH = len(FEATURES)
-
-
-@dataclass(frozen=True)
-class TrainingFile:
-    """A training file on disk: CSV, or Parquet (by its suffix or its PAR1 magic)."""
-
-    path: Path
-    chunk_rows: int = CHUNK_ROWS
-    in_memory_rows: int = IN_MEMORY_ROWS
-    sample_rows: int = SAMPLE_ROWS
-
-    @property
-    def is_parquet(self) -> bool:
-        if self.path.suffix.lower() in (".parquet", ".pq"):
-            return True
-        with open(self.path, "rb") as fh:
-            return fh.read(4) == b"PAR1"
-
-    def customer_blocks(self) -> Iterator[np.ndarray]:
-        """Checked float32 (n, 4) blocks of the customer features; DataValidationError for bad data."""
-        try:
-            if self.is_parquet:
-                yield from self._parquet_blocks()
-            else:
-                with open(self.path, "rb") as fh:
-                    yield from iter_training_blocks(fh, self.chunk_rows)
-        except (DataValidationError, MemoryError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a reader's own errors become one a user can act on
-            raise _wrap_read_error(exc) from exc
-
-    def declared_frames(self, schema: FeatureSchema) -> Iterator[pd.DataFrame]:
-        """Typed chunks of a declared schema's columns, as read_training_frame types a CSV; after the
-        last one, DataValidationError for bad cells (every row counted, the first ten listed)."""
-        rows = max(1, self.chunk_rows * _WIDTH // max(len(schema.features), _WIDTH))
-        try:
-            if self.is_parquet:
-                yield from iter_parquet_training_frames(self.path, schema, rows)
-            else:
-                with open(self.path, "rb") as fh:
-                    yield from iter_csv_training_frames(fh, schema, rows)
-        except (DataValidationError, MemoryError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a reader's own errors become one a user can act on
-            raise _wrap_read_error(exc) from exc
-
-    def _parquet_blocks(self) -> Iterator[np.ndarray]:
-        import pyarrow.parquet as pq
-
-        parquet = pq.ParquetFile(self.path)
-        columns = resolve_columns(parquet.schema_arrow.names, optional=())
-        raw = [columns[name] for name in FEATURES]
-        batches = parquet.iter_batches(batch_size=self.chunk_rows, columns=raw)
-        yield from check_feature_blocks(batch.to_pandas()[raw] for batch in batches)
-
-
-class _Spill:
-    """Checked float32 rows of `width` columns written to an unnamed temporary file, read back chunk by chunk."""
-
-    def __init__(self, width: int = _WIDTH) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile(dir=os.environ.get("TMPDIR"))
-        self.width = width
-        self.rows = 0
-
-    def write(self, block: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-        self.rows += len(block)
-
-    def blocks(self, rows: int) -> Iterator[np.ndarray]:
-        self.file.seek(0)
-        left = self.rows
-        while left:
-            take = min(rows, left)
-            data = self.file.read(take * self.width * 4)
-            yield np.frombuffer(data, dtype=np.float32).reshape(take, self.width)
-            left -= take
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _Reservoir:
-    """A uniform random sample of at most `size` rows of a stream: the rows with the smallest random keys."""
-
-    def __init__(self, size: int, rng: np.random.Generator) -> None:
-        self.size = size
-        self.rng = rng
-        self.keys = np.empty(0)
-        self.rows = np.empty((0, _WIDTH), dtype=np.float32)
-
-    def add(self, block: np.ndarray) -> None:
-        keys = np.concatenate([self.keys, self.rng.random(len(block))])
-        rows = np.concatenate([self.rows, block])
-        if len(keys) > self.size:
-            keep = np.argpartition(keys, self.size - 1)[: self.size]
-            keep.sort()
-            keys, rows = keys[keep], rows[keep]
-        self.keys, self.rows = keys, rows
-
-
-class _FrameSample:
-    """A uniform random sample of at most `size` rows of a declared schema's typed chunks
-    (numbers float64 with NaN, categories as text or NaN), by the same smallest-keys rule."""
-
-    def __init__(self, size: int, rng: np.random.Generator, schema: FeatureSchema) -> None:
-        self.size = size
-        self.rng = rng
-        self.schema = schema
-        self.keys = np.empty(0)
-        self.columns: dict[str, np.ndarray] = {
-            f.name: np.empty(0, dtype=np.float64 if f.numeric else object) for f in schema.features
-        }
-
-    def add(self, chunk: pd.DataFrame) -> None:
-        keys = np.concatenate([self.keys, self.rng.random(len(chunk))])
-        columns = {
-            f.name: np.concatenate(
-                [self.columns[f.name], np.asarray(chunk[f.name].array, dtype=self.columns[f.name].dtype)]
-            )
-            for f in self.schema.features
-        }
-        if len(keys) > self.size:
-            keep = np.argpartition(keys, self.size - 1)[: self.size]
-            keep.sort()
-            keys = keys[keep]
-            columns = {name: values[keep] for name, values in columns.items()}
-        self.keys, self.columns = keys, columns
-
-    def frame(self) -> pd.DataFrame:
-        """The sample as read_training_frame gives rows: numbers float64, categories a category column."""
-        return pd.DataFrame(
-            {
-                f.name: self.columns[f.name] if f.numeric else categorical_values(pd.Series(self.columns[f.name]))
-                for f in self.schema.features
-            }
-        )
-
-
-def _nearest(Xs: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's nearest centroid and squared distance to it."""
-    d2 = (Xs * Xs).sum(axis=1)[:, None] - 2.0 * (Xs @ centers.T) + (centers * centers).sum(axis=1)[None, :]
-    labels = np.argmin(d2, axis=1)
-    return labels, np.maximum(d2[np.arange(len(Xs)), labels], 0.0)
-
-
-def _lloyd(blocks: Callable[[], Iterator[np.ndarray]], centers: np.ndarray) -> tuple[np.ndarray, int]:
-    """Full Lloyd passes over the rows `blocks()` yields (scaled float32) from `centers` on, until the
-    inertia improves by less than TOLERANCE or MAX_PASSES passes: (the centroids, the passes made)."""
-    k, width = centers.shape
-    previous: float | None = None
-    passes = 0
-    while passes < MAX_PASSES:
-        passes += 1
-        sums = np.zeros((k, width))
-        counts = np.zeros(k)
-        inertia = 0.0
-        for Xs in blocks():
-            # float32 for the distances (half the memory traffic), float64 for every sum.
-            labels, d2 = _nearest(Xs, centers.astype(np.float32))
-            counts += np.bincount(labels, minlength=k)
-            for j in range(width):
-                sums[:, j] += np.bincount(labels, weights=Xs[:, j], minlength=k)
-            inertia += float(d2.sum(dtype=np.float64))
-        centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
-        if previous is not None and previous - inertia <= TOLERANCE * previous:
-            break
-        previous = inertia
-    return centers, passes
 
 
 def train_customer_file(
@@ -249,9 +69,9 @@ def train_customer_file(
     sample_rows, in_memory_rows = source.sample_rows, source.in_memory_rows
     rng = np.random.default_rng(random_state)
     scaler = StandardScaler()
-    sample = _Reservoir(sample_rows, rng)
+    sample = Reservoir(sample_rows, rng)
     hasher = hashlib.sha256()
-    spill = _Spill()
+    spill = Spill()
     try:
         for block in source.customer_blocks():
             scaler.partial_fit(block.astype(np.float64))
@@ -276,7 +96,7 @@ def train_customer_file(
 
 
 def _streamed(
-    spill: _Spill,
+    spill: Spill,
     scaler: StandardScaler,
     sample: np.ndarray,
     fingerprint: str,
@@ -293,7 +113,7 @@ def _streamed(
     fit = selection.fit_kmeans(sample, sample_scaled, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
     centers = np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64)
     k = len(centers)
-    centers, passes = _lloyd(lambda: ((block - mean32) / scale32 for block in spill.blocks(source.chunk_rows)), centers)
+    centers, passes = lloyd(lambda: ((block - mean32) / scale32 for block in spill.blocks(source.chunk_rows)), centers)
 
     # The last pass: sizes, feature means in original units and the inertia of the final centroids.
     sizes = np.zeros(k)
@@ -301,7 +121,7 @@ def _streamed(
     inertia = 0.0
     for block in spill.blocks(source.chunk_rows):
         raw = block.astype(np.float64)
-        labels, d2 = _nearest((block - mean32) / scale32, centers.astype(np.float32))
+        labels, d2 = nearest((block - mean32) / scale32, centers.astype(np.float32))
         sizes += np.bincount(labels, minlength=k)
         for j in range(_WIDTH):
             raw_sums[:, j] += np.bincount(labels, weights=raw[:, j], minlength=k)
@@ -365,12 +185,8 @@ def _streamed_parts(
 ) -> TrainedParts:
     """The trained parts of a streamed fit (either kind): the estimator holding the final centroids,
     the metadata every kind shares, the drift reference and the out-of-core report from the sample."""
-    kmeans = streamed.fit.kmeans
-    kmeans.cluster_centers_ = streamed.centers
-    kmeans.inertia_ = streamed.inertia
-    if hasattr(kmeans, "labels_"):
-        del kmeans.labels_
-    sample_labels, _ = _nearest(sample_x, streamed.centers)
+    kmeans = kmeans_with_centers(streamed.centers, like=streamed.fit.kmeans, inertia=streamed.inertia)
+    sample_labels, _ = nearest(sample_x, streamed.centers)
     fit = dataclasses.replace(streamed.fit, algorithm="streamed_kmeans", known_silhouette=None)
     metadata = _metadata(fit, sample_x, sample_labels, n=n, random_state=random_state, fingerprint=fingerprint)
     metadata["segments"] = segments
@@ -404,7 +220,7 @@ def train_custom_file(
     started = time.perf_counter()
     budget = max(1, source.in_memory_rows * _WIDTH // max(len(schema.features), _WIDTH))
     rng = np.random.default_rng(random_state)
-    sample = _FrameSample(source.sample_rows, rng, schema)
+    sample = FrameSample(source.sample_rows, rng, schema)
     empty = dict.fromkeys(schema.names, 0)
     held: list[pd.DataFrame] | None = []
     n = 0
@@ -431,7 +247,7 @@ def train_custom_file(
     sample_frame = sample.frame()
     fitted, _ = fit_schema(schema, sample_frame)
     missing_shares = {name: count / n for name, count in empty.items()}
-    encoded, cells = _Spill(fitted.width), _Spill(len(fitted.features))
+    encoded, cells = Spill(fitted.width), Spill(len(fitted.features))
     hasher = hashlib.sha256()
     try:
         for chunk in source.declared_frames(schema):
@@ -469,8 +285,8 @@ def _cell_codes(fitted: FeatureSchema, chunk: pd.DataFrame) -> np.ndarray:
 
 
 def _streamed_custom(
-    encoded: _Spill,
-    cells: _Spill,
+    encoded: Spill,
+    cells: Spill,
     fitted: FeatureSchema,
     sample_frame: pd.DataFrame,
     missing_shares: dict[str, float],
@@ -485,7 +301,7 @@ def _streamed_custom(
     rows = max(1, source.chunk_rows * _WIDTH // max(fitted.width, _WIDTH))
     sample_x = encode(fitted, sample_frame)
     fit = selection.fit_kmeans(sample_x, sample_x, n_clusters=n_clusters, random_state=random_state, k_range=k_range)
-    centers, passes = _lloyd(lambda: encoded.blocks(rows), np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64))
+    centers, passes = lloyd(lambda: encoded.blocks(rows), np.asarray(fit.kmeans.cluster_centers_, dtype=np.float64))
     k = len(centers)
 
     # The last pass: sizes, and per segment each number's sum and count of non-empty cells, each level's count.
@@ -496,7 +312,7 @@ def _streamed_custom(
     seen = np.zeros((k, len(features)))
     levels = [np.zeros((k, len(f.levels_ or ()))) for f in features]
     for x, codes in zip(encoded.blocks(rows), cells.blocks(rows), strict=True):
-        labels, d2 = _nearest(x, centers.astype(np.float32))
+        labels, d2 = nearest(x, centers.astype(np.float32))
         sizes += np.bincount(labels, minlength=k)
         inertia += float(d2.sum(dtype=np.float64))
         for j, feature in enumerate(features):
@@ -542,16 +358,7 @@ def _streamed_custom(
     )
 
 
-def file_rows(source: TrainingFile) -> int | None:
-    """Rows of a Parquet file from its footer; None for a CSV (it is counted while read)."""
-    if not source.is_parquet:
-        return None
-    import pyarrow.parquet as pq
-
-    return int(pq.ParquetFile(source.path).metadata.num_rows)
-
-
-__all__: list[Any] = [
+__all__ = [
     "CHUNK_ROWS",
     "IN_MEMORY_ROWS",
     "SAMPLE_ROWS",

@@ -70,7 +70,7 @@ def write_directory(directory: str | os.PathLike, kmeans: Any, scaler: Any, meta
 def read_directory(directory: str | os.PathLike) -> tuple[Any, Any, Any]:
     """(kmeans, scaler, metadata) as saved by :func:`write_directory`; any problem raises ModelLoadError.
 
-    The scaler is None for a model whose metadata says kind ``custom`` or ``rfm`` (they have none).
+    The scaler is None for a model saved without one (a declared schema's: its encoding is learned).
     """
     source = Path(directory)
     kmeans_blob = _read(source / KMEANS_FILE)
@@ -83,9 +83,10 @@ def read_directory(directory: str | os.PathLike) -> tuple[Any, Any, Any]:
     if not isinstance(metadata, dict):
         raise ModelLoadError(f"{METADATA_FILE} does not hold a JSON object")
     blobs = {KMEANS_FILE: kmeans_blob}
-    if metadata.get("kind", "customer") not in ("custom", "rfm"):
-        scaler_blob = blobs[SCALER_FILE] = _read(source / SCALER_FILE)
     artifacts = metadata.pop("artifacts", None)
+    # The files a save wrote are listed; a directory saved before that list is a customer model's.
+    if not isinstance(artifacts, dict) or SCALER_FILE in artifacts:
+        scaler_blob = blobs[SCALER_FILE] = _read(source / SCALER_FILE)
     if isinstance(artifacts, dict):
         for name, blob in blobs.items():
             expected = artifacts.get(name)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from app.ml.preprocess import _shown
 from app.ml.schema import MISSING_LEVEL, OTHER_LEVEL, FeatureSchema
-from app.preprocess import _shown
 
 _NUMERIC, _CATEGORICAL = 0, 1
 

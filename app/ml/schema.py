@@ -1,7 +1,7 @@
 """The feature schema: which columns a segmentation clusters on, their types, transforms and levels.
 
-A :class:`FeatureSchema` is declared (kind ``custom``: the analyst's own
-columns) or fixed (kind ``customer``: the four customer features). Training
+A :class:`FeatureSchema` is declared (the analyst's own columns, or those of
+the RFM table) or fixed (the contract's four customer features). Training
 fills in what it learns about each feature (median, transform, scaling,
 levels) in attributes ending in ``_``; :meth:`FeatureSchema.to_dict` and
 :meth:`FeatureSchema.from_dict` carry both into model metadata and back.
@@ -16,8 +16,8 @@ from typing import Any, Literal, cast
 import numpy as np
 import pandas as pd
 
-from app.ml.frames import read_training_frame
-from app.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
+from app.ml.errors import SchemaError
+from app.ml.preprocess import FEATURE_RANGES, FEATURES, INTEGER_FEATURES, DataValidationError, resolve_columns
 
 MAX_FEATURES = 50
 MAX_NAME_LENGTH = 64
@@ -29,10 +29,9 @@ MISSING_LEVEL = "missing"
 FeatureType = Literal["numeric", "categorical"]
 Transform = Literal["none", "log", "auto"]
 _DECLARED_KEYS = ("name", "type", "transform", "min", "max")
-
-
-class SchemaError(ValueError):
-    """A feature declaration that cannot be used; the message is one sentence naming the problem."""
+_FIXED_TAG, _DECLARED_TAG = "customer", "custom"
+"""How :meth:`FeatureSchema.to_dict` tells the two apart, as saved models' metadata spells it."""
+_IS_FIXED = {_FIXED_TAG: True, _DECLARED_TAG: False}
 
 
 @dataclass(frozen=True)
@@ -92,15 +91,18 @@ class Feature:
 class FeatureSchema:
     """The clustering features of a segmentation, in the column order of its matrices."""
 
-    kind: Literal["customer", "custom"]
     features: tuple[Feature, ...]
     id_column: str | None = None
+    fixed: bool = False
+    """The contract's four customer features: nothing is learned in the schema; the model scales them
+    with its StandardScaler (scaler.pkl), takes them as a four-column matrix in FEATURES order and
+    orders its ids by centroid income, then spending. A declared schema learns its own encoding and
+    orders ids by size."""
 
     @classmethod
     def customer(cls) -> FeatureSchema:
         """The four customer features with the contract's ranges, clustered untransformed."""
         return cls(
-            "customer",
             tuple(
                 Feature(
                     name,
@@ -112,11 +114,12 @@ class FeatureSchema:
                 )
                 for name in FEATURES
             ),
+            fixed=True,
         )
 
     @classmethod
     def declare(cls, features: list[dict[str, Any]], id_column: str | None = None) -> FeatureSchema:
-        """A kind ``custom`` schema from the analyst's declarations; raises SchemaError."""
+        """A declared schema from the analyst's declarations; raises SchemaError."""
         if id_column is not None:
             id_column = _clean_name(id_column, "id_column")
         if not isinstance(features, (list, tuple)) or not features:
@@ -134,7 +137,7 @@ class FeatureSchema:
                 raise SchemaError(f"feature {feature.name!r} is also the id_column; the id is not a feature")
             seen[key] = feature.name
             declared.append(feature)
-        return cls("custom", tuple(declared), id_column)
+        return cls(tuple(declared), id_column)
 
     @property
     def names(self) -> list[str]:
@@ -142,7 +145,7 @@ class FeatureSchema:
 
     @property
     def fitted(self) -> bool:
-        return self.kind == "customer" or all(f.fitted for f in self.features)
+        return self.fixed or all(f.fitted for f in self.features)
 
     @property
     def width(self) -> int:
@@ -156,14 +159,16 @@ class FeatureSchema:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "id_column": self.id_column, "features": [f.to_dict() for f in self.features]}
+        tag = _FIXED_TAG if self.fixed else _DECLARED_TAG
+        return {"kind": tag, "id_column": self.id_column, "features": [f.to_dict() for f in self.features]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureSchema:
         """Inverse of :meth:`to_dict`; raises SchemaError for anything it did not write."""
-        if not isinstance(data, dict) or data.get("kind") not in ("customer", "custom"):
-            raise SchemaError("a schema needs kind 'customer' or 'custom'")
-        if data["kind"] == "customer":
+        fixed = _IS_FIXED.get(str(data.get("kind"))) if isinstance(data, dict) else None
+        if fixed is None:
+            raise SchemaError(f"a schema needs kind {_FIXED_TAG!r} or {_DECLARED_TAG!r}")
+        if fixed:
             return cls.customer()
         specs = data.get("features")
         if not isinstance(specs, list):
@@ -173,7 +178,7 @@ class FeatureSchema:
         for feature, spec in zip(declared.features, specs, strict=True):
             fitted = spec.get("fitted")
             learned.append(feature if fitted is None else _with_learned(feature, fitted))
-        return cls("custom", tuple(learned), declared.id_column)
+        return cls(tuple(learned), declared.id_column)
 
 
 def _clean_name(raw: Any, what: str) -> str:
@@ -205,12 +210,12 @@ def _declared_feature(spec: Any, number: int) -> Feature:
     unknown = sorted(str(k) for k in spec if k not in _DECLARED_KEYS)
     if unknown:
         raise SchemaError(f"feature {name!r}: unknown field(s) {', '.join(unknown)}")
-    kind = spec.get("type")
-    if kind not in ("numeric", "categorical"):
-        raise SchemaError(f"feature {name!r}: type must be 'numeric' or 'categorical', got {kind!r}")
+    feature_type = spec.get("type")
+    if feature_type not in ("numeric", "categorical"):
+        raise SchemaError(f"feature {name!r}: type must be 'numeric' or 'categorical', got {feature_type!r}")
     transform = spec.get("transform")
     low, high = _bound(spec, "min", name), _bound(spec, "max", name)
-    if kind == "categorical":
+    if feature_type == "categorical":
         if transform not in (None, "none"):
             raise SchemaError(f"feature {name!r}: a categorical feature takes no transform, got {transform!r}")
         if low is not None or high is not None:
@@ -247,13 +252,22 @@ def customer_matrix(X: Any) -> np.ndarray:
     if isinstance(X, pd.DataFrame):
         columns = resolve_columns(X.columns, optional=())
         X = X[[columns[name] for name in FEATURES]].to_numpy()
+    if hasattr(X, "tocsr"):  # a SciPy sparse matrix or array
+        raise DataValidationError("sparse input is not supported: pass the customer features as a dense matrix")
+    if np.iscomplexobj(X):
+        raise DataValidationError("Complex data not supported: features must be real numbers")
     try:
         arr = np.asarray(X)
         if arr.dtype != np.float32:
             arr = arr.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
         raise DataValidationError(f"features must be numbers: {exc}") from exc
-    if arr.ndim != 2 or arr.shape[1] != len(FEATURES):
+    if arr.ndim == 2 and arr.shape[1] != len(FEATURES):
+        raise DataValidationError(
+            f"X has {arr.shape[1]} features, but SegmentationModel is expecting {len(FEATURES)} features"
+            f" as input (a matrix with {len(FEATURES)} columns: {', '.join(FEATURES)})"
+        )
+    if arr.ndim != 2:
         raise DataValidationError(
             f"expected a matrix with {len(FEATURES)} columns ({', '.join(FEATURES)}), got shape {arr.shape}"
         )
@@ -270,5 +284,4 @@ __all__ = [
     "FeatureSchema",
     "SchemaError",
     "customer_matrix",
-    "read_training_frame",
 ]

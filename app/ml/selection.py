@@ -17,8 +17,8 @@ from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from app.ml.preprocess import DataValidationError
 from app.ml.schema import customer_matrix
-from app.preprocess import DataValidationError
 
 MIN_ROWS = 10
 """Fewest customers we train on; a k-segment model also needs 2*k of them."""

@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from app.ml import selection
 from app.ml.encoding import encode, fit_schema, level_indices
 from app.ml.frames import match_columns
+from app.ml.kmeans import kmeans_with_centers
 from app.ml.naming import (
     custom_segment_names,
     describe_custom_segment,
@@ -29,9 +30,9 @@ from app.ml.naming import (
     segment_traits,
 )
 from app.ml.persistence import FORMAT_VERSION
+from app.ml.preprocess import FEATURES, DataValidationError
 from app.ml.schema import FeatureSchema, customer_matrix
 from app.ml.scoring import CentroidScorer
-from app.preprocess import FEATURES, DataValidationError
 
 _INCOME, _SPENDING, _FREQUENCY, _AGE = (
     FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")
@@ -69,8 +70,8 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
     labels = _fitted_labels(
         fit.kmeans, n, lambda: CentroidScorer(centers_scaled, scaler.mean_, scaler.scale_).predict(arr)[0]
     )
-    labels = _renumber(fit.kmeans, centers_scaled, order, labels)
-    z = fit.kmeans.cluster_centers_
+    kmeans, labels = _renumber(fit.kmeans, centers_scaled, order, labels)
+    z = kmeans.cluster_centers_
     sizes = _sizes(labels, len(order))
 
     means = (
@@ -89,7 +90,7 @@ def train_customer(X: Any, *, n_clusters: int | None, random_state: int, k_range
     metadata["segments"] = segments
     metadata["centroids"] = centroids
     _finish_metadata(metadata, FeatureSchema.customer(), dict.fromkeys(FEATURES, 0.0), fit.selection, started)
-    return TrainedParts(scaler, fit.kmeans, metadata, labels)
+    return TrainedParts(scaler, kmeans, metadata, labels)
 
 
 def customer_segments(
@@ -149,7 +150,7 @@ def train_custom(
     labels = _fitted_labels(fit.kmeans, n, lambda: CentroidScorer(centers_scaled).predict(Xs)[0])
     keys = [centers_scaled[:, j] for j in reversed(range(centers_scaled.shape[1]))]
     order = np.lexsort((*keys, -np.bincount(labels, minlength=k)))
-    labels = _renumber(fit.kmeans, centers_scaled, order, labels)
+    kmeans, labels = _renumber(fit.kmeans, centers_scaled, order, labels)
     centers = centers_scaled[order]
     sizes = _sizes(labels, k)
 
@@ -160,7 +161,7 @@ def train_custom(
     metadata["segments"] = segments
     metadata["centroids"] = [decode_centroid(fitted, center) for center in centers]
     _finish_metadata(metadata, fitted, missing_shares, fit.selection, started)
-    return TrainedParts(None, fit.kmeans, metadata, labels)
+    return TrainedParts(None, kmeans, metadata, labels)
 
 
 def custom_segments(
@@ -247,14 +248,8 @@ def _segment_keys(fingerprint: str, k: int) -> list[str]:
 
 
 def _fitted_labels(kmeans: KMeans | MiniBatchKMeans, n: int, assign: Callable[[], np.ndarray]) -> np.ndarray:
-    """Each training row's cluster as fitted; ``assign()`` labels them when the estimator kept none.
-
-    Training labels are dropped from the estimator: a 1M-row model would
-    otherwise carry 4 MB of them into every saved version.
-    """
+    """Each training row's cluster as fitted; ``assign()`` labels them when the estimator kept none."""
     labels = getattr(kmeans, "labels_", None)
-    if hasattr(kmeans, "labels_"):
-        del kmeans.labels_
     if labels is None or len(labels) != n:
         return np.asarray(assign(), dtype=np.int64)
     return np.asarray(labels, dtype=np.int64)
@@ -262,18 +257,14 @@ def _fitted_labels(kmeans: KMeans | MiniBatchKMeans, n: int, assign: Callable[[]
 
 def _renumber(
     kmeans: KMeans | MiniBatchKMeans, centers_scaled: np.ndarray, order: np.ndarray, labels: np.ndarray
-) -> np.ndarray:
-    """Renumber the fitted clusters so new cluster i is old ``order[i]``; return the labels renumbered.
-
-    ``centers_scaled`` are the fitted centroids in float64. Only the public
-    ``cluster_centers_`` is replaced (by them, permuted), so the saved
-    estimator's own ``predict`` returns the new ids.
-    """
+) -> tuple[KMeans | MiniBatchKMeans, np.ndarray]:
+    """Renumber the fitted clusters so new cluster i is old ``order[i]``: the estimator whose own
+    ``predict`` returns the new ids (see :func:`app.ml.kmeans.kmeans_with_centers`; ``centers_scaled``
+    are the fitted centroids in float64) and the labels renumbered."""
     k = len(order)
     new_id = np.empty(k, dtype=np.int64)
     new_id[order] = np.arange(k)
-    kmeans.cluster_centers_ = centers_scaled[order]
-    return new_id[labels]
+    return kmeans_with_centers(centers_scaled[order], like=kmeans), new_id[labels]
 
 
 def _sizes(labels: np.ndarray, k: int) -> np.ndarray:
@@ -327,8 +318,8 @@ def _finish_metadata(
 ) -> None:
     """Add what every kind shares after the segments: schema, keys, library versions, elbow, duration."""
     metadata["features"] = schema.names
-    metadata["kind"] = schema.kind
     metadata["schema"] = schema.to_dict()
+    metadata["kind"] = metadata["schema"]["kind"]
     metadata["missing_shares"] = {name: round(float(share), 6) for name, share in missing_shares.items()}
     keys = _segment_keys(metadata["data_fingerprint"], len(metadata["segments"]))
     for segment, key in zip(metadata["segments"], keys, strict=True):

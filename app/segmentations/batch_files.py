@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.ml.frames import arrow_numbers, arrow_text
-from app.preprocess import DataValidationError
+from app.ml.preprocess import DataValidationError
 from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.kinds.registry import KINDS

@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import Conflict
-from app.model import elbow as compute_elbow
-from app.preprocess import (
+from app.ml import elbow as compute_elbow
+from app.ml.preprocess import (
     DataValidationError,
     load_training_matrix,
 )

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import Conflict
-from app.preprocess import (
+from app.ml.preprocess import (
     FEATURE_RANGES,
     FEATURES,
     INTEGER_FEATURES,

@@ -26,7 +26,7 @@ from app.history import predictions as prediction_service
 from app.history.schemas import HistoryQuery
 from app.history.storage.history import segmentation_page
 from app.ml.matching import identity_fields
-from app.preprocess import DataValidationError
+from app.ml.preprocess import DataValidationError
 from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date

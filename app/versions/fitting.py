@@ -15,8 +15,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import AppError
-from app.model import SegmentationModel
-from app.preprocess import DataValidationError
+from app.ml import SegmentationModel
+from app.ml.preprocess import DataValidationError
 
 _TrainingContext = multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext
 _context: _TrainingContext | None = None
@@ -78,8 +78,6 @@ def _fit_in_child(
 def _schema_argument(schema: dict[str, Any] | None) -> dict[str, Any]:
     if schema is None:
         return {}
-    if schema.get("kind") == "rfm":  # a fixed schema: the data is the log's RFM table
-        return {"kind": "rfm"}
     from app.ml.schema import FeatureSchema
 
     return {"schema": FeatureSchema.from_dict(schema)}
@@ -113,7 +111,7 @@ async def fit_in_subprocess(
 
     `data` is the customer feature matrix, or for a declared schema (`schema`, a
     FeatureSchema.to_dict()) the training frame read from the upload, or for
-    `schema={"kind": "rfm"}` the RFM table of the uploaded log.
+    the RFM table of the uploaded log (an app.ml.rfm.RfmTable, no schema).
     """
     context = _training_context()
     parent_end, child_end = context.Pipe()

@@ -18,9 +18,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.database import ModelVersion, ServiceState, utcnow
 from app.core.errors import AppError, Conflict, NotFound
+from app.ml import SegmentationModel
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer
-from app.model import SegmentationModel
 from app.versions.lease import rows_updated
 from app.versions.store import ModelStore, ServedModel
 
@@ -87,7 +87,7 @@ async def rename_segment(
         model = await run_in_threadpool(SegmentationModel.from_bytes, artifact)
         model.version = active
         segments = _renamed_segments(model.segments, cluster_id, cluster_name, description)
-        revision = names_revision(model) + 1
+        revision = names_revision(model.metadata_) + 1
         renamed = with_segments(model, segments, names_revision=revision)
         blob = await run_in_threadpool(renamed.to_bytes)
         new_details = {**(details or {}), "segments": segments, "names_revision": revision}
@@ -143,7 +143,7 @@ class Comparison:
     to_labels: np.ndarray
 
     def result(self) -> dict[str, Any]:
-        k_from, k_to = self.from_model.n_clusters, self.to_model.n_clusters
+        k_from, k_to = self.from_model.n_clusters_, self.to_model.n_clusters_
         n = len(self.from_labels)
         cells = np.bincount(self.from_labels * k_to + self.to_labels, minlength=k_from * k_to)
         matrix = cells.reshape(k_from, k_to)
@@ -182,7 +182,7 @@ def _segments(model: SegmentationModel, sizes: np.ndarray, n: int) -> list[dict[
 
 def _labels(model: SegmentationModel, data: Any) -> np.ndarray:
     """Each row's cluster id under `model`: its K-Means input through the nearest centroid."""
-    centers = np.asarray(model.kmeans.cluster_centers_, dtype=np.float64)
+    centers = np.asarray(model.kmeans_.cluster_centers_, dtype=np.float64)
     labels, _ = CentroidScorer(centers).predict(model.encode(data))
     return np.asarray(labels, dtype=np.int64)
 

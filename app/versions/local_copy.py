@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.model import METADATA_FILE, ModelLoadError, SegmentationModel
+from app.ml import METADATA_FILE, ModelLoadError, SegmentationModel
 
 try:
     import fcntl

@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.database import Database, ModelVersion, Segmentation, ServiceState, utcnow
 from app.core.errors import Conflict, NotFound
+from app.ml import SegmentationModel
 from app.ml.matching import identity_fields
-from app.model import SegmentationModel
 from app.versions.lease import rows_updated
 
 logger = logging.getLogger("app.models")
@@ -162,7 +162,7 @@ class VersionRepository:
             session.add(ServiceState(key=self.active_key, value=version))
 
     def _row(self, model: SegmentationModel, blob: bytes, *, created_by: str | None) -> ModelVersion:
-        meta = model.metadata
+        meta = model.metadata_
         return ModelVersion(
             version=model.version,
             segmentation_id=self.segmentation_id,

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.core.database import DEFAULT_SEGMENTATION_KIND
-from app.model import SegmentationModel
-from app.preprocess import features_matrix
+from app.ml import SegmentationModel
+from app.ml.preprocess import features_matrix
 
 
 class ServedModel:
@@ -22,10 +22,10 @@ class ServedModel:
     def __init__(self, model: SegmentationModel) -> None:
         self.model = model
         self.version: str = model.version
-        self.metadata: dict[str, Any] = model.metadata
-        self.kind: str = str(model.metadata.get("kind") or DEFAULT_SEGMENTATION_KIND)
-        self.segments: list[dict[str, Any]] = model.metadata["segments"]
-        self.names: tuple[str, ...] = model.cluster_names
+        self.metadata: dict[str, Any] = model.metadata_
+        self.kind: str = str(model.metadata_.get("kind") or DEFAULT_SEGMENTATION_KIND)
+        self.segments: list[dict[str, Any]] = model.metadata_["segments"]
+        self.names: tuple[str, ...] = model.cluster_names_
         self._charts: dict[str, str] | None = None
         self._charts_lock = asyncio.Lock()
         self._responses: dict[str, bytes] = {}
@@ -39,13 +39,13 @@ class ServedModel:
         return body
 
     def predict_matrix(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.predict(features)
+        return self.model.predict_with_confidence(features)
 
     def assign(self, records: Sequence[Any]) -> list[tuple[int, str, float]]:
         """(cluster, cluster_name, confidence) for objects or dicts carrying the customer features."""
         if len(records) == 1:
             return [self.model.predict_one(records[0])]
-        labels, confidence = self.model.predict(features_matrix(records))
+        labels, confidence = self.model.predict_with_confidence(features_matrix(records))
         return [(int(c), self.names[int(c)], float(p)) for c, p in zip(labels, confidence, strict=True)]
 
     def assign_declared(self, records: Sequence[Mapping[str, Any]]) -> list[tuple[int, str, float, list[str]]]:

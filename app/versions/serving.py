@@ -18,8 +18,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
+from app.ml import ModelLoadError, SegmentationModel
 from app.ml.matching import renamed_since
-from app.model import ModelLoadError, SegmentationModel
 from app.versions.local_copy import load_local_copy, save_local_copy
 from app.versions.repository import VersionRepository
 from app.versions.served import ServedModel
@@ -140,9 +140,17 @@ class ServingCache:
                 active, names = await self.versions.active_state()
             if active is None:
                 return self.current
-            if self.current is not None and self.current.version == active and not renamed_since(self.current, names):
+            if (
+                self.current is not None
+                and self.current.version == active
+                and not renamed_since(self.current.version, self.current.metadata, names)
+            ):
                 return self.current
-            if candidate is not None and candidate.version == active and not renamed_since(candidate, names):
+            if (
+                candidate is not None
+                and candidate.version == active
+                and not renamed_since(candidate.version, candidate.metadata_, names)
+            ):
                 model = candidate
             else:
                 failed_at = self._unloadable.get(active)

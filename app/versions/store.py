@@ -24,7 +24,7 @@ from app.core.database import (
     Segmentation,
 )
 from app.core.errors import Conflict
-from app.model import ModelLoadError, SegmentationModel
+from app.ml import ModelLoadError, SegmentationModel
 from app.versions.lease import TrainingLease
 from app.versions.repository import ACTIVE_KEY, NAMES_KEY, VersionRepository
 from app.versions.served import ServedModel

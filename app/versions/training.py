@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import Conflict, NotFound
+from app.ml import ModelLoadError, SegmentationModel
 from app.ml.matching import identify
-from app.model import ModelLoadError, SegmentationModel
 from app.versions import progress
 from app.versions.fitting import TrainingTimeout, fit_in_subprocess
 from app.versions.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
@@ -153,7 +153,7 @@ class TrainingCoordinator:
                     time_limit=self.settings.train_timeout_seconds,
                 )
                 progress.phase("recording")
-                model.metadata.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
+                model.metadata_.setdefault("duration_seconds", round(time.perf_counter() - started, 3))
                 served = await self._record(model, blob, created_by=created_by, what="trained")
                 outcome = "success"
                 return served
@@ -180,7 +180,7 @@ class TrainingCoordinator:
         model, blob = await self._matched_to_active(model, blob)
         await self.versions.record(model, blob, created_by=created_by)
         served = await self.serving.sync(candidate=model)
-        meta = model.metadata
+        meta = model.metadata_
         logger.info(
             "%s model version %s of %s (k=%s, n=%s%s) by %s",
             what,

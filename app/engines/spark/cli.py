@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.engines.spark import SparkUnavailable
-from app.preprocess import DataValidationError
+from app.ml.preprocess import DataValidationError
 from app.segmentations.kinds.registry import kind_of
 
 logger = logging.getLogger("app.engines.spark")

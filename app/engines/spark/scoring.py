@@ -23,7 +23,7 @@ _LOADED: dict[str, Any] = {}
 def loaded(version: str, blob: bytes) -> Any:
     served = _LOADED.get(version)
     if served is None:
-        from app.model import SegmentationModel
+        from app.ml import SegmentationModel
         from app.versions.served import ServedModel
 
         model = SegmentationModel.from_bytes(blob)

@@ -63,7 +63,7 @@ class CustomKind:
         by: str,
         as_of: date | None,
     ) -> ServedModel:
-        from app.ml.schema import read_training_frame
+        from app.ml.frames import read_training_frame
 
         assert upload is not None  # the service asks for a file first
         declared = self.schema(store.segmentation)
@@ -112,7 +112,7 @@ class CustomKind:
     def batch_columns(self, served: ServedModel, names: Sequence[str]) -> tuple[dict[str, str], set[str]]:
         from app.ml.frames import match_columns
 
-        schema = served.model.schema
+        schema = served.model.schema_
         found = match_columns(names, schema.names, required=schema.names)
         return found, {found[f.name] for f in schema.features if f.numeric}
 
@@ -125,8 +125,7 @@ class CustomKind:
 
 def declared_frame(upload: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
     """A CSV of a declared schema as read for training, its columns named as declared."""
-    from app.ml.frames import match_columns
-    from app.ml.schema import read_training_frame
+    from app.ml.frames import match_columns, read_training_frame
 
     upload.seek(0)
     frame = read_training_frame(upload, schema)
@@ -137,7 +136,7 @@ def declared_frame(upload: IO[bytes], schema: FeatureSchema) -> pd.DataFrame:
 def _record_columns(served: ServedModel, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Checked records as columns: numbers (NaN when missing) and text per declared feature."""
     columns: dict[str, Any] = {}
-    for feature in served.model.schema.features:
+    for feature in served.model.schema_.features:
         cells = [record.get(feature.name) for record in records]
         if feature.numeric:
             columns[feature.name] = np.array([np.nan if v is None else float(v) for v in cells], dtype=np.float64)
@@ -173,7 +172,7 @@ def score_declared_chunk(served: ServedModel, frame: pd.DataFrame) -> segmentati
     values = None
     if result.values is not None:
         scored = result.values[result.valid]
-        values = {name: scored[name] for name in served.model.schema.names}
+        values = {name: scored[name] for name in served.model.schema_.names}
     return result.valid, result.labels, result.confidence, result.errors, values
 
 

@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
 from app.core.errors import InvalidInput
+from app.ml.preprocess import FEATURES, resolve_columns
 from app.ml.schema import FeatureSchema
-from app.preprocess import FEATURES, resolve_columns
 from app.segmentations import scoring as segmentation
 from app.segmentations.csv_answers import ScoredBatch
 from app.segmentations.kinds.base import Assigned

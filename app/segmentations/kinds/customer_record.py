@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.core.schemas import CUSTOMER_EXAMPLE, WholeNumber
-from app.preprocess import FEATURE_RANGES, SEX_VALUES
+from app.ml.preprocess import FEATURE_RANGES, SEX_VALUES
 
 
 def _canonical_sex(value: Any) -> Any:

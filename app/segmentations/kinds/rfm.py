@@ -21,8 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml import rfm
+from app.ml.preprocess import DataValidationError
 from app.ml.schema import FeatureSchema, SchemaError
-from app.preprocess import DataValidationError
 from app.segmentations.csv_answers import SPOOL_BYTES, ScoredBatch, inert_column
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
@@ -69,9 +69,7 @@ async def train_table(
         raise _no_customers(table.facts)
     # The child needs the numbers only: customer ids stay here.
     numbers = rfm.RfmTable(table.frame.drop(columns="customer_id", errors="ignore"), table.facts)
-    return await store.train(
-        numbers, schema={"kind": RFM_KIND}, n_clusters=n_clusters, random_state=random_state, created_by=by
-    )
+    return await store.train(numbers, n_clusters=n_clusters, random_state=random_state, created_by=by)
 
 
 def train_facts(served: ServedModel) -> dict[str, Any]:
@@ -139,7 +137,7 @@ def _batch(
 ) -> ScoredBatch:
     scored = rfm.scored_table(table, cuts(served))
     features = rfm.clustering_frame(scored)
-    labels, confidence = served.model.score_table(features)
+    labels, confidence = served.model.predict_with_confidence(features)
     explained = None
     if observer is not None:
         explained = observer.observe({name: features[name].to_numpy() for name in rfm.RFM_FEATURES}, labels)
@@ -317,7 +315,7 @@ class RfmKind:
     def batch_columns(self, served: ServedModel, names: Sequence[str]) -> tuple[dict[str, str], set[str]]:
         from app.ml.frames import match_columns
 
-        schema = served.model.schema
+        schema = served.model.schema_
         found = match_columns(names, schema.names, required=schema.names)
         return found, {found[f.name] for f in schema.features if f.numeric}
 
