@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from app.core.schemas import CUSTOMER_EXAMPLE, PNG_EXAMPLE, VERSION_EXAMPLE
 from app.segmentations.explain_schemas import Explanation, ExplanationField
 from app.segmentations.kinds.customer_record import CustomerFeatures
-from app.versions.identity_schemas import SegmentMatch
-from app.versions.schemas import NAMED_SEGMENT_EXAMPLE, SEGMENT_EXAMPLE, NamedSegmentStats, SegmentStats
+from app.versions.schemas import NAMED_SEGMENT_EXAMPLE, SEGMENT_EXAMPLE, NamedSegmentStats, SegmentStats, VersionLineage
+
+PREDICTION_EXAMPLE: dict[str, JsonValue] = {
+    "cluster": 4,
+    "cluster_name": "High income, high spending",
+    "confidence": 0.62,
+    "customer_data": CUSTOMER_EXAMPLE,
+    "model_version": VERSION_EXAMPLE,
+}
 
 
 class SegmentAssignment(BaseModel):
@@ -26,19 +33,7 @@ class SegmentAssignment(BaseModel):
 
 
 class PredictionResult(SegmentAssignment):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "cluster": 4,
-                    "cluster_name": "High income, high spending",
-                    "confidence": 0.62,
-                    "customer_data": CUSTOMER_EXAMPLE,
-                    "model_version": VERSION_EXAMPLE,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [PREDICTION_EXAMPLE]})
 
     customer_data: CustomerFeatures
     model_version: str
@@ -131,7 +126,7 @@ class ElbowChart(BaseModel):
     optimal_k: int
 
 
-class TrainResult(BaseModel):
+class TrainResult(VersionLineage):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -157,30 +152,11 @@ class TrainResult(BaseModel):
     n_samples: int
     duration_seconds: float
     cluster_sizes: dict[str, int]
-    previous_version: str | None = Field(
-        None, description="The version this one was matched to (the active one when it was trained); null if none"
-    )
-    matching: list[SegmentMatch] = []
-    retired_cluster_ids: list[int] = Field(
-        [], description="Ids of the previous version's segments that no segment of this version continues"
-    )
 
 
 class NamedPredictionResult(SegmentAssignment):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "cluster": 4,
-                    "cluster_name": "High income, high spending",
-                    "confidence": 0.62,
-                    "customer_data": CUSTOMER_EXAMPLE,
-                    "model_version": VERSION_EXAMPLE,
-                    "segmentation": "default",
-                    "warnings": [],
-                }
-            ]
-        }
+        json_schema_extra={"examples": [{**PREDICTION_EXAMPLE, "segmentation": "default", "warnings": []}]}
     )
 
     customer_data: dict[str, Any]

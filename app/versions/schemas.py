@@ -65,7 +65,34 @@ class ModelVersionPublic(BaseModel):
     data_fingerprint: str | None = None
 
 
-class ModelVersionDetail(ModelVersionPublic):
+class VersionLineage(BaseModel):
+    """Which version a new one continues, and how its segments matched: in a train result and a version's details."""
+
+    previous_version: str | None = Field(
+        None, description="The version this one was matched to (the active one when it was trained); null if none"
+    )
+    matching: list[SegmentMatch] = []
+    retired_cluster_ids: list[int] = Field(
+        [], description="Ids of the previous version's segments that no segment of this version continues"
+    )
+
+
+class VersionDetail(ModelVersionPublic, VersionLineage):
+    """What a version's details show of every kind, besides its segments."""
+
+    k_selection: dict[str, Any] | None = None
+    features: list[str] = []
+    trained_at: str | None = None
+    library_versions: dict[str, str] = {}
+    algorithm: str | None = Field(
+        None, description="kmeans, minibatch_kmeans, or streamed_kmeans (trained out of core from a file)"
+    )
+    out_of_core: dict[str, Any] | None = Field(
+        None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
+    )
+
+
+class ModelVersionDetail(VersionDetail):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -82,23 +109,6 @@ class ModelVersionDetail(ModelVersionPublic):
     )
 
     clusters: list[SegmentStats] = []
-    k_selection: dict[str, Any] | None = None
-    features: list[str] = []
-    trained_at: str | None = None
-    library_versions: dict[str, str] = {}
-    algorithm: str | None = Field(
-        None, description="kmeans, minibatch_kmeans, or streamed_kmeans (trained out of core from a file)"
-    )
-    out_of_core: dict[str, Any] | None = Field(
-        None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
-    )
-    previous_version: str | None = Field(
-        None, description="The version this one was matched to (the active one when it was trained); null if none"
-    )
-    matching: list[SegmentMatch] = []
-    retired_cluster_ids: list[int] = Field(
-        [], description="Ids of the previous version's segments that no segment of this version continues"
-    )
 
 
 class ModelList(BaseModel):
@@ -110,26 +120,9 @@ class ModelList(BaseModel):
     active_version: str | None
 
 
-class NamedModelVersionDetail(ModelVersionPublic):
+class NamedModelVersionDetail(VersionDetail):
     clusters: list[dict[str, Any]] = []
-    k_selection: dict[str, Any] | None = None
-    features: list[str] = []
-    trained_at: str | None = None
-    library_versions: dict[str, str] = {}
     missing_shares: dict[str, float] = {}
-    algorithm: str | None = Field(
-        None, description="kmeans, minibatch_kmeans, or streamed_kmeans (trained out of core from a file)"
-    )
-    out_of_core: dict[str, Any] | None = Field(
-        None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
-    )
-    previous_version: str | None = Field(
-        None, description="The version this one was matched to (the active one when it was trained); null if none"
-    )
-    matching: list[SegmentMatch] = []
-    retired_cluster_ids: list[int] = Field(
-        [], description="Ids of the previous version's segments that no segment of this version continues"
-    )
 
 
 class ModelPageQuery(BaseModel):
