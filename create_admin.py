@@ -15,8 +15,9 @@ import sys
 
 from app.core import security as auth
 from app.core.config import get_settings
-from app.core.database import Database, Role
+from app.core.database import Database
 from app.core.errors import Conflict
+from app.core.tables import Role
 from app.users import service as user_service
 
 DEFAULT_ADMIN = ("admin", "admin123", "admin@example.com")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core import security as auth  # noqa: E402
 from app.core.config import Settings  # noqa: E402
-from app.core.database import Role  # noqa: E402
+from app.core.tables import Role  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.users import service as user_service  # noqa: E402
 from app.versions import identity  # noqa: E402

@@ -57,7 +57,7 @@ async def run(args) -> int:
 
     from app.core import security as auth
     from app.core.config import Settings
-    from app.core.database import Role
+    from app.core.tables import Role
     from app.engines import spark as engine
     from app.engines.spark import scoring, training
     from app.main import create_app

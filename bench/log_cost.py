@@ -34,7 +34,7 @@ async def measure(args) -> dict[str, list[float]]:
 
     from app.core import security as auth
     from app.core.config import Settings
-    from app.core.database import Role
+    from app.core.tables import Role
     from app.main import create_app
     from app.users import service as user_service
     from generate_dataset import generate

@@ -467,7 +467,7 @@ def seed_history(url: str, username: str, rows: int) -> None:
     from sqlalchemy import select, text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from app.core.database import PREDICTION_HISTORY, User
+    from app.core.tables import PREDICTION_HISTORY, User
 
     start = datetime.now(UTC) - timedelta(days=365)
 
@@ -510,7 +510,7 @@ def seed_history(url: str, username: str, rows: int) -> None:
 def reset_postgres(url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from app.core.database import Base
+    from app.core.tables import Base
 
     async def drop() -> None:
         engine = create_async_engine(url)

@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.core import security as auth
 from app.core.config import Settings
-from app.core.database import Database, Role
+from app.core.database import Database
+from app.core.tables import Role
 from app.main import create_app
 from app.users import service as user_service
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import CUSTOMER, PASSWORD
 
 

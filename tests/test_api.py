@@ -9,7 +9,7 @@ import io
 import pandas as pd
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import CUSTOMER
 
 

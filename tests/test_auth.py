@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import PASSWORD, login_headers
 
 NEW_USER = {"email": "ana@example.com", "username": "ana", "full_name": "Ana Lima", "password": "s3cret-pass"}

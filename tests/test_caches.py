@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from app.auth.service import AuthCache, Caller
-from app.core.database import Base, Role
+from app.core.tables import Base, Role
 from app.segmentations.elbow import ElbowCache
 
 

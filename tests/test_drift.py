@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app.core.database import Role
+from app.core.tables import Role
 from app.main import create_app
 from app.ml.drift import MIN_OBSERVED
 from tests.conftest import CUSTOMER
@@ -213,7 +213,7 @@ async def test_before_any_training_drift_is_409(client, analyst_headers):
 async def test_a_version_saved_without_reference_bins_answers_409(app, client, trained_model, analyst_headers):
     from sqlalchemy import select, update
 
-    from app.core.database import ModelVersion
+    from app.core.tables import ModelVersion
 
     version = trained_model["model_version"]
     async with app.state.database.sessionmaker() as session:

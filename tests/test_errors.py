@@ -15,8 +15,8 @@ import pytest
 from fastapi import Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.database import Role
 from app.core.errors import Forbidden
+from app.core.tables import Role
 from app.main import install_error_handlers
 from app.routes.bodies import FastRoute
 from tests.conftest import CUSTOMER

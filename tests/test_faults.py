@@ -19,7 +19,8 @@ import joblib
 import pytest
 
 from app.core.config import Settings
-from app.core.database import Database, Role
+from app.core.database import Database
+from app.core.tables import Role
 from app.ml import KMEANS_FILE, METADATA_FILE, SCALER_FILE, SegmentationModel
 from tests.conftest import CUSTOMER
 

@@ -24,8 +24,9 @@ from schemathesis.checks import positive_data_acceptance
 
 from app.core import security as auth
 from app.core.config import Settings
-from app.core.database import Base, Database, Role, User
+from app.core.database import Database
 from app.core.migrations import upgrade_database
+from app.core.tables import Base, Role, User
 from app.main import create_app
 from tests.conftest import make_settings, postgres_url
 

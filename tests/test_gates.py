@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 
 # (method, path, least role); paths name ids no row has, which a gate must refuse before looking anything up.
 ROUTES = [

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.core.database import PREDICTION_HISTORY, Role
+from app.core.tables import PREDICTION_HISTORY, Role
 from app.history.predictions import history_row
 from tests.conftest import CUSTOMER
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import delete, select
 
-from app.core.database import PredictionHistory, Role
+from app.core.tables import PredictionHistory, Role
 from app.history.pages import page_json
 from app.history.schemas import HistoryItem, HistoryPage
 from app.history.storage import EngineHistoryRepository

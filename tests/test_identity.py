@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from asgi_lifespan import LifespanManager
 
-from app.core.database import Role
+from app.core.tables import Role
 from app.main import create_app
 from app.ml.matching import resolve_names
 from tests.conftest import CUSTOMER

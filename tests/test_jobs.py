@@ -17,7 +17,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.core.database import Role, TrainingJob, utcnow
+from app.core.tables import Role, TrainingJob, utcnow
 from app.jobs.service import CANCELLED, WORKER_STOPPED
 from app.versions import training as model_service
 from app.versions.lease import HOST_ID

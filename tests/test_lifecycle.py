@@ -20,7 +20,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import update
 
-from app.core.database import Database, ModelVersion, ServiceState, utcnow
+from app.core.database import Database
+from app.core.tables import ModelVersion, ServiceState, utcnow
 from app.main import create_app
 from app.ml import SegmentationModel
 from app.ml.preprocess import load_training_matrix

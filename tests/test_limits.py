@@ -10,7 +10,7 @@ import io
 
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import CUSTOMER
 
 # 10 KiB of JSON, 20 KiB of upload (training uploads too)

@@ -19,8 +19,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import JSON, column, delete, insert, inspect, select, table, text
 
-from app.core.database import Base, Database, HistoryCount, PredictionHistory, User, UTCDateTime, utcnow
+from app.core.database import Database
 from app.core.migrations import alembic_config, current_revisions, head_revisions, upgrade_database
+from app.core.tables import Base, HistoryCount, PredictionHistory, User, UTCDateTime, utcnow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -311,7 +312,7 @@ async def test_an_existing_database_keeps_its_versions_and_history_as_defaults(d
         LifespanManager(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
     ):
-        from app.core.database import Role
+        from app.core.tables import Role
         from tests.conftest import create_user_direct, login_headers
 
         await create_user_direct(app, role=Role.analyst, username="keeper")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import CUSTOMER
 
 PROFILE = {"name": "Jane at downtown", **CUSTOMER, "notes": "likes email"}

@@ -23,8 +23,8 @@ from jose import jwt
 from sqlalchemy import select
 
 from app.core.config import Settings
-from app.core.database import LoginFailure, Role
 from app.core.security import _hashing_pool
+from app.core.tables import LoginFailure, Role
 from app.main import create_app
 from tests.conftest import CUSTOMER, PASSWORD, TEST_SECRET, login_headers
 

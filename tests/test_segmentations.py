@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.core.database import Role
+from app.core.tables import Role
 from tests.conftest import CUSTOMER
 
 # Every case runs on SQLite, and on PostgreSQL too when TEST_DATABASE_URL is set.
@@ -432,7 +432,7 @@ async def test_one_training_at_a_time_per_segmentation(app, client, crm, dataset
     """Another process holding crm's training lease makes crm's training wait its turn (409), not default's."""
     from sqlalchemy import update
 
-    from app.core.database import ServiceState, utcnow
+    from app.core.tables import ServiceState, utcnow
     from app.versions.lease import HOST_ID
 
     store = await app.state.segmentations.get("crm")

@@ -9,9 +9,9 @@ from app.admin import service as stats_service
 from app.admin.schemas import AdminStats
 from app.auth.dependencies import AdminUser, require_role
 from app.auth.schemas import AdminUserList, AdminUserView, PrimaryKey, UserPublic
-from app.core.database import Role, User
 from app.core.deps import PageDep, SessionDep
 from app.core.responses import errors
+from app.core.tables import Role, User
 from app.users import endpoints as user_routes
 from app.users import service as user_service
 

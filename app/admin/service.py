@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.admin.schemas import AdminStats
-from app.core.database import DEFAULT_SEGMENTATION_ID, BatchPrediction, PredictionHistory
+from app.core.tables import DEFAULT_SEGMENTATION_ID, BatchPrediction, PredictionHistory
 from app.segmentations.registry import SegmentationRegistry
 from app.users import service as user_service
 from app.versions import drift as drift_service

@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.core.database import Base
+from app.core.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

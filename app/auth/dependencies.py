@@ -11,8 +11,8 @@ from fastapi.security.base import SecurityBase
 
 from app.auth import service as auth_service
 from app.auth.service import AuthCache, Caller, Principal
-from app.core.database import Role
 from app.core.errors import Forbidden
+from app.core.tables import Role
 
 SCHEME_NAME = "OAuth2PasswordBearer"
 

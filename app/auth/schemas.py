@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, StringConstraints
 
-from app.core.database import Role
 from app.core.schemas import NotNull, omittable
+from app.core.tables import Role
 
 Username = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=3, max_length=50, pattern=r"^[A-Za-z0-9_.-]+$")

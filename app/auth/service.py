@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.core import security as auth
 from app.core.config import Settings
-from app.core.database import LoginFailure, RevokedToken, User
 from app.core.errors import Forbidden, TooManyRequests, Unauthorized
+from app.core.tables import LoginFailure, RevokedToken, User
 from app.users import service as user_service
 
 INVALID_CREDENTIALS = "Incorrect username or password"

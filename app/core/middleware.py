@@ -19,10 +19,10 @@ import time
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.metrics import Metrics
 from app.core.observability import (
     ACCESS_EXIT_TIMEOUT_SECONDS,
     METRICS_PATH,
-    Metrics,
     access_log,
     access_logger,
     new_request_id,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from app.core.database import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, BatchPrediction, utcnow
+from app.core.tables import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, BatchPrediction, utcnow
 
 
 def history_row(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.database import PredictionHistory
+from app.core.tables import PredictionHistory
 
 
 async def count_for_user(*, session: AsyncSession, user_id: int) -> int:

@@ -11,8 +11,9 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from app.core.database import Database, TrainingJob, utcnow
+from app.core.database import Database
 from app.core.errors import NotFound
+from app.core.tables import TrainingJob, utcnow
 from app.versions.lease import rows_updated
 
 LIVE = ("queued", "running")

@@ -29,8 +29,9 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.core.database import Database, TrainingJob, utcnow
+from app.core.database import Database
 from app.core.errors import ML_ERROR_STATUS, AppError, Conflict, ml_error_body
+from app.core.tables import TrainingJob, utcnow
 from app.jobs.repository import FINAL, LIVE, WORKER_STOPPED, JobRepository, job_body, stamp
 from app.ml.errors import MLError
 from app.versions import progress
@@ -39,7 +40,7 @@ from app.versions.store import ModelStore
 from app.versions.training import TrainingRequest, TrainingReservation
 
 if TYPE_CHECKING:
-    from app.core.observability import Metrics
+    from app.core.metrics import Metrics
 
 logger = logging.getLogger("app.jobs")
 

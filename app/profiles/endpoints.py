@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request, status
 
 from app.auth.dependencies import CurrentUser
 from app.auth.schemas import Message, PrimaryKey
-from app.core.database import CustomerProfile
 from app.core.deps import PageDep, SessionDep
 from app.core.responses import errors
+from app.core.tables import CustomerProfile
 from app.profiles import service as profile_service
 from app.profiles.schemas import ProfileCreate, ProfilePublic, ProfileUpdate
 

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.database import CustomerProfile
 from app.core.errors import InvalidInput, NotFound
+from app.core.tables import CustomerProfile
 
 
 async def create(*, session: AsyncSession, user_id: int, fields: dict[str, Any]) -> CustomerProfile:

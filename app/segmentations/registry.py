@@ -19,21 +19,21 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.core.config import Settings
-from app.core.database import (
+from app.core.database import Database
+from app.core.errors import Conflict, NotFound
+from app.core.tables import (
     DEFAULT_SEGMENTATION,
     DEFAULT_SEGMENTATION_ID,
-    Database,
     ModelVersion,
     Segmentation,
     ServiceState,
     utcnow,
 )
-from app.core.errors import Conflict, NotFound
 from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
 from app.versions.store import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 
 if TYPE_CHECKING:
-    from app.core.observability import Metrics
+    from app.core.metrics import Metrics
 
 logger = logging.getLogger("app.segmentations")
 

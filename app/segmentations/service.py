@@ -20,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from app.auth.service import Caller
-from app.core.database import Role
 from app.core.errors import Conflict, Forbidden, InvalidInput
+from app.core.tables import Role
 from app.history import predictions as prediction_service
 from app.history.schemas import HistoryQuery
 from app.history.storage.history import segmentation_page

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Depends, Request
 from app.auth.dependencies import AdminUser, CurrentUser, require_role
 from app.auth.schemas import Message, PrimaryKey, RoleUpdate, UserList, UserPublic, UserUpdate, UserWithProfileStats
 from app.core import security as auth
-from app.core.database import Role
 from app.core.deps import PageDep, SessionDep, SettingsDep
 from app.core.errors import InvalidInput, Unauthorized
 from app.core.responses import errors
+from app.core.tables import Role
 from app.history import service as history_service
 from app.profiles import service as profile_service
 from app.users import service as user_service

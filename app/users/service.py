@@ -8,8 +8,8 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.database import CustomerProfile, HistoryCount, PredictionHistory, Role, User
 from app.core.errors import Conflict, Forbidden, NotFound
+from app.core.tables import CustomerProfile, HistoryCount, PredictionHistory, Role, User
 
 
 class Actor(Protocol):

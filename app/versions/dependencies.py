@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from app.core.database import DEFAULT_SEGMENTATION
+from app.core.tables import DEFAULT_SEGMENTATION
 from app.versions.store import ModelStore
 
 

@@ -26,14 +26,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import defer
 
 from app.core.config import Settings
-from app.core.database import Database, DriftCount, ModelVersion, ServiceState, utcnow
+from app.core.database import Database
 from app.core.errors import Conflict, NotFound
+from app.core.tables import DriftCount, ModelVersion, ServiceState, utcnow
 from app.ml.drift import DriftReference, RowCounter
 from app.versions.lease import HOST_ID
 from app.versions.served import ServedModel
 
 if TYPE_CHECKING:
-    from app.core.observability import Metrics
+    from app.core.metrics import Metrics
     from app.versions.store import ModelStore
 
 logger = logging.getLogger("app.drift")

@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from app.core.database import ModelVersion, ServiceState, utcnow
 from app.core.errors import AppError, Conflict, NotFound
+from app.core.tables import ModelVersion, ServiceState, utcnow
 from app.ml import SegmentationModel
 from app.ml.matching import name_key, names_revision, resolve_names, segment_key_of, with_segments
 from app.ml.scoring import CentroidScorer

@@ -19,8 +19,9 @@ from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.core.database import Database, ServiceState, utcnow
+from app.core.database import Database
 from app.core.errors import Conflict
+from app.core.tables import ServiceState, utcnow
 
 logger = logging.getLogger("app.models")
 

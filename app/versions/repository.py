@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from starlette.concurrency import run_in_threadpool
 
-from app.core.database import Database, ModelVersion, Segmentation, ServiceState, utcnow
+from app.core.database import Database
 from app.core.errors import Conflict, NotFound
+from app.core.tables import ModelVersion, Segmentation, ServiceState, utcnow
 from app.ml import SegmentationModel
 from app.ml.matching import identity_fields
 from app.versions.lease import rows_updated

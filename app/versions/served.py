@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from app.core.database import DEFAULT_SEGMENTATION_KIND
+from app.core.tables import DEFAULT_SEGMENTATION_KIND
 from app.ml import SegmentationModel
 from app.ml.preprocess import features_matrix
 

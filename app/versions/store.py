@@ -16,14 +16,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 
 from app.core.config import Settings
-from app.core.database import (
-    DEFAULT_SEGMENTATION,
-    DEFAULT_SEGMENTATION_ID,
-    DEFAULT_SEGMENTATION_KIND,
-    Database,
-    Segmentation,
-)
+from app.core.database import Database
 from app.core.errors import Conflict
+from app.core.tables import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, DEFAULT_SEGMENTATION_KIND, Segmentation
 from app.ml import ModelLoadError, SegmentationModel
 from app.versions.lease import TrainingLease
 from app.versions.repository import ACTIVE_KEY, NAMES_KEY, VersionRepository
@@ -32,7 +27,7 @@ from app.versions.serving import ServingCache
 from app.versions.training import TRAINING_KEY, TrainingCoordinator, TrainingReservation
 
 if TYPE_CHECKING:
-    from app.core.observability import Metrics
+    from app.core.metrics import Metrics
 
 logger = logging.getLogger("app.models")
 

@@ -33,7 +33,7 @@ from app.versions.serving import ServingCache
 
 if TYPE_CHECKING:
     from app.core.config import Settings
-    from app.core.observability import Metrics
+    from app.core.metrics import Metrics
 
 logger = logging.getLogger("app.models")
 

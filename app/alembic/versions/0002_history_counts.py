@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.core.database import RECOUNT_HISTORY, drop_history_count_triggers, history_count_triggers
+from app.core.tables import RECOUNT_HISTORY, drop_history_count_triggers, history_count_triggers
 
 revision = "0002"
 down_revision = "0001"

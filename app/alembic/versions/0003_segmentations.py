@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from app.core.database import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, utcnow
+from app.core.tables import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, utcnow
 
 revision = "0003"
 down_revision = "0002"

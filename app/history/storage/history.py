@@ -20,8 +20,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
-from app.core.database import PREDICTION_HISTORY, Database, HistoryCount, PredictionHistory
+from app.core.database import Database
 from app.core.errors import AppError
+from app.core.tables import PREDICTION_HISTORY, HistoryCount, PredictionHistory
 from app.history.pages import item_json, page_bytes
 
 logger = logging.getLogger("app.history")

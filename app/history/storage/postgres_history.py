@@ -25,7 +25,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-from app.core.database import PING_IDLE_SECONDS, PREDICTION_HISTORY, Database
+from app.core.database import PING_IDLE_SECONDS, Database
+from app.core.tables import PREDICTION_HISTORY
 from app.history.pages import page_bytes
 from app.history.storage.history import (
     CURSOR_FOUND,

@@ -23,7 +23,8 @@ from sqlalchemy import func, select, true
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
-from app.core.database import PREDICTION_HISTORY, sqlite_pragmas
+from app.core.database import sqlite_pragmas
+from app.core.tables import PREDICTION_HISTORY
 from app.history.pages import page_bytes
 from app.history.storage.history import (
     CURSOR_FOUND,

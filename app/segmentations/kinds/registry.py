@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, WithJsonSchema
 
-from app.core.database import DEFAULT_SEGMENTATION_KIND
 from app.core.errors import InvalidInput
+from app.core.tables import DEFAULT_SEGMENTATION_KIND
 from app.segmentations.kinds.base import Kind
 from app.segmentations.kinds.custom import CustomKind
 from app.segmentations.kinds.customer import CustomerKind
