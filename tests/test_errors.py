@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.database import Role
 from app.core.errors import Forbidden
+from app.core.routing import FastRoute
 from app.main import install_error_handlers
-from app.routes.bodies import FastRoute
 from tests.conftest import CUSTOMER
 
 METHODS = ("get", "post", "put", "patch", "delete")

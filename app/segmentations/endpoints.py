@@ -18,8 +18,8 @@ from app.core.deps import AnalystUser, CurrentUser
 from app.core.errors import InvalidInput
 from app.core.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
 from app.core.responses import errors, file_errors
+from app.core.routing import FastRoute, JsonOrFormRoute
 from app.jobs.endpoints import STARTED, Wait, accepted
-from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.schema import BatchResult, ClusterCharts, ElbowChart, ElbowRange, ElbowResult, HistoryPage, HistoryQuery
 from app.segmentations import service as segmentations
 from app.segmentations.as_of import as_of_value

@@ -16,8 +16,8 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from app.core.deps import AnalystUser, CurrentUser
 from app.core.params import CSV_ANSWER, FORM_LIMITS
 from app.core.responses import errors, file_errors
+from app.core.routing import FastRoute, JsonOrFormRoute
 from app.jobs.endpoints import STARTED
-from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.schema import (
     BatchResult,
     ClusterSummary,

@@ -14,7 +14,7 @@ from app.core.deps import AnalystUser
 from app.core.errors import InvalidInput
 from app.core.params import FORM_LIMITS, CsvFile, is_multipart
 from app.core.responses import errors, file_errors
-from app.routes.bodies import FastRoute
+from app.core.routing import FastRoute
 from app.schema import ModelVersionPublic
 from app.segmentations.dependencies import NAMED, SegmentationStore
 from app.segmentations.schemas import ModelPage, ModelPageQuery, NamedModelVersionDetail, NamedSegmentStats
