@@ -65,12 +65,11 @@ model: $(VENV)/.installed data/customers.csv
 		$(PY) -m app train --csv data/customers.csv; \
 	fi
 
-# uvloop and httptools come with uvicorn[standard]; app.serving is uvloop accepting a burst of new
-# connections at once. The app logs every request itself, with its request id; uvicorn's access
-# log would repeat those lines and cost about 30% of the throughput.
+# uvloop and httptools come with uvicorn[standard]. The app logs every request itself, with its
+# request id; uvicorn's access log would repeat those lines and cost about 30% of the throughput.
 run: install dataset admin model
 	$(VENV)/bin/uvicorn app.main:app --host $(HOST) --port $(PORT) --workers $(WORKERS) \
-		--loop app.serving:new_event_loop --http httptools --no-access-log
+		--loop uvloop --http httptools --no-access-log
 
 # pytest.ini spreads the suite over every core (pytest-xdist). With TEST_DATABASE_URL set, the tests
 # marked `postgres` also run there, each xdist worker on a database of its own beside it (<name>_gw0, ...).

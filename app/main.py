@@ -26,13 +26,13 @@ from app.core.errors import ML_ERROR_STATUS, AppError, ml_error_body
 from app.core.middleware import ServiceMiddleware, document_body_limit, hardening_headers
 from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging, install_observability
+from app.core.routing import install_json_alternatives
 from app.core.schemas import Health
 from app.history.storage import open_history_repository
 from app.jobs import endpoints as jobs
 from app.jobs.service import JobRunner
 from app.ml.errors import MLError
 from app.profiles import endpoints as profiles
-from app.routes.bodies import install_json_alternatives
 from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
 from app.segmentations.elbow import ElbowCache

@@ -294,7 +294,7 @@ def free_port() -> int:
 
 
 # What the Makefile's `run` target passes when it cannot be read (it is the reference).
-MAKE_RUN_FLAGS = ["--workers", "1", "--loop", "app.serving:new_event_loop", "--http", "httptools", "--no-access-log"]
+MAKE_RUN_FLAGS = ["--workers", "1", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
 
 
 def make_run_flags() -> list[str]:

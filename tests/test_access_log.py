@@ -161,7 +161,7 @@ def test_a_uvicorn_worker_stopped_with_sigterm_writes_every_request_line(tmp_pat
     )
     port = _free_port()
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", "2", "--loop", "app.serving:new_event_loop", "--http", "httptools", "--no-access-log"]
+    command += ["--workers", "2", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
     # Without uvicorn's own shutdown lines, which would write the queued lines ahead of themselves:
     # the flush at the end of the lifespan (or at exit) has to.
     command += ["--log-level", "warning"]

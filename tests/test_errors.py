@@ -16,9 +16,9 @@ from fastapi import Depends, FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.errors import Forbidden
+from app.core.routing import FastRoute
 from app.core.tables import Role
 from app.main import install_error_handlers
-from app.routes.bodies import FastRoute
 from tests.conftest import CUSTOMER
 
 METHODS = ("get", "post", "put", "patch", "delete")

@@ -87,7 +87,7 @@ class Server:
             "--port",
             str(self.port),
             "--loop",
-            "app.serving:new_event_loop",
+            "uvloop",
             "--no-access-log",
             "--log-level",
             "warning",

@@ -12,7 +12,7 @@ from app.auth.schemas import LoginRequest, Message, Token, UserCreate, UserPubli
 from app.core import security as auth
 from app.core.deps import SessionDep, SettingsDep
 from app.core.responses import errors
-from app.routes.bodies import JsonOrFormRoute
+from app.core.routing import JsonOrFormRoute
 from app.users import service as user_service
 
 router = APIRouter(prefix="/auth", tags=["auth"])

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.auth.dependencies import AnalystUser
 from app.core.responses import errors
+from app.core.routing import FastRoute
 from app.jobs.schemas import JobPage, JobPageQuery, TrainingJob
-from app.routes.bodies import FastRoute
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=FastRoute)
 

@@ -18,9 +18,9 @@ from app.auth.dependencies import AnalystUser, CurrentUser
 from app.core.errors import InvalidInput
 from app.core.params import CSV_ANSWER, FORM_LIMITS, CsvFile, is_multipart, wants_csv
 from app.core.responses import errors, file_errors
+from app.core.routing import FastRoute, JsonOrFormRoute
 from app.history.schemas import HistoryPage, HistoryQuery
 from app.jobs.schemas import STARTED, Wait, accepted
-from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.segmentations import service as segmentations
 from app.segmentations.as_of import as_of_value
 from app.segmentations.explain_schemas import ExplainQuery

@@ -16,9 +16,9 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from app.auth.dependencies import AnalystUser, CurrentUser
 from app.core.params import CSV_ANSWER, FORM_LIMITS
 from app.core.responses import errors, file_errors
+from app.core.routing import FastRoute, JsonOrFormRoute
 from app.history.schemas import HistoryPage, HistoryQuery
 from app.jobs.schemas import STARTED
-from app.routes.bodies import FastRoute, JsonOrFormRoute
 from app.segmentations import endpoints
 from app.segmentations import service as segmentations
 from app.segmentations.explain_schemas import ExplainQuery

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from app.auth.dependencies import AnalystUser
 from app.core.responses import errors
-from app.routes.bodies import FastRoute
+from app.core.routing import FastRoute
 from app.versions import drift as drift_service
 from app.versions import identity
 from app.versions.dependencies import NAMED, SegmentationStore

@@ -1,5 +1,8 @@
 """Route classes for what FastAPI's declarations alone do not cover; the declarations stay FastAPI's.
 
+Both are custom `APIRoute` classes as FastAPI's docs show them ("Custom Request and APIRoute
+class"): they override `get_route_handler` and read the request through public Starlette calls only.
+
 `JsonOrFormRoute`: a route that declares a form (the OAuth2 password form, a CSV upload) and also
 takes the same fields as one JSON object. `install_json_alternatives` documents that JSON body in
 the OpenAPI schema with the form's own schema, so nothing about it is written by hand.
@@ -9,21 +12,18 @@ the OpenAPI schema with the form's own schema, so nothing about it is written by
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from types import UnionType
-from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, TypeGuard, get_args, get_origin, get_type_hints
 
-from fastapi import FastAPI, Request, Response, params
+from fastapi import Body, FastAPI, Request, Response, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData
-from starlette.types import Receive, Scope
 
 JSON = "application/json"
 FORM_MEDIA_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+RouteHandler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def is_json(content_type: str) -> bool:
@@ -32,71 +32,72 @@ def is_json(content_type: str) -> bool:
     return media_type == JSON or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
-class JsonOrFormRequest(Request):
-    """A request whose JSON object body reads as form fields, so the route's declared form validates it.
+def _json_twin(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """`endpoint` with each `Form()`/`File()` parameter declared as a JSON body instead.
 
-    A JSON array given for a list field is that field given once per item, as a form repeats a key
-    for a list; every other value keeps its JSON type, so a number or an array where the form wants
-    text is still a 422. A body with no Content-Type is read as JSON, as FastAPI reads JSON bodies.
+    A form model becomes the body itself (`{username, password}`); a single form field becomes a
+    member of the body object, as FastAPI embeds several body parameters. Every other parameter
+    (dependencies, the Request, query and path parameters) is declared as it was.
     """
+    hints = get_type_hints(endpoint, include_extras=True)
+    signature = inspect.signature(endpoint)
+    parameters = []
+    for parameter in signature.parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if get_origin(annotation) is Annotated:
+            inner, *metadata = get_args(annotation)
+            if any(isinstance(marker, params.Form) for marker in metadata):
+                kept = [marker for marker in metadata if not isinstance(marker, params.Form)]
+                annotation = Annotated[(inner, *kept, Body(embed=not _is_model(inner)))]
+        parameters.append(parameter.replace(annotation=annotation))
 
-    def __init__(self, scope: Scope, receive: Receive, list_fields: frozenset[str]) -> None:
-        super().__init__(scope, receive)
-        self.list_fields = list_fields
+    async def twin(*args: Any, **kwargs: Any) -> Any:
+        return await endpoint(*args, **kwargs)
 
-    async def form(self, **limits: Any) -> FormData:  # type: ignore[override]
-        content_type = self.headers.get("content-type")
-        if content_type is None:
-            if not await self.body():
-                return FormData()
-        elif not is_json(content_type):
-            return await super().form(**limits)
-        payload = json.loads(await self.body())  # a decode error is FastAPI's 422 `json_invalid`
-        if not isinstance(payload, dict):
-            return FormData()  # every field is then missing, and FastAPI says so field by field
-        items: list[tuple[str, Any]] = []
-        for key, value in payload.items():
-            if key in self.list_fields and isinstance(value, list):
-                items.extend((key, item) for item in value)
-            else:
-                items.append((key, value))
-        return FormData(items)
-
-
-def _is_list(annotation: Any) -> bool:
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _is_list(get_args(annotation)[0])
-    if origin in (Union, UnionType):
-        return any(_is_list(arg) for arg in get_args(annotation))
-    return origin in (list, tuple, set, frozenset)
-
-
-def _form_list_fields(endpoint: Callable[..., Any]) -> frozenset[str]:
-    """The names of the list fields among an endpoint's form parameters and form models."""
-    names: set[str] = set()
-    for name, annotation in get_type_hints(endpoint, include_extras=True).items():
-        if get_origin(annotation) is not Annotated:
-            continue
-        inner, *metadata = get_args(annotation)
-        if not any(isinstance(m, params.Form) for m in metadata):
-            continue
-        if _is_model(inner):
-            names.update(info.alias or field for field, info in inner.model_fields.items() if _is_list(info.annotation))
-        elif _is_list(inner):
-            names.add(name)
-    return frozenset(names)
+    # What inspect.signature, and so FastAPI, reads for the twin's parameters.
+    vars(twin)["__signature__"] = signature.replace(
+        parameters=parameters, return_annotation=hints.get("return", signature.return_annotation)
+    )
+    twin.__name__ = endpoint.__name__
+    twin.__qualname__ = endpoint.__qualname__
+    twin.__doc__ = endpoint.__doc__
+    return twin
 
 
 class JsonOrFormRoute(APIRoute):
-    """A route taking its declared form, or the same fields as a JSON object (see JsonOrFormRequest)."""
+    """A route taking its declared form, or the same fields as one JSON object.
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        list_fields = _form_list_fields(self.endpoint)
+    FastAPI reads a route's body as JSON or as a form, never either. So this route keeps a twin: a
+    stock `APIRoute` with the same path and options over the same endpoint, its form parameters
+    declared as a JSON body (see `_json_twin`), not in the route table and not in the schema. A body
+    sent as JSON (`application/json` or `application/...+json`), or a body sent without a
+    Content-Type, is answered by the twin; every other request by the declared form, with the
+    route's `form_limits`. Each side is FastAPI's own request handler, so the validation, the 422s
+    and the form limits are FastAPI's, field for field: `{"username": ..., "password": ...}` as JSON
+    and as a form give the same answer and name the same fields when a rule is broken.
+    The endpoint must be a coroutine function.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        # Set before APIRoute.__init__, which builds this route's handler (get_route_handler below).
+        self.json_route = APIRoute(
+            path, _json_twin(endpoint), **{**options, "include_in_schema": False, "strict_content_type": False}
+        )
+        super().__init__(path, endpoint, **options)
+
+    def get_route_handler(self) -> RouteHandler:
+        form_handler = super().get_route_handler()
+        json_handler = self.json_route.get_route_handler()
 
         async def handle(request: Request) -> Response:
-            return await handler(JsonOrFormRequest(request.scope, request.receive, list_fields))
+            content_type = request.headers.get("content-type")
+            if content_type is None:
+                # FastAPI reads a body without a Content-Type as JSON on a non-strict route; an empty
+                # one is an empty form, so each missing field is named.
+                as_json = bool(await request.body())
+            else:
+                as_json = is_json(content_type)
+            return await (json_handler if as_json else form_handler)(request)
 
         return handle
 
@@ -131,11 +132,14 @@ class FastRoute(APIRoute):
     generic dependency solver and validates the answer again before serializing it: a tenth of a
     small request such as POST /predict. It applies when the endpoint takes only the Request, a JSON
     model body, `Annotated[Model, Query()]` query models, `Annotated[str, Path()]` path parameters
-    without rules of their own and dependencies called with the Request alone (the bearer-token gates); any other route is served by FastAPI's own handler. The errors
-    are FastAPI's: a value that breaks a field rule is its 422 list, naming the body or query field.
+    without rules of their own and dependencies called with the Request alone (the bearer-token gates); any other
+    route is served by FastAPI's own handler. It reads only the route's public attributes (endpoint,
+    dependencies, response_model, status_code). A value that breaks a field rule raises FastAPI's
+    RequestValidationError naming the body or query field, so the app's handler answers the same 422
+    as for the stock route: `detail` one sentence, `errors` the list (tests/test_bodies.py compares them).
     """
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> RouteHandler:
         plan = _fast_plan(self.endpoint, self.dependencies)
         response_model = self.response_model if _is_model(self.response_model) else None
         if plan is None or (response_model is None and not plan.returns_response):
