@@ -37,7 +37,7 @@ from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
 from app.segmentations.elbow import ElbowCache
 from app.segmentations.registry import SegmentationRegistry
-from app.segmentations.service import SegmentationTrainer
+from app.segmentations.service import SegmentationTrainer, Services
 from app.users import endpoints as users
 from app.versions import endpoints as version_routes
 from app.versions.drift import DriftCounter, refresh_gauges
@@ -222,19 +222,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await app.state.models.start()
         await app.state.segmentations.start()
-        app.state.elbow = ElbowCache(settings)
         app.state.drift = drift = DriftCounter(
             database=database, settings=settings, metrics=app.state.metrics, enabled=settings.drift_enabled
         )
         await drift.start(lambda: refresh_gauges(drift, app.state.segmentations.stores))
-        app.state.jobs = JobRunner(
-            trainer=SegmentationTrainer(app.state), settings=settings, database=database, metrics=app.state.metrics
-        )
-        await app.state.jobs.start()
         history = open_history_repository(database, busy_timeout=settings.db_busy_timeout_seconds)
         await history.start()
-        # One repository; the routes name it by the side they use.
-        app.state.history_writer = app.state.history_reader = history
+        app.state.services = services = Services(
+            settings=settings,
+            database=database,
+            segmentations=app.state.segmentations,
+            elbow=ElbowCache(settings),
+            drift=drift,
+            history=history,
+            metrics=app.state.metrics,
+        )
+        app.state.jobs = JobRunner(
+            trainer=SegmentationTrainer(services), settings=settings, database=database, metrics=app.state.metrics
+        )
+        await app.state.jobs.start()
         _freeze_startup_objects()
         try:
             yield

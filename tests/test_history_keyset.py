@@ -165,7 +165,7 @@ async def test_rows_with_the_same_timestamp_are_each_walked_once(app, client, ma
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_slow_history_read_does_not_hold_up_other_requests(app, client, user_headers):
     """SQLite history reads run on the repository's reader thread: a stuck read leaves the event loop free."""
-    history = app.state.history_reader
+    history = app.state.services.history
     release = threading.Event()
     started = threading.Event()
     read_page = history._page

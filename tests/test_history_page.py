@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,12 +99,12 @@ async def test_history_answer_equals_the_rows_and_includes_every_answered_predic
     app, client, make_user, trained_model, through
 ):
     if through == "engine":  # what PostgreSQL (and an in-memory SQLite database) always uses
-        await app.state.history_writer.stop()
+        await app.state.services.history.stop()
         engine_history = EngineHistoryRepository(app.state.database)
         await engine_history.start()
-        app.state.history_writer = app.state.history_reader = engine_history
+        app.state.services = dataclasses.replace(app.state.services, history=engine_history)
     if through == "few rows kept":  # the kept rows' JSON is dropped again and again
-        app.state.history_reader.kept.max_items = 3
+        app.state.services.history.kept.max_items = 3
     user, headers = await make_user(Role.user)
     for age in range(20, 32):
         response = await client.post("/predict", json={**CUSTOMER, "age": age}, headers=headers)

@@ -205,7 +205,7 @@ async def train(
             result_model=NamedTrainResult,
         )
         return accepted(job)
-    trainer = segmentations.SegmentationTrainer(request.app.state)
+    trainer = segmentations.SegmentationTrainer(segmentations.services_of(request))
     return NamedTrainResult(**await trainer.train(store, upload, asked))
 
 
@@ -228,7 +228,7 @@ async def predict(
     options: Annotated[ExplainQuery, Query()],
 ) -> NamedPredictionResult:
     answer = await segmentations.predict(
-        request.app.state,
+        segmentations.services_of(request),
         user_id=user.id,
         store=store,
         customer=body.customer,
@@ -248,9 +248,9 @@ async def predict_batch(
     as_of: AsOf = None,
 ) -> Response:
     as_csv = wants_csv(request)
-    state = request.app.state
+    services = segmentations.services_of(request)
     served, scored = await segmentations.score_batch(
-        state,
+        services,
         store,
         upload=batch.file.file if batch.file is not None else None,
         customers=batch.customers,
@@ -258,7 +258,7 @@ async def predict_batch(
         as_of=as_of,
         explain=explain,
     )
-    await segmentations.record_batch(state, user_id=user.id, store=store, served=served, scored=scored)
+    await segmentations.record_batch(services, user_id=user.id, store=store, served=served, scored=scored)
     if as_csv:
         return StreamingResponse(
             scored.csv_chunks(),
@@ -326,7 +326,7 @@ async def elbow(
 ) -> Response:
     if k.k_min > k.k_max:
         raise InvalidInput("k_min must not exceed k_max")
-    body = await segmentations.elbow_json(request.app.state, store, k.k_min, k.k_max)
+    body = await segmentations.elbow_json(segmentations.services_of(request), store, k.k_min, k.k_max)
     return Response(body, media_type="application/json")
 
 
@@ -355,7 +355,7 @@ async def cluster_charts(_: CurrentUser, store: SegmentationStore) -> ClusterCha
     openapi_extra=NAMED,
 )
 async def elbow_chart(request: Request, _: CurrentUser, store: SegmentationStore) -> ElbowChart:
-    chart, optimal_k = await segmentations.elbow_chart(request.app.state, store)
+    chart, optimal_k = await segmentations.elbow_chart(segmentations.services_of(request), store)
     return ElbowChart(chart=chart, optimal_k=optimal_k)
 
 
@@ -370,7 +370,7 @@ async def elbow_chart(request: Request, _: CurrentUser, store: SegmentationStore
 async def history(
     request: Request, user: CurrentUser, store: SegmentationStore, query: Annotated[HistoryQuery, Query()]
 ) -> Response:
-    body = await segmentations.history_page(request.app.state, user=user, query=query, store=store)
+    body = await segmentations.history_page(segmentations.services_of(request), user=user, query=query, store=store)
     return Response(body, media_type="application/json")
 
 
@@ -404,7 +404,7 @@ async def compare(
     if file is None and is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
     answer = await segmentations.compare_versions(
-        request.app.state,
+        segmentations.services_of(request),
         store,
         from_version=from_version,
         to_version=to_version,

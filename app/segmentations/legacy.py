@@ -72,7 +72,7 @@ router.add_api_route(
     responses=errors(401, 403, 404, 422),
 )
 async def history(request: Request, user: CurrentUser, query: Annotated[HistoryQuery, Query()]) -> Response:
-    body = await segmentations.history_page(request.app.state, user=user, query=query, store=None)
+    body = await segmentations.history_page(segmentations.services_of(request), user=user, query=query, store=None)
     return Response(body, media_type="application/json")
 
 
@@ -92,7 +92,12 @@ async def predict(
     options: Annotated[ExplainQuery, Query()],
 ) -> PredictionResult:
     answer = await segmentations.predict(
-        request.app.state, user_id=user.id, store=store, customer=customer, explain=options.explain, checked=True
+        segmentations.services_of(request),
+        user_id=user.id,
+        store=store,
+        customer=customer,
+        explain=options.explain,
+        checked=True,
     )
     return PredictionResult(**(answer | {"customer_data": customer}))
 

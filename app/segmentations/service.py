@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import State
+from starlette.requests import Request
 
 from app.auth.service import Caller
 from app.core.errors import Conflict, Forbidden, InvalidInput
@@ -35,6 +35,15 @@ from app.versions import identity
 from app.versions.observed import BatchObserver
 from app.versions.served import ServedModel, data_uri
 from app.versions.store import ModelStore
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
+    from app.core.database import Database
+    from app.core.metrics import Metrics
+    from app.history.storage.history import HistoryRepository
+    from app.segmentations.elbow import ElbowCache
+    from app.segmentations.registry import SegmentationRegistry
+    from app.versions.drift import DriftCounter
 from app.versions.training import TrainingRequest
 
 
@@ -80,7 +89,7 @@ def validate_customers(store: ModelStore, customers: Sequence[Any], *where: str)
 
 
 async def train(
-    state: State,
+    services: Services,
     store: ModelStore,
     *,
     upload: IO[bytes] | None,
@@ -91,11 +100,11 @@ async def train(
 ) -> ServedModel:
     """Train a new version of `store`'s segmentation on the upload (or, for a kind with one, the default
     dataset; kind rfm: a transaction log, aggregated as of `as_of`)."""
-    check_training_request(state, store, has_file=upload is not None, as_of=as_of)
+    check_training_request(services, store, has_file=upload is not None, as_of=as_of)
     return await kind_of(store.segmentation).train(
         store,
         upload,
-        settings=state.settings,
+        settings=services.settings,
         n_clusters=n_clusters,
         random_state=random_state,
         by=by,
@@ -103,7 +112,7 @@ async def train(
     )
 
 
-def check_training_request(state: State, store: ModelStore, *, has_file: bool, as_of: date | None) -> None:
+def check_training_request(services: Services, store: ModelStore, *, has_file: bool, as_of: date | None) -> None:
     """What a training request must satisfy before any data is read (a job checks it before its 202)."""
     kind = kind_of(store.segmentation)
     check_as_of(store, as_of)
@@ -111,8 +120,8 @@ def check_training_request(state: State, store: ModelStore, *, has_file: bool, a
         return
     if not kind.default_dataset:
         raise InvalidInput(f"A segmentation of kind {kind.name} trains on {kind.training_file}: send it as `file`")
-    if not Path(state.settings.data_path).is_file():
-        raise Conflict(segmentation.NO_DATASET.format(path=state.settings.data_path))
+    if not Path(services.settings.data_path).is_file():
+        raise Conflict(segmentation.NO_DATASET.format(path=services.settings.data_path))
 
 
 def check_as_of(store: ModelStore, as_of: date | None) -> None:
@@ -121,17 +130,35 @@ def check_as_of(store: ModelStore, as_of: date | None) -> None:
 
 
 @dataclass(frozen=True)
+class Services:
+    """What the segmentation calls work with: built once as the app starts (app.main's lifespan)."""
+
+    settings: Settings
+    database: Database
+    segmentations: SegmentationRegistry
+    elbow: ElbowCache
+    drift: DriftCounter
+    history: HistoryRepository
+    metrics: Metrics
+
+
+def services_of(request: Request) -> Services:
+    """The app's Services, for a route handler."""
+    return request.app.state.services
+
+
+@dataclass(frozen=True)
 class SegmentationTrainer:
     """What a training job (app.jobs.service) runs: the checks and the training of a `wait=true` request."""
 
-    state: State
+    services: Services
 
     def check(self, store: ModelStore, request: TrainingRequest, *, has_file: bool) -> None:
-        check_training_request(self.state, store, has_file=has_file, as_of=request.as_of)
+        check_training_request(self.services, store, has_file=has_file, as_of=request.as_of)
 
     async def train(self, store: ModelStore, upload: IO[bytes] | None, request: TrainingRequest) -> dict[str, Any]:
         served = await train(
-            self.state,
+            self.services,
             store,
             upload=upload,
             n_clusters=request.n_clusters,
@@ -164,7 +191,7 @@ def train_result(store: ModelStore, served: ServedModel) -> dict[str, Any]:
 
 
 async def record_prediction(
-    state: State,
+    services: Services,
     *,
     user_id: int,
     store: ModelStore,
@@ -176,9 +203,9 @@ async def record_prediction(
 ) -> None:
     """Count one prediction and keep it in the caller's history (returns once it is committed)."""
     info = store.segmentation
-    state.metrics.count_predictions(served.names, cluster, "single", info.name)
-    state.drift.count_one(served, info.id, customer, cluster)
-    await state.history_writer.add(
+    services.metrics.count_predictions(served.names, cluster, "single", info.name)
+    services.drift.count_one(served, info.id, customer, cluster)
+    await services.history.add(
         prediction_service.history_row(
             user_id=user_id,
             customer=customer,
@@ -204,7 +231,7 @@ def explained(served: ServedModel, record: dict[str, Any]) -> tuple[int, str, fl
 
 
 async def predict(
-    state: State,
+    services: Services,
     *,
     user_id: int,
     store: ModelStore,
@@ -230,7 +257,7 @@ async def predict(
         if scored is not None:
             cluster, name, confidence, explanation = scored
     await record_prediction(
-        state,
+        services,
         user_id=user_id,
         store=store,
         served=served,
@@ -252,7 +279,7 @@ async def predict(
 
 
 async def score_batch(
-    state: State,
+    services: Services,
     store: ModelStore,
     *,
     upload: IO[bytes] | None,
@@ -268,15 +295,15 @@ async def score_batch(
     check_as_of(store, as_of)
     if upload is not None:
         served = store.require()
-        observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
+        observer = BatchObserver(served, explain=explain, count=services.drift.enabled)
         scored = await kind.score_upload(served, upload, store=store, as_csv=as_csv, as_of=as_of, observer=observer)
     elif customers is not None:
-        limit = state.settings.max_batch_rows
+        limit = services.settings.max_batch_rows
         if len(customers) > limit:
             raise InvalidInput(f"At most {limit} customers per request (MAX_BATCH_ROWS)")
         checked = validate_customers(store, customers, "customers")
         served = store.require()
-        observer = BatchObserver(served, explain=explain, count=state.drift.enabled)
+        observer = BatchObserver(served, explain=explain, count=services.drift.enabled)
         scored = await run_in_threadpool(lambda: kind.score_rows(served, checked, as_csv=as_csv, observer=observer))
     else:
         raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
@@ -292,26 +319,26 @@ async def score_batch(
 
 
 async def record_batch(
-    state: State, *, user_id: int, store: ModelStore, served: ServedModel, scored: csv_answers.ScoredBatch
+    services: Services, *, user_id: int, store: ModelStore, served: ServedModel, scored: csv_answers.ScoredBatch
 ) -> None:
     await prediction_service.record_batch(
-        sessionmaker=state.database.sessionmaker,
+        sessionmaker=services.database.sessionmaker,
         user_id=user_id,
         model_version=served.version,
         labels=scored.labels,
         n_failed=scored.n_failed,
         segmentation_id=store.segmentation.id,
     )
-    state.metrics.count_predictions(served.names, scored.labels, "batch", store.segmentation.name)
+    services.metrics.count_predictions(served.names, scored.labels, "batch", store.segmentation.name)
     observer = scored.observer
     if observer is not None and observer.counts is not None and observer.sums is not None:
-        state.drift.add_batch(served, store.segmentation.id, observer.counts, observer.sums, observer.n_counted)
+        services.drift.add_batch(served, store.segmentation.id, observer.counts, observer.sums, observer.n_counted)
 
 
 # --- history ------------------------------------------------------------------------------------
 
 
-async def history_page(state: State, *, user: Caller, query: HistoryQuery, store: ModelStore | None) -> bytes:
+async def history_page(services: Services, *, user: Caller, query: HistoryQuery, store: ModelStore | None) -> bytes:
     """A page of history as JSON: the caller's, or (analysts and admins) `query.user_id`'s; of one
     segmentation when one is given (by the route or by `query.segmentation`), else of them all."""
     target = user.id
@@ -320,13 +347,13 @@ async def history_page(state: State, *, user: Caller, query: HistoryQuery, store
             raise Forbidden("Only analysts and admins may read another user's history")
         target = query.user_id
     if store is None and query.segmentation is not None:
-        store = await state.segmentations.get(query.segmentation)
+        store = await services.segmentations.get(query.segmentation)
     if store is None:
-        return await state.history_reader.page(
+        return await services.history.page(
             user_id=target, skip=query.skip, limit=query.limit, before_id=query.before_id
         )
     return await segmentation_page(
-        state.database,
+        services.database,
         user_id=target,
         segmentation_id=store.segmentation.id,
         skip=query.skip,
@@ -355,10 +382,10 @@ def clusters_json(store: ModelStore, served: ServedModel) -> bytes:
     return served.response_json("named-clusters", build, exclude_none=True)
 
 
-async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict[str, Any]:
+async def elbow(services: Services, store: ModelStore, k_min: int, k_max: int) -> dict[str, Any]:
     """The elbow figures: of the default dataset (a kind that has one), else of the active version's training sample."""
     if kind_of(store.segmentation).default_dataset:
-        return await state.elbow.get(k_min, k_max)
+        return await services.elbow.get(k_min, k_max)
     served = store.require()
     selection = served.metadata.get("k_selection") or {}
     if selection.get("method") != "silhouette":
@@ -381,23 +408,23 @@ async def elbow(state: State, store: ModelStore, k_min: int, k_max: int) -> dict
     }
 
 
-async def elbow_json(state: State, store: ModelStore, k_min: int, k_max: int) -> bytes:
+async def elbow_json(services: Services, store: ModelStore, k_min: int, k_max: int) -> bytes:
     """GET .../elbow as JSON; of a default dataset, the cached answer when it is ready."""
     if kind_of(store.segmentation).default_dataset:
-        elbow_cache = state.elbow
+        elbow_cache = services.elbow
         return elbow_cache.ready_json(k_min, k_max) or await elbow_cache.get_json(k_min, k_max)
     from app.segmentations.results import ElbowResult
 
-    return ElbowResult(**await elbow(state, store, k_min, k_max)).model_dump_json().encode()
+    return ElbowResult(**await elbow(services, store, k_min, k_max)).model_dump_json().encode()
 
 
-async def elbow_chart(state: State, store: ModelStore) -> tuple[str, int]:
+async def elbow_chart(services: Services, store: ModelStore) -> tuple[str, int]:
     """The elbow chart as a PNG data URI and the k it marks: of the default dataset (kind customer),
     else of the active version's choice of k, drawn once per version."""
     if kind_of(store.segmentation).default_dataset:
-        return await state.elbow.chart()
+        return await services.elbow.chart()
     served = store.require()
-    figures = await elbow(state, store, 2, 15)
+    figures = await elbow(services, store, 2, 15)
 
     def draw() -> str:
         from app.charts import render_elbow_chart
@@ -408,7 +435,7 @@ async def elbow_chart(state: State, store: ModelStore) -> tuple[str, int]:
 
 
 async def compare_versions(
-    state: State, store: ModelStore, *, from_version: str, to_version: str, upload: IO[bytes] | None
+    services: Services, store: ModelStore, *, from_version: str, to_version: str, upload: IO[bytes] | None
 ) -> dict[str, Any]:
     """Score one file (a kind with a default dataset, without one: that dataset) with two versions: the
     answer of POST .../compare. Unknown versions are a 404 before the file is read."""
@@ -417,6 +444,6 @@ async def compare_versions(
     kind = kind_of(store.segmentation)
     if upload is None and not kind.default_dataset:
         raise InvalidInput(f"A segmentation of kind {kind.name} compares versions on a CSV: send it as `file`")
-    data = await kind.comparison_data(store, upload, settings=state.settings)
+    data = await kind.comparison_data(store, upload, settings=services.settings)
     comparison = await run_in_threadpool(identity.score_both, from_model, to_model, data)
     return comparison.result()
