@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import sys
 
+from app.auth.service import find_by_login
 from app.core import security as auth
 from app.core.config import get_settings
 from app.core.database import Database
@@ -84,7 +85,7 @@ async def ensure_user(
     database: Database, *, username: str, password: str, email: str, full_name: str, role: Role, rounds: int
 ) -> None:
     async with database.sessionmaker() as session:
-        existing = await user_service.find_by_login(session=session, login=username)
+        existing = await find_by_login(session=session, login=username)
         if existing is not None:
             print(f"User '{username}' already exists (role {existing.role}); left unchanged.")
             return

@@ -39,6 +39,7 @@ from app.segmentations.elbow import ElbowCache
 from app.segmentations.registry import SegmentationRegistry
 from app.segmentations.service import SegmentationTrainer, Services
 from app.users import endpoints as users
+from app.users import registration
 from app.versions import endpoints as version_routes
 from app.versions.drift import DriftCounter, refresh_gauges
 from app.versions.store import ModelStore
@@ -303,7 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (auth, users, profiles, admin, jobs):
+    for module in (registration, auth, users, profiles, admin, jobs):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from app.core.database import Role
 from app.core.routing import FastRoute, JsonOrFormRoute
+from app.core.tables import Role
 from tests.conftest import CUSTOMER, PASSWORD
 
 

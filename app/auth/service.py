@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import case, delete, exists, select, update
+from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -19,7 +19,6 @@ from app.core import security as auth
 from app.core.config import Settings
 from app.core.errors import Forbidden, TooManyRequests, Unauthorized
 from app.core.tables import LoginFailure, RevokedToken, User
-from app.users import service as user_service
 
 INVALID_CREDENTIALS = "Incorrect username or password"
 # Entries in each table of the auth cache (tokens in use at once, per worker).
@@ -337,7 +336,7 @@ async def _give_back_attempt(session: AsyncSession, keys: list[tuple[str, str]])
 async def login(
     *, session: AsyncSession, settings: Settings, username: str, password: str, client_ip: str | None
 ) -> User:
-    user = await user_service.find_by_login(session=session, login=username)
+    user = await find_by_login(session=session, login=username)
     keys = _throttle_keys(user, username, client_ip)
     await _count_attempt(session, settings, keys)
     ok = await auth.in_hashing_thread(
@@ -349,3 +348,12 @@ async def login(
     if not user.is_active:
         raise Forbidden("Inactive user")
     return user
+
+
+async def find_by_login(*, session: AsyncSession, login: str) -> User | None:
+    """A user by username, or by email when the login names one (case-insensitive for email)."""
+    if "@" in login:
+        condition = func.lower(User.email) == login.lower()
+    else:
+        condition = User.username == login
+    return (await session.execute(select(User).where(condition))).scalar_one_or_none()

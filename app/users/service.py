@@ -26,15 +26,6 @@ async def get(*, session: AsyncSession, user_id: int) -> User:
     return user
 
 
-async def find_by_login(*, session: AsyncSession, login: str) -> User | None:
-    """A user by username, or by email when the login names one (case-insensitive for email)."""
-    if "@" in login:
-        condition = func.lower(User.email) == login.lower()
-    else:
-        condition = User.username == login
-    return (await session.execute(select(User).where(condition))).scalar_one_or_none()
-
-
 async def _ensure_unique(
     session: AsyncSession, *, username: str | None, email: str | None, exclude_id: int | None = None
 ) -> None:
