@@ -36,7 +36,7 @@ README = ROOT / "README.md"
 ADDRESS = "http://127.0.0.1:8000"
 BLOCK = re.compile(r"^<!-- tour.*?-->\n```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # Left behind by other tools or running tests, never by the tour.
-IGNORED_PARTS = {".git", ".venv", "__pycache__", ".pytest_cache", "htmlcov", ".mypy_cache", ".ruff_cache"}
+IGNORED_PARTS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "htmlcov", ".ruff_cache"}
 
 pytestmark = pytest.mark.slow
 
