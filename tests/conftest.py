@@ -17,14 +17,19 @@ from sqlalchemy import URL, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.core import security as auth
-from app.core.config import Settings
-from app.core.database import Database
-from app.core.tables import Role
-from app.main import create_app
-from app.users import service as user_service
-
 TEST_SECRET = "test-secret-key-that-is-long-enough-for-hs256-000"
+# Importing app.main builds the module-level app, and without SECRET_KEY the settings write a
+# development .secret_key into the working directory: the checkout. The tests and the processes they
+# start (which inherit this environment) sign with the test key instead; each app gets its own anyway.
+os.environ.setdefault("SECRET_KEY", TEST_SECRET)
+
+from app.core import security as auth  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.database import Database  # noqa: E402
+from app.core.tables import Role  # noqa: E402
+from app.main import create_app  # noqa: E402
+from app.users import service as user_service  # noqa: E402
+
 PASSWORD = "correct-horse-42"
 _counter = itertools.count(1)
 
