@@ -128,7 +128,7 @@ async def test_a_spark_trained_version_is_served_like_any_other(
         training.train, spark, folder / "customers.csv", schema=None, n_clusters=k, random_state=7
     )
     second = await store.adopt(again.model, created_by="spark-test")
-    identity = second.metadata_["identity"]
+    identity = second.metadata["identity"]
     assert identity["previous_version"] == served.version
     assert all(m["previous_cluster_id"] == m["cluster_id"] for m in identity["matching"])
 
