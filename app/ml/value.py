@@ -1,0 +1,261 @@
+"""Predicted customer value: the BG/NBD model of purchase counts and the Gamma-Gamma model of spend.
+
+Written from the papers:
+
+- Fader, Hardie and Lee (2005), "'Counting your customers' the easy way: an alternative to the
+  Pareto/NBD model", Marketing Science 24(2). A customer buys at a Poisson rate λ while alive
+  (λ ~ Gamma(r, α) across customers) and, after each purchase, drops out for good with
+  probability p (p ~ Beta(a, b)). Its data are x (repeat purchases), t_x (the time of the last
+  one) and T (the time it has been watched), all measured from its first purchase.
+- Fader and Hardie (2013), "The Gamma-Gamma model of monetary value". A customer's spend per
+  purchase is Gamma(p, ν) around its own mean, with ν ~ Gamma(q, γ) across customers; the mean
+  of its x repeat purchases, m̄, has a closed-form density given x.
+
+Both are fitted by maximum likelihood over log-parameters (every parameter is positive), on the
+distinct (x, t_x, T) or (x, m̄) rows weighted by how many customers share them. Time is in weeks.
+Nothing here knows HTTP or the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special
+
+from app.ml.errors import MLError
+
+MIN_REPEAT_CUSTOMERS = 50
+"""Fewer repeat customers than this and neither model is fitted (too little to say anything)."""
+
+_LOG_BOUND = 12.0
+"""Log-parameters stay within ±this (e^12 ≈ 160,000): a run-away fit stops at a bound, not at inf."""
+
+
+class ValueModelError(MLError):
+    """A value model that cannot be fitted on this data (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class PurchaseSummary:
+    """Per customer: repeat purchases x, weeks from first to last purchase t_x, weeks watched T, and
+    the mean spend of its repeat purchases (NaN without a repeat purchase)."""
+
+    x: np.ndarray
+    t_x: np.ndarray
+    T: np.ndarray
+    repeat_spend: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def summarise(customer_ids: Any, days: Any, amounts: Any, *, as_of: np.datetime64) -> PurchaseSummary:
+    """The summary of a transaction log as of `as_of` (rows dated after it left out).
+
+    A purchase occasion is a calendar day whose lines do not net to a return (an amount of 0 or more,
+    as RFM counts a purchase); its spend is that net amount. Customers without one are left out. Rows are read in any order.
+    """
+    frame = pd.DataFrame(
+        {
+            "customer": np.asarray(customer_ids),
+            "day": np.asarray(days, dtype="datetime64[D]"),
+            "amount": np.asarray(amounts, dtype=np.float64),
+        }
+    )
+    end = np.asarray(as_of).astype("datetime64[D]")
+    frame = frame[frame["day"] <= end]
+    daily = frame.groupby(["customer", "day"], sort=True)["amount"].sum()
+    daily = daily[daily >= 0]
+    if daily.empty:
+        empty = np.empty(0)
+        return PurchaseSummary(empty, empty, empty, empty)
+    table = daily.reset_index()
+    grouped = table.groupby("customer", sort=True)
+    first = grouped["day"].min()
+    last = grouped["day"].max()
+    occasions = grouped["day"].size()
+    total = grouped["amount"].sum()
+    first_spend = table.loc[grouped["day"].idxmin(), ["customer", "amount"]].set_index("customer")["amount"]
+    x = (occasions - 1).to_numpy(dtype=np.float64)
+    week = np.timedelta64(7, "D")
+    t_x = ((last - first).to_numpy() / week).astype(np.float64)
+    T = ((end - first.to_numpy()) / week).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        repeat_spend = np.where(x > 0, (total - first_spend).to_numpy() / x, np.nan)
+    return PurchaseSummary(x=x, t_x=t_x, T=T, repeat_spend=repeat_spend)
+
+
+def _weighted_rows(*columns: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The distinct rows of the columns and how many times each occurs."""
+    stacked = np.column_stack(columns)
+    unique, counts = np.unique(stacked, axis=0, return_counts=True)
+    return [unique[:, i] for i in range(unique.shape[1])], counts.astype(np.float64)
+
+
+def _maximise(
+    negative: Any, start: np.ndarray, *, what: str
+) -> tuple[np.ndarray, float]:  # (the parameters, the log-likelihood)
+    bounds = [(-_LOG_BOUND, _LOG_BOUND)] * len(start)
+    result = optimize.minimize(negative, start, method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000})
+    if not result.success or not np.isfinite(result.fun):
+        raise ValueModelError(f"the {what} fit did not converge ({result.message})")
+    # Polish from where L-BFGS-B stopped: its numerical gradient ends a little short of the top.
+    polished = optimize.minimize(negative, result.x, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-10})
+    best = polished if polished.fun < result.fun and np.all(np.abs(polished.x) <= _LOG_BOUND) else result
+    if np.any(np.abs(best.x) >= _LOG_BOUND - 1e-6):
+        raise ValueModelError(f"the {what} fit ran off to a parameter bound: the data do not pin the model down")
+    return np.exp(best.x), -float(best.fun)
+
+
+# --- BG/NBD ---------------------------------------------------------------------------------------
+
+
+def bgnbd_log_likelihood(
+    r: float, alpha: float, a: float, b: float, x: np.ndarray, t_x: np.ndarray, T: np.ndarray
+) -> np.ndarray:
+    """Each customer's log-likelihood (equation 6 of the 2005 paper)."""
+    a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
+    a2 = special.gammaln(a + b) + special.gammaln(b + x) - special.gammaln(b) - special.gammaln(a + b + x)
+    a3 = -(r + x) * np.log(alpha + T)
+    repeat = x > 0
+    a4 = np.full_like(x, -np.inf, dtype=np.float64)
+    xr = x[repeat]
+    a4[repeat] = np.log(a) - np.log(b + xr - 1) - (r + xr) * np.log(alpha + t_x[repeat])
+    return a1 + a2 + np.logaddexp(a3, a4)
+
+
+@dataclass(frozen=True)
+class BGNBD:
+    """A fitted BG/NBD model: its parameters, and each customer's expectations."""
+
+    r: float
+    alpha: float
+    a: float
+    b: float
+    log_likelihood: float
+    n_customers: int
+
+    @classmethod
+    def fit(cls, summary: PurchaseSummary) -> BGNBD:
+        x, t_x, T = summary.x, summary.t_x, summary.T
+        if int(np.sum(x > 0)) < MIN_REPEAT_CUSTOMERS:
+            raise ValueModelError(
+                f"{int(np.sum(x > 0))} customers bought more than once; BG/NBD needs {MIN_REPEAT_CUSTOMERS}"
+            )
+        (ux, ut, uT), weight = _weighted_rows(x, t_x, T)
+        scale = max(float(np.mean(T)), 1e-3)  # α is on the scale of the time watched
+
+        def negative(log_params: np.ndarray) -> float:
+            r, alpha, a, b = np.exp(log_params)
+            value = -float(np.dot(weight, bgnbd_log_likelihood(r, alpha, a, b, ux, ut, uT)))
+            return value if np.isfinite(value) else 1e300
+
+        (r, alpha, a, b), ll = _maximise(negative, np.log([1.0, scale, 1.0, 1.0]), what="BG/NBD")
+        return cls(r=r, alpha=alpha, a=a, b=b, log_likelihood=ll, n_customers=len(summary))
+
+    def p_alive(self, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+        """P(alive | x, t_x, T); 1 for a customer without a repeat purchase (no chance yet to drop out)."""
+        x = np.asarray(x, dtype=np.float64)
+        ratio = np.zeros_like(x)
+        repeat = x > 0
+        xr = x[repeat]
+        ratio[repeat] = np.exp(
+            np.log(self.a)
+            - np.log(self.b + xr - 1)
+            + (self.r + xr)
+            * (np.log(self.alpha + np.asarray(T)[repeat]) - np.log(self.alpha + np.asarray(t_x)[repeat]))
+        )
+        return 1.0 / (1.0 + ratio)
+
+    def expected_purchases(self, t: float, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+        """E[Y(t) | x, t_x, T]: purchases expected in the next t weeks (equation 10 of the 2005 paper)."""
+        x = np.asarray(x, dtype=np.float64)
+        T = np.asarray(T, dtype=np.float64)
+        r, alpha, a, b = self.r, self.alpha, self.a, self.b
+        z = t / (alpha + T + t)
+        hyper = special.hyp2f1(r + x, b + x, a + b + x - 1, z)
+        bracket = 1.0 - np.exp((r + x) * (np.log(alpha + T) - np.log(alpha + T + t))) * hyper
+        numerator = (a + b + x - 1) / (a - 1) * bracket
+        return numerator * self.p_alive(x, t_x, T)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "a": self.a,
+            "b": self.b,
+            "log_likelihood": self.log_likelihood,
+            "n_customers": self.n_customers,
+        }
+
+
+# --- Gamma-Gamma ----------------------------------------------------------------------------------
+
+
+def gamma_gamma_log_likelihood(p: float, q: float, gamma: float, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Each repeat customer's log density of its mean spend m̄ given x (Fader and Hardie 2013)."""
+    px = p * x
+    return (
+        special.gammaln(px + q)
+        - special.gammaln(px)
+        - special.gammaln(q)
+        + q * np.log(gamma)
+        + (px - 1) * np.log(m)
+        + px * np.log(x)
+        - (px + q) * np.log(gamma + x * m)
+    )
+
+
+@dataclass(frozen=True)
+class GammaGamma:
+    """A fitted Gamma-Gamma model: its parameters, and each customer's expected spend per purchase."""
+
+    p: float
+    q: float
+    gamma: float
+    log_likelihood: float
+    n_customers: int
+
+    @classmethod
+    def fit(cls, summary: PurchaseSummary) -> GammaGamma:
+        keep = (summary.x > 0) & np.isfinite(summary.repeat_spend) & (summary.repeat_spend > 0)
+        if int(keep.sum()) < MIN_REPEAT_CUSTOMERS:
+            raise ValueModelError(
+                f"{int(keep.sum())} customers have a positive repeat spend; Gamma-Gamma needs {MIN_REPEAT_CUSTOMERS}"
+            )
+        (ux, um), weight = _weighted_rows(summary.x[keep], summary.repeat_spend[keep])
+
+        def negative(log_params: np.ndarray) -> float:
+            p, q, gamma = np.exp(log_params)
+            value = -float(np.dot(weight, gamma_gamma_log_likelihood(p, q, gamma, ux, um)))
+            return value if np.isfinite(value) else 1e300
+
+        start = np.log([1.0, 2.0, max(float(np.mean(um)), 1e-3)])
+        (p, q, gamma), ll = _maximise(negative, start, what="Gamma-Gamma")
+        if q <= 1:
+            raise ValueModelError(f"the Gamma-Gamma fit gave q = {q:.3g} ≤ 1: its population mean spend is not finite")
+        return cls(p=p, q=q, gamma=gamma, log_likelihood=ll, n_customers=int(keep.sum()))
+
+    @property
+    def population_mean(self) -> float:
+        """The mean spend per purchase of a customer about whom nothing is known: p·γ/(q − 1)."""
+        return self.p * self.gamma / (self.q - 1)
+
+    def expected_order_value(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """E[M | x, m̄]: the population mean weighed against the customer's own (x = 0: the population's)."""
+        x = np.asarray(x, dtype=np.float64)
+        m = np.where(x > 0, np.nan_to_num(np.asarray(m, dtype=np.float64)), 0.0)
+        weight = self.p * x / (self.p * x + self.q - 1)
+        return (1 - weight) * self.population_mean + weight * m
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "p": self.p,
+            "q": self.q,
+            "gamma": self.gamma,
+            "log_likelihood": self.log_likelihood,
+            "n_customers": self.n_customers,
+        }
