@@ -202,6 +202,7 @@ class CustomTrainer(Trainer):
 
     def vectors(self, usable: Any) -> Any:
         from pyspark.ml.functions import array_to_vector
+        from pyspark.sql import functions as F
 
         fitted = self.fitted
 
@@ -210,7 +211,9 @@ class CustomTrainer(Trainer):
                 x = encode(fitted, training_frame(fitted, chunk)[0])
                 yield pd.DataFrame({"encoded": list(x)})
 
-        return usable.mapInPandas(encoded, "encoded array<double>").select(array_to_vector("encoded").alias("features"))
+        return usable.mapInPandas(encoded, "encoded array<double>").select(
+            array_to_vector(F.col("encoded")).alias("features")
+        )
 
     def statistics(self, usable: Any, centers: np.ndarray) -> dict[str, np.ndarray]:
         scorer = CentroidScorer(centers)
