@@ -165,6 +165,9 @@ async def test_a_clean_shutdown_writes_the_last_counts(settings, dataset, make_u
 async def test_since_and_version_choose_what_is_read(client, trained_model, dataset, user_headers, analyst_headers):
     first = trained_model["model_version"]
     await score_csv(client, user_headers, resample(dataset, 30, seed=4))
+    # A report flushes this process's counts first: the 30 are written now, in a bucket before `middle`
+    # (counts are bucketed when they are written, at most one flush interval after they were made).
+    assert (await drift(client, analyst_headers))["n_observed"] == 30
     await asyncio.sleep(1.1)
     middle = datetime.now(UTC)
     await score_csv(client, user_headers, resample(dataset, 12, seed=5))
