@@ -288,8 +288,8 @@ def _throttle_keys(user: User | None, login_name: str, client_ip: str | None) ->
     return keys
 
 
-def _limit(kind: str, settings: Settings) -> int:
-    return settings.login_max_failures_per_user if kind == "user" else settings.login_max_failures_per_ip
+def _limit(scope: str, settings: Settings) -> int:
+    return settings.login_max_failures_per_user if scope == "user" else settings.login_max_failures_per_ip
 
 
 async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[tuple[str, str]]) -> None:
@@ -299,7 +299,7 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
     dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     expired = LoginFailure.window_start <= now - window
     blocked_for = 0.0
-    for kind, key in keys:
+    for scope, key in keys:
         insert = dialect_insert(LoginFailure).values(key=key, window_start=now, failures=1)
         upsert = insert.on_conflict_do_update(
             index_elements=[LoginFailure.key],
@@ -309,7 +309,7 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
             },
         ).returning(LoginFailure.failures, LoginFailure.window_start)
         failures, window_start = (await session.execute(upsert)).one()
-        if failures > _limit(kind, settings):
+        if failures > _limit(scope, settings):
             blocked_for = max(blocked_for, (window_start + window - now).total_seconds())
     if blocked_for > 0:
         # A refused attempt checks no password, so it is no guess: it does not count. Counted,
@@ -321,8 +321,8 @@ async def _count_attempt(session: AsyncSession, settings: Settings, keys: list[t
 
 
 async def _give_back_attempt(session: AsyncSession, keys: list[tuple[str, str]]) -> None:
-    for kind, key in keys:
-        if kind == "user":
+    for scope, key in keys:
+        if scope == "user":
             await session.execute(delete(LoginFailure).where(LoginFailure.key == key))
         else:
             await session.execute(
