@@ -33,6 +33,7 @@ from app.ml.persistence import FORMAT_VERSION
 from app.ml.preprocess import FEATURES, DataValidationError
 from app.ml.schema import FeatureSchema, customer_matrix
 from app.ml.scoring import CentroidScorer
+from app.ml.value import DEFAULT_HORIZON_DAYS, ValueModel, table_summary
 
 _INCOME, _SPENDING, _FREQUENCY, _AGE = (
     FEATURES.index(name) for name in ("annual_income", "spending_score", "purchase_frequency", "age")
@@ -339,6 +340,29 @@ def _finish_metadata(
     metadata["duration_seconds"] = round(time.perf_counter() - started, 4)
 
 
+def _value_models(
+    frame: pd.DataFrame, labels: np.ndarray, k: int
+) -> tuple[ValueModel | None, list[str], dict[str, list[float | None]]]:
+    """BG/NBD and Gamma-Gamma fitted on the training customers, the warnings of what could not be,
+    and per segment the mean P(alive) and its share (0..100) of the customers' summed clv at 90 days."""
+    empty: dict[str, list[float | None]] = {"mean_p_alive": [None] * k, "predicted_revenue_share": [None] * k}
+    summary = table_summary(frame)
+    if summary is None:
+        return None, ["No value model: the table has no purchase days (summed by an engine that keeps none)"], empty
+    model, warnings = ValueModel.fit(summary)
+    if model is None:
+        return None, warnings, empty
+    values = model.predict(summary, DEFAULT_HORIZON_DAYS)
+    sizes = np.bincount(labels, minlength=k).astype(np.float64)
+    alive = np.bincount(labels, weights=values["p_alive"], minlength=k) / np.maximum(sizes, 1)
+    shares: list[float | None] = [None] * k
+    clv = np.nan_to_num(values["clv"], nan=0.0, posinf=0.0, neginf=0.0)
+    total = float(clv.sum())
+    if model.gamma_gamma is not None and total > 0:
+        shares = [round(100.0 * float(v) / total, 2) for v in np.bincount(labels, weights=clv, minlength=k)]
+    return model, warnings, {"mean_p_alive": [round(float(v), 4) for v in alive], "predicted_revenue_share": shares}
+
+
 def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: tuple[int, int]) -> TrainedParts:
     """Fit kind ``rfm`` on a per-customer RFM table (an app.ml.rfm.RfmTable, or its frame).
 
@@ -377,6 +401,7 @@ def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: 
         for name in columns
     }
     names = rfm.segment_names(mean_scores, means["tenure_days"])
+    value_model, value_warnings, value_means = _value_models(frame, labels, k)
     n = len(frame)
     for i, segment in enumerate(metadata["segments"]):
         share = 100.0 * float(revenue[i]) / total if total > 0 else 0.0
@@ -388,7 +413,11 @@ def train_rfm(data: Any, *, n_clusters: int | None, random_state: int, k_range: 
             name: round(float(mean_scores[i, j]), 4) for j, name in enumerate(("r_score", "f_score", "m_score"))
         }
         segment["description"] = rfm.describe_segment(int(sizes[i]), 100.0 * sizes[i] / n, share, segment_means)
+        segment["mean_p_alive"] = value_means["mean_p_alive"][i]
+        segment["predicted_revenue_share"] = value_means["predicted_revenue_share"][i]
     metadata["kind"] = "rfm"
+    metadata["value_model"] = value_model.as_dict() if value_model is not None else None
+    metadata["warnings"] = value_warnings
     metadata["rfm"] = {"cuts": cuts, "quantiles": list(rfm.QUANTILES)}
     if facts is not None:
         metadata["rfm"]["log"] = facts.to_dict()

@@ -226,15 +226,19 @@ class GammaGamma:
             raise ValueModelError(
                 f"{int(keep.sum())} customers have a positive repeat spend; Gamma-Gamma needs {MIN_REPEAT_CUSTOMERS}"
             )
-        (ux, um), weight = _weighted_rows(summary.x[keep], summary.repeat_spend[keep])
+        # Spend is fitted in units of its median: γ scales with the currency and the log-likelihood
+        # moves by n·log(scale), so a shop in cents or in yen fits as well as one in dollars.
+        scale = float(np.median(summary.repeat_spend[keep]))
+        (ux, um), weight = _weighted_rows(summary.x[keep], summary.repeat_spend[keep] / scale)
 
         def negative(log_params: np.ndarray) -> float:
             p, q, gamma = np.exp(log_params)
             value = -float(np.dot(weight, gamma_gamma_log_likelihood(p, q, gamma, ux, um)))
             return value if np.isfinite(value) else 1e300
 
-        start = np.log([1.0, 2.0, max(float(np.mean(um)), 1e-3)])
-        (p, q, gamma), ll = _maximise(negative, start, what="Gamma-Gamma")
+        (p, q, gamma), ll = _maximise(negative, np.log([1.0, 2.0, 1.0]), what="Gamma-Gamma")
+        gamma *= scale
+        ll -= float(weight.sum()) * np.log(scale)
         if q <= 1:
             raise ValueModelError(f"the Gamma-Gamma fit gave q = {q:.3g} ≤ 1: its population mean spend is not finite")
         return cls(p=p, q=q, gamma=gamma, log_likelihood=ll, n_customers=int(keep.sum()))
@@ -258,4 +262,85 @@ class GammaGamma:
             "gamma": self.gamma,
             "log_likelihood": self.log_likelihood,
             "n_customers": self.n_customers,
+        }
+
+
+# --- both, as a version keeps them ----------------------------------------------------------------
+
+DEFAULT_HORIZON_DAYS = 90
+"""The horizon of `clv` when none is asked for (and of what the customer base and /clusters keep)."""
+MAX_HORIZON_DAYS = 3650
+VALUE_FIELDS = ("p_alive", "expected_purchases", "expected_order_value", "clv")
+"""Per customer, in this order: on /predict and as columns of an rfm batch answer."""
+_WEEK_DAYS = 7.0
+
+
+def table_summary(frame: pd.DataFrame) -> PurchaseSummary | None:
+    """The summary of an RFM table (app.ml.rfm) that carries ``occasions`` and ``repeat_spend``; None
+    for a table without them (one computed from RFM values alone)."""
+    if "occasions" not in frame.columns or "repeat_spend" not in frame.columns:
+        return None
+    occasions = frame["occasions"].to_numpy(dtype=np.float64)
+    tenure = frame["tenure_days"].to_numpy(dtype=np.float64)
+    recency = frame["recency_days"].to_numpy(dtype=np.float64)
+    return PurchaseSummary(
+        x=np.maximum(occasions - 1, 0),
+        t_x=np.maximum(tenure - recency, 0) / _WEEK_DAYS,
+        T=tenure / _WEEK_DAYS,
+        repeat_spend=frame["repeat_spend"].to_numpy(dtype=np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class ValueModel:
+    """A version's value models: BG/NBD for how many purchases, Gamma-Gamma (or None) for their value."""
+
+    bgnbd: BGNBD
+    gamma_gamma: GammaGamma | None
+
+    @classmethod
+    def fit(cls, summary: PurchaseSummary) -> tuple[ValueModel | None, list[str]]:
+        """Both models fitted on the training customers, and the warnings saying what could not be.
+
+        Never raises on the data: a model that cannot be fitted is None and a warning says why.
+        """
+        try:
+            bgnbd = BGNBD.fit(summary)
+        except (ValueModelError, ArithmeticError, ValueError) as exc:
+            return None, [f"No value model (p_alive, expected purchases, clv): {exc}"]
+        try:
+            gamma_gamma: GammaGamma | None = GammaGamma.fit(summary)
+        except (ValueModelError, ArithmeticError, ValueError) as exc:
+            return cls(bgnbd, None), [f"No Gamma-Gamma model (expected_order_value and clv are null): {exc}"]
+        return cls(bgnbd, gamma_gamma), []
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bgnbd": self.bgnbd.as_dict(),
+            "gamma_gamma": self.gamma_gamma.as_dict() if self.gamma_gamma is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, stored: Any) -> ValueModel | None:
+        """The model a version's metadata keeps (``value_model``), or None where it has none."""
+        if not isinstance(stored, dict) or not isinstance(stored.get("bgnbd"), dict):
+            return None
+        spend = stored.get("gamma_gamma")
+        return cls(BGNBD(**stored["bgnbd"]), GammaGamma(**spend) if isinstance(spend, dict) else None)
+
+    def predict(self, summary: PurchaseSummary, horizon_days: int) -> dict[str, np.ndarray]:
+        """Each customer's VALUE_FIELDS at `horizon_days` (NaN where the Gamma-Gamma model is missing)."""
+        x, t_x, T = summary.x, summary.t_x, summary.T
+        p_alive = self.bgnbd.p_alive(x, t_x, T)
+        with np.errstate(over="ignore", invalid="ignore"):
+            purchases = self.bgnbd.expected_purchases(horizon_days / _WEEK_DAYS, x, t_x, T)
+        if self.gamma_gamma is None:
+            value = np.full(len(x), np.nan)
+        else:
+            value = self.gamma_gamma.expected_order_value(x, summary.repeat_spend)
+        return {
+            "p_alive": p_alive,
+            "expected_purchases": purchases,
+            "expected_order_value": value,
+            "clv": purchases * value,
         }

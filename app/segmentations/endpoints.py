@@ -21,9 +21,10 @@ from app.core.responses import errors, file_errors
 from app.core.routing import FastRoute, JsonOrFormRoute
 from app.history.schemas import HistoryPage, HistoryQuery
 from app.jobs.schemas import STARTED, Wait, accepted
+from app.ml.value import DEFAULT_HORIZON_DAYS, MAX_HORIZON_DAYS
 from app.segmentations import service as segmentations
 from app.segmentations.as_of import as_of_value
-from app.segmentations.explain_schemas import ExplainQuery
+from app.segmentations.explain_schemas import PredictQuery
 from app.segmentations.kinds.registry import feature_schema, kind_of
 from app.segmentations.results import (
     BatchResult,
@@ -64,6 +65,14 @@ AsOf = Annotated[
     ),
 ]
 Name = Annotated[str, Path(description="The segmentation's name (`default` is the seed's)")]
+HorizonDays = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=MAX_HORIZON_DAYS,
+        description="Kind rfm: the days ahead that expected_purchases and clv are counted over",
+    ),
+]
 
 
 def _public(store: ModelStore) -> dict[str, Any]:
@@ -225,7 +234,7 @@ async def predict(
     user: CurrentUser,
     store: SegmentationStore,
     body: NamedPredictBody,
-    options: Annotated[ExplainQuery, Query()],
+    options: Annotated[PredictQuery, Query()],
 ) -> NamedPredictionResult:
     answer = await segmentations.predict(
         segmentations.services_of(request),
@@ -235,6 +244,7 @@ async def predict(
         transactions=body.transactions,
         as_of=body.as_of,
         explain=options.explain,
+        horizon_days=options.horizon_days,
     )
     return NamedPredictionResult(**answer)
 
@@ -246,6 +256,7 @@ async def predict_batch(
     batch: Annotated[NamedBatchUpload, File()],
     explain: ExplainFlag = False,
     as_of: AsOf = None,
+    horizon_days: HorizonDays = DEFAULT_HORIZON_DAYS,
 ) -> Response:
     as_csv = wants_csv(request)
     services = segmentations.services_of(request)
@@ -257,6 +268,7 @@ async def predict_batch(
         as_csv=as_csv,
         as_of=as_of,
         explain=explain,
+        horizon_days=horizon_days,
     )
     await segmentations.record_batch(services, user_id=user.id, store=store, served=served, scored=scored)
     if as_csv:

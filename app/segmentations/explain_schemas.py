@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.ml.value import DEFAULT_HORIZON_DAYS, MAX_HORIZON_DAYS
+
 
 class ExplainQuery(BaseModel):
     """`?explain=true`: add why the customer is in its segment (nothing is computed without it)."""
@@ -13,6 +15,17 @@ class ExplainQuery(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     explain: bool = Field(False, description="Add `explanation` (one customer) or `top_feature`, `margin` (batch)")
+
+
+class PredictQuery(ExplainQuery):
+    """The queries of one customer's predict: `explain`, and (kind rfm) the value fields' horizon."""
+
+    horizon_days: int = Field(
+        DEFAULT_HORIZON_DAYS,
+        ge=1,
+        le=MAX_HORIZON_DAYS,
+        description="Kind rfm: the days ahead that expected_purchases and clv are counted over",
+    )
 
 
 class RunnerUp(BaseModel):

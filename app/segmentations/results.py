@@ -9,7 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from app.core.schemas import CUSTOMER_EXAMPLE, PNG_EXAMPLE, VERSION_EXAMPLE
 from app.segmentations.explain_schemas import Explanation, ExplanationField
 from app.segmentations.kinds.customer_record import CustomerFeatures
-from app.versions.schemas import NAMED_SEGMENT_EXAMPLE, SEGMENT_EXAMPLE, NamedSegmentStats, SegmentStats, VersionLineage
+from app.versions.schemas import (
+    NAMED_SEGMENT_EXAMPLE,
+    SEGMENT_EXAMPLE,
+    NamedSegmentStats,
+    SegmentStats,
+    ValueModelFit,
+    VersionLineage,
+)
 
 PREDICTION_EXAMPLE: dict[str, JsonValue] = {
     "cluster": 4,
@@ -164,6 +171,14 @@ class NamedPredictionResult(SegmentAssignment):
     segmentation: str
     warnings: list[str] = []
     explanation: Explanation | None = ExplanationField
+    p_alive: float | None = Field(
+        None, description="Kind rfm: P(alive | x, t_x, T) under BG/NBD (1 for a one-time buyer)"
+    )
+    expected_purchases: float | None = Field(None, description="Kind rfm: purchases expected within `horizon_days`")
+    expected_order_value: float | None = Field(None, description="Kind rfm: the Gamma-Gamma expected spend a purchase")
+    clv: float | None = Field(
+        None, description="Kind rfm: expected_purchases × expected_order_value (undiscounted, over the horizon)"
+    )
 
 
 class NamedTrainResult(TrainResult):
@@ -175,6 +190,12 @@ class NamedTrainResult(TrainResult):
     rows_after_as_of: int | None = Field(None, description="Kind rfm: rows dated after as_of, left out")
     as_of: str | None = Field(None, description="Kind rfm: the day RFM was computed as of")
     columns: dict[str, str] | None = Field(None, description="Kind rfm: the headers the log's fields were read from")
+    value_model: ValueModelFit | None = Field(
+        None, description="Kind rfm: the BG/NBD and Gamma-Gamma parameters (null: none could be fitted; see warnings)"
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="What training could not do (kind rfm: a value model)"
+    )
 
 
 class NamedClusterSummary(BaseModel):

@@ -27,6 +27,7 @@ from app.history.schemas import HistoryQuery
 from app.history.storage.history import segmentation_page
 from app.ml.matching import identity_fields
 from app.ml.preprocess import DataValidationError
+from app.ml.value import DEFAULT_HORIZON_DAYS
 from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date
@@ -240,6 +241,7 @@ async def predict(
     as_of: str | None = None,
     explain: bool = False,
     checked: bool = False,
+    horizon_days: int = DEFAULT_HORIZON_DAYS,
 ) -> dict[str, Any]:
     """One customer (raw JSON of the segmentation's schema; kind rfm: or their transactions) → the answer
     of POST .../predict. `checked`: the customer already checked against the schema (the seed's door)."""
@@ -249,7 +251,9 @@ async def predict(
     if customer is not None and not checked:
         (customer,) = validate_customers(store, [customer], "customer")
     served = store.require()
-    assigned = kind.assign(served, customer, transactions=transactions, as_of=as_of_date(as_of))
+    assigned = kind.assign(
+        served, customer, transactions=transactions, as_of=as_of_date(as_of), horizon_days=horizon_days
+    )
     data, cluster, name, confidence = assigned.data, assigned.cluster, assigned.cluster_name, assigned.confidence
     explanation = None
     if explain and assigned.explained_record is not None:
@@ -275,6 +279,7 @@ async def predict(
         "segmentation": store.segmentation.name,
         "warnings": assigned.warnings,
         "explanation": explanation,
+        **assigned.answer,
     }
 
 
@@ -287,6 +292,7 @@ async def score_batch(
     as_csv: bool,
     as_of: date | None = None,
     explain: bool = False,
+    horizon_days: int = DEFAULT_HORIZON_DAYS,
 ) -> tuple[ServedModel, csv_answers.ScoredBatch]:
     """Score a CSV upload (kind rfm: a transaction log, aggregated as of `as_of`) or a JSON list of
     customers, each checked against the segmentation's schema; with `explain`, each row also gets its
@@ -296,7 +302,9 @@ async def score_batch(
     if upload is not None:
         served = store.require()
         observer = BatchObserver(served, explain=explain, count=services.drift.enabled)
-        scored = await kind.score_upload(served, upload, store=store, as_csv=as_csv, as_of=as_of, observer=observer)
+        scored = await kind.score_upload(
+            served, upload, store=store, as_csv=as_csv, as_of=as_of, observer=observer, horizon_days=horizon_days
+        )
     elif customers is not None:
         limit = services.settings.max_batch_rows
         if len(customers) > limit:
@@ -304,7 +312,9 @@ async def score_batch(
         checked = validate_customers(store, customers, "customers")
         served = store.require()
         observer = BatchObserver(served, explain=explain, count=services.drift.enabled)
-        scored = await run_in_threadpool(lambda: kind.score_rows(served, checked, as_csv=as_csv, observer=observer))
+        scored = await run_in_threadpool(
+            lambda: kind.score_rows(served, checked, as_csv=as_csv, observer=observer, horizon_days=horizon_days)
+        )
     else:
         raise InvalidInput("Send `{customers: [...]}` as application/json, or a CSV `file` as multipart/form-data")
     if scored.n_failed and not as_csv:

@@ -113,6 +113,8 @@ class VersionRepository:
             "missing_shares": details.get("missing_shares", {}),
             "algorithm": details.get("algorithm"),
             "out_of_core": details.get("out_of_core"),
+            "value_model": details.get("value_model"),
+            "warnings": details.get("warnings", []),
             **identity_fields(details),
         }
 

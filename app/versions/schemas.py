@@ -77,6 +77,30 @@ class VersionLineage(BaseModel):
     )
 
 
+class BgNbdFit(BaseModel):
+    r: float
+    alpha: float
+    a: float
+    b: float
+    log_likelihood: float
+    n_customers: int
+
+
+class GammaGammaFit(BaseModel):
+    p: float
+    q: float
+    gamma: float
+    log_likelihood: float
+    n_customers: int = Field(description="The repeat customers with a positive mean spend it was fitted on")
+
+
+class ValueModelFit(BaseModel):
+    """An rfm version's value models (the contract's "Predicted value"); either may be null on its own."""
+
+    bgnbd: BgNbdFit | None
+    gamma_gamma: GammaGammaFit | None
+
+
 class VersionDetail(ModelVersionPublic, VersionLineage):
     """What a version's details show of every kind, besides its segments."""
 
@@ -89,6 +113,13 @@ class VersionDetail(ModelVersionPublic, VersionLineage):
     )
     out_of_core: dict[str, Any] | None = Field(
         None, description="For a version trained out of core: the file's format, the sample k was chosen on, the passes"
+    )
+    value_model: ValueModelFit | None = Field(
+        None,
+        description="Kind rfm: the BG/NBD and Gamma-Gamma parameters fitted at training (null: none; see warnings)",
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="What training could not do (kind rfm: a value model)"
     )
 
 
@@ -183,4 +214,10 @@ class NamedSegmentStats(BaseModel):
     avg_purchase_frequency: float | None = None
     revenue_share: float | None = Field(
         None, description="Kind rfm: the segment's share of the training customers' revenue, 0..100"
+    )
+    mean_p_alive: float | None = Field(
+        None, description="Kind rfm: the mean P(alive) of the segment's training customers (BG/NBD)"
+    )
+    predicted_revenue_share: float | None = Field(
+        None, description="Kind rfm: the segment's share, 0..100, of the training customers' summed clv at 90 days"
     )

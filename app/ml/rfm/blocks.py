@@ -112,7 +112,10 @@ class LogAggregator:
         return RfmTable(frame, facts)
 
     def _customers(self, facts: LogFacts, ids: bool) -> pd.DataFrame:
-        totals = [_customer_totals(_purchases(rows)) for rows in self.parts.drain()]
+        totals = []
+        for rows in self.parts.drain():
+            units = _purchases(rows)
+            totals.append(_with_occasions(_customer_totals(units), _occasions(units)))
         if not totals:
             return _empty_table()
         customers = pa.concat_tables(totals)
@@ -130,6 +133,9 @@ class LogAggregator:
             net=customers.column("net_sum").to_numpy()[order],
             last_day=customers.column("counted_day_max").take(picked).to_numpy(),
             first_day=customers.column("counted_day_min").take(picked).to_numpy(),
+            occasions=customers.column("occasions").to_numpy()[order],
+            occasion_spend=customers.column("occasion_spend").to_numpy()[order],
+            first_spend=customers.column("first_spend").to_numpy()[order],
         )
 
 
@@ -141,10 +147,16 @@ def customer_frame(
     net: np.ndarray,
     last_day: np.ndarray,
     first_day: np.ndarray,
+    occasions: np.ndarray | None = None,
+    occasion_spend: np.ndarray | None = None,
+    first_spend: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The RFM table's columns from each buying customer's sums (days since 1970-01-01), in the given order.
 
-    ``ids`` None leaves out ``customer_id`` (a table that is only trained on).
+    ``ids`` None leaves out ``customer_id`` (a table that is only trained on). With ``occasions`` (the
+    distinct days with a counted purchase), ``occasion_spend`` (what those days' counted purchases
+    sum to) and ``first_spend`` (the first such day's), the table also has the value models' inputs
+    ``occasions`` and ``repeat_spend`` (the mean spend of the days after the first; NaN without one).
     """
     as_of_day = (as_of - EPOCH).days
     frequency = np.asarray(frequency).astype(np.int64)
@@ -159,6 +171,13 @@ def customer_frame(
         "tenure_days": as_of_day - np.asarray(first_day).astype(np.int64),
         "avg_order_value": np.round(monetary / frequency, 6),
     }
+    if occasions is not None and occasion_spend is not None and first_spend is not None:
+        days = np.asarray(occasions).astype(np.int64)
+        repeats = days - 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            spend = (np.asarray(occasion_spend, dtype=np.float64) - np.asarray(first_spend, dtype=np.float64)) / repeats
+        columns["occasions"] = days
+        columns["repeat_spend"] = np.where(repeats > 0, spend, np.nan)
     return pd.DataFrame(columns)
 
 
@@ -340,6 +359,26 @@ def _customer_totals(units: pa.Table) -> pa.Table:
     )
     return per_unit.group_by("customer_id", use_threads=False).aggregate(
         [("net", "sum"), ("row", "min"), ("counted", "sum"), ("counted_day", "max"), ("counted_day", "min")]
+    )
+
+
+def _occasions(units: pa.Table) -> pa.Table:
+    """Per customer: its purchase occasions (distinct days with a counted purchase), what they sum to,
+    and what its first one spent (the value models' inputs; app.ml.value)."""
+    counted = units.filter(pc.greater_equal(units.column("amount"), 0.0))
+    daily = counted.group_by(["customer_id", "day"], use_threads=False).aggregate([("amount", "sum")])
+    daily = daily.sort_by([("customer_id", "ascending"), ("day", "ascending")])
+    per_customer = daily.group_by("customer_id", use_threads=False).aggregate(
+        [("day", "count"), ("amount_sum", "sum"), ("amount_sum", "first")]
+    )
+    return per_customer.rename_columns(["customer_id", "occasions", "occasion_spend", "first_spend"])
+
+
+def _with_occasions(totals: pa.Table, occasions: pa.Table) -> pa.Table:
+    """The customer totals with their occasion columns (0 for a customer without a counted purchase)."""
+    joined = totals.join(occasions, keys="customer_id", join_type="left outer", use_threads=False)
+    return joined.set_column(
+        joined.schema.get_field_index("occasions"), "occasions", pc.fill_null(joined.column("occasions"), 0)
     )
 
 

@@ -15,6 +15,8 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import TypeAdapter
 
+from app.ml.value import DEFAULT_HORIZON_DAYS
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -37,6 +39,8 @@ class Assigned:
     confidence: float
     warnings: list[str] = field(default_factory=list)
     explained_record: Mapping[str, Any] | None = None
+    answer: dict[str, Any] = field(default_factory=dict)
+    """The kind's own fields of the answer (kind rfm: p_alive, expected_purchases, expected_order_value, clv)."""
 
 
 class Kind(Protocol):
@@ -90,7 +94,13 @@ class Kind(Protocol):
         ...
 
     def assign(
-        self, served: ServedModel, customer: Any, *, transactions: Sequence[Any] | None, as_of: date | None
+        self,
+        served: ServedModel,
+        customer: Any,
+        *,
+        transactions: Sequence[Any] | None,
+        as_of: date | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> Assigned:
         """One checked customer (or, where the kind takes them, their transactions) → its segment."""
         ...
@@ -104,12 +114,19 @@ class Kind(Protocol):
         as_csv: bool,
         as_of: date | None,
         observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         """A batch file scored (in a worker thread), rows in input order."""
         ...
 
     def score_rows(
-        self, served: ServedModel, rows: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None
+        self,
+        served: ServedModel,
+        rows: Sequence[Any],
+        *,
+        as_csv: bool,
+        observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         """Checked JSON rows scored (blocking)."""
         ...

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml.schema import FeatureSchema, SchemaError
+from app.ml.value import DEFAULT_HORIZON_DAYS
 from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.csv_answers import ScoredBatch
@@ -82,7 +83,13 @@ class CustomKind:
         return {}
 
     def assign(
-        self, served: ServedModel, customer: Any, *, transactions: Sequence[Any] | None, as_of: date | None
+        self,
+        served: ServedModel,
+        customer: Any,
+        *,
+        transactions: Sequence[Any] | None,
+        as_of: date | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> Assigned:
         cluster, name, confidence, warnings = served.assign_declared([customer])[0]
         return Assigned(customer, cluster, name, confidence, warnings, explained_record=customer)
@@ -96,12 +103,19 @@ class CustomKind:
         as_csv: bool,
         as_of: date | None,
         observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         upload.seek(0)
         return await run_in_threadpool(lambda: score_declared_csv(served, upload, as_csv=as_csv, observer=observer))
 
     def score_rows(
-        self, served: ServedModel, rows: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None
+        self,
+        served: ServedModel,
+        rows: Sequence[Any],
+        *,
+        as_csv: bool,
+        observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         return score_declared_records(served, list(rows), as_csv=as_csv, observer=observer)
 

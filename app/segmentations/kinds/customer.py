@@ -17,6 +17,7 @@ from app.core.config import Settings
 from app.core.errors import InvalidInput
 from app.ml.preprocess import FEATURES, resolve_columns
 from app.ml.schema import FeatureSchema
+from app.ml.value import DEFAULT_HORIZON_DAYS
 from app.segmentations import scoring as segmentation
 from app.segmentations.csv_answers import ScoredBatch
 from app.segmentations.kinds.base import Assigned
@@ -77,7 +78,13 @@ class CustomerKind:
         return {}
 
     def assign(
-        self, served: ServedModel, customer: Any, *, transactions: Sequence[Any] | None, as_of: date | None
+        self,
+        served: ServedModel,
+        customer: Any,
+        *,
+        transactions: Sequence[Any] | None,
+        as_of: date | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> Assigned:
         cluster, name, confidence = served.assign([customer])[0]
         data = customer.model_dump()
@@ -92,11 +99,18 @@ class CustomerKind:
         as_csv: bool,
         as_of: date | None,
         observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         return await segmentation.score_csv(served, upload, as_csv=as_csv, observer=observer)
 
     def score_rows(
-        self, served: ServedModel, rows: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None
+        self,
+        served: ServedModel,
+        rows: Sequence[Any],
+        *,
+        as_csv: bool,
+        observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         return segmentation.score_records(served, rows, as_csv=as_csv, observer=observer)
 

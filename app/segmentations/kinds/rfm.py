@@ -23,6 +23,7 @@ from app.core.errors import InvalidInput
 from app.ml import rfm
 from app.ml.preprocess import DataValidationError
 from app.ml.schema import FeatureSchema, SchemaError
+from app.ml.value import DEFAULT_HORIZON_DAYS, VALUE_FIELDS, ValueModel, table_summary
 from app.segmentations.csv_answers import SPOOL_BYTES, ScoredBatch, inert_column
 from app.segmentations.kinds.base import Assigned
 from app.segmentations.kinds.custom import score_declared_chunk
@@ -81,6 +82,8 @@ def train_facts(served: ServedModel) -> dict[str, Any]:
         "rows_after_as_of": log.get("rows_after_as_of", 0),
         "as_of": log.get("as_of"),
         "columns": log.get("columns"),
+        "value_model": served.metadata.get("value_model"),
+        "warnings": list(served.metadata.get("warnings") or []),
     }
 
 
@@ -91,10 +94,51 @@ def cuts(served: ServedModel) -> dict[str, list[float]]:
 # --- one customer -------------------------------------------------------------------------------
 
 
+SUMMARY_HAS_NO_VALUE = (
+    "p_alive, expected_purchases, expected_order_value and clv need the customer's purchase days: "
+    "send its `transactions` instead of its RFM values"
+)
+NO_VALUE_MODEL = "this version has no value model (see its warnings): p_alive, expected purchases and clv are null"
+
+
+def value_columns(served: ServedModel, frame: pd.DataFrame, horizon_days: int) -> dict[str, np.ndarray]:
+    """Each customer's VALUE_FIELDS at `horizon_days` (NaN where the version or the rows cannot give them)."""
+    model = ValueModel.from_dict(served.metadata.get("value_model"))
+    summary = table_summary(frame) if model is not None else None
+    if model is None or summary is None:
+        return {name: np.full(len(frame), np.nan) for name in VALUE_FIELDS}
+    return {name: np.round(values, 6) for name, values in model.predict(summary, horizon_days).items()}
+
+
+def value_warning(served: ServedModel, *, from_summary: bool) -> str | None:
+    """Why one customer's value fields are null, if they are."""
+    if served.metadata.get("value_model") is None:
+        return NO_VALUE_MODEL
+    return SUMMARY_HAS_NO_VALUE if from_summary else None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
 def customer_row(
     served: ServedModel, *, customer: Mapping[str, Any] | None, transactions: Sequence[Any] | None, as_of: date | None
 ) -> dict[str, Any]:
     """The RFM row of one customer, from their RFM values or from their transactions."""
+    row, _ = customer_values(served, customer=customer, transactions=transactions, as_of=as_of)
+    return row
+
+
+def customer_values(
+    served: ServedModel,
+    *,
+    customer: Mapping[str, Any] | None,
+    transactions: Sequence[Any] | None,
+    as_of: date | None,
+    horizon_days: int = DEFAULT_HORIZON_DAYS,
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """One customer's RFM row and its VALUE_FIELDS (null from RFM values alone)."""
+    value: dict[str, float | None] = dict.fromkeys(VALUE_FIELDS)
     if transactions is not None:
         items = [t if isinstance(t, Mapping) else t.model_dump() for t in transactions]
         table = rfm.transactions_table(items, as_of=as_of)
@@ -113,10 +157,11 @@ def customer_row(
             "tenure_days": int(record["tenure_days"]),
             "avg_order_value": float(record["avg_order_value"]),
         }
+        value = {name: _finite(column[0]) for name, column in value_columns(served, table.frame, horizon_days).items()}
     else:
         assert customer is not None
         values = dict(customer)
-    return rfm.one_customer(values, cuts(served))
+    return rfm.one_customer(values, cuts(served)), value
 
 
 def clustering_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,9 +178,17 @@ def clustering_record(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _batch(
-    served: ServedModel, table: pd.DataFrame, *, as_csv: bool, observer: BatchObserver | None = None
+    served: ServedModel,
+    table: pd.DataFrame,
+    *,
+    as_csv: bool,
+    observer: BatchObserver | None = None,
+    horizon_days: int = DEFAULT_HORIZON_DAYS,
 ) -> ScoredBatch:
     scored = rfm.scored_table(table, cuts(served))
+    scored = scored[[c for c in ANSWER_COLUMNS if c in scored.columns]].assign(
+        **value_columns(served, table, horizon_days)
+    )
     features = rfm.clustering_frame(scored)
     labels, confidence = served.model.predict_with_confidence(features)
     explained = None
@@ -167,6 +220,7 @@ def _csv_answer(
         "cluster_name": np.asarray(served.names, dtype=object)[labels],
         "confidence": np.round(confidence, 6),
     }
+    results |= _value_arrays(scored)
     if explained is not None:
         results |= {"top_feature": explained[0], "margin": np.round(explained[1], 6)}
     table = pa.table(
@@ -179,9 +233,19 @@ def _csv_answer(
     return out
 
 
+def _value_arrays(scored: pd.DataFrame) -> dict[str, pa.Array]:
+    """The value columns as answers write them: a value that cannot be given is empty (null), not NaN."""
+    return {
+        name: pa.array(scored[name].to_numpy(dtype=np.float64), from_pandas=True)
+        if name in scored.columns
+        else pa.nulls(len(scored), pa.float64())
+        for name in VALUE_FIELDS
+    }
+
+
 def answer_table(served: ServedModel, scored: ScoredBatch) -> pa.Table:
     """A scored batch's per-customer answer as Parquet holds it: the table's and scores' columns, then
-    cluster, cluster_name and confidence."""
+    cluster, cluster_name, confidence and the value columns."""
     assert scored.fields is not None
     fields = scored.fields
     return pa.table(
@@ -191,6 +255,7 @@ def answer_table(served: ServedModel, scored: ScoredBatch) -> pa.Table:
             "cluster_name": np.asarray(served.names, dtype=object)[scored.labels],
             "confidence": np.round(scored.confidence, 6),
         }
+        | _value_arrays(fields)
     )
 
 
@@ -207,12 +272,13 @@ def score_log(
     as_of: date | None,
     as_csv: bool,
     observer: BatchObserver | None = None,
+    horizon_days: int = DEFAULT_HORIZON_DAYS,
 ) -> ScoredBatch:
     """A transaction log → one scored row per customer, in order of first appearance (blocking)."""
     table = rfm.read_log(fh, columns, as_of=as_of)
     if table.frame.empty:
         raise _no_customers(table.facts)
-    return _batch(served, table.frame, as_csv=as_csv, observer=observer)
+    return _batch(served, table.frame, as_csv=as_csv, observer=observer, horizon_days=horizon_days)
 
 
 def score_rows(
@@ -275,12 +341,23 @@ class RfmKind:
         return train_facts(served)
 
     def assign(
-        self, served: ServedModel, customer: Any, *, transactions: Sequence[Any] | None, as_of: date | None
+        self,
+        served: ServedModel,
+        customer: Any,
+        *,
+        transactions: Sequence[Any] | None,
+        as_of: date | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> Assigned:
-        row = customer_row(served, customer=customer, transactions=transactions, as_of=as_of)
+        row, value = customer_values(
+            served, customer=customer, transactions=transactions, as_of=as_of, horizon_days=horizon_days
+        )
         record = clustering_record(row)
         cluster, name, confidence, warnings = served.assign_declared([record])[0]
-        return Assigned(row, cluster, name, confidence, warnings, explained_record=record)
+        missing = value_warning(served, from_summary=transactions is None)
+        if missing is not None:
+            warnings = [*warnings, missing]
+        return Assigned(row, cluster, name, confidence, warnings, explained_record=record, answer=value)
 
     async def score_upload(
         self,
@@ -291,15 +368,24 @@ class RfmKind:
         as_csv: bool,
         as_of: date | None,
         observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         upload.seek(0)
         columns = log_columns(store)
         return await run_in_threadpool(
-            lambda: score_log(served, upload, columns, as_of=as_of, as_csv=as_csv, observer=observer)
+            lambda: score_log(
+                served, upload, columns, as_of=as_of, as_csv=as_csv, observer=observer, horizon_days=horizon_days
+            )
         )
 
     def score_rows(
-        self, served: ServedModel, rows: Sequence[Any], *, as_csv: bool, observer: BatchObserver | None
+        self,
+        served: ServedModel,
+        rows: Sequence[Any],
+        *,
+        as_csv: bool,
+        observer: BatchObserver | None,
+        horizon_days: int = DEFAULT_HORIZON_DAYS,
     ) -> ScoredBatch:
         return score_rows(served, rows, as_csv=as_csv, observer=observer)
 
