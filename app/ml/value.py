@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
+from threadpoolctl import threadpool_limits
 
 from app.ml.errors import MLError
 
@@ -32,6 +33,11 @@ MIN_REPEAT_CUSTOMERS = 50
 
 _LOG_BOUND = 12.0
 """Log-parameters stay within ±this (e^12 ≈ 160,000): a run-away fit stops at a bound, not at inf."""
+
+
+_LIMIT_PAIR_MIN = 50.0
+"""A pair of parameters allowed at a bound (see `_maximise`) is that far from 0 too: a Beta(a, b) with
+a and b over 50 is already a narrow spike, so its limit at the bound predicts the same."""
 
 
 class ValueModelError(MLError):
@@ -96,18 +102,38 @@ def _weighted_rows(*columns: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def _maximise(
-    negative: Any, start: np.ndarray, *, what: str
+    negative: Any, start: np.ndarray, *, what: str, limit_pair: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, float]:  # (the parameters, the log-likelihood)
+    """The top of a log-likelihood over log-parameters; `negative` gives (−LL, its gradient).
+
+    `limit_pair`: two parameters that may run to the upper bound, where the model has a proper limit
+    (BG/NBD's a and b growing together: every customer drops out with the same probability a/(a+b),
+    which stays pinned down); any other parameter at a bound refuses the fit.
+    """
     bounds = [(-_LOG_BOUND, _LOG_BOUND)] * len(start)
-    result = optimize.minimize(negative, start, method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000})
+    result = optimize.minimize(negative, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 5000})
     if not result.success or not np.isfinite(result.fun):
         raise ValueModelError(f"the {what} fit did not converge ({result.message})")
-    # Polish from where L-BFGS-B stopped: its numerical gradient ends a little short of the top.
-    polished = optimize.minimize(negative, result.x, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-10})
-    best = polished if polished.fun < result.fun and np.all(np.abs(polished.x) <= _LOG_BOUND) else result
-    if np.any(np.abs(best.x) >= _LOG_BOUND - 1e-6):
+    # Then on to the top within float precision (its stopping rule above is relative: about 1e-9 of
+    # the log-likelihood); a line search that can no longer improve ends this one, as it should.
+    polished = optimize.minimize(
+        negative,
+        result.x,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": 500, "ftol": 1e-15, "gtol": 1e-10},
+    )
+    if np.isfinite(polished.fun) and polished.fun <= result.fun:
+        result = polished
+    at_bound = np.abs(result.x) >= _LOG_BOUND - 1e-3
+    if limit_pair is not None:
+        pair = result.x[list(limit_pair)]
+        if np.all(pair >= np.log(_LIMIT_PAIR_MIN)) and np.all(pair <= _LOG_BOUND):
+            at_bound[list(limit_pair)] = False
+    if np.any(at_bound):
         raise ValueModelError(f"the {what} fit ran off to a parameter bound: the data do not pin the model down")
-    return np.exp(best.x), -float(best.fun)
+    return np.exp(result.x), -float(result.fun)
 
 
 # --- BG/NBD ---------------------------------------------------------------------------------------
@@ -125,6 +151,50 @@ def bgnbd_log_likelihood(
     xr = x[repeat]
     a4[repeat] = np.log(a) - np.log(b + xr - 1) - (r + xr) * np.log(alpha + t_x[repeat])
     return a1 + a2 + np.logaddexp(a3, a4)
+
+
+class _Levels:
+    """The distinct values of x and where each row's is: special functions of (θ + x) are computed
+    once a level (a few dozen) instead of once a row (up to millions)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.values, self.index = np.unique(x, return_inverse=True)
+
+    def of(self, function: Any, shift: float) -> np.ndarray:
+        return function(shift + self.values)[self.index]
+
+
+def bgnbd_gradient(
+    r: float, alpha: float, a: float, b: float, x: np.ndarray, t_x: np.ndarray, T: np.ndarray, levels: _Levels
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each customer's log-likelihood (as `bgnbd_log_likelihood`) and its derivatives in (r, α, a, b),
+    shape (4, n); `levels` are x's.
+
+    With L = log(e^A3 + e^A4) and w3, w4 the two terms' shares of it, each derivative is the
+    derivative of A1 + A2 plus w3·∂A3 + w4·∂A4 (A4 is only there for x > 0).
+    """
+    gammaln, digamma = special.gammaln, special.digamma
+    a1 = levels.of(gammaln, r) - gammaln(r) + r * np.log(alpha)
+    a2 = gammaln(a + b) + levels.of(gammaln, b) - gammaln(b) - levels.of(gammaln, a + b)
+    log_T, log_t = np.log(alpha + T), np.log(alpha + t_x)
+    a3 = -(r + x) * log_T
+    repeat = x > 0
+    with np.errstate(divide="ignore"):
+        log_b_x = levels.of(np.log, b - 1)  # log(b + x - 1), used where x > 0 only
+    a4 = np.where(repeat, np.log(a) - np.where(repeat, log_b_x, 0.0) - (r + x) * log_t, -np.inf)
+    last = np.logaddexp(a3, a4)
+    w3, w4 = np.exp(a3 - last), np.exp(a4 - last)
+    inverse_b = np.where(repeat, 1.0 / np.where(repeat, b + x - 1, 1.0), 0.0)
+    digamma_abx = levels.of(digamma, a + b)
+    grad = np.stack(
+        [
+            levels.of(digamma, r) - digamma(r) + np.log(alpha) - w3 * log_T - w4 * log_t,
+            r / alpha - (r + x) * (w3 / (alpha + T) + w4 / (alpha + t_x)),
+            digamma(a + b) - digamma_abx + w4 / a,
+            digamma(a + b) + levels.of(digamma, b) - digamma(b) - digamma_abx - w4 * inverse_b,
+        ]
+    )
+    return a1 + a2 + last, grad
 
 
 @dataclass(frozen=True)
@@ -146,15 +216,20 @@ class BGNBD:
                 f"{int(np.sum(x > 0))} customers bought more than once; BG/NBD needs {MIN_REPEAT_CUSTOMERS}"
             )
         (ux, ut, uT), weight = _weighted_rows(x, t_x, T)
+        levels = _Levels(ux)
         scale = max(float(np.mean(T)), 1e-3)  # α is on the scale of the time watched
 
-        def negative(log_params: np.ndarray) -> float:
-            r, alpha, a, b = np.exp(log_params)
-            value = -float(np.dot(weight, bgnbd_log_likelihood(r, alpha, a, b, ux, ut, uT)))
-            return value if np.isfinite(value) else 1e300
+        def negative(log_params: np.ndarray) -> tuple[float, np.ndarray]:
+            params = np.exp(log_params)
+            r, alpha, a, b = params
+            ll, grad = bgnbd_gradient(r, alpha, a, b, ux, ut, uT, levels)
+            value = -float((weight * ll).sum())
+            if not np.isfinite(value):
+                return 1e300, np.zeros(4)
+            return value, -(grad * weight).sum(axis=1) * params
 
-        (r, alpha, a, b), ll = _maximise(negative, np.log([1.0, scale, 1.0, 1.0]), what="BG/NBD")
-        return cls(r=r, alpha=alpha, a=a, b=b, log_likelihood=ll, n_customers=len(summary))
+        (r, alpha, a, b), ll = _maximise(negative, np.log([1.0, scale, 1.0, 1.0]), what="BG/NBD", limit_pair=(2, 3))
+        return cls(r=float(r), alpha=float(alpha), a=float(a), b=float(b), log_likelihood=ll, n_customers=len(summary))
 
     def p_alive(self, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
         """P(alive | x, t_x, T); 1 for a customer without a repeat purchase (no chance yet to drop out)."""
@@ -209,6 +284,36 @@ def gamma_gamma_log_likelihood(p: float, q: float, gamma: float, x: np.ndarray, 
     )
 
 
+def gamma_gamma_objective(
+    p: float, q: float, gamma: float, x: np.ndarray, m: np.ndarray, levels: _Levels
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each repeat customer's log density (as `gamma_gamma_log_likelihood`) and its derivatives in
+    (p, q, γ), shape (3, n); `levels` are x's."""
+    gammaln, digamma = special.gammaln, special.digamma
+    px = p * x
+    values = levels.values
+    at = levels.index
+    log_total = np.log(gamma + x * m)
+    log_m, log_x = np.log(m), np.log(x)
+    digamma_pxq = digamma(p * values + q)[at]
+    ll = (
+        (gammaln(p * values + q) - gammaln(p * values))[at]
+        - gammaln(q)
+        + q * np.log(gamma)
+        + (px - 1) * log_m
+        + px * log_x
+        - (px + q) * log_total
+    )
+    grad = np.stack(
+        [
+            x * (digamma_pxq - digamma(p * values)[at] + log_m + log_x - log_total),
+            digamma_pxq - digamma(q) + np.log(gamma) - log_total,
+            q / gamma - (px + q) / (gamma + x * m),
+        ]
+    )
+    return ll, grad
+
+
 @dataclass(frozen=True)
 class GammaGamma:
     """A fitted Gamma-Gamma model: its parameters, and each customer's expected spend per purchase."""
@@ -230,18 +335,23 @@ class GammaGamma:
         # moves by n·log(scale), so a shop in cents or in yen fits as well as one in dollars.
         scale = float(np.median(summary.repeat_spend[keep]))
         (ux, um), weight = _weighted_rows(summary.x[keep], summary.repeat_spend[keep] / scale)
+        levels = _Levels(ux)
 
-        def negative(log_params: np.ndarray) -> float:
-            p, q, gamma = np.exp(log_params)
-            value = -float(np.dot(weight, gamma_gamma_log_likelihood(p, q, gamma, ux, um)))
-            return value if np.isfinite(value) else 1e300
+        def negative(log_params: np.ndarray) -> tuple[float, np.ndarray]:
+            params = np.exp(log_params)
+            p, q, gamma = params
+            ll, grad = gamma_gamma_objective(p, q, gamma, ux, um, levels)
+            value = -float((weight * ll).sum())
+            if not np.isfinite(value):
+                return 1e300, np.zeros(3)
+            return value, -(grad * weight).sum(axis=1) * params
 
         (p, q, gamma), ll = _maximise(negative, np.log([1.0, 2.0, 1.0]), what="Gamma-Gamma")
         gamma *= scale
         ll -= float(weight.sum()) * np.log(scale)
         if q <= 1:
             raise ValueModelError(f"the Gamma-Gamma fit gave q = {q:.3g} ≤ 1: its population mean spend is not finite")
-        return cls(p=p, q=q, gamma=gamma, log_likelihood=ll, n_customers=int(keep.sum()))
+        return cls(p=float(p), q=float(q), gamma=float(gamma), log_likelihood=float(ll), n_customers=int(keep.sum()))
 
     @property
     def population_mean(self) -> float:
@@ -302,8 +412,14 @@ class ValueModel:
     def fit(cls, summary: PurchaseSummary) -> tuple[ValueModel | None, list[str]]:
         """Both models fitted on the training customers, and the warnings saying what could not be.
 
-        Never raises on the data: a model that cannot be fitted is None and a warning says why.
+        Never raises on the data: a model that cannot be fitted is None and a warning says why. The
+        optimiser's vectors have four entries: BLAS threads would only wait on each other there.
         """
+        with threadpool_limits(limits=1):
+            return cls._fit(summary)
+
+    @classmethod
+    def _fit(cls, summary: PurchaseSummary) -> tuple[ValueModel | None, list[str]]:
         try:
             bgnbd = BGNBD.fit(summary)
         except (ValueModelError, ArithmeticError, ValueError) as exc:

@@ -34,8 +34,8 @@ _EPOCH = date(1970, 1, 1)
 
 @dataclass(frozen=True)
 class SparkLog:
-    """A log's buying customers as a Spark DataFrame (customer_id, first_row, frequency, net,
-    last_day, first_day), and what reading it counted."""
+    """A log's buying customers as a Spark DataFrame (customer_id, first_row and SUMS), and what
+    reading it counted."""
 
     customers: Any
     facts: rfm.LogFacts
@@ -93,6 +93,15 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
             F.max(F.when(buying, F.col("day"))).alias("last_day"),
             F.min(F.when(buying, F.col("day"))).alias("first_day"),
         )
+        # The value models' inputs (app.ml.value): the days with a counted purchase, what they sum to,
+        # and what the first one spent.
+        per_day = per_purchase.where(buying).groupBy("customer_id", "day").agg(F.sum("amount").alias("spend"))
+        occasions = per_day.groupBy("customer_id").agg(
+            F.count(F.lit(1)).alias("occasions"),
+            F.sum("spend").alias("occasion_spend"),
+            F.min_by("spend", "day").alias("first_spend"),
+        )
+        per_customer = per_customer.join(occasions, "customer_id", "left").fillna({"occasions": 0})
         per_customer = per_customer.cache()
         skipped_customers = per_customer.where(F.col("frequency") == 0).count()
     finally:
@@ -110,7 +119,7 @@ def aggregate(spark: Any, source: Path, columns: rfm.LogColumns, *, as_of: date 
 
 def training_table(log: SparkLog) -> rfm.RfmTable:
     """The buying customers' RFM rows without their ids, in order of first appearance, here in this process."""
-    sums = log.customers.select("first_row", "frequency", "net", "last_day", "first_day").toPandas()
+    sums = log.customers.select("first_row", *SUMS).toPandas()
     sums = sums.sort_values("first_row", kind="stable")
     frame = rfm.customer_frame(
         log.facts.as_of,
@@ -119,6 +128,9 @@ def training_table(log: SparkLog) -> rfm.RfmTable:
         net=sums["net"].to_numpy(),
         last_day=sums["last_day"].to_numpy(),
         first_day=sums["first_day"].to_numpy(),
+        occasions=sums["occasions"].to_numpy(),
+        occasion_spend=sums["occasion_spend"].to_numpy(),
+        first_spend=sums["first_spend"].to_numpy(),
     )
     return rfm.RfmTable(frame, log.facts)
 
@@ -126,8 +138,11 @@ def training_table(log: SparkLog) -> rfm.RfmTable:
 ANSWER_SCHEMA = (
     "customer_id string, recency_days long, frequency long, monetary double, tenure_days long, "
     "avg_order_value double, r_score long, f_score long, m_score long, rfm_segment string, "
-    "cluster long, cluster_name string, confidence double, first_row long"
+    "cluster long, cluster_name string, confidence double, "
+    "p_alive double, expected_purchases double, expected_order_value double, clv double, first_row long"
 )
+SUMS = ("frequency", "net", "last_day", "first_day", "occasions", "occasion_spend", "first_spend")
+"""What the customer table holds of each customer besides its id and first row."""
 
 
 def score(log: SparkLog, served: Any, target: Path) -> int:
@@ -153,13 +168,14 @@ def score(log: SparkLog, served: Any, target: Path) -> int:
                 net=chunk["net"].to_numpy(),
                 last_day=chunk["last_day"].to_numpy(),
                 first_day=chunk["first_day"].to_numpy(),
+                occasions=chunk["occasions"].to_numpy(),
+                occasion_spend=chunk["occasion_spend"].to_numpy(),
+                first_spend=chunk["first_spend"].to_numpy(),
             )
             answer = rfm_service.score_table(model, frame).to_pandas()
             answer["first_row"] = chunk["first_row"].to_numpy()
             yield answer
 
-    answered = log.customers.select(
-        "customer_id", "first_row", "frequency", "net", "last_day", "first_day"
-    ).mapInPandas(scored, ANSWER_SCHEMA)
+    answered = log.customers.select("customer_id", "first_row", *SUMS).mapInPandas(scored, ANSWER_SCHEMA)
     answered.orderBy("first_row").drop("first_row").write.mode("overwrite").parquet(str(target))
     return int(log.customers.sparkSession.read.parquet(str(target)).count())
