@@ -776,6 +776,7 @@ def test_notebook_runs_end_to_end(monkeypatch):
     )
     assert "800 customers from generated in memory" in text
     assert "adjusted Rand index vs latent types" in text
+    assert "both value models fitted" in text  # and the P(alive) map below it drew
     images = [
         output
         for cell in notebook.cells
@@ -783,4 +784,4 @@ def test_notebook_runs_end_to_end(monkeypatch):
         for output in cell.outputs
         if "image/png" in output.get("data", {})
     ]
-    assert len(images) >= 6
+    assert len(images) >= 7

@@ -275,6 +275,12 @@ async def test_an_rfm_log_trains_and_scores_in_spark_as_it_does_here(settings, c
     assert detail.json()["previous_version"] == spark_version
     matching = detail.json()["matching"]
     assert all(m["previous_cluster_id"] == m["cluster_id"] and m["shift"] == 0 for m in matching)
+    # Spark sums each customer's purchase days too: both versions fit the same value models.
+    spark_detail = await client.get(f"/segmentations/shop/models/{spark_version}", headers=analyst_headers)
+    value, spark_value = detail.json()["value_model"], spark_detail.json()["value_model"]
+    assert value["bgnbd"] is not None and value["gamma_gamma"] is not None
+    for model in ("bgnbd", "gamma_gamma"):
+        assert spark_value[model] == pytest.approx(value[model], rel=1e-6)
 
     # Scoring the log in Spark gives every customer the row /predict/batch gives them.
     scored = await asyncio.to_thread(

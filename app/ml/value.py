@@ -179,7 +179,7 @@ def bgnbd_gradient(
     log_T, log_t = np.log(alpha + T), np.log(alpha + t_x)
     a3 = -(r + x) * log_T
     repeat = x > 0
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         log_b_x = levels.of(np.log, b - 1)  # log(b + x - 1), used where x > 0 only
     a4 = np.where(repeat, np.log(a) - np.where(repeat, log_b_x, 0.0) - (r + x) * log_t, -np.inf)
     last = np.logaddexp(a3, a4)
