@@ -95,10 +95,12 @@ def summarise(customer_ids: Any, days: Any, amounts: Any, *, as_of: np.datetime6
 
 
 def _weighted_rows(*columns: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """The distinct rows of the columns and how many times each occurs."""
-    stacked = np.column_stack(columns)
-    unique, counts = np.unique(stacked, axis=0, return_counts=True)
-    return [unique[:, i] for i in range(unique.shape[1])], counts.astype(np.float64)
+    """The distinct rows of the columns and how many times each occurs (hashed, not sorted)."""
+    counts = pd.DataFrame(dict(enumerate(columns))).value_counts(sort=False)
+    index = counts.index
+    return [index.get_level_values(i).to_numpy(dtype=np.float64) for i in range(len(columns))], counts.to_numpy(
+        dtype=np.float64
+    )
 
 
 def _maximise(
