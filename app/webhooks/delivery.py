@@ -69,6 +69,21 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 1] + "…"
 
 
+def _process_gone(holder: str) -> bool:
+    """True for a lease `<host>:<pid>:...` of this host whose process no longer exists."""
+    rest = holder.removeprefix(f"{HOST_ID}:")
+    pid = rest.split(":", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class DeliveryWorker:
     def __init__(self, *, database: Database, settings: Settings, box: SecretBox) -> None:
         self.database = database
@@ -91,7 +106,31 @@ class DeliveryWorker:
             timeout=httpx.Timeout(self.settings.webhook_timeout_seconds),
             limits=httpx.Limits(max_connections=self.settings.webhook_concurrency, max_keepalive_connections=32),
         )
+        await self._release_dead_holders()
         self._task = asyncio.create_task(self._run(), name="webhook-deliveries")
+
+    async def _release_dead_holders(self) -> None:
+        """Leases held by processes of this host that no longer exist (a killed server, restarted at once)
+        are released now rather than when they expire: what they were sending goes out again."""
+        now = utcnow()
+        async with self.database.sessionmaker() as session:
+            holders = (
+                await session.execute(
+                    select(WebhookDelivery.lease_holder)
+                    .where(WebhookDelivery.lease_until > now, WebhookDelivery.lease_holder.like(f"{HOST_ID}:%"))
+                    .distinct()
+                )
+            ).scalars()
+            dead = [holder for holder in holders if holder is not None and _process_gone(holder)]
+            if not dead:
+                return
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.lease_holder.in_(dead))
+                .values(lease_holder=None, lease_until=None)
+            )
+            await session.commit()
+        logger.warning("released the webhook deliveries of %d stopped workers", len(dead))
 
     async def stop(self) -> None:
         if self._task is not None:
