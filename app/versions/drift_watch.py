@@ -108,12 +108,12 @@ class DriftWatch:
                 continue
             try:
                 report = await drift.report(self.counter, store)
+                if report["status"] in STATUSES:
+                    await self._compare(store, report["model_version"], report["status"], report["features"])
             except (Conflict, NotFound):
-                continue
-            status = report["status"]
-            if status not in STATUSES:
-                continue
-            await self._compare(store, report["model_version"], status, report["features"])
+                continue  # no bins, or deleted meanwhile
+            except Exception:  # one segmentation's failure must not hold up the others
+                logger.warning("drift check of %s failed", store.segmentation.name, exc_info=True)
 
     async def _compare(self, store: ModelStore, version: str, status: str, features: list) -> None:
         info = store.segmentation

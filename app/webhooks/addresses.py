@@ -70,25 +70,25 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def why_not_global(ip: IPAddress) -> str | None:
-    """Why a delivery may not reach `ip` (None: it may)."""
+    """Why a delivery may not reach `ip`, as a phrase ("a loopback address"); None: it may."""
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = _embedded_ipv4(ip)
         if embedded is not None:
             reason = why_not_global(embedded)
-            return f"{reason} (as IPv6)" if reason else None
+            return f"{reason} written as IPv6" if reason else None
     checks = (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("shared (carrier-grade NAT)", isinstance(ip, ipaddress.IPv4Address) and ip in SHARED),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
+        ("an unspecified address", ip.is_unspecified),
+        ("a loopback address", ip.is_loopback),
+        ("a link-local address", ip.is_link_local),
+        ("a multicast address", ip.is_multicast),
+        ("a shared (carrier-grade NAT) address", isinstance(ip, ipaddress.IPv4Address) and ip in SHARED),
+        ("a private address", ip.is_private),
+        ("a reserved address", ip.is_reserved),
     )
     for what, applies in checks:
         if applies:
             return what
-    return None if ip.is_global else "not global"
+    return None if ip.is_global else "not a global address"
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -142,5 +142,5 @@ async def resolve(url: str, *, allow_private: bool) -> Target:
         for ip in found:
             reason = why_not_global(ip)
             if reason is not None:
-                raise AddressRefused(f"url: the host {host} resolves to {ip}, a {reason} address")
+                raise AddressRefused(f"url: the host {host} resolves to {ip}, {reason}")
     return Target(url=parsed, address=found[0])

@@ -55,13 +55,23 @@ async def create_webhook(admin: AdminUser, webhooks: Webhooks, body: WebhookCrea
     return WebhookWithSecret(**created)
 
 
-@router.get("", summary="Every webhook (admin)", responses=errors(401, 403, 422))
+@router.get(
+    "",
+    summary="Every webhook (admin)",
+    description="A page of webhooks (`skip`, `limit`) in the order they were created, with `total`; no secrets.",
+    responses=errors(401, 403, 422),
+)
 async def list_webhooks(webhooks: Webhooks, page: PageDep) -> WebhookList:
     found, total = await webhooks.page(skip=page.skip, limit=page.limit)
     return WebhookList(webhooks=[WebhookPublic(**endpoint) for endpoint in found], total=total)
 
 
-@router.get("/{webhook_id}", summary="One webhook (admin)", responses=errors(401, 403, 404, 422))
+@router.get(
+    "/{webhook_id}",
+    summary="One webhook (admin)",
+    description="Its URL, events, description and whether it is active; never its secret. Unknown: 404.",
+    responses=errors(401, 403, 404, 422),
+)
 async def get_webhook(webhooks: Webhooks, webhook_id: EndpointId) -> WebhookPublic:
     return WebhookPublic(**await webhooks.get(webhook_id))
 
@@ -82,6 +92,7 @@ async def edit_webhook(webhooks: Webhooks, webhook_id: EndpointId, body: Webhook
     "/{webhook_id}",
     status_code=204,
     summary="Delete a webhook and its deliveries (admin)",
+    description="Its pending messages are not sent. Unknown: 404.",
     responses=errors(401, 403, 404, 422),
 )
 async def delete_webhook(webhooks: Webhooks, webhook_id: EndpointId) -> Response:
@@ -102,6 +113,8 @@ async def rotate_secret(webhooks: Webhooks, webhook_id: EndpointId) -> WebhookWi
 @router.get(
     "/{webhook_id}/deliveries",
     summary="A webhook's deliveries, newest first (admin)",
+    description="A page (`skip`, `limit`) with `total`: each message's status (pending, delivered, failed), "
+    "attempts, the last answer's status code and error, and the next attempt's time while pending.",
     responses=errors(401, 403, 404, 422),
 )
 async def list_deliveries(webhooks: Webhooks, webhook_id: EndpointId, page: PageDep) -> DeliveryPage:

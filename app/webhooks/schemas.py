@@ -39,7 +39,18 @@ SECRET_EXAMPLE = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 class WebhookCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "url": "https://hooks.example.com/segmentation",
+                    "events": ["model.activated", "drift.changed"],
+                    "description": "CRM sync",
+                }
+            ]
+        },
+    )
 
     url: Url
     events: Events
@@ -49,7 +60,9 @@ class WebhookCreate(BaseModel):
 class WebhookUpdate(BaseModel):
     """A field left out stays as it is."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"events": ["model.activated"], "active": True}]}
+    )
 
     url: Annotated[Url | None, NotNull] = Field(None, json_schema_extra=omittable)
     events: Annotated[Events | None, NotNull] = Field(None, json_schema_extra=omittable)
@@ -77,30 +90,29 @@ class WebhookWithSecret(WebhookPublic):
 
 
 class WebhookList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"webhooks": [ENDPOINT_EXAMPLE], "total": 1}]})
+
     webhooks: list[WebhookPublic]
     total: int
+
+
+DELIVERY_EXAMPLE: dict[str, Any] = {
+    "message_id": "msg_0193a1b2c3d4e5f6a7b8c9d0e1f2",
+    "event": "model.activated",
+    "status": "pending",
+    "attempts": 1,
+    "last_status_code": 503,
+    "last_error": "HTTP 503 Service Unavailable: try later",
+    "next_attempt_at": "2026-12-09T10:05:00Z",
+    "created_at": "2026-12-09T10:00:00Z",
+    "delivered_at": None,
+}
 
 
 class Delivery(BaseModel):
     """One message's way to this endpoint."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "message_id": "msg_0193a1b2c3d4e5f6a7b8c9d0e1f2",
-                    "event": "model.activated",
-                    "status": "pending",
-                    "attempts": 1,
-                    "last_status_code": 503,
-                    "last_error": "HTTP 503: Service Unavailable",
-                    "next_attempt_at": "2026-12-09T10:05:00Z",
-                    "created_at": "2026-12-09T10:00:00Z",
-                    "delivered_at": None,
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [DELIVERY_EXAMPLE]})
 
     message_id: str
     event: str
@@ -114,6 +126,10 @@ class Delivery(BaseModel):
 
 
 class DeliveryPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"deliveries": [DELIVERY_EXAMPLE], "total": 1, "skip": 0, "limit": 50}]}
+    )
+
     deliveries: list[Delivery]
     total: int
     skip: int

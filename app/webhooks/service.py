@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from app.core.config import Settings
 from app.core.database import Database
@@ -15,7 +15,7 @@ from app.core.tables import utcnow
 from app.versions.lease import rows_updated
 from app.webhooks.addresses import AddressRefused, resolve
 from app.webhooks.crypto import SecretBox, new_secret
-from app.webhooks.tables import WebhookDelivery, WebhookEndpoint
+from app.webhooks.tables import WebhookDelivery, WebhookEndpoint, WebhookMessage
 
 # How long the secret before a rotation keeps signing beside the new one.
 ROTATION_OVERLAP = timedelta(hours=24)
@@ -119,6 +119,10 @@ class WebhookService:
             if row is None:
                 raise NotFound("webhook")
             await session.delete(row)
+            await session.flush()
+            # Its deliveries went with it (a cascade); messages no endpoint is left to receive go too.
+            sent_somewhere = select(WebhookDelivery.id).where(WebhookDelivery.message_id == WebhookMessage.id).exists()
+            await session.execute(delete(WebhookMessage).where(~sent_somewhere))
             await session.commit()
 
     async def rotate(self, endpoint_id: int) -> dict[str, Any]:
