@@ -67,7 +67,7 @@ async def settled(client, headers, webhook_id: int, n: int) -> list[dict]:
     """The endpoint's deliveries once there are `n` and none is pending any more."""
 
     async def check():
-        found = (await deliveries(client, headers, webhook_id))["deliveries"]
+        found = (await deliveries(client, headers, webhook_id, limit=200))["deliveries"]
         return found if len(found) == n and all(d["status"] != "pending" for d in found) else None
 
     return await eventually(check, f"{n} deliveries of webhook {webhook_id} settled")
@@ -445,3 +445,21 @@ async def test_another_admin_sees_the_same_webhooks(client, app, admin_headers, 
     listed = (await client.get("/webhooks", headers=headers)).json()
     assert [w["id"] for w in listed["webhooks"]] == [hook["id"]]
     assert listed["webhooks"][0]["description"] == "crm sync"
+
+
+@pytest.mark.postgres
+async def test_two_workers_sharing_the_queue_send_each_message_once(client, app, settings, admin_headers, receiver):
+    from asgi_lifespan import LifespanManager
+
+    from app.main import create_app
+
+    hook = await subscribe(client, admin_headers, receiver.url(), events=["run.completed"])
+    other = create_app(settings)
+    async with LifespanManager(other, startup_timeout=60, shutdown_timeout=30):
+        for run_id in range(60):
+            await queue(app if run_id % 2 else other, "run.completed", {"run_id": run_id})
+        found = await settled(client, admin_headers, hook["id"], 60)
+    assert all(d["status"] == "delivered" and d["attempts"] == 1 for d in found)
+    ids = [r.headers["webhook-id"] for r in receiver.received()]
+    assert sorted(ids) == sorted(d["message_id"] for d in found)  # each one exactly once
+    assert sorted(verified(hook["secret"], r)["data"]["run_id"] for r in receiver.received()) == list(range(60))
