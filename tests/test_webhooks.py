@@ -463,3 +463,29 @@ async def test_two_workers_sharing_the_queue_send_each_message_once(client, app,
     ids = [r.headers["webhook-id"] for r in receiver.received()]
     assert sorted(ids) == sorted(d["message_id"] for d in found)  # each one exactly once
     assert sorted(verified(hook["secret"], r)["data"]["run_id"] for r in receiver.received()) == list(range(60))
+
+
+async def test_a_named_host_is_reached_at_its_checked_address_with_its_own_host_header(
+    client, app, admin_headers, receiver
+):
+    hook = await subscribe(client, admin_headers, f"http://localhost:{receiver.port}/ok", events=["run.completed"])
+    await queue(app, "run.completed", {"run_id": 1})
+    [sent] = await settled(client, admin_headers, hook["id"], 1)
+    assert sent["status"] == "delivered", sent
+    [request] = receiver.received()
+    assert {k.lower(): v for k, v in request.headers.items()}["host"] == f"localhost:{receiver.port}"
+    assert verified(hook["secret"], request)["data"] == {"run_id": 1}
+
+
+async def test_a_secret_sealed_under_another_key_fails_its_deliveries(client, app, admin_headers, receiver):
+    from app.webhooks.crypto import SecretBox
+
+    hook = await subscribe(client, admin_headers, receiver.url(), events=["run.completed"])
+    async with app.state.database.sessionmaker() as session:
+        sealed = SecretBox("another-secret-key-of-enough-length-000000").seal("whsec_AAAA")
+        await session.execute(update(WebhookEndpoint).values(secret=sealed))
+        await session.commit()
+    await queue(app, "run.completed", {"run_id": 1})
+    [failed] = await settled(client, admin_headers, hook["id"], 1)
+    assert failed["status"] == "failed" and "rotate" in failed["last_error"]
+    assert receiver.received() == []

@@ -38,11 +38,11 @@ class Target:
     """Where one delivery goes: the URL as subscribed, and the checked address it connects to."""
 
     url: httpx.URL
-    address: IPAddress
+    # Every address the host resolved to, all checked: tried in order until one accepts the connection.
+    addresses: tuple[IPAddress, ...]
 
-    @property
-    def connect_url(self) -> httpx.URL:
-        return self.url.copy_with(host=str(self.address))
+    def connect_url(self, address: IPAddress) -> httpx.URL:
+        return self.url.copy_with(host=str(address))
 
     @property
     def host_header(self) -> str:
@@ -143,4 +143,4 @@ async def resolve(url: str, *, allow_private: bool) -> Target:
             reason = why_not_global(ip)
             if reason is not None:
                 raise AddressRefused(f"url: the host {host} resolves to {ip}, {reason}")
-    return Target(url=parsed, address=found[0])
+    return Target(url=parsed, addresses=tuple(found))

@@ -26,7 +26,7 @@ from app.core.config import Settings
 from app.core.database import Database
 from app.core.tables import utcnow
 from app.versions.lease import HOST_ID
-from app.webhooks.addresses import RESOLVE_TIMEOUT_SECONDS, AddressRefused, resolve
+from app.webhooks.addresses import RESOLVE_TIMEOUT_SECONDS, AddressRefused, IPAddress, Target, resolve
 from app.webhooks.crypto import SecretBox
 from app.webhooks.signing import signed_headers
 from app.webhooks.tables import WebhookDelivery, WebhookEndpoint, WebhookMessage
@@ -35,6 +35,7 @@ logger = logging.getLogger("app.webhooks")
 
 MAX_ERROR_LENGTH = 300
 ENDPOINT_DISABLED = "endpoint disabled"
+UNREADABLE_SECRET = "the endpoint's secret cannot be read (SECRET_KEY changed?): rotate it"
 USER_AGENT = "customer-segmentation-webhooks/1"
 
 # The table itself, for the one executemany UPDATE that records a round's outcomes.
@@ -244,17 +245,39 @@ class DeliveryWorker:
     def _secrets(
         self, sealed: str, previous: str | None, previous_until: datetime | None, now: datetime
     ) -> tuple[str, ...]:
-        found = [self.box.open(sealed)]
-        if previous is not None and previous_until is not None and previous_until > now:
-            found.append(self.box.open(previous))
+        """The secrets that sign now; none when the current one cannot be read (the delivery then fails)."""
+        try:
+            found = [self.box.open(sealed)]
+            if previous is not None and previous_until is not None and previous_until > now:
+                found.append(self.box.open(previous))
+        except ValueError:
+            logger.warning("a webhook secret cannot be read with this SECRET_KEY")
+            return ()
         return tuple(found)
 
     async def _attempt(self, item: Claimed) -> Outcome:
-        assert self._client is not None
+        if not item.secrets:
+            return Outcome(item, None, UNREADABLE_SECRET, refused=True)
         try:
             target = await resolve(item.url, allow_private=self.settings.webhook_allow_private)
         except AddressRefused as exc:
             return Outcome(item, None, _short(exc.message), refused=True)
+        try:
+            async with asyncio.timeout(self.settings.webhook_timeout_seconds):
+                for address in target.addresses[:-1]:
+                    try:
+                        return await self._send(item, target, address)
+                    except httpx.ConnectError:
+                        continue  # the next checked address of the same host
+                return await self._send(item, target, target.addresses[-1])
+        except TimeoutError:
+            return Outcome(item, None, f"no answer within {self.settings.webhook_timeout_seconds:g} s")
+        except httpx.HTTPError as exc:
+            return Outcome(item, None, _short(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
+
+    async def _send(self, item: Claimed, target: Target, address: IPAddress) -> Outcome:
+        """One POST to `address`, as to the URL's host: its Host header and, for https, its TLS server name."""
+        assert self._client is not None
         headers = {
             **signed_headers(item.secrets, item.message_id, int(time.time()), item.body),
             "content-type": "application/json",
@@ -265,26 +288,20 @@ class DeliveryWorker:
         if target.url.scheme == "https":
             extensions["sni_hostname"] = target.server_name
         request = self._client.build_request(
-            "POST", target.connect_url, content=item.body, headers=headers, extensions=extensions
+            "POST", target.connect_url(address), content=item.body, headers=headers, extensions=extensions
         )
+        response = await self._client.send(request, stream=True)
         try:
-            async with asyncio.timeout(self.settings.webhook_timeout_seconds):
-                response = await self._client.send(request, stream=True)
-                try:
-                    status = response.status_code
-                    if 200 <= status < 300:
-                        return Outcome(item, status, None)
-                    answer = b""
-                    async for chunk in response.aiter_bytes():
-                        answer += chunk
-                        if len(answer) >= MAX_ERROR_LENGTH:
-                            break
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            return Outcome(item, None, f"no answer within {self.settings.webhook_timeout_seconds:g} s")
-        except httpx.HTTPError as exc:
-            return Outcome(item, None, _short(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
+            status = response.status_code
+            if 200 <= status < 300:
+                return Outcome(item, status, None)
+            answer = b""
+            async for chunk in response.aiter_bytes():
+                answer += chunk
+                if len(answer) >= MAX_ERROR_LENGTH:
+                    break
+        finally:
+            await response.aclose()
         text = answer.decode("utf-8", "replace")
         reason = response.reason_phrase or ""
         return Outcome(item, status, _short(f"HTTP {status}{f' {reason}' if reason else ''}: {text}".rstrip(": ")))
