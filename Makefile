@@ -87,12 +87,14 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
 
 # Installs Debian's wrk when missing; BENCH_ARGS=--quick (and SEGMENTATION_BENCH_ARGS=--quick, RFM_BENCH_ARGS=--quick,
-# VALUE_BENCH_ARGS=--quick) for a short smoke run.
+# VALUE_BENCH_ARGS=--quick,
+# WEBHOOK_BENCH_ARGS="--messages 2000") for a short smoke run.
 bench: install-dev
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/bench_segmentations.py $(SEGMENTATION_BENCH_ARGS)
 	$(PY) bench/bench_rfm.py $(RFM_BENCH_ARGS)
 	$(PY) bench/bench_value.py $(VALUE_BENCH_ARGS)
+	$(PY) bench/bench_webhooks.py $(WEBHOOK_BENCH_ARGS)
 
 # bench/run.py --quick end to end (every row and target printed), one run after the other; minutes
 # of load generation, so not part of make test.

@@ -94,12 +94,14 @@ def _parser() -> argparse.ArgumentParser:
 async def _with_store(name: str, action):
     from app.segmentations.registry import SegmentationRegistry
     from app.versions.store import ModelStore
+    from app.webhooks.outbox import Outbox
 
     settings = get_settings()
     database = Database(settings.database_url)
     try:
         await upgrade_database(database)
-        default = ModelStore(settings=settings, database=database)
+        # Activations made here are announced like the service's own (the service's workers deliver them).
+        default = ModelStore(settings=settings, database=database, events=Outbox())
         if name == "default":
             await default.start(follow=False)
         registry = SegmentationRegistry(settings=settings, database=database, default=default)

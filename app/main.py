@@ -42,7 +42,13 @@ from app.users import endpoints as users
 from app.users import registration
 from app.versions import endpoints as version_routes
 from app.versions.drift import DriftCounter, refresh_gauges
+from app.versions.drift_watch import DriftWatch
 from app.versions.store import ModelStore
+from app.webhooks import endpoints as webhooks
+from app.webhooks.crypto import SecretBox
+from app.webhooks.delivery import DeliveryWorker
+from app.webhooks.outbox import Outbox
+from app.webhooks.service import WebhookService
 
 API_VERSION = "1.0.0"
 logger = logging.getLogger("app")
@@ -217,7 +223,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         await upgrade_database(database)
         app.state.database = database
-        app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics)
+        # Webhooks: the outbox every domain queues events into, and this worker's share of sending them.
+        box = SecretBox(settings.secret_key)
+        deliveries = DeliveryWorker(database=database, settings=settings, box=box)
+        app.state.events = events = Outbox(on_commit=deliveries.wake)
+        app.state.webhooks = WebhookService(database=database, settings=settings, box=box, on_queued=deliveries.wake)
+        app.state.models = ModelStore(settings=settings, database=database, metrics=app.state.metrics, events=events)
         app.state.segmentations = SegmentationRegistry(
             settings=settings, database=database, default=app.state.models, metrics=app.state.metrics
         )
@@ -242,10 +253,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             trainer=SegmentationTrainer(services), settings=settings, database=database, metrics=app.state.metrics
         )
         await app.state.jobs.start()
+        await deliveries.start()
+        app.state.deliveries = deliveries
+        drift_watch = DriftWatch(
+            database=database,
+            counter=drift,
+            stores=app.state.segmentations.stores,
+            events=events,
+            interval_seconds=settings.drift_check_minutes * 60,
+        )
+        if settings.drift_enabled:
+            await drift_watch.start()
         _freeze_startup_objects()
         try:
             yield
         finally:
+            await drift_watch.stop()
+            await deliveries.stop()
             await app.state.jobs.stop()
             await history.stop()
             try:
@@ -269,7 +293,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
             {"name": name}
-            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs")
+            for name in (
+                "health",
+                "auth",
+                "users",
+                "profiles",
+                "admin",
+                "segmentation",
+                "segmentations",
+                "jobs",
+                "webhooks",
+            )
         ],
     )
     app.state.settings = settings
@@ -304,7 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs):
+    for module in (registration, auth, users, profiles, admin, jobs, webhooks):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

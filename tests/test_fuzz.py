@@ -185,6 +185,8 @@ SEMANTIC_422 = {
     "GET /segmentations/{name}/elbow": "k_min must not exceed k_max",
     "POST /models/compare": "the uploaded file must be a CSV with the customer columns",
     "POST /segmentations/{name}/compare": "the uploaded file must be a CSV with the segmentation's columns",
+    "POST /webhooks": "the URL's host must resolve, to global addresses only",
+    "PATCH /webhooks/{webhook_id}": "the URL's host must resolve, to global addresses only",
 }
 
 

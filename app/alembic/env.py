@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.core.tables import Base
+from app.webhooks import tables as _webhook_tables  # noqa: F401 - its tables join Base.metadata
 
 config = context.config
 target_metadata = Base.metadata

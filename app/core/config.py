@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     # How often the request log lines queued in a worker are written out (at most a second).
     log_flush_seconds: float = Field(default=0.2, gt=0, le=1.0)
 
+    # Webhooks (app.webhooks). An attempt delivers when the endpoint answers 2xx within
+    # webhook_timeout_seconds; after each failed one the next waits the schedule's next delay (seconds,
+    # separated by commas), and past the last the message is `failed`. webhook_allow_private lets
+    # endpoints be loopback or private addresses (tests, a closed network). Each worker looks for due
+    # deliveries every webhook_poll_seconds (at once when it queued one itself), sending up to
+    # webhook_concurrency at a time. One worker, whichever is first, checks every segmentation's drift
+    # status every drift_check_minutes and sends drift.changed when it moved.
+    webhook_timeout_seconds: float = Field(default=10, gt=0, le=300)
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000"
+    webhook_allow_private: bool = False
+    webhook_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    drift_check_minutes: float = Field(default=15, gt=0, le=7 * 24 * 60)
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, url: str) -> str:
@@ -104,6 +118,17 @@ class Settings(BaseSettings):
         if "*" in origins:
             raise ValueError('CORS_ORIGINS must name each origin (e.g. http://localhost:5173); "*" is refused')
         return origins
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, schedule: str) -> str:
+        try:
+            delays = [float(part) for part in schedule.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE must be seconds separated by commas, e.g. 5,300,1800") from None
+        if any(delay < 0 or delay != delay for delay in delays):
+            raise ValueError("WEBHOOK_RETRY_SCHEDULE delays must be 0 or more seconds")
+        return schedule
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:
@@ -127,6 +152,10 @@ class Settings(BaseSettings):
     @property
     def job_directory(self) -> Path:
         return Path(self.job_dir) if self.job_dir else Path(tempfile.gettempdir()) / "segmentation-jobs"
+
+    @property
+    def webhook_retry_delays(self) -> list[float]:
+        return [float(part) for part in self.webhook_retry_schedule.split(",") if part.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

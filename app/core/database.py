@@ -13,6 +13,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.core.tables import Base
+from app.webhooks import tables as _webhook_tables  # noqa: F401 - its tables join Base.metadata
 
 # A pooled server connection used within this many seconds is handed out as it is; one idle
 # for longer is pinged first, and replaced if the server closed it meanwhile (a restart, an

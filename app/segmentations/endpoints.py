@@ -45,6 +45,7 @@ from app.segmentations.schemas import (
     SegmentationPublic,
     SegmentationUpdate,
 )
+from app.versions.activation import Actor, acting_as
 from app.versions.dependencies import NAMED, SegmentationStore
 from app.versions.identity_schemas import VersionComparison
 from app.versions.store import ModelStore
@@ -205,17 +206,19 @@ async def train(
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
     upload = file.file if file is not None else None
     asked = TrainingRequest(n_clusters=n_clusters, random_state=random_state, as_of=as_of, by=analyst.username)
-    if not wait:
-        job = await request.app.state.jobs.submit(
-            store,
-            upload=upload,
-            filename=file.filename if file is not None else None,
-            request=asked,
-            result_model=NamedTrainResult,
-        )
-        return accepted(job)
-    trainer = segmentations.SegmentationTrainer(segmentations.services_of(request))
-    return NamedTrainResult(**await trainer.train(store, upload, asked))
+    # The version it makes active names the analyst (model.activated); a job's task inherits this.
+    with acting_as(Actor.user(analyst)):
+        if not wait:
+            job = await request.app.state.jobs.submit(
+                store,
+                upload=upload,
+                filename=file.filename if file is not None else None,
+                request=asked,
+                result_model=NamedTrainResult,
+            )
+            return accepted(job)
+        trainer = segmentations.SegmentationTrainer(segmentations.services_of(request))
+        return NamedTrainResult(**await trainer.train(store, upload, asked))
 
 
 # --- scoring ----------------------------------------------------------------------------------

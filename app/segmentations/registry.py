@@ -31,6 +31,7 @@ from app.core.tables import (
 )
 from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
 from app.versions.store import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
+from app.webhooks.outbox import delete_pending_messages
 
 if TYPE_CHECKING:
     from app.core.metrics import Metrics
@@ -147,7 +148,13 @@ class SegmentationRegistry:
                 logger.warning("could not load the active version of %s", store.segmentation.name, exc_info=True)
 
     def _store(self, info: SegmentationInfo) -> ModelStore:
-        return ModelStore(settings=self.settings, database=self.database, metrics=self.metrics, segmentation=info)
+        return ModelStore(
+            settings=self.settings,
+            database=self.database,
+            metrics=self.metrics,
+            segmentation=info,
+            events=self.default.events,
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -237,6 +244,7 @@ class SegmentationRegistry:
                     ServiceState.key.in_([f"{ACTIVE_KEY}:{info.id}", f"{TRAINING_KEY}:{info.id}", store.names_key])
                 )
             )
+            await delete_pending_messages(session, segmentation_id=info.id)
             await session.commit()
         async with self._lock:
             if self._stores.get(name) is store:

@@ -15,6 +15,7 @@ from app.core.responses import errors
 from app.core.routing import FastRoute
 from app.versions import drift as drift_service
 from app.versions import identity
+from app.versions.activation import Actor
 from app.versions.dependencies import NAMED, SegmentationStore
 from app.versions.drift_schemas import DriftQuery, DriftReport
 from app.versions.identity_schemas import SegmentRename
@@ -71,8 +72,8 @@ async def get_model(_: AnalystUser, store: SegmentationStore, version: Version) 
     responses=errors(401, 403, 404, 409, 422),
     openapi_extra=NAMED,
 )
-async def activate_model(_: AnalystUser, store: SegmentationStore, version: Version) -> ModelVersionPublic:
-    served = await store.activate(version)
+async def activate_model(analyst: AnalystUser, store: SegmentationStore, version: Version) -> ModelVersionPublic:
+    served = await store.activate(version, by=Actor.user(analyst))
     return ModelVersionPublic(**(await store.get_version(served.version)))
 
 

@@ -18,9 +18,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.database import Database
 from app.core.errors import Conflict, NotFound
+from app.core.events import EventSink
 from app.core.tables import ModelVersion, Segmentation, ServiceState, utcnow
 from app.ml import SegmentationModel
 from app.ml.matching import identity_fields
+from app.versions.activation import Actor
 from app.versions.lease import rows_updated
 
 logger = logging.getLogger("app.models")
@@ -46,10 +48,20 @@ def version_summary(row: ModelVersion, active_version: str | None) -> dict[str, 
 class VersionRepository:
     """The versions of the segmentation `segmentation_id` (`is_default`: the seed's `default`)."""
 
-    def __init__(self, database: Database, *, segmentation_id: int, is_default: bool) -> None:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        segmentation_id: int,
+        is_default: bool,
+        name: str = "default",
+        events: EventSink | None = None,
+    ) -> None:
         self.database = database
         self.segmentation_id = segmentation_id
         self.is_default = is_default
+        self.name = name
+        self.events = events
         self.active_key = ACTIVE_KEY if is_default else f"{ACTIVE_KEY}:{segmentation_id}"
         self.names_key = f"{NAMES_KEY}:{segmentation_id}"
 
@@ -136,9 +148,10 @@ class VersionRepository:
 
     # --- writing ---------------------------------------------------------------------------
 
-    async def activate(self, version: str) -> None:
+    async def activate(self, version: str, *, by: Actor | None = None) -> None:
         async with self.database.sessionmaker() as session:
-            await self._set_active(session, version)
+            previous = await self._set_active(session, version)
+            await self._announce(session, version, previous, by)
             await session.commit()
 
     async def delete(self, version: str) -> None:
@@ -155,14 +168,33 @@ class VersionRepository:
                 raise NotFound("model version")
             await session.commit()
 
-    async def _set_active(self, session: AsyncSession, version: str) -> None:
-        """Point the active version at `version` with writes only (no read to upgrade from)."""
-        updated = await rows_updated(
-            session,
-            update(ServiceState).where(ServiceState.key == self.active_key).values(value=version, updated_at=utcnow()),
-        )
-        if updated == 0:
+    async def _set_active(self, session: AsyncSession, version: str) -> str | None:
+        """Point the active version at `version`; the version active before (None: none was).
+
+        The first statement writes (SQLite takes its write lock there and never upgrades a read;
+        PostgreSQL locks the row), so the previous version read next cannot change before commit.
+        """
+        mine = ServiceState.key == self.active_key
+        now = utcnow()
+        held = await rows_updated(session, update(ServiceState).where(mine).values(updated_at=now))
+        previous = (await session.execute(select(ServiceState.value).where(mine))).scalar_one_or_none()
+        if held == 0:
             session.add(ServiceState(key=self.active_key, value=version))
+        else:
+            await session.execute(update(ServiceState).where(mine).values(value=version, updated_at=now))
+        return previous
+
+    async def _announce(self, session: AsyncSession, version: str, previous: str | None, by: Actor | None) -> None:
+        """`model.activated`, queued in the activation's own transaction."""
+        if self.events is None:
+            return
+        data = {
+            "segmentation": self.name,
+            "model_version": version,
+            "previous_version": previous,
+            "by": by.as_dict() if by is not None else None,
+        }
+        await self.events.add(session, "model.activated", data, segmentation_id=self.segmentation_id)
 
     def _row(self, model: SegmentationModel, blob: bytes, *, created_by: str | None) -> ModelVersion:
         meta = model.metadata_
@@ -179,12 +211,15 @@ class VersionRepository:
             artifact=blob,
         )
 
-    async def record(self, model: SegmentationModel, blob: bytes, *, created_by: str | None) -> None:
+    async def record(
+        self, model: SegmentationModel, blob: bytes, *, created_by: str | None, by: Actor | None = None
+    ) -> None:
         """Insert the version and make it active in one transaction: both happen or neither."""
         async with self.database.sessionmaker() as session:
             try:
+                previous = await self._set_active(session, model.version)
                 session.add(self._row(model, blob, created_by=created_by))
-                await self._set_active(session, model.version)
+                await self._announce(session, model.version, previous, by)
                 if not self.is_default:
                     deleted = (
                         await session.execute(

@@ -18,8 +18,10 @@ from pydantic import TypeAdapter
 from app.core.config import Settings
 from app.core.database import Database
 from app.core.errors import Conflict
+from app.core.events import EventSink
 from app.core.tables import DEFAULT_SEGMENTATION, DEFAULT_SEGMENTATION_ID, DEFAULT_SEGMENTATION_KIND, Segmentation
 from app.ml import ModelLoadError, SegmentationModel
+from app.versions.activation import Actor
 from app.versions.lease import TrainingLease
 from app.versions.repository import ACTIVE_KEY, NAMES_KEY, VersionRepository
 from app.versions.served import ServedModel
@@ -76,12 +78,17 @@ class ModelStore:
         database: Database,
         metrics: Metrics | None = None,
         segmentation: SegmentationInfo = DEFAULT_INFO,
+        events: EventSink | None = None,
     ) -> None:
         self.settings = settings
         self.database = database
         self.segmentation = segmentation
+        # Where activations are announced (model.activated); None: nowhere.
+        self.events = events
         default = segmentation.is_default
-        self.versions = VersionRepository(database, segmentation_id=segmentation.id, is_default=default)
+        self.versions = VersionRepository(
+            database, segmentation_id=segmentation.id, is_default=default, name=segmentation.name, events=events
+        )
         self.serving = ServingCache(
             self.versions,
             name=segmentation.name,
@@ -159,13 +166,13 @@ class ModelStore:
     async def get_version(self, version: str) -> dict[str, Any]:
         return await self.versions.detail(version)
 
-    async def activate(self, version: str) -> ServedModel:
+    async def activate(self, version: str, *, by: Actor | None = None) -> ServedModel:
         """Make `version` the active one everywhere, after checking that it loads."""
         try:
             model = await self.versions.load(version)
         except ModelLoadError as exc:
             raise Conflict(f"Model version {version} cannot be loaded: {exc}") from None
-        await self.versions.activate(version)
+        await self.versions.activate(version, by=by)
         served = await self.serving.sync(candidate=model)
         logger.info("activated model version %s of %s", version, self.segmentation.name)
         return served if served is not None else ServedModel(model)
