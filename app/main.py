@@ -28,6 +28,8 @@ from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging, install_observability
 from app.core.routing import install_json_alternatives
 from app.core.schemas import Health
+from app.customers import endpoints as customer_routes
+from app.customers.service import CustomerBase
 from app.history.storage import open_history_repository
 from app.jobs import endpoints as jobs
 from app.jobs.service import JobRunner
@@ -237,16 +239,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             drift=drift,
             history=history,
             metrics=app.state.metrics,
+            events=getattr(app.state, "events", None),
         )
         app.state.jobs = JobRunner(
             trainer=SegmentationTrainer(services), settings=settings, database=database, metrics=app.state.metrics
         )
         await app.state.jobs.start()
+        app.state.customers = CustomerBase(settings=settings, database=database, events=services.events)
+        await app.state.customers.start()
         _freeze_startup_objects()
         try:
             yield
         finally:
             await app.state.jobs.stop()
+            await app.state.customers.stop()
             await history.stop()
             try:
                 await drift.stop()  # the last counts, so a clean shutdown loses none
@@ -269,7 +275,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
             {"name": name}
-            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs")
+            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs", "customers")
         ],
     )
     app.state.settings = settings
@@ -304,7 +310,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs):
+    for module in (registration, auth, users, profiles, admin, jobs, customer_routes):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)
