@@ -275,7 +275,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
             {"name": name}
-            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs", "customers")
+            for name in (
+                "health",
+                "auth",
+                "users",
+                "profiles",
+                "admin",
+                "segmentation",
+                "segmentations",
+                "jobs",
+                "customers",
+            )
         ],
     )
     app.state.settings = settings
