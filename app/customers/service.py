@@ -418,13 +418,10 @@ class CustomerBase:
     # --- a customer ------------------------------------------------------------------------
 
     async def customer(self, store: ModelStore, customer_id: str) -> dict[str, Any]:
-        info = store.segmentation
-        current = await self.rows.current(info.id)
-        membership = await self.rows.membership(current.id, customer_id) if current is not None else None
+        membership, history = await self.rows.customer(store.segmentation.id, customer_id, HISTORY_LIMIT)
         if membership is None:
             raise NotFound("customer")
         segments = _active_segments(store)
-        history = await self.rows.history(info.id, customer_id, HISTORY_LIMIT)
         cluster_id, cluster_name = segments.get(membership.segment_key or "", (None, None))
         return {
             "customer_id": membership.customer_id,
@@ -510,7 +507,7 @@ class CustomerBase:
         return _csv_stream(header, page, lines)
 
 
-STREAM_PAGE = 20_000
+STREAM_PAGE = 50_000
 
 
 def _csv_stream(header: list[str], page: Any, lines: Any) -> AsyncIterator[bytes]:
@@ -529,15 +526,21 @@ def _csv_stream(header: list[str], page: Any, lines: Any) -> AsyncIterator[bytes
         return out.getvalue().encode()
 
     async def stream() -> AsyncIterator[bytes]:
-        after: str | None = None
+        # The next page is read while this one is written out.
+        pending = asyncio.ensure_future(page(None))
         first = True
-        while True:
-            rows = await page(after)
-            yield await run_in_threadpool(render, rows, first)
-            first = False
-            if len(rows) < STREAM_PAGE:
-                return
-            after = rows[-1][0]
+        try:
+            while True:
+                rows = await pending
+                more = len(rows) == STREAM_PAGE
+                if more:
+                    pending = asyncio.ensure_future(page(rows[-1][0]))
+                yield await run_in_threadpool(render, rows, first)
+                first = False
+                if not more:
+                    return
+        finally:
+            pending.cancel()
 
     return stream()
 
