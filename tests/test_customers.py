@@ -390,3 +390,24 @@ async def test_analysts_only_even_self_registered(client, trained_model, make_us
     _, headers = await make_user(Role.user)
     assert (await client.get("/segmentations/default/customers/x", headers=headers)).status_code == 403
     assert (await client.get("/segmentations/default/runs")).status_code == 401
+
+
+async def test_predictions_are_answered_and_kept_while_a_run_writes(
+    client, analyst_headers, user_headers, trained_model
+):
+    from tests.conftest import CUSTOMER
+
+    started = await run(client, analyst_headers, customers_csv(population(60_000, seed=3)), wait="false")
+    assert started.status_code == 202, started.text
+    url = f"/segmentations/default/runs/{started.json()['run_id']}"
+    predicted = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while (state := (await client.get(url, headers=analyst_headers)).json())["status"] == "running":
+        answer = await client.post("/predict", json=CUSTOMER, headers=user_headers)
+        assert answer.status_code == 200, answer.text
+        predicted += 1
+        assert loop.time() < deadline
+    assert state["status"] == "completed" and state["n_new"] == 60_000
+    history = (await client.get("/history", params={"limit": 1}, headers=user_headers)).json()
+    assert history["total"] == predicted

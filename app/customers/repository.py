@@ -38,6 +38,9 @@ STAGING_COLUMNS = ("run_id", "customer_id", "segment_key", "cluster_id", "confid
 SQLITE_BATCH = 50_000
 """Rows per write transaction on SQLite: each holds the one write lock for a fraction of a second."""
 POSTGRES_BATCH = 250_000
+"""Rows per COPY on PostgreSQL. Its merge is one range: MVCC lets readers and writers on meanwhile, and
+one hash join over the whole base costs less than a scan of it per range."""
+POSTGRES_WORK_MEM = "128MB"
 KEPT_SNAPSHOTS = 2
 """Completed runs whose base stays: the current one, and the one before for readers still on it."""
 CLEANUP_BATCH = 20_000
@@ -197,6 +200,9 @@ class CustomerBaseRepository:
 
     # --- merging ---------------------------------------------------------------------------
 
+    def merge_ranges(self, scored: ScoredCustomers) -> list[tuple[str | None, str | None]]:
+        return boundaries(scored, SQLITE_BATCH) if self.database.is_sqlite else [(None, None)]
+
     async def merge(
         self,
         *,
@@ -209,6 +215,12 @@ class CustomerBaseRepository:
     ) -> None:
         """Compare the staging with the base, range by range: the changes, and the run's own base."""
         previous = previous_run_id if previous_run_id is not None else -1
+        if not self.database.is_sqlite:
+            # Fresh statistics, so the planner joins a million staged rows by merge or hash.
+            async with self.database.engine.connect() as conn:
+                await conn.exec_driver_sql("ANALYZE customer_staging")
+                await conn.exec_driver_sql("ANALYZE customer_memberships")
+                await conn.commit()
         for lo, hi in ranges:
             values: dict[str, Any] = {"run": run_id, "prev": previous, "version": model_version}
             if lo is not None:
@@ -216,6 +228,8 @@ class CustomerBaseRepository:
             if hi is not None:
                 values["hi"] = hi
             async with self.database.engine.connect() as conn:
+                if not self.database.is_sqlite:
+                    await conn.exec_driver_sql(f"SET LOCAL work_mem = '{POSTGRES_WORK_MEM}'")
                 for statement in _merge_statements(
                     _range("s.customer_id", lo, hi), _range("p.customer_id", lo, hi), replace
                 ):

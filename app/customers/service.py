@@ -17,12 +17,14 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
+import pandas as pd
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
@@ -32,7 +34,7 @@ from app.core.errors import ML_ERROR_STATUS, AppError, Conflict, InvalidInput, N
 from app.core.events import EventSink
 from app.core.tables import utcnow
 from app.customers import scoring
-from app.customers.repository import CustomerBaseRepository, boundaries, stale_before
+from app.customers.repository import CustomerBaseRepository, stale_before
 from app.customers.schemas import HISTORY_LIMIT, Run
 from app.customers.tables import ACTIVE, RUNNING, CustomerRun
 from app.jobs.service import new_worker_id, worker_gone
@@ -116,6 +118,7 @@ class CustomerBase:
         self.rows = CustomerBaseRepository(database)
         self.worker = new_worker_id()
         self._running: dict[int, ActiveRun] = {}
+        self._submitting = 0  # runs being added: their rows may exist before they are in _running
         self._cleanup: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -146,7 +149,7 @@ class CustomerBase:
         if row.status != RUNNING:
             return False
         if row.worker == self.worker:
-            return row.id not in self._running
+            return row.id not in self._running and not self._submitting
         if worker_gone(row.worker):
             return True
         return row.heartbeat_at is None or row.heartbeat_at < stale_before(self.settings.job_stale_seconds)
@@ -189,13 +192,16 @@ class CustomerBase:
         """Check the request, take the segmentation's run turn, keep the upload; the run then goes on."""
         served = self.check(store, has_file=True, source=source, as_of=request.as_of)
         path = await run_in_threadpool(_keep_upload, upload, self.settings.job_directory)
+        self._submitting += 1
         try:
             row = await self._add_run(store, served, request, size=path.stat().st_size)
+            run = ActiveRun(row=row, store=store, served=served, request=request, upload=path)
+            self._running[row.id] = run
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        run = ActiveRun(row=row, store=store, served=served, request=request, upload=path)
-        self._running[row.id] = run
+        finally:
+            self._submitting -= 1
         run.task = asyncio.create_task(self._run(run), name=f"customer-run-{row.id}")
         logger.info("run %d of %s started by %s", row.id, store.segmentation.name, request.by)
         return run
@@ -302,6 +308,14 @@ class CustomerBase:
     async def _score_and_land(self, run: ActiveRun) -> CustomerRun | None:
         store, served, row = run.store, run.served, run.row
         kind = kind_of(store.segmentation)
+        clock = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            phases[name] = round(now - clock, 3)
+            clock = now
 
         def score() -> scoring.ScoredCustomers:
             with run.upload.open("rb") as fh:
@@ -310,20 +324,26 @@ class CustomerBase:
                 return scoring.score_rows(served, store, fh)
 
         scored = await run_in_threadpool(score)
+        lap("scoring")
         await self._beat(run)
         await self.rows.set_customers(row.id, len(scored))
         await self.rows.stage(row.id, scored, lambda: self._beat(run))
+        lap("staging")
         await self.rows.merge(
             run_id=row.id,
             previous_run_id=row.previous_run_id,
             replace=run.request.mode == "replace",
             model_version=served.version,
-            ranges=boundaries(scored, self.rows.batch),
+            ranges=self.rows.merge_ranges(scored),
             beat=lambda: self._beat(run),
         )
+        lap("merging")
         counts = _counts(await self.rows.tally(row.id), len(scored))
         await self._beat(run)
-        return await self.rows.land(row.id, counts, self._queue_events)
+        landed = await self.rows.land(row.id, counts, self._queue_events)
+        lap("landing")
+        logger.info("run %d of %s: %d customers, seconds per phase %s", row.id, row.segmentation, len(scored), phases)
+        return landed
 
     async def _queue_events(self, session: AsyncSession, run: CustomerRun) -> None:
         """run.completed, and segment.changed (CHANGES_PER_MESSAGE changes each), in the landing's transaction."""
@@ -492,7 +512,7 @@ class CustomerBase:
         header = ["customer_id", "cluster_id", "cluster_name", "segment_key", "confidence", "since_run_id"]
         if rfm:
             header += ["p_alive", "clv"]
-        name = segment["cluster_name"]
+        name = inert_column(pd.Series([segment["cluster_name"]], dtype=object))[0]
 
         async def page(after: str | None) -> list[tuple[Any, ...]]:
             if current is None:
@@ -519,8 +539,6 @@ def _csv_stream(header: list[str], page: Any, lines: Any) -> AsyncIterator[bytes
         if with_header:
             writer.writerow(header)
         if rows:
-            import pandas as pd
-
             ids = inert_column(pd.Series([r[0] for r in rows], dtype=object))
             writer.writerows((cid, *row[1:]) for cid, row in zip(ids, lines(rows), strict=True))
         return out.getvalue().encode()

@@ -69,6 +69,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("run_id", "customer_id"),
         sqlite_with_rowid=False,
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # Staging is rewritten by every run and worthless after a crash: no WAL for it.
+        op.execute("ALTER TABLE customer_staging SET UNLOGGED")
     op.create_table(
         "customer_memberships",
         sa.Column("run_id", sa.Integer(), nullable=False),
