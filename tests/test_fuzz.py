@@ -185,6 +185,7 @@ SEMANTIC_422 = {
     "GET /segmentations/{name}/elbow": "k_min must not exceed k_max",
     "POST /models/compare": "the uploaded file must be a CSV with the customer columns",
     "POST /segmentations/{name}/compare": "the uploaded file must be a CSV with the segmentation's columns",
+    "POST /segmentations/{name}/runs": "a file of the segmentation's columns with unique ids, or a known source",
 }
 
 

@@ -27,7 +27,6 @@ from app.customers.schemas import (
     RunUpload,
 )
 from app.customers.service import CustomerBase, RunRequest
-from app.jobs.schemas import Wait
 from app.segmentations.as_of import as_of_value
 from app.versions.dependencies import NAMED, SegmentationStore
 
@@ -41,6 +40,13 @@ AsOf = Annotated[
     date | None,
     BeforeValidator(as_of_value),
     Query(description="Kind rfm: the day RFM is computed as of (default the day after the log's last date)"),
+]
+Wait = Annotated[
+    bool,
+    Query(
+        description="false: answer 202 at once with the run (`status: running`) to follow at its Location; "
+        "true: answer when it has landed (or failed)"
+    ),
 ]
 STARTED_RUN: dict[int | str, dict[str, Any]] = {
     202: {"model": Run, "description": "`wait=false`: the run, started (follow it at its Location)"}

@@ -36,6 +36,8 @@ RUN_EXAMPLE: dict[str, Any] = {
 class RunUpload(BaseModel):
     """POST .../runs: the customers as a multipart `file`, or JSON naming a data source."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{"source": "crm_nightly"}]})
+
     source: Annotated[str | None, NotNull] = Field(
         None, min_length=1, max_length=100, description="JSON only: a data source's name", json_schema_extra=omittable
     )
@@ -67,6 +69,10 @@ class Run(BaseModel):
 
 
 class RunList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"runs": [RUN_EXAMPLE], "total": 1, "skip": 0, "limit": 50}]}
+    )
+
     runs: list[Run]
     total: int
     skip: int
@@ -116,7 +122,32 @@ class Change(BaseModel):
     to_segment_key: str | None
 
 
+CHANGE_EXAMPLE: dict[str, Any] = {
+    "customer_id": "C00042",
+    "change": "changed",
+    "from_cluster_id": 2,
+    "to_cluster_id": 0,
+    "from_segment_key": "b81e4c02aa",
+    "to_segment_key": "3f2a9c01d4",
+}
+
+
 class ChangePage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": 2,
+                    "previous_run_id": 1,
+                    "entered": {"3f2a9c01d4": 12},
+                    "left": {"b81e4c02aa": 12},
+                    "items": [CHANGE_EXAMPLE],
+                    "next_after": "C00042",
+                }
+            ]
+        }
+    )
+
     run_id: int
     previous_run_id: int | None
     entered: dict[str, int] = Field(description="{segment_key: customers that entered it in this run}")
@@ -133,6 +164,39 @@ class HistoryEntry(BaseModel):
 
 
 class CustomerMembershipPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_id": "C00042",
+                    "status": "active",
+                    "cluster_id": 0,
+                    "cluster_name": "High income, high spending",
+                    "segment_key": "3f2a9c01d4",
+                    "confidence": 0.41,
+                    "model_version": "20261209T101500Z-5f3a",
+                    "since_run_id": 2,
+                    "p_alive": None,
+                    "clv": None,
+                    "history": [
+                        {
+                            "run_id": 2,
+                            "cluster_id": 0,
+                            "cluster_name": "High income, high spending",
+                            "segment_key": "3f2a9c01d4",
+                        },
+                        {
+                            "run_id": 1,
+                            "cluster_id": 2,
+                            "cluster_name": "Average income, moderate spending",
+                            "segment_key": "b81e4c02aa",
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+
     customer_id: str
     status: Literal["active", "gone"]
     cluster_id: int | None = Field(description="In the active version; null when gone or for a retired segment")
@@ -155,6 +219,22 @@ class AudienceMember(BaseModel):
 
 
 class Audience(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "segmentation": "default",
+                    "cluster_id": 0,
+                    "cluster_name": "High income, high spending",
+                    "segment_key": "3f2a9c01d4",
+                    "run_id": 2,
+                    "items": [{"customer_id": "C00042", "confidence": 0.41, "since_run_id": 2}],
+                    "next_after": "C00042",
+                }
+            ]
+        }
+    )
+
     segmentation: str
     cluster_id: int
     cluster_name: str
