@@ -1,4 +1,4 @@
-"""Command line: `python -m app train|predict|models|score`, each for one segmentation (`--segmentation`).
+"""Command line: `python -m app train|predict|models|score|run`, each for one segmentation (`--segmentation`).
 
 It uses the same database and model folder as the service, so a model trained here
 becomes the active version the running service switches to.
@@ -22,6 +22,7 @@ from app.core.database import Database
 from app.core.errors import AppError
 from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging
+from app.customers import cli as customer_cli
 from app.ml.preprocess import DataValidationError, load_training_matrix
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model versions, newest first")
     segmentation_option(models)
     scoring_cli.add_command(commands, segmentation_option)
+    customer_cli.add_command(commands, segmentation_option)
     return parser
 
 
@@ -418,7 +420,13 @@ async def _models(_args, store, _settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "predict": _predict, "models": _models, "score": scoring_cli.score}[args.command]
+    handler = {
+        "train": _train,
+        "predict": _predict,
+        "models": _models,
+        "score": scoring_cli.score,
+        "run": customer_cli.run,
+    }[args.command]
     try:
         configure_logging(get_settings())
         if not args.verbose:

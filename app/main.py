@@ -28,6 +28,8 @@ from app.core.migrations import upgrade_database
 from app.core.observability import configure_logging, install_observability
 from app.core.routing import install_json_alternatives
 from app.core.schemas import Health
+from app.customers import endpoints as customer_routes
+from app.customers.service import CustomerBase
 from app.history.storage import open_history_repository
 from app.jobs import endpoints as jobs
 from app.jobs.service import JobRunner
@@ -248,6 +250,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             drift=drift,
             history=history,
             metrics=app.state.metrics,
+            events=events,
         )
         app.state.jobs = JobRunner(
             trainer=SegmentationTrainer(services), settings=settings, database=database, metrics=app.state.metrics
@@ -264,6 +267,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if settings.drift_enabled:
             await drift_watch.start()
+        app.state.customers = CustomerBase(settings=settings, database=database, events=services.events)
+        await app.state.customers.start()
         _freeze_startup_objects()
         try:
             yield
@@ -271,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await drift_watch.stop()
             await deliveries.stop()
             await app.state.jobs.stop()
+            await app.state.customers.stop()
             await history.stop()
             try:
                 await drift.stop()  # the last counts, so a clean shutdown loses none
@@ -303,6 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "segmentations",
                 "jobs",
                 "webhooks",
+                "customers",
             )
         ],
     )
@@ -338,7 +345,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs, webhooks):
+    for module in (registration, auth, users, profiles, admin, jobs, webhooks, customer_routes):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

@@ -187,6 +187,7 @@ SEMANTIC_422 = {
     "POST /segmentations/{name}/compare": "the uploaded file must be a CSV with the segmentation's columns",
     "POST /webhooks": "the URL's host must resolve, to global addresses only",
     "PATCH /webhooks/{webhook_id}": "the URL's host must resolve, to global addresses only",
+    "POST /segmentations/{name}/runs": "a file of the segmentation's columns with unique ids, or a known source",
 }
 
 

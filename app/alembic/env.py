@@ -13,6 +13,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import app.customers.tables  # noqa: F401 - its tables join Base.metadata
 from app.core.tables import Base
 from app.webhooks import tables as _webhook_tables  # noqa: F401 - its tables join Base.metadata
 

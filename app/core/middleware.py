@@ -228,6 +228,8 @@ class ServiceMiddleware:
             limit, kind = self.json_limit, "JSON and form bodies (MAX_JSON_BODY_MB)"
         elif scope["method"] == "POST" and scope["path"].endswith("/train"):
             limit, kind = self.train_upload_limit, "training uploads (MAX_TRAIN_UPLOAD_MB)"
+        elif scope["method"] == "POST" and scope["path"].endswith("/runs"):
+            limit, kind = self.train_upload_limit, "run uploads (MAX_TRAIN_UPLOAD_MB)"
         elif scope["method"] == "POST" and _takes_a_log(scope["path"]):
             limit, kind = self.train_upload_limit, "batch uploads of named segmentations (MAX_TRAIN_UPLOAD_MB)"
         else:

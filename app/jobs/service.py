@@ -57,7 +57,7 @@ def new_worker_id() -> str:
     return f"{HOST_ID}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def _worker_gone(worker: str | None) -> bool:
+def worker_gone(worker: str | None) -> bool:
     """True when `worker` was a process on this host that no longer exists."""
     parts = (worker or "").rsplit(":", 2)
     if len(parts) != 3 or parts[0] != HOST_ID or not parts[1].isdigit():
@@ -80,7 +80,7 @@ def is_stale(row: TrainingJob, *, worker: str, running: Container[str], stale_se
         return False
     if row.worker == worker:
         return row.id not in running
-    if _worker_gone(row.worker):
+    if worker_gone(row.worker):
         return True
     cutoff = utcnow() - timedelta(seconds=stale_seconds)
     return row.heartbeat_at is None or row.heartbeat_at < cutoff

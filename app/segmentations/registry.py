@@ -29,6 +29,7 @@ from app.core.tables import (
     ServiceState,
     utcnow,
 )
+from app.customers.repository import delete_base, has_running_run
 from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
 from app.versions.store import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 from app.webhooks.outbox import delete_pending_messages
@@ -233,6 +234,9 @@ class SegmentationRegistry:
         if store.training:
             raise Conflict("A training of this segmentation is running; delete it when it has finished")
         async with self.database.sessionmaker() as session:
+            if await has_running_run(session, info.id):
+                raise Conflict("A run of this segmentation is running; delete it when it has finished")
+            await delete_base(session, info.id)
             await session.execute(
                 update(Segmentation)
                 .where(Segmentation.id == info.id, Segmentation.deleted_at.is_(None))

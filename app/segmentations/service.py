@@ -40,6 +40,7 @@ from app.versions.store import ModelStore
 if TYPE_CHECKING:
     from app.core.config import Settings
     from app.core.database import Database
+    from app.core.events import EventSink
     from app.core.metrics import Metrics
     from app.history.storage.history import HistoryRepository
     from app.segmentations.elbow import ElbowCache
@@ -141,6 +142,8 @@ class Services:
     drift: DriftCounter
     history: HistoryRepository
     metrics: Metrics
+    events: EventSink | None = None
+    """Where domains queue the events they tell subscribers about (None: nobody listens)."""
 
 
 def services_of(request: Request) -> Services:

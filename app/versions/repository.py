@@ -20,6 +20,7 @@ from app.core.database import Database
 from app.core.errors import Conflict, NotFound
 from app.core.events import EventSink
 from app.core.tables import ModelVersion, Segmentation, ServiceState, utcnow
+from app.customers.repository import references_version
 from app.ml import SegmentationModel
 from app.ml.matching import identity_fields
 from app.versions.activation import Actor
@@ -159,6 +160,8 @@ class VersionRepository:
         async with self.database.sessionmaker() as session:
             if version == await self._active(session):
                 raise Conflict(f"Model version {version} is the active one: activate another version first")
+            if await references_version(session, self.segmentation_id, version):
+                raise Conflict(f"Model version {version} scored a customer run: the customer base references it")
             gone = await session.execute(
                 delete(ModelVersion).where(
                     ModelVersion.version == version, ModelVersion.segmentation_id == self.segmentation_id
