@@ -1,7 +1,7 @@
 """Customer base: scoring runs, the base each run leaves, staging and changes.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-09
 """
 
