@@ -261,3 +261,30 @@ async def test_no_log_makes_the_value_fit_fail_the_training(client, analyst_head
         headers=analyst_headers,
     )
     assert answer.status_code == 200, answer.text
+
+
+async def test_valuable_customers_slipping_away_are_one_request(client, analyst_headers, cdnow):
+    data = cdnow_csv()
+    ran = await client.post(
+        "/segmentations/cdnow/runs",
+        params={"as_of": AS_OF},
+        files={"file": ("log.csv", data, "text/csv")},
+        headers=analyst_headers,
+    )
+    assert ran.status_code == 200, ran.text
+    assert ran.json()["status"] == "completed" and ran.json()["n_customers"] == 2357
+    scored = await batch_csv(client, analyst_headers, "cdnow", data, as_of=AS_OF)  # clv at 90 days, as kept
+    threshold = float(scored["clv"].quantile(0.8))
+    for cluster_id, members in scored.groupby("cluster"):
+        audience = await client.get(
+            f"/segmentations/cdnow/segments/{cluster_id}/customers",
+            params={"max_p_alive": 0.5, "min_clv": threshold, "limit": 1000},
+            headers=analyst_headers,
+        )
+        assert audience.status_code == 200, audience.text
+        items = audience.json()["items"]
+        want = members[(members["p_alive"] <= 0.5) & (members["clv"] >= threshold)]
+        assert sorted(i["customer_id"] for i in items) == sorted(want.index)
+        for item in items:
+            assert item["p_alive"] == pytest.approx(want.loc[item["customer_id"], "p_alive"], abs=1e-6)
+            assert item["clv"] == pytest.approx(want.loc[item["customer_id"], "clv"], abs=1e-6)
