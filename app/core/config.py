@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     webhook_concurrency: int = Field(default=32, ge=1, le=1000)
     drift_check_minutes: float = Field(default=15, gt=0, le=7 * 24 * 60)
+    # Retraining policies (app.policies). Each worker looks for due schedules every policy_tick_seconds;
+    # a drift trigger fires again only after drift_retrain_cooldown_hours. A test configuration
+    # (testing=true) may set the scheduler's clock: the ISO time written in test_scheduler_clock_file.
+    policy_tick_seconds: float = Field(default=30, gt=0, le=3600)
+    drift_retrain_cooldown_hours: float = Field(default=24, ge=0, le=24 * 365)
+    testing: bool = False
+    test_scheduler_clock_file: Path | None = None
 
     @field_validator("database_url")
     @classmethod

@@ -182,9 +182,13 @@ class JobRunner:
         filename: str | None,
         request: TrainingRequest,
         result_model: type[BaseModel],
+        trainer: Trainer | None = None,
     ) -> dict[str, Any]:
-        """Check the request, take the segmentation's training turn, keep the upload; the job then runs on."""
-        self.trainer.check(store, request, has_file=upload is not None)
+        """Check the request, take the segmentation's training turn, keep the upload; the job then runs on.
+
+        `trainer`: what the job runs instead of the runner's own (a retraining policy's fire)."""
+        trainer = trainer or self.trainer
+        trainer.check(store, request, has_file=upload is not None)
         reservation = await store.reserve_training()
         job_id = secrets.token_hex(8)
         now = utcnow()
@@ -228,13 +232,15 @@ class JobRunner:
             _remove(job.upload)
             await self.rows.remove(job_id)
             raise
-        job.task = asyncio.create_task(self._run(job, request, result_model), name=f"training-job-{job_id}")
+        job.task = asyncio.create_task(self._run(job, trainer, request, result_model), name=f"training-job-{job_id}")
         logger.info("training job %s of %s started by %s", job_id, info.name, request.by)
         return job_body(stored)
 
     # --- running ---------------------------------------------------------------------------
 
-    async def _run(self, job: RunningJob, request: TrainingRequest, result_model: type[BaseModel]) -> None:
+    async def _run(
+        self, job: RunningJob, trainer: Trainer, request: TrainingRequest, result_model: type[BaseModel]
+    ) -> None:
         token = progress.current_job.set(job)
         watcher = asyncio.create_task(self._watch(job))
         outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None, int | None]
@@ -243,7 +249,7 @@ class JobRunner:
             if job.upload is not None:
                 job.reading = job.upload.open("rb")
             try:
-                fields = await self.trainer.train(job.store, job.reading, request)
+                fields = await trainer.train(job.store, job.reading, request)
             finally:
                 if job.reading is not None:
                     job.reading.close()

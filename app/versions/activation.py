@@ -45,3 +45,17 @@ def acting_as(actor: Actor) -> Iterator[None]:
         yield
     finally:
         acting.reset(token)
+
+
+holding: ContextVar[bool] = ContextVar("holding", default=False)
+"""Set while a retraining policy trains its candidate: the new version is recorded inactive."""
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Record the versions trained within as inactive candidates (app.policies decides on them)."""
+    token = holding.set(True)
+    try:
+        yield
+    finally:
+        holding.reset(token)

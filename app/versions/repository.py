@@ -215,14 +215,23 @@ class VersionRepository:
         )
 
     async def record(
-        self, model: SegmentationModel, blob: bytes, *, created_by: str | None, by: Actor | None = None
+        self,
+        model: SegmentationModel,
+        blob: bytes,
+        *,
+        created_by: str | None,
+        by: Actor | None = None,
+        activate: bool = True,
     ) -> None:
-        """Insert the version and make it active in one transaction: both happen or neither."""
+        """Insert the version and make it active in one transaction: both happen or neither
+        (`activate=False`: a candidate, inserted inactive)."""
         async with self.database.sessionmaker() as session:
             try:
-                previous = await self._set_active(session, model.version)
+                if activate:
+                    previous = await self._set_active(session, model.version)
                 session.add(self._row(model, blob, created_by=created_by))
-                await self._announce(session, model.version, previous, by)
+                if activate:
+                    await self._announce(session, model.version, previous, by)
                 if not self.is_default:
                     deleted = (
                         await session.execute(

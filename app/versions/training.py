@@ -25,7 +25,7 @@ from app.core.errors import Conflict, NotFound
 from app.ml import ModelLoadError, SegmentationModel
 from app.ml.matching import identify
 from app.versions import progress
-from app.versions.activation import acting
+from app.versions.activation import acting, holding
 from app.versions.fitting import TrainingTimeout, fit_in_subprocess
 from app.versions.lease import TRAINING_RUNNING_MESSAGE, TrainingLease
 from app.versions.repository import VersionRepository
@@ -179,6 +179,10 @@ class TrainingCoordinator:
     async def _record(self, model: SegmentationModel, blob: bytes, *, created_by: str | None, what: str) -> ServedModel:
         """Match the new version to the active one (ids, keys, names), record it as active and serve it."""
         model, blob = await self._matched_to_active(model, blob)
+        if holding.get():  # a policy's candidate: kept, not served, until its gate says so
+            await self.versions.record(model, blob, created_by=created_by, activate=False)
+            logger.info("recorded candidate version %s of %s (inactive)", model.version, self.name)
+            return ServedModel(model)
         await self.versions.record(model, blob, created_by=created_by, by=acting.get())
         served = await self.serving.sync(candidate=model)
         meta = model.metadata_
