@@ -38,6 +38,7 @@ from app.segmentations import legacy as seed_routes
 from app.segmentations.elbow import ElbowCache
 from app.segmentations.registry import SegmentationRegistry
 from app.segmentations.service import SegmentationTrainer, Services
+from app.sources import endpoints as sources
 from app.users import endpoints as users
 from app.users import registration
 from app.versions import endpoints as version_routes
@@ -269,7 +270,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Swagger shows the groups in this order, whatever order the routers are matched in.
         openapi_tags=[
             {"name": name}
-            for name in ("health", "auth", "users", "profiles", "admin", "segmentation", "segmentations", "jobs")
+            for name in (
+                "health",
+                "auth",
+                "users",
+                "profiles",
+                "admin",
+                "segmentation",
+                "segmentations",
+                "jobs",
+                "sources",
+            )
         ],
     )
     app.state.settings = settings
@@ -304,7 +315,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs):
+    for module in (registration, auth, users, profiles, admin, jobs, sources):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

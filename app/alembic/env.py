@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.core.tables import Base
+from app.sources import tables as _source_tables  # noqa: F401 - its table joins Base.metadata
 
 config = context.config
 target_metadata = Base.metadata
