@@ -119,7 +119,7 @@ router.add_api_route(
     response_model=NamedTrainResult,
     responses={
         **STARTED,
-        **errors(401, 403, 409, 413, 422),
+        **errors(401, 403, 404, 409, 413, 422),
         **file_errors("A bad CSV (`errors` names columns and rows), or a training that ran past TRAIN_TIMEOUT_SECONDS"),
     },
     form_limits=FORM_LIMITS,

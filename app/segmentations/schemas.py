@@ -216,6 +216,6 @@ class TrainingUpload(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"source": "crm"}]})
 
     source: Annotated[str, StringConstraints(min_length=1, max_length=40)] | None = Field(
-        None, description="JSON only: the data source to train on (GET /sources)"
+        None, description="The data source to train on (GET /sources), in place of a file; unknown: 404"
     )
     file: UploadFile | None = Field(None, description="Multipart only: the training file")
