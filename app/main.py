@@ -40,6 +40,7 @@ from app.segmentations import legacy as seed_routes
 from app.segmentations.elbow import ElbowCache
 from app.segmentations.registry import SegmentationRegistry
 from app.segmentations.service import SegmentationTrainer, Services
+from app.sources import endpoints as sources
 from app.users import endpoints as users
 from app.users import registration
 from app.versions import endpoints as version_routes
@@ -310,6 +311,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "jobs",
                 "webhooks",
                 "customers",
+                "sources",
             )
         ],
     )
@@ -345,7 +347,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs, webhooks, customer_routes):
+    for module in (registration, auth, users, profiles, admin, jobs, webhooks, customer_routes, sources):
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

@@ -179,6 +179,7 @@ SEMANTIC_422 = {
     "PUT /users/me": "a new password needs the right current_password; no email on a reserved domain",
     "POST /auth/register": "no email on a reserved domain (.test, .invalid, .localhost, ...)",
     "POST /segmentations": "declarations across fields: min <= max, features by kind, names unique in any case",
+    "POST /sources": "a path under SOURCE_ROOT (unset here), a host that resolves to global addresses, one SELECT",
     "POST /segmentations/{name}/train": "the uploaded file must be a CSV with the segmentation's columns",
     "POST /segmentations/{name}/predict": "the customer must follow the segmentation's own schema",
     "POST /segmentations/{name}/predict/batch": "customers or a CSV, following the segmentation's own schema",

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # Where a job keeps its upload until it ends; empty: a folder in the system's temporary directory.
     job_dir: str = ""
 
+    # Data sources (app.sources). File sources and SQLite sources are paths under source_root (unset:
+    # both are refused). A PostgreSQL source's host must resolve to global addresses only, unless
+    # source_allow_private (a database on this machine or a closed network). Each statement a source
+    # runs is cancelled past source_statement_timeout_seconds.
+    source_root: Path | None = None
+    source_allow_private: bool = False
+    source_statement_timeout_seconds: float = Field(default=60, gt=0, le=24 * 3600)
+
     # How often a worker checks the database for another active model version.
     model_sync_seconds: float = Field(default=1.0, gt=0)
     # How long a worker may trust its cached view of a user and its revoked tokens.
@@ -136,6 +144,12 @@ class Settings(BaseSettings):
         if any(delay < 0 or delay != delay for delay in delays):
             raise ValueError("WEBHOOK_RETRY_SCHEDULE delays must be 0 or more seconds")
         return schedule
+
+    @field_validator("source_root", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, root: object) -> object:
+        # SOURCE_ROOT= in .env means no root, not the working directory.
+        return None if isinstance(root, str) and not root.strip() else root
 
     @model_validator(mode="after")
     def _check_secret(self) -> Settings:

@@ -389,7 +389,9 @@ class PolicyService:
         now = self.now()
         async with self.database.sessionmaker() as session:
             rows = list(
-                (await session.execute(select(RetrainingPolicy).where(RetrainingPolicy.schedule.is_not(None)))).scalars()
+                (
+                    await session.execute(select(RetrainingPolicy).where(RetrainingPolicy.schedule.is_not(None)))
+                ).scalars()
             )
         fired = 0
         for row in rows:

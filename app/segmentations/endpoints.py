@@ -44,7 +44,9 @@ from app.segmentations.schemas import (
     SegmentationList,
     SegmentationPublic,
     SegmentationUpdate,
+    TrainingUpload,
 )
+from app.sources.service import SourceCatalog
 from app.versions.activation import Actor, acting_as
 from app.versions.dependencies import NAMED, SegmentationStore
 from app.versions.identity_schemas import VersionComparison
@@ -175,37 +177,29 @@ async def delete_segmentation(request: Request, _: AnalystUser, name: Name) -> R
 # --- training ---------------------------------------------------------------------------------
 
 
-@router.post(
-    "/{name}/train",
-    summary="Train a new version of a segmentation (analyst)",
-    description="On the CSV sent as multipart `file` (kind customer: none means the default dataset, "
-    "`data/customers.csv`; `n_clusters` absent: k chosen by silhouette over 2..10). Training uploads may be "
-    "up to MAX_TRAIN_UPLOAD_MB. The new version becomes active in every worker. A bad file gets 422 naming "
-    "columns and rows and never changes the active version; a training past TRAIN_TIMEOUT_SECONDS is stopped "
-    "(422). `wait=false`: 202 at once with a training job (GET /jobs/{job_id}) that ends with this result or error.",
-    response_model=NamedTrainResult,
-    responses={
-        **STARTED,
-        **errors(401, 403, 404, 409, 413, 422),
-        **file_errors("A CSV missing declared columns, or with bad rows"),
-    },
-    form_limits=FORM_LIMITS,
-    openapi_extra=NAMED,
-)
 async def train(
     request: Request,
     analyst: AnalystUser,
     store: SegmentationStore,
+    body: Annotated[TrainingUpload, File()],
     n_clusters: NClusters = None,
     random_state: RandomState = 42,
     as_of: AsOf = None,
     wait: Wait = True,
-    file: CsvFile = None,
 ) -> Any:
-    if file is None and is_multipart(request):
+    file = body.file
+    if file is None and body.source is None and is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the CSV as `file`")
+    if body.source is not None:
+        if file is not None:
+            raise InvalidInput("Send a `file` or name a `source`, not both")
+        await SourceCatalog(database=request.app.state.database, settings=request.app.state.settings).require(
+            body.source
+        )
     upload = file.file if file is not None else None
-    asked = TrainingRequest(n_clusters=n_clusters, random_state=random_state, as_of=as_of, by=analyst.username)
+    asked = TrainingRequest(
+        n_clusters=n_clusters, random_state=random_state, as_of=as_of, by=analyst.username, source=body.source
+    )
     # The version it makes active names the analyst (model.activated); a job's task inherits this.
     with acting_as(Actor.user(analyst)):
         if not wait:
@@ -220,6 +214,32 @@ async def train(
         trainer = segmentations.SegmentationTrainer(segmentations.services_of(request))
         return NamedTrainResult(**await trainer.train(store, upload, asked))
 
+
+TRAIN_DESCRIPTION = (
+    "On the CSV sent as multipart `file` (kind customer: none means the default dataset, "
+    "`data/customers.csv`; `n_clusters` absent: k chosen by silhouette over 2..10). Training uploads may be "
+    'up to MAX_TRAIN_UPLOAD_MB. JSON `{"source": NAME}` trains on a data source (GET /sources), read when the '
+    "training starts, within the same limits (unknown: 404). The new version becomes active in every worker. "
+    "A bad file gets 422 naming columns and rows and never changes the active version; a training past "
+    "TRAIN_TIMEOUT_SECONDS is stopped (422). `wait=false`: 202 at once with a training job (GET /jobs/{job_id}) "
+    "that ends with this result or error."
+)
+router.add_api_route(
+    "/{name}/train",
+    endpoint=train,
+    methods=["POST"],
+    summary="Train a new version of a segmentation (analyst)",
+    description=TRAIN_DESCRIPTION,
+    route_class_override=JsonOrFormRoute,
+    response_model=NamedTrainResult,
+    responses={
+        **STARTED,
+        **errors(401, 403, 404, 409, 413, 422),
+        **file_errors("A CSV missing declared columns, or with bad rows"),
+    },
+    form_limits=FORM_LIMITS,
+    openapi_extra=NAMED,
+)
 
 # --- scoring ----------------------------------------------------------------------------------
 

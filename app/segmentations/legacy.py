@@ -106,9 +106,11 @@ router.add_api_route(
     "/train",
     endpoints.train,
     methods=["POST"],
+    route_class_override=JsonOrFormRoute,
     summary="Train a new model version (analyst)",
     description=(
-        "Trains on `data/customers.csv`, or on the CSV sent as multipart `file`. `n_clusters` absent: k is "
+        "Trains on `data/customers.csv`, on the CSV sent as multipart `file`, or on the data source named by "
+        'JSON `{"source": NAME}` (GET /sources; unknown: 404). `n_clusters` absent: k is '
         "chosen by silhouette over 2..10. The new version becomes active at once in every worker. "
         "A bad CSV gets 422 naming columns and rows and never changes the active model. A training that "
         "runs past TRAIN_TIMEOUT_SECONDS is stopped and gets 422 saying so; the active model is kept. "
@@ -117,7 +119,7 @@ router.add_api_route(
     response_model=NamedTrainResult,
     responses={
         **STARTED,
-        **errors(401, 403, 409, 413, 422),
+        **errors(401, 403, 404, 409, 413, 422),
         **file_errors("A bad CSV (`errors` names columns and rows), or a training that ran past TRAIN_TIMEOUT_SECONDS"),
     },
     form_limits=FORM_LIMITS,

@@ -207,3 +207,15 @@ class ElbowRange(BaseModel):
 
     k_min: int = Field(2, ge=2, le=15)
     k_max: int = Field(10, ge=2, le=15)
+
+
+class TrainingUpload(BaseModel):
+    """POST .../train: a CSV (or Parquet) file in a multipart form, or JSON `{"source": NAME}`; neither: the
+    default dataset (kind customer)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"source": "crm"}]})
+
+    source: Annotated[str, StringConstraints(min_length=1, max_length=40)] | None = Field(
+        None, description="The data source to train on (GET /sources), in place of a file; unknown: 404"
+    )
+    file: UploadFile | None = Field(None, description="Multipart only: the training file")

@@ -32,6 +32,7 @@ from app.segmentations import csv_answers
 from app.segmentations import scoring as segmentation
 from app.segmentations.as_of import as_of_date
 from app.segmentations.kinds.registry import kind_of
+from app.sources.reading import open_source
 from app.versions import identity
 from app.versions.observed import BatchObserver
 from app.versions.served import ServedModel, data_uri
@@ -158,9 +159,17 @@ class SegmentationTrainer:
     services: Services
 
     def check(self, store: ModelStore, request: TrainingRequest, *, has_file: bool) -> None:
-        check_training_request(self.services, store, has_file=has_file, as_of=request.as_of)
+        has_data = has_file or request.source is not None
+        check_training_request(self.services, store, has_file=has_data, as_of=request.as_of)
 
     async def train(self, store: ModelStore, upload: IO[bytes] | None, request: TrainingRequest) -> dict[str, Any]:
+        if upload is None and request.source is not None:
+            # The source is read now (in the job, for wait=false) into the CSV an upload would be.
+            async with open_source(self.services.database, self.services.settings, request.source) as data:
+                return await self._train(store, data.file, request)
+        return await self._train(store, upload, request)
+
+    async def _train(self, store: ModelStore, upload: IO[bytes] | None, request: TrainingRequest) -> dict[str, Any]:
         served = await train(
             self.services,
             store,

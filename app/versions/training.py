@@ -47,12 +47,14 @@ def new_version_id() -> str:
 
 @dataclass(frozen=True)
 class TrainingRequest:
-    """What a training was asked for, with `wait=true` or as a job: the same four values either way."""
+    """What a training was asked for, with `wait=true` or as a job: the same values either way."""
 
     n_clusters: int | None
     random_state: int
     as_of: date | None
     by: str
+    source: str | None = None
+    """The data source to train on (app.sources), read when the training starts; None: the upload."""
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data sources: where customer data already lives (files under SOURCE_ROOT, SQL databases), read on demand."""
