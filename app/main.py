@@ -34,6 +34,8 @@ from app.history.storage import open_history_repository
 from app.jobs import endpoints as jobs
 from app.jobs.service import JobRunner
 from app.ml.errors import MLError
+from app.policies import endpoints as policy_routes
+from app.policies.service import PolicyService
 from app.profiles import endpoints as profiles
 from app.segmentations import endpoints as segmentation_routes
 from app.segmentations import legacy as seed_routes
@@ -266,14 +268,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             interval_seconds=settings.drift_check_minutes * 60,
         )
-        if settings.drift_enabled:
-            await drift_watch.start()
         app.state.customers = CustomerBase(settings=settings, database=database, events=services.events)
         await app.state.customers.start()
+        app.state.policies = policy_service = PolicyService(
+            settings=settings,
+            database=database,
+            registry=app.state.segmentations,
+            jobs=app.state.jobs,
+            customers=app.state.customers,
+            events=events,
+        )
+        drift_watch.on_move = policy_service.drift_moved
+        if settings.drift_enabled:
+            await drift_watch.start()
+        await policy_service.start()
         _freeze_startup_objects()
         try:
             yield
         finally:
+            await policy_service.stop()
             await drift_watch.stop()
             await deliveries.stop()
             await app.state.jobs.stop()
@@ -311,6 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "jobs",
                 "webhooks",
                 "customers",
+                "policies",
                 "sources",
             )
         ],
@@ -347,7 +361,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model_version=model.version if model is not None else None,
         )
 
-    for module in (registration, auth, users, profiles, admin, jobs, webhooks, customer_routes, sources):
+    modules = (registration, auth, users, profiles, admin, jobs, webhooks, customer_routes, policy_routes, sources)
+    for module in modules:
         app.router.routes.extend(module.router.routes)
 
     metrics = install_observability(app, settings)

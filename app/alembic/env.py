@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import app.customers.tables  # noqa: F401 - its tables join Base.metadata
 from app.core.tables import Base
+from app.policies import tables as _policy_tables  # noqa: F401 - its tables join Base.metadata
 from app.sources import tables as _source_tables  # noqa: F401 - its table joins Base.metadata
 from app.webhooks import tables as _webhook_tables  # noqa: F401 - its tables join Base.metadata
 

@@ -28,6 +28,7 @@ from app.customers.schemas import (
 )
 from app.customers.service import CustomerBase, RunRequest
 from app.segmentations.as_of import as_of_value
+from app.sources.reading import open_source
 from app.versions.dependencies import NAMED, SegmentationStore
 
 router = APIRouter(prefix="/segmentations", tags=["customers"], strict_content_type=False, route_class=FastRoute)
@@ -75,15 +76,28 @@ async def start_run(
     if body.file is None and body.source is None and is_multipart(request):
         raise InvalidInput("The multipart body has no `file` part: send the customers as `file`")
     base = customer_base(request)
-    if body.file is None:
-        base.check(store, has_file=False, source=body.source, as_of=as_of)
-    assert body.file is not None
-    run = await base.submit(
-        store,
-        upload=body.file.file,
-        source=body.source,
-        request=RunRequest(mode=mode, as_of=as_of, by=analyst.username, filename=body.file.filename),
-    )
+    if body.source is not None:
+        if body.file is not None:
+            raise InvalidInput("Send a `file` or name a `source`, not both")
+        base.check(store, has_file=True, source=None, as_of=as_of)
+        # The source is read once into a file the run then owns, as an upload would be (app.sources.reading).
+        async with open_source(request.app.state.database, request.app.state.settings, body.source) as data:
+            run = await base.submit(
+                store,
+                upload=data.file,
+                source=None,
+                request=RunRequest(mode=mode, as_of=as_of, by=analyst.username, filename=f"source {body.source}"),
+            )
+    else:
+        if body.file is None:
+            base.check(store, has_file=False, source=None, as_of=as_of)
+        assert body.file is not None
+        run = await base.submit(
+            store,
+            upload=body.file.file,
+            source=None,
+            request=RunRequest(mode=mode, as_of=as_of, by=analyst.username, filename=body.file.filename),
+        )
     location = f"/segmentations/{store.segmentation.name}/runs/{run.row.id}"
     if not wait:
         return Response(

@@ -174,8 +174,6 @@ class CustomerBase:
     def check(self, store: ModelStore, *, has_file: bool, source: str | None, as_of: date | None) -> ServedModel:
         """What a run must satisfy before its upload is read; returns the version it scores with."""
         kind = kind_of(store.segmentation)
-        if source is not None:
-            raise InvalidInput(f"unknown source: {source!r}")
         if not has_file:
             raise InvalidInput('Send the customers as a multipart `file` (CSV or Parquet), or JSON {"source": NAME}')
         if as_of is not None and not kind.takes_as_of:

@@ -30,6 +30,7 @@ from app.core.tables import (
     utcnow,
 )
 from app.customers.repository import delete_base, has_running_run
+from app.policies.repository import delete_policy
 from app.segmentations.kinds.registry import DEFAULT_KIND, KINDS, get_kind
 from app.versions.store import ACTIVE_KEY, NAMES_KEY, TRAINING_KEY, ModelStore, SegmentationInfo
 from app.webhooks.outbox import delete_pending_messages
@@ -249,6 +250,7 @@ class SegmentationRegistry:
                 )
             )
             await delete_pending_messages(session, segmentation_id=info.id)
+            await delete_policy(session, info.id)
             await session.commit()
         async with self._lock:
             if self._stores.get(name) is store:

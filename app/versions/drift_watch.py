@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,10 @@ class DriftWatch:
         stores: Callable[[], list[ModelStore]],
         events: EventSink,
         interval_seconds: float,
+        on_move: Callable[[ModelStore, str, str], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_move = on_move
+        """Told (after the commit) when a status moved: the retraining policies' drift trigger."""
         self.database = database
         self.counter = counter
         self.stores = stores
@@ -145,3 +148,5 @@ class DriftWatch:
                 await self.events.add(session, "drift.changed", data, segmentation_id=info.id)
                 logger.info("drift of %s moved from %s to %s", info.name, last_status, status)
             await session.commit()
+        if last_version == version and last_status in STATUSES and last_status != status and self.on_move is not None:
+            await self.on_move(store, last_status, status)
