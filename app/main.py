@@ -277,6 +277,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             jobs=app.state.jobs,
             customers=app.state.customers,
             events=events,
+            metrics=app.state.metrics,
         )
         drift_watch.on_move = policy_service.drift_moved
         if settings.drift_enabled:

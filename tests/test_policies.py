@@ -126,6 +126,21 @@ async def test_a_candidate_as_good_as_production_is_promoted_and_runs(client, an
     policy = (await client.get("/segmentations/default/policy", headers=analyst_headers)).json()
     assert policy["last_outcome"] == "activated" and policy["source"] == "crm"
 
+    # Operators see it in /admin/stats and as Prometheus metrics.
+    stats = (await client.get("/admin/stats", headers=crm)).json()
+    (default,) = [s for s in stats["segmentations"] if s["name"] == "default"]
+    assert default["policy"]["last_outcome"] == "activated"
+    assert default["policy"]["next_fire_at"].startswith("2026-02-01T03:00")
+    outcome = 'segmentation_policy_last_outcome{outcome="activated",segmentation="default"} 1.0'
+    deadline = loop.time() + DEADLINE_SECONDS
+    while True:
+        scraped = (await client.get("/metrics")).text
+        if outcome in scraped or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert outcome in scraped
+    assert 'segmentation_policy_next_fire_timestamp{segmentation="default"} 1.7699148e+09' in scraped
+
 
 async def test_a_candidate_with_a_planted_segment_is_held_and_says_why(client, root, analyst_headers, crm):
     hook = await client.post(

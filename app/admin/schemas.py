@@ -44,5 +44,6 @@ class AdminStats(BaseModel):
     model: dict[str, Any] | None
     segmentations: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="Every segmentation: `{name, kind, active_version, predictions, drift_status}`",
+        description="Every segmentation: `{name, kind, active_version, predictions, drift_status, policy}` "
+        "(policy: null, or its `{source, schedule, next_fire_at, last_outcome, last_fired_at}`)",
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.admin.schemas import AdminStats
 from app.core.tables import DEFAULT_SEGMENTATION_ID, BatchPrediction, PredictionHistory
+from app.policies.tables import RetrainingPolicy
 from app.segmentations.registry import SegmentationRegistry
 from app.users import service as user_service
 from app.versions import drift as drift_service
@@ -62,6 +64,18 @@ async def predictions_by_segmentation(*, session: AsyncSession) -> Counter[int]:
     return counts
 
 
+def _policy(row: RetrainingPolicy | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "source": row.source,
+        "schedule": row.schedule,
+        "next_fire_at": row.next_fire_at.isoformat() if row.next_fire_at else None,
+        "last_outcome": row.last_outcome,
+        "last_fired_at": row.last_fired_at.isoformat() if row.last_fired_at else None,
+    }
+
+
 async def collect(
     *,
     session: AsyncSession,
@@ -72,6 +86,7 @@ async def collect(
     totals = await user_service.totals(session=session)
     by_cluster, batch_rows = await predictions_by_cluster(session=session)
     by_segmentation = await predictions_by_segmentation(session=session)
+    policies = {row.segmentation_id: row for row in (await session.execute(select(RetrainingPolicy))).scalars()}
     segmentations = [
         {
             "name": store.segmentation.name,
@@ -79,6 +94,7 @@ async def collect(
             "active_version": store.current.version if store.current is not None else None,
             "predictions": by_segmentation.get(store.segmentation.id, 0),
             "drift_status": await drift_service.status(drift, store) if drift is not None else None,
+            "policy": _policy(policies.get(store.segmentation.id)),
         }
         for store in (registry.stores() if registry is not None else [models])
     ]

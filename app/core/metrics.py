@@ -99,6 +99,18 @@ class Metrics:
             ["segmentation", "feature"],
             registry=self.registry,
         )
+        self.policy_last_outcome = Gauge(
+            "segmentation_policy_last_outcome",
+            "Each retraining policy's last outcome: 1 on the label of its outcome (activated, held, failed, none)",
+            ["segmentation", "outcome"],
+            registry=self.registry,
+        )
+        self.policy_next_fire = Gauge(
+            "segmentation_policy_next_fire_timestamp",
+            "When each retraining policy's schedule fires next (Unix seconds; absent without a schedule)",
+            ["segmentation"],
+            registry=self.registry,
+        )
         self.training_jobs = Counter(
             "segmentation_training_jobs",
             "Training jobs (wait=false) ended in this process, by outcome (succeeded, failed, cancelled) and "
@@ -116,6 +128,18 @@ class Metrics:
         # Labelled children, looked up once: `labels()` takes a lock and builds a key every time.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._prediction_children: dict[tuple[int, str, str, str], Any] = {}
+
+    def set_policies(self, policies: list[tuple[str, str | None, float | None]]) -> None:
+        """The policy gauges from every policy's (segmentation, last outcome, next fire timestamp)."""
+        if not self.enabled:
+            return
+        self.policy_last_outcome.clear()
+        self.policy_next_fire.clear()
+        for segmentation, outcome, next_fire in policies:
+            for label in ("activated", "held", "failed", "none"):
+                self.policy_last_outcome.labels(segmentation, label).set(1 if (outcome or "none") == label else 0)
+            if next_fire is not None:
+                self.policy_next_fire.labels(segmentation).set(next_fire)
 
     def watch_models(self, app: FastAPI) -> None:
         self.registry.register(_ActiveModelCollector(app))

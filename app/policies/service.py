@@ -44,6 +44,7 @@ from app.versions.training import TrainingRequest
 if TYPE_CHECKING:
     from app.core.config import Settings
     from app.core.database import Database
+    from app.core.metrics import Metrics
     from app.customers.service import CustomerBase
     from app.jobs.service import JobRunner
     from app.segmentations.registry import SegmentationRegistry
@@ -111,7 +112,9 @@ class PolicyService:
         jobs: JobRunner,
         customers: CustomerBase | None,
         events: EventSink | None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.settings = settings
         self.database = database
         self.registry = registry
@@ -388,11 +391,9 @@ class PolicyService:
         """Fire every due schedule this worker claims; how many it fired."""
         now = self.now()
         async with self.database.sessionmaker() as session:
-            rows = list(
-                (
-                    await session.execute(select(RetrainingPolicy).where(RetrainingPolicy.schedule.is_not(None)))
-                ).scalars()
-            )
+            every = list((await session.execute(select(RetrainingPolicy))).scalars())
+        self._gauges(every)
+        rows = [row for row in every if row.schedule is not None]
         fired = 0
         for row in rows:
             assert row.schedule is not None
@@ -405,6 +406,22 @@ class PolicyService:
                 await self.fire(store, "schedule", row, by="policy")
                 fired += 1
         return fired
+
+    def _gauges(self, rows: Sequence[RetrainingPolicy]) -> None:
+        if self.metrics is None:
+            return
+        names = {s.segmentation.id: s.segmentation.name for s in self.registry.stores()}
+        self.metrics.set_policies(
+            [
+                (
+                    names[row.segmentation_id],
+                    row.last_outcome,
+                    row.next_fire_at.timestamp() if row.next_fire_at else None,
+                )
+                for row in rows
+                if row.segmentation_id in names
+            ]
+        )
 
     async def _claim(
         self, column: Any, seen: datetime | None, row: RetrainingPolicy, now: datetime, next_at: datetime | None
