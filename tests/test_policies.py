@@ -18,6 +18,7 @@ from app.core.tables import Role
 from app.main import create_app
 from generate_dataset import generate
 from tests.conftest import make_settings
+from tests.test_drift import resample, score_csv, training_frame
 
 DEADLINE_SECONDS = 240.0
 
@@ -44,6 +45,9 @@ def settings_overrides(root: Path, clock: Path) -> dict:
         "test_scheduler_clock_file": clock,
         "policy_tick_seconds": 0.2,
         "webhook_allow_private": True,
+        "drift_flush_seconds": 0.2,
+        "drift_bucket_seconds": 1,
+        "drift_check_minutes": 0.005,  # 0.3 s of the real clock: the drift checker's interval
     }
 
 
@@ -253,3 +257,40 @@ def _overrides(settings) -> dict:
         "data_path": settings.data_path,
         "webhook_allow_private": True,
     }
+
+
+async def test_drift_of_three_quarters_of_a_standard_deviation_triggers_a_retraining(
+    app, client, dataset, analyst_headers, user_headers, crm
+):
+    body = {"source": "crm", "on_drift": "moderate", "then_run": False}
+    assert (await client.put("/segmentations/default/policy", json=body, headers=analyst_headers)).status_code == 200
+    await score_csv(client, user_headers, resample(dataset, 2000, seed=1))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_SECONDS
+    while (await drift_status(app)) is None or not (await drift_status(app)).endswith("stable"):
+        assert loop.time() < deadline, "no drift check saw the stable status"
+        await asyncio.sleep(0.2)
+    assert await events(client, analyst_headers) == []
+
+    shifted = resample(dataset, 10_000, seed=2)
+    income = training_frame(dataset)["annual_income"]
+    shifted["annual_income"] = (shifted["annual_income"] + 0.75 * income.std()).round(2)
+    await score_csv(client, user_headers, shifted)
+    while not (got := await events(client, analyst_headers)):
+        assert loop.time() < deadline, "the drift did not trigger the policy"
+        await asyncio.sleep(0.2)
+    (event,) = got
+    assert event["trigger"] == "drift"
+    # The candidate was trained on the source's unchanged customers: it passes the default gate.
+    assert event["outcome"] == "activated", event
+
+
+async def drift_status(app) -> str | None:
+    from sqlalchemy import select
+
+    from app.core.tables import ServiceState
+
+    async with app.state.database.sessionmaker() as session:
+        return (
+            await session.execute(select(ServiceState.value).where(ServiceState.key == "drift_status:1"))
+        ).scalar_one_or_none()
