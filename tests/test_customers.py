@@ -213,7 +213,7 @@ async def test_bad_runs_are_refused_and_land_nothing(client, analyst_headers, us
     broken = await run(client, analyst_headers, customers_csv(bad_row))
     assert broken.status_code == 422 and broken.json()["errors"][0]["row"] == 3
     source = await client.post("/segmentations/default/runs", json={"source": "crm"}, headers=analyst_headers)
-    assert source.status_code == 404 and "source" in source.json()["detail"]
+    assert source.status_code == 404 and "source" in source.json()["detail"].lower()
     empty = await client.post("/segmentations/default/runs", json={}, headers=analyst_headers)
     assert empty.status_code == 422
     as_of = await run(client, analyst_headers, customers_csv(population(5)), as_of="2024-01-01")

@@ -35,6 +35,10 @@ _LOG_BOUND = 12.0
 """Log-parameters stay within ±this (e^12 ≈ 160,000): a run-away fit stops at a bound, not at inf."""
 
 
+_NEAR_BOUND = 2.0
+"""A log-parameter within this of a bound (beyond e^±10) has run off along a flat ridge of the
+likelihood: where it stops says nothing about the data, so the fit is refused."""
+
 _LIMIT_PAIR_MIN = 50.0
 """A pair of parameters allowed at a bound (see `_maximise`) is that far from 0 too: a Beta(a, b) with
 a and b over 50 is already a narrow spike, so its limit at the bound predicts the same."""
@@ -128,7 +132,7 @@ def _maximise(
     )
     if np.isfinite(polished.fun) and polished.fun <= result.fun:
         result = polished
-    at_bound = np.abs(result.x) >= _LOG_BOUND - 1e-3
+    at_bound = np.abs(result.x) >= _LOG_BOUND - _NEAR_BOUND
     if limit_pair is not None:
         pair = result.x[list(limit_pair)]
         if np.all(pair >= np.log(_LIMIT_PAIR_MIN)) and np.all(pair <= _LOG_BOUND):

@@ -38,6 +38,7 @@ async def put_policy(request: Request, analyst: AnalystUser, store: Segmentation
 @router.get(
     "/{name}/policy",
     summary="The segmentation's retraining policy, its next fire and last outcome (analyst)",
+    description="404 when the segmentation has no policy.",
     responses=errors(401, 403, 404),
     openapi_extra=NAMED,
 )
@@ -49,6 +50,7 @@ async def get_policy(request: Request, _: AnalystUser, store: SegmentationStore)
     "/{name}/policy",
     status_code=204,
     summary="Remove the segmentation's retraining policy (analyst)",
+    description="Its schedule and drift trigger stop; its past events stay until the segmentation is deleted.",
     responses=errors(401, 403, 404),
     openapi_extra=NAMED,
 )
@@ -73,6 +75,8 @@ async def trigger_policy(request: Request, analyst: AnalystUser, store: Segmenta
 @router.get(
     "/{name}/policy/events",
     summary="Every trigger of the policy and its outcome, newest first (analyst)",
+    description="Paged by `skip` and `limit`: `{at, trigger (schedule, drift or manual), model_version, outcome "
+    "(activated, held or failed), reasons, figures}`.",
     responses=errors(401, 403, 404, 422),
     openapi_extra=NAMED,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
 from app.core.schemas import MAX_PAGE_SIZE, NotNull, omittable
 
@@ -38,7 +38,38 @@ class PolicyBody(BaseModel):
     then_run: bool = Field(True, description="After an activation, a run on the same source")
 
 
+POLICY_EXAMPLE: dict[str, JsonValue] = {
+    "segmentation": "default",
+    "source": "crm",
+    "schedule": "0 3 1 * *",
+    "on_drift": "significant",
+    "gate": {"min_unchanged": 0.8, "max_silhouette_drop": 0.05, "min_segment_share": 0.01},
+    "on_pass": "activate",
+    "then_run": True,
+    "updated_at": "2026-12-07T09:30:00Z",
+    "next_fire_at": "2027-01-01T03:00:00Z",
+    "last_fired_at": None,
+    "last_outcome": None,
+}
+EVENT_EXAMPLE: dict[str, JsonValue] = {
+    "at": "2027-01-01T03:00:02Z",
+    "trigger": "schedule",
+    "model_version": "20270101-030002-a1b2c3",
+    "outcome": "held",
+    "reasons": ["unchanged 0.712 is below min_unchanged 0.8"],
+    "figures": {
+        "unchanged": 0.712,
+        "silhouette_active": 0.41,
+        "silhouette_candidate": 0.43,
+        "smallest_segment_share": 0.09,
+    },
+    "job_id": "9f2c4e1a7b3d5f60",
+}
+
+
 class Policy(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [POLICY_EXAMPLE]})
+
     segmentation: str
     source: str
     schedule: str | None
@@ -70,6 +101,8 @@ class PolicyEventPublic(BaseModel):
 
 
 class PolicyEventPage(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"events": [EVENT_EXAMPLE], "total": 1}]})
+
     events: list[PolicyEventPublic]
     total: int
 
