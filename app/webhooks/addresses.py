@@ -1,27 +1,17 @@
 """The SSRF guard: which URLs an endpoint may have, and the one address a delivery then connects to.
 
-A URL is http(s) with a host; every address that host resolves to must be global (not loopback,
-private, link-local, shared, multicast, unspecified, reserved, or any of those written as IPv6:
-IPv4-mapped, IPv4-compatible, NAT64, 6to4, Teredo). The host is resolved once, on the event loop's
-resolver (never blocking it), and the request goes to the address that was checked, so a DNS answer
-that changes between the check and the connection (DNS rebinding) cannot redirect it.
+A URL is http(s) with a host; every address that host resolves to must pass app.core.addresses'
+rule (global only). The host is resolved once and the request goes to the address that was checked.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import socket
 from dataclasses import dataclass
 
 import httpx
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from app.core.addresses import IPAddress, Unresolved, host_addresses, why_not_global
 
-SHARED = ipaddress.ip_network("100.64.0.0/10")
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-RESOLVE_TIMEOUT_SECONDS = 5.0
 MAX_URL_LENGTH = 2000
 
 
@@ -56,41 +46,6 @@ class Target:
         return self.url.raw_host.decode("ascii")
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for, when it is one of the IPv6 spellings of IPv4."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    return None
-
-
-def why_not_global(ip: IPAddress) -> str | None:
-    """Why a delivery may not reach `ip`, as a phrase ("a loopback address"); None: it may."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(ip)
-        if embedded is not None:
-            reason = why_not_global(embedded)
-            return f"{reason} written as IPv6" if reason else None
-    checks = (
-        ("an unspecified address", ip.is_unspecified),
-        ("a loopback address", ip.is_loopback),
-        ("a link-local address", ip.is_link_local),
-        ("a multicast address", ip.is_multicast),
-        ("a shared (carrier-grade NAT) address", isinstance(ip, ipaddress.IPv4Address) and ip in SHARED),
-        ("a private address", ip.is_private),
-        ("a reserved address", ip.is_reserved),
-    )
-    for what, applies in checks:
-        if applies:
-            return what
-    return None if ip.is_global else "not a global address"
-
-
 def parse_url(url: str) -> httpx.URL:
     """The URL, if it is one an endpoint may have (http or https, a host, a valid port)."""
     if len(url) > MAX_URL_LENGTH:
@@ -111,33 +66,15 @@ def parse_url(url: str) -> httpx.URL:
     return parsed
 
 
-async def _addresses(host: str, port: int) -> list[IPAddress]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError, UnicodeError):
-        raise AddressRefused(f"url: the host {host} does not resolve") from None
-    found: list[IPAddress] = []
-    for *_, sockaddr in infos:
-        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-        if ip not in found:
-            found.append(ip)
-    if not found:
-        raise AddressRefused(f"url: the host {host} does not resolve")
-    return found
-
-
 async def resolve(url: str, *, allow_private: bool) -> Target:
     """Check `url` and resolve its host once: the address to connect to (AddressRefused if none may be)."""
     parsed = parse_url(url)
     host = parsed.raw_host.decode("ascii")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    found = await _addresses(host, port)
+    try:
+        found = await host_addresses(host, port)
+    except Unresolved:
+        raise AddressRefused(f"url: the host {host} does not resolve") from None
     if not allow_private:
         for ip in found:
             reason = why_not_global(ip)

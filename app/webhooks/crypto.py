@@ -1,4 +1,4 @@
-"""Signing secrets at rest: encrypted with Fernet under a key derived from SECRET_KEY (HKDF-SHA256).
+"""Signing secrets: new ones, their HMAC keys, and at rest sealed by app.core.crypto.
 
 Changing SECRET_KEY makes the stored secrets unreadable: rotate each endpoint's secret afterwards.
 """
@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import secrets
 
-from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from app.core.crypto import SecretBox as CoreBox
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 24
@@ -26,20 +24,17 @@ def secret_key_bytes(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
 
 
-class SecretBox:
-    """Encrypts and decrypts endpoint secrets with the service's SECRET_KEY."""
+WEBHOOK_SECRETS = b"webhook-endpoint-secrets"
+
+
+class SecretBox(CoreBox):
+    """Encrypts and decrypts endpoint secrets with the service's SECRET_KEY (app.core.crypto)."""
 
     def __init__(self, secret_key: str) -> None:
-        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"webhook-endpoint-secrets").derive(
-            secret_key.encode("utf-8")
-        )
-        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
-
-    def seal(self, secret: str) -> str:
-        return self._fernet.encrypt(secret.encode("utf-8")).decode("ascii")
+        super().__init__(secret_key, WEBHOOK_SECRETS)
 
     def open(self, sealed: str) -> str:
         try:
-            return self._fernet.decrypt(sealed.encode("ascii")).decode("utf-8")
-        except InvalidToken:
+            return super().open(sealed)
+        except ValueError:
             raise ValueError("the endpoint's secret was sealed under another SECRET_KEY: rotate it") from None

@@ -22,11 +22,12 @@ import httpx
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.addresses import RESOLVE_TIMEOUT_SECONDS, IPAddress
 from app.core.config import Settings
 from app.core.database import Database
 from app.core.tables import utcnow
 from app.versions.lease import HOST_ID
-from app.webhooks.addresses import RESOLVE_TIMEOUT_SECONDS, AddressRefused, IPAddress, Target, resolve
+from app.webhooks.addresses import AddressRefused, Target, resolve
 from app.webhooks.crypto import SecretBox
 from app.webhooks.signing import signed_headers
 from app.webhooks.tables import WebhookDelivery, WebhookEndpoint, WebhookMessage
