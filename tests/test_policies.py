@@ -87,9 +87,7 @@ async def finished(client, headers, job_id: str) -> dict:
 async def events(client, headers) -> list[dict]:
     answer = await client.get("/segmentations/default/policy/events", headers=headers)
     assert answer.status_code == 200, answer.text
-    body = answer.json()
-    assert body["total"] == len(body["events"])
-    return body["events"]
+    return answer.json()["events"]
 
 
 async def test_a_candidate_as_good_as_production_is_promoted_and_runs(client, analyst_headers, crm):
@@ -111,7 +109,9 @@ async def test_a_candidate_as_good_as_production_is_promoted_and_runs(client, an
 
     models = (await client.get("/models", headers=analyst_headers)).json()
     assert models["active_version"] == result["model_version"] != active_before
-    (event,) = await events(client, analyst_headers)
+    page = (await client.get("/segmentations/default/policy/events", headers=analyst_headers)).json()
+    assert page["total"] == 1
+    (event,) = page["events"]
     assert event["trigger"] == "manual" and event["outcome"] == "activated"
     assert event["model_version"] == result["model_version"] and event["figures"] == result["figures"]
 
