@@ -48,7 +48,7 @@ async def run(args: argparse.Namespace, store, settings) -> int:
         request = RunRequest(mode=args.mode, as_of=_parse(args), by="cli", filename=source.name)
         print(f"Scoring {source} into the customer base of {store.segmentation.name} ...")
         with source.open("rb") as upload:
-            started = await base.submit(store, upload=upload, source=None, request=request)
+            started = await base.submit(store, upload=upload, request=request)
         try:
             body = await base.wait(started)
         except DataValidationError as exc:

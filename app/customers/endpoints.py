@@ -79,23 +79,21 @@ async def start_run(
     if body.source is not None:
         if body.file is not None:
             raise InvalidInput("Send a `file` or name a `source`, not both")
-        base.check(store, has_file=True, source=None, as_of=as_of)
+        base.check(store, has_file=True, as_of=as_of)
         # The source is read once into a file the run then owns, as an upload would be (app.sources.reading).
         async with open_source(request.app.state.database, request.app.state.settings, body.source) as data:
             run = await base.submit(
                 store,
                 upload=data.file,
-                source=None,
                 request=RunRequest(mode=mode, as_of=as_of, by=analyst.username, filename=f"source {body.source}"),
             )
     else:
         if body.file is None:
-            base.check(store, has_file=False, source=None, as_of=as_of)
+            base.check(store, has_file=False, as_of=as_of)
         assert body.file is not None
         run = await base.submit(
             store,
             upload=body.file.file,
-            source=None,
             request=RunRequest(mode=mode, as_of=as_of, by=analyst.username, filename=body.file.filename),
         )
     location = f"/segmentations/{store.segmentation.name}/runs/{run.row.id}"

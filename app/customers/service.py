@@ -171,7 +171,7 @@ class CustomerBase:
 
     # --- starting a run --------------------------------------------------------------------
 
-    def check(self, store: ModelStore, *, has_file: bool, source: str | None, as_of: date | None) -> ServedModel:
+    def check(self, store: ModelStore, *, has_file: bool, as_of: date | None) -> ServedModel:
         """What a run must satisfy before its upload is read; returns the version it scores with."""
         kind = kind_of(store.segmentation)
         if not has_file:
@@ -184,11 +184,9 @@ class CustomerBase:
             )
         return store.require()
 
-    async def submit(
-        self, store: ModelStore, *, upload: IO[bytes], source: str | None, request: RunRequest
-    ) -> ActiveRun:
+    async def submit(self, store: ModelStore, *, upload: IO[bytes], request: RunRequest) -> ActiveRun:
         """Check the request, take the segmentation's run turn, keep the upload; the run then goes on."""
-        served = self.check(store, has_file=True, source=source, as_of=request.as_of)
+        served = self.check(store, has_file=True, as_of=request.as_of)
         path = await run_in_threadpool(_keep_upload, upload, self.settings.job_directory)
         self._submitting += 1
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
@@ -179,17 +179,11 @@ class PolicyService:
 
     async def delete(self, store: ModelStore) -> None:
         async with self.database.sessionmaker() as session:
-            gone = await rows_updated(
-                session,
-                update(RetrainingPolicy)
-                .where(RetrainingPolicy.segmentation_id == store.segmentation.id)
-                .values(schedule=None),
-            )
-            if not gone:
-                raise NotFound("retraining policy")
-            await session.execute(
+            gone = await session.execute(
                 delete(RetrainingPolicy).where(RetrainingPolicy.segmentation_id == store.segmentation.id)
             )
+            if not getattr(gone, "rowcount", 0):
+                raise NotFound("retraining policy")
             await session.commit()
 
     async def events_page(self, store: ModelStore, *, skip: int, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -314,7 +308,7 @@ class PolicyService:
         deadline = asyncio.get_running_loop().time() + RUN_WAIT_SECONDS
         while True:
             try:
-                await self.customers.submit(store, upload=upload, source=None, request=request)
+                await self.customers.submit(store, upload=upload, request=request)
                 return
             except Conflict:
                 if asyncio.get_running_loop().time() > deadline:
@@ -469,6 +463,3 @@ def _active_k(active: Any) -> int | None:
     if selection.get("method") == "fixed":
         return int(selection.get("requested_k") or active.metadata["n_clusters"])
     return None
-
-
-PolicyClock = Callable[[], datetime]

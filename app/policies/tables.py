@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.tables import Base, UTCDateTime, utcnow
@@ -14,8 +14,9 @@ class RetrainingPolicy(Base):
     """One segmentation's policy: what fires it (a cron `schedule`, the drift status reaching
     `on_drift`), the `gate` a candidate must pass, and what follows (`on_pass`, `then_run`).
 
-    `since` is the moment its schedule counts from (set, or last fired); `claimed_by` and
-    `claimed_until` are the lease of the worker firing it, so exactly one worker fires each trigger.
+    `since` is the moment its schedule counts from (set, or last fired) and `drift_fired_at` when
+    drift last fired it: a worker claims a trigger by moving one of them with a compare-and-set
+    UPDATE, so exactly one worker fires each trigger.
     """
 
     __tablename__ = "retraining_policies"
@@ -33,12 +34,9 @@ class RetrainingPolicy(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    drift_status: Mapped[str | None] = mapped_column(String(16))
     drift_fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_outcome: Mapped[str | None] = mapped_column(String(16))
     last_fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    claimed_by: Mapped[str | None] = mapped_column(String(200))
-    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class PolicyEvent(Base):
@@ -56,4 +54,3 @@ class PolicyEvent(Base):
     reasons: Mapped[list] = mapped_column(JSON)
     figures: Mapped[dict | None] = mapped_column(JSON)
     job_id: Mapped[str | None] = mapped_column(String(32))
-    detail: Mapped[str | None] = mapped_column(Text)

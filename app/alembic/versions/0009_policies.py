@@ -33,12 +33,9 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("since", sa.DateTime(timezone=True), nullable=False),
         sa.Column("next_fire_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("drift_status", sa.String(16), nullable=True),
         sa.Column("drift_fired_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_outcome", sa.String(16), nullable=True),
         sa.Column("last_fired_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("claimed_by", sa.String(200), nullable=True),
-        sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("segmentation_id"),
     )
     op.create_table(
@@ -52,7 +49,6 @@ def upgrade() -> None:
         sa.Column("reasons", sa.JSON(), nullable=False),
         sa.Column("figures", sa.JSON(), nullable=True),
         sa.Column("job_id", sa.String(32), nullable=True),
-        sa.Column("detail", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_policy_events_segmentation_at", "policy_events", ["segmentation_id", "at", "id"])

@@ -121,14 +121,6 @@ def _finite(value: Any) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def customer_row(
-    served: ServedModel, *, customer: Mapping[str, Any] | None, transactions: Sequence[Any] | None, as_of: date | None
-) -> dict[str, Any]:
-    """The RFM row of one customer, from their RFM values or from their transactions."""
-    row, _ = customer_values(served, customer=customer, transactions=transactions, as_of=as_of)
-    return row
-
-
 def customer_values(
     served: ServedModel,
     *,
