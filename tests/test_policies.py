@@ -183,6 +183,28 @@ async def test_on_pass_hold_keeps_a_passing_candidate_inactive(client, analyst_h
     assert result["outcome"] == "held" and any("on_pass is hold" in r for r in result["reasons"])
 
 
+async def test_a_trigger_while_a_training_runs_is_a_failed_event_and_still_202(app, client, analyst_headers, crm):
+    assert (
+        await client.put("/segmentations/default/policy", json={"source": "crm"}, headers=analyst_headers)
+    ).status_code == 200
+    active_before = (await client.get("/models", headers=analyst_headers)).json()["active_version"]
+    store = await app.state.segmentations.get("default")
+    turn = await store.reserve_training()  # what a training of this segmentation, on any worker, holds
+    try:
+        trigger = await client.post("/segmentations/default/policy/trigger", headers=analyst_headers)
+        assert trigger.status_code == 202, trigger.text
+        job = await finished(client, analyst_headers, trigger.json()["job_id"])
+    finally:
+        await store.release_training(turn)
+    assert job["state"] == "failed" and "training of this segmentation was running" in job["error"]["detail"], job
+    (event,) = await events(client, analyst_headers)
+    assert event["outcome"] == "failed" and event["trigger"] == "manual" and event["model_version"] is None
+    assert event["reasons"] == ["a training of this segmentation was running when the trigger came"]
+    policy = (await client.get("/segmentations/default/policy", headers=analyst_headers)).json()
+    assert policy["last_outcome"] == "failed"
+    assert (await client.get("/models", headers=analyst_headers)).json()["active_version"] == active_before
+
+
 @pytest.mark.parametrize(
     ("body", "status", "says"),
     [
