@@ -7,8 +7,13 @@ someone does in the terminal beside `make run`. The server is `uvicorn app.main:
 `admin`/`admin123` account from create_admin.py and a first model from `python -m app train`: what
 `make run` leaves behind, so the tour's own steps take seconds.
 
+The block marked `<!-- postgres tour` (a monthly policy on a PostgreSQL table) runs the same way
+against a server started with SOURCE_ALLOW_PRIVATE=true, on a database of its own beside
+TEST_DATABASE_URL's; without TEST_DATABASE_URL or psql it is skipped, saying why.
+
 What the test changes in the blocks, and nothing else:
-- `http://127.0.0.1:8000` becomes this server's address;
+- `http://127.0.0.1:8000` becomes this server's address (and the PostgreSQL tour's `crm` database
+  at 127.0.0.1:5432 becomes the test's own);
 - `.venv/bin/python` becomes the Python running the tests when the checkout has no `.venv` of its own
   (a worktree sharing another checkout's virtualenv);
 - the script starts with `set -euo pipefail`, so a failing command (`curl -sf` on an error status)
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from generate_dataset import generate
 from tests.conftest import TEST_SECRET
@@ -35,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 ADDRESS = "http://127.0.0.1:8000"
 BLOCK = re.compile(r"^<!-- tour.*?-->\n```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+POSTGRES_BLOCK = re.compile(r"^<!-- postgres tour.*?-->\n```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # Left behind by other tools or running tests, never by the tour.
 IGNORED_PARTS = {".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "htmlcov", ".ruff_cache"}
 
@@ -57,7 +65,8 @@ def checkout_files() -> set[str]:
     return files
 
 
-def test_the_readme_tour_runs_as_written(tmp_path):
+def start_server(tmp_path: Path, **extra: str) -> tuple[Server, Path]:
+    """What `make run` leaves behind, on a temporary SQLite database and model folder."""
     home = tmp_path / "server"
     home.mkdir()
     env = {
@@ -71,15 +80,20 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         "BCRYPT_ROUNDS": "4",
         "MODEL_SYNC_SECONDS": "0.2",
         "LOG_LEVEL": "WARNING",
+        **extra,
     }
     generate(rows=2000, seed=3).to_csv(home / "customers.csv", index=False)
     run(env, home, str(ROOT / "create_admin.py"))
     run(env, home, "-m", "app", "train", "--csv", str(home / "customers.csv"))
-    server = Server(home, env, "tour").wait_ready()
+    return Server(home, env, "tour").wait_ready(), home
 
+
+def run_blocks(server: Server, home: Path, tmp_path: Path, blocks: list[str], replace: dict[str, str]):
+    """The blocks in one bash process from the checkout's root; the checkout keeps the same files."""
     script = ["set -euo pipefail"]
-    for number, block in enumerate(tour_blocks(), 1):
-        block = block.replace(ADDRESS, server.url)
+    for number, block in enumerate(blocks, 1):
+        for old, new in {ADDRESS: server.url, **replace}.items():
+            block = block.replace(old, new)
         if not (ROOT / ".venv" / "bin" / "python").exists():
             block = block.replace(".venv/bin/python", sys.executable)
         script += [f"echo '=== tour block {number}' >&2", block]
@@ -98,6 +112,57 @@ def test_the_readme_tour_runs_as_written(tmp_path):
     assert result.returncode == 0, (
         f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n{(home / 'tour.log').read_text()}"
     )
+    assert checkout_files() == before, f"the tour left files in the checkout: {checkout_files() - before}"
+    return result
+
+
+def test_the_readme_tour_runs_as_written(tmp_path):
+    server, home = start_server(tmp_path)
+    result = run_blocks(server, home, tmp_path, tour_blocks(), {})
     assert "=== tour block 2" in result.stderr
     assert '"segmentation":"crm"' in result.stdout
-    assert checkout_files() == before, f"the tour left files in the checkout: {checkout_files() - before}"
+
+
+README_DATABASE = "postgresql://postgres@127.0.0.1:5432/crm"
+
+
+def test_the_readme_policy_tour_on_postgresql_runs_as_written(tmp_path):
+    """The monthly policy on a PostgreSQL table, end to end, on a database of its own beside
+    TEST_DATABASE_URL's (the README's `crm`), created afresh with no `segments_reader` role left."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("TEST_DATABASE_URL is not set: the README's PostgreSQL policy tour needs a PostgreSQL server")
+    if shutil.which("psql") is None:
+        pytest.skip("no psql (apt-get install postgresql-client): the README's PostgreSQL tour uses it")
+    (block,) = POSTGRES_BLOCK.findall(README.read_text(encoding="utf-8"))
+    base = make_url(url)
+    crm = base.set(drivername="postgresql", database=f"{base.database}_crm_tour")
+    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    for statement in (
+        f'DROP DATABASE IF EXISTS "{crm.database}" WITH (FORCE)',
+        "DROP ROLE IF EXISTS segments_reader",
+        f'CREATE DATABASE "{crm.database}"',
+    ):
+        subprocess.run(["psql", admin, "-q", "-v", "ON_ERROR_STOP=1", "-c", statement], check=True, timeout=60)
+    server, home = start_server(tmp_path, SOURCE_ALLOW_PRIVATE="true")
+    try:
+        result = run_blocks(
+            server,
+            home,
+            tmp_path,
+            [block],
+            {
+                README_DATABASE: crm.render_as_string(hide_password=False),
+                "127.0.0.1:5432/crm": f"{crm.host}:{crm.port or 5432}/{crm.database}",
+            },
+        )
+    finally:
+        subprocess.run(
+            ["psql", admin, "-q", "-c", f'DROP DATABASE IF EXISTS "{crm.database}" WITH (FORCE)'], timeout=60
+        )
+        subprocess.run(["psql", admin, "-q", "-c", "DROP ROLE IF EXISTS segments_reader"], timeout=60)
+    outcomes = re.findall(r"'outcome': '(\w+)'", result.stdout)
+    assert outcomes == ["activated", "held"], result.stdout
+    assert "'unchanged " in result.stdout and "is below min_unchanged 0.8" in result.stdout
+    assert "reader-secret" not in result.stdout  # the source's password is never shown back
+    assert '"total":2' in result.stdout
