@@ -258,7 +258,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.jobs = JobRunner(
             trainer=SegmentationTrainer(services), settings=settings, database=database, metrics=app.state.metrics
         )
-        await app.state.jobs.start()
         await deliveries.start()
         app.state.deliveries = deliveries
         drift_watch = DriftWatch(
@@ -280,6 +279,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=app.state.metrics,
         )
         drift_watch.on_move = policy_service.drift_moved
+        app.state.jobs.on_settled.append(policy_service.job_settled)
+        await app.state.jobs.start()  # after the hook: a fire whose worker was killed gets its event
         if settings.drift_enabled:
             await drift_watch.start()
         await policy_service.start()

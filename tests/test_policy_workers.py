@@ -1,5 +1,6 @@
-"""A retraining schedule across real processes: two servers on one database each run the scheduler, are
-killed (-9) between two occurrences and started again, and each due occurrence fires exactly once.
+"""Retraining policies across real processes: two servers on one database each run the scheduler, are
+killed (-9) between two occurrences and started again, and each due occurrence fires exactly once; a
+server killed while it carries out a fire leaves a failed event for it, written when a worker starts.
 
 The servers are `uvicorn app.main:app` subprocesses (tests/test_multiprocess.py's Server). Their
 scheduler reads its clock from a file (TESTING=true, TEST_SCHEDULER_CLOCK_FILE), so the test moves
@@ -16,10 +17,11 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from generate_dataset import generate
-from tests.test_multiprocess import ANALYST, ROOT, Server, login, prepare, run
+from tests.test_multiprocess import ANALYST, ROOT, Server, _training_child, login, prepare, run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +118,40 @@ def test_each_due_occurrence_fires_once_across_two_processes_and_a_kill(tmp_path
     assert missed[0]["outcome"] == third[0]["outcome"] == "activated", third
     # One training job per fire (the first model was trained by the CLI, not as a job), each finished.
     assert jobs["total"] == 3 and [job["state"] for job in jobs["jobs"]] == ["succeeded"] * 3, jobs
+
+
+def test_a_fire_killed_mid_way_is_a_failed_event_after_the_restart(tmp_path):
+    env = prepare(tmp_path)
+    run(env, tmp_path, str(ROOT / "create_admin.py"), "--username", ADMIN[0], "--password", ADMIN[1], "--no-test-user")
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    generate(rows=300_000, seed=7).to_csv(sources / "crm.csv", index=False)
+    env = {**env, "SOURCE_ROOT": str(sources)}
+    run(env, tmp_path, "-m", "app", "train", "--k", "4")
+
+    server = Server(tmp_path, env, "fire").wait_ready()
+    with server.client(login(server, ADMIN)) as admin:
+        assert admin.post("/sources", json={"name": "crm", "kind": "file", "path": "crm.csv"}).status_code == 201
+        assert admin.put("/segmentations/default/policy", json={"source": "crm", "then_run": False}).status_code == 200
+        active = admin.get("/models").json()["active_version"]
+        job_id = admin.post("/segmentations/default/policy/trigger").json()["job_id"]
+    parent = psutil.Process(server.process.pid)
+    wait_for(lambda: _training_child(parent) is not None or server.process.poll() is not None, interval=0.005)
+    assert _training_child(parent) is not None, "the fire finished before it could be killed"
+    kill([server])
+
+    server = Server(tmp_path, env, "restarted").wait_ready()
+    try:
+        with server.client(login(server, ANALYST)) as http:
+            job = http.get(f"/jobs/{job_id}").json()
+            (event,) = policy_events(http)
+            policy = http.get("/segmentations/default/policy").json()
+            models = http.get("/models").json()
+    finally:
+        server.stop()
+    assert job["state"] == "failed", job
+    assert event["trigger"] == "manual" and event["outcome"] == "failed", event
+    assert event["reasons"] == ["the worker carrying out the fire stopped before it finished"]
+    assert event["job_id"] == job_id
+    assert policy["last_outcome"] == "failed"
+    assert models["active_version"] == active  # production untouched

@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Container, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -148,6 +148,9 @@ class JobRunner:
         self.metrics = metrics
         self.worker = new_worker_id()
         self._running: dict[str, RunningJob] = {}
+        # Called with each job this worker marks failed because the worker running it was gone (a kill,
+        # a crash): what else the job stood for can be settled too (a policy fire's event).
+        self.on_settled: list[Callable[[TrainingJob], Awaitable[None]]] = []
 
     def _upload_path(self, job_id: str) -> Path:
         return self.settings.job_directory / f"{job_id}{UPLOAD_SUFFIX}"
@@ -183,10 +186,12 @@ class JobRunner:
         request: TrainingRequest,
         result_model: type[BaseModel],
         trainer: Trainer | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Check the request, take the segmentation's training turn, keep the upload; the job then runs on.
 
-        `trainer`: what the job runs instead of the runner's own (a retraining policy's fire)."""
+        `trainer`: what the job runs instead of the runner's own (a retraining policy's fire);
+        `parameters`: more of them to record with the job (the policy trigger it carries out)."""
         trainer = trainer or self.trainer
         trainer.check(store, request, has_file=upload is not None)
         reservation = await store.reserve_training()
@@ -210,6 +215,7 @@ class JobRunner:
                 "as_of": request.as_of.isoformat() if request.as_of is not None else None,
                 "file": filename if upload is not None else None,
                 "bytes": None,
+                **(parameters or {}),
             },
             cancel_requested=False,
             created_by=request.by,
@@ -336,6 +342,11 @@ class JobRunner:
             logger.warning("training job %s failed: its worker %s stopped", row.id, row.worker)
             if self.metrics is not None:
                 self.metrics.training_job_finished("failed", row.segmentation)
+            for hook in self.on_settled:
+                try:
+                    await hook(row)
+                except Exception:  # the job stays failed; what the hook records is the hook's business
+                    logger.exception("could not settle what training job %s stood for", row.id)
         return bool(settled)
 
     async def _fresh(self, rows: Sequence[TrainingJob]) -> list[TrainingJob]:

@@ -37,6 +37,7 @@ from app.policies.schemas import FireResult, PolicyBody
 from app.policies.tables import PolicyEvent, RetrainingPolicy
 from app.segmentations.kinds.registry import kind_of
 from app.sources.reading import load_source, open_source
+from app.versions import progress
 from app.versions.activation import Actor, acting_as, held
 from app.versions.lease import rows_updated
 from app.versions.training import TrainingRequest
@@ -55,6 +56,8 @@ logger = logging.getLogger("app.policies")
 NO_ACTIVE = "no active version"
 HOLD_ASKED = "on_pass is hold: the candidate passed the gate and waits to be activated by hand"
 TRAINING_RUNNING = "a training of this segmentation was running when the trigger came"
+FIRE_STOPPED = "the worker carrying out the fire stopped before it finished"
+FIRE_CANCELLED = "the fire's job was cancelled before it finished"
 DRIFT_LEVELS = {"stable": 0, "moderate": 1, "significant": 2}
 RUN_WAIT_SECONDS = 600.0
 
@@ -220,6 +223,7 @@ class PolicyService:
                 request=request,
                 result_model=FireResult,
                 trainer=Fire(self, trigger, policy),
+                parameters={"policy_trigger": trigger},
             )
         except Conflict:
             job_id = secrets.token_hex(8)
@@ -257,6 +261,8 @@ class PolicyService:
         outcome = "failed"
         actor = Actor(type="policy", id=store.segmentation.id, name=f"policy of {store.segmentation.name}")
         kind = kind_of(store.segmentation)
+        job = progress.current_job.get()
+        job_id = getattr(job, "id", None)
         try:
             async with open_source(self.database, self.settings, policy["source"]) as data:
                 k = _active_k(active)
@@ -295,7 +301,12 @@ class PolicyService:
             reasons = [*reasons, str(exc.body().get("detail", exc.message))]
         except MLError as exc:
             reasons = [*reasons, str(ml_error_body(exc).get("detail"))]
-        await self._record(store, trigger, version, outcome, reasons, figures)
+        except asyncio.CancelledError:  # cancelled by hand, or this worker stops: the event says so
+            stopped = FIRE_CANCELLED if getattr(job, "stop_reason", None) == "cancelled" else FIRE_STOPPED
+            failed = "activated" if outcome == "activated" else "failed"
+            await self._record(store, trigger, version, failed, [*reasons, stopped], figures, job_id=job_id)
+            raise
+        await self._record(store, trigger, version, outcome, reasons, figures, job_id=job_id)
         return {"outcome": outcome, "model_version": version, "reasons": reasons, "figures": figures}
 
     async def _then_run(self, store: ModelStore, upload: IO[bytes], source: str) -> None:
@@ -358,6 +369,20 @@ class PolicyService:
                 await self.events.add(session, "model.held", data, segmentation_id=info.id)
             await session.commit()
         logger.info("policy of %s (%s trigger): %s %s", info.name, trigger, outcome, "; ".join(reasons))
+
+    async def job_settled(self, row: TrainingJob) -> None:
+        """A job failed because its worker was gone (app.jobs' on_settled): a fire it carried out
+        gets its failed event, unless the fire recorded its own before the worker went."""
+        trigger = (row.parameters or {}).get("policy_trigger")
+        store = self._store_of(row.segmentation_id) if trigger else None
+        if store is None:
+            return
+        async with self.database.sessionmaker() as session:
+            seen = (
+                await session.execute(select(func.count()).select_from(PolicyEvent).where(PolicyEvent.job_id == row.id))
+            ).scalar_one()
+        if not seen:
+            await self._record(store, str(trigger), None, "failed", [FIRE_STOPPED], {}, job_id=row.id)
 
     # --- the scheduler ------------------------------------------------------------------------
 
