@@ -42,10 +42,19 @@ POSTGRES_SKIP_REASON = (
 # The modules that take longest, run first: pytest-xdist (`--dist loadfile`) hands whole modules to
 # the workers in collection order, and a long one handed out last would keep one worker busy alone.
 LONGEST_FIRST = (
-    "test_multiprocess.py",
-    "test_browser.py",
-    "test_cli.py",
+    "test_spark.py",
     "test_fuzz.py",
+    "test_cli.py",
+    "test_multiprocess.py",
+    "test_scoring_cli.py",
+    "test_tour.py",
+    "test_rfm.py",
+    "test_browser.py",
+    "test_drift.py",
+    "test_segmentations.py",
+    "test_webhooks.py",
+    "test_policy_workers.py",
+    "test_value_api.py",
     "test_migrations.py",
     "test_model.py",
 )
