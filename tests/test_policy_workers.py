@@ -60,22 +60,25 @@ def wait_for_events(http: httpx.Client, n: int) -> list[dict]:
     raise AssertionError(f"fewer than {n} policy events after {DEADLINE} s: {policy_events(http)}")
 
 
-def test_each_due_occurrence_fires_once_across_two_processes_and_a_kill(tmp_path):
-    env = prepare(tmp_path)
-    run(env, tmp_path, str(ROOT / "create_admin.py"), "--username", ADMIN[0], "--password", ADMIN[1], "--no-test-user")
-    sources = tmp_path / "sources"
+def prepare_with_source(home: Path, rows: int, **extra: str) -> dict[str, str]:
+    """tests/test_multiprocess.py's accounts and dataset, an admin, a CRM export of `rows` customers
+    under SOURCE_ROOT and an active version at k=4: the environment of the servers."""
+    env = prepare(home)
+    run(env, home, str(ROOT / "create_admin.py"), "--username", ADMIN[0], "--password", ADMIN[1], "--no-test-user")
+    sources = home / "sources"
     sources.mkdir()
-    generate(rows=800, seed=7).to_csv(sources / "crm.csv", index=False)
+    generate(rows=rows, seed=7).to_csv(sources / "crm.csv", index=False)
+    env = {**env, "SOURCE_ROOT": str(sources), **extra}
+    run(env, home, "-m", "app", "train", "--k", "4")
+    return env
+
+
+def test_each_due_occurrence_fires_once_across_two_processes_and_a_kill(tmp_path):
     clock = tmp_path / "clock"
     clock.write_text("2026-01-15T12:00:00+00:00")
-    env = {
-        **env,
-        "TESTING": "true",
-        "TEST_SCHEDULER_CLOCK_FILE": str(clock),
-        "POLICY_TICK_SECONDS": "0.01",
-        "SOURCE_ROOT": str(sources),
-    }
-    run(env, tmp_path, "-m", "app", "train", "--k", "4")
+    env = prepare_with_source(
+        tmp_path, 800, TESTING="true", TEST_SCHEDULER_CLOCK_FILE=str(clock), POLICY_TICK_SECONDS="0.01"
+    )
 
     servers = start_pair(tmp_path, env)
     a, b = servers
@@ -121,13 +124,7 @@ def test_each_due_occurrence_fires_once_across_two_processes_and_a_kill(tmp_path
 
 
 def test_a_fire_killed_mid_way_is_a_failed_event_after_the_restart(tmp_path):
-    env = prepare(tmp_path)
-    run(env, tmp_path, str(ROOT / "create_admin.py"), "--username", ADMIN[0], "--password", ADMIN[1], "--no-test-user")
-    sources = tmp_path / "sources"
-    sources.mkdir()
-    generate(rows=300_000, seed=7).to_csv(sources / "crm.csv", index=False)
-    env = {**env, "SOURCE_ROOT": str(sources)}
-    run(env, tmp_path, "-m", "app", "train", "--k", "4")
+    env = prepare_with_source(tmp_path, 300_000)
 
     server = Server(tmp_path, env, "fire").wait_ready()
     with server.client(login(server, ADMIN)) as admin:

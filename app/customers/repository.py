@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import CursorResult, and_, delete, func, select, text, update
+from sqlalchemy import and_, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,7 @@ from app.customers.tables import (
     CustomerRun,
     CustomerStaging,
 )
+from app.versions.lease import rows_updated
 
 if TYPE_CHECKING:
     from app.customers.scoring import ScoredCustomers
@@ -48,10 +49,6 @@ STREAM_PAGE = 20_000
 
 Landing = Callable[[AsyncSession, CustomerRun], Awaitable[None]]
 """What else goes into the landing transaction (the events), given the landed run."""
-
-
-def _rowcount(result: Any) -> int:
-    return cast(CursorResult[Any], result).rowcount
 
 
 def _range(column: str, lo: str | None, hi: str | None) -> str:
@@ -101,16 +98,15 @@ class CustomerBaseRepository:
         now = utcnow()
         beat = CustomerRun.heartbeat_at
         async with self.database.sessionmaker() as session:
-            failed = _rowcount(
-                await session.execute(
-                    update(CustomerRun)
-                    .where(
-                        CustomerRun.id == run.id,
-                        CustomerRun.status == RUNNING,
-                        beat.is_(None) if run.heartbeat_at is None else beat == run.heartbeat_at,
-                    )
-                    .values(status=FAILED, finished_at=now, error=error, error_status=error_status)
+            failed = await rows_updated(
+                session,
+                update(CustomerRun)
+                .where(
+                    CustomerRun.id == run.id,
+                    CustomerRun.status == RUNNING,
+                    beat.is_(None) if run.heartbeat_at is None else beat == run.heartbeat_at,
                 )
+                .values(status=FAILED, finished_at=now, error=error, error_status=error_status),
             )
             await session.commit()
         return bool(failed)
@@ -127,12 +123,11 @@ class CustomerBaseRepository:
     async def heartbeat(self, run_id: int) -> bool:
         """Say the run is alive; False when it is no longer running (failed by another worker)."""
         async with self.database.sessionmaker() as session:
-            beat = _rowcount(
-                await session.execute(
-                    update(CustomerRun)
-                    .where(CustomerRun.id == run_id, CustomerRun.status == RUNNING)
-                    .values(heartbeat_at=utcnow())
-                )
+            beat = await rows_updated(
+                session,
+                update(CustomerRun)
+                .where(CustomerRun.id == run_id, CustomerRun.status == RUNNING)
+                .values(heartbeat_at=utcnow()),
             )
             await session.commit()
         return bool(beat)
@@ -256,12 +251,11 @@ class CustomerBaseRepository:
         """Mark the run completed (its base becomes the segmentation's), with `also` in the same
         transaction; None when it was no longer running (failed meanwhile by another worker)."""
         async with self.database.sessionmaker() as session:
-            landed = _rowcount(
-                await session.execute(
-                    update(CustomerRun)
-                    .where(CustomerRun.id == run_id, CustomerRun.status == RUNNING)
-                    .values(status=COMPLETED, finished_at=utcnow(), **values)
-                )
+            landed = await rows_updated(
+                session,
+                update(CustomerRun)
+                .where(CustomerRun.id == run_id, CustomerRun.status == RUNNING)
+                .values(status=COMPLETED, finished_at=utcnow(), **values),
             )
             if not landed:
                 await session.rollback()
@@ -325,8 +319,8 @@ class CustomerBaseRepository:
                     .limit(CLEANUP_BATCH)
                     .scalar_subquery()
                 )
-                gone = _rowcount(
-                    await session.execute(delete(table).where(table.run_id == run_id, table.customer_id.in_(batch)))
+                gone = await rows_updated(
+                    session, delete(table).where(table.run_id == run_id, table.customer_id.in_(batch))
                 )
                 await session.commit()
             removed += gone

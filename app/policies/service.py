@@ -182,10 +182,10 @@ class PolicyService:
 
     async def delete(self, store: ModelStore) -> None:
         async with self.database.sessionmaker() as session:
-            gone = await session.execute(
-                delete(RetrainingPolicy).where(RetrainingPolicy.segmentation_id == store.segmentation.id)
+            gone = await rows_updated(
+                session, delete(RetrainingPolicy).where(RetrainingPolicy.segmentation_id == store.segmentation.id)
             )
-            if not getattr(gone, "rowcount", 0):
+            if not gone:
                 raise NotFound("retraining policy")
             await session.commit()
 
@@ -303,8 +303,8 @@ class PolicyService:
             reasons = [*reasons, str(ml_error_body(exc).get("detail"))]
         except asyncio.CancelledError:  # cancelled by hand, or this worker stops: the event says so
             stopped = FIRE_CANCELLED if getattr(job, "stop_reason", None) == "cancelled" else FIRE_STOPPED
-            failed = "activated" if outcome == "activated" else "failed"
-            await self._record(store, trigger, version, failed, [*reasons, stopped], figures, job_id=job_id)
+            landed = "activated" if outcome == "activated" else "failed"
+            await self._record(store, trigger, version, landed, [*reasons, stopped], figures, job_id=job_id)
             raise
         await self._record(store, trigger, version, outcome, reasons, figures, job_id=job_id)
         return {"outcome": outcome, "model_version": version, "reasons": reasons, "figures": figures}

@@ -15,7 +15,7 @@ import socket
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, or_, select, update
+from sqlalchemy import CursorResult, Delete, Update, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,8 +66,8 @@ def _holder_is_dead(value: str | None) -> bool:
     return False
 
 
-async def rows_updated(session: AsyncSession, statement: Update) -> int:
-    """How many rows an UPDATE changed (its result is a cursor result, which has the count)."""
+async def rows_updated(session: AsyncSession, statement: Update | Delete) -> int:
+    """How many rows an UPDATE or a DELETE changed (its result is a cursor result, which has the count)."""
     result = cast(CursorResult[Any], await session.execute(statement))
     return result.rowcount
 

@@ -162,12 +162,13 @@ class VersionRepository:
                 raise Conflict(f"Model version {version} is the active one: activate another version first")
             if await references_version(session, self.segmentation_id, version):
                 raise Conflict(f"Model version {version} scored a customer run: the customer base references it")
-            gone = await session.execute(
+            gone = await rows_updated(
+                session,
                 delete(ModelVersion).where(
                     ModelVersion.version == version, ModelVersion.segmentation_id == self.segmentation_id
-                )
+                ),
             )
-            if not getattr(gone, "rowcount", 0):
+            if not gone:
                 raise NotFound("model version")
             await session.commit()
 
